@@ -1,0 +1,77 @@
+"""The one interface every secure-aggregation protocol implements.
+
+A protocol turns the vectors that members release into their sum, so that the
+aggregator learns the sum and nothing else the protocol is meant to hide.
+`run_round` runs a whole round among in-process members; each member runs its
+own side with its own keys (nothing shortcuts to the plaintext sum). Protocols
+that also run over the network expose their member/aggregator state machines
+in their own module; this interface is what the engine calls.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MemberInput:
+    """What one member releases this round: a 1-D float64 vector, already clipped and weighted."""
+
+    member: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class DropoutPlan:
+    """Which members vanish, and when, in a simulated round (used by tests and fault injection)."""
+
+    before_keys: frozenset[str] = frozenset()  # never advertise keys
+    after_keys: frozenset[str] = frozenset()  # after key sharing, before sending the protected input
+    after_input: frozenset[str] = frozenset()  # after sending the protected input, before unmasking/decryption
+
+
+@dataclass(frozen=True)
+class ProtectionStats:
+    """Costs of one protected round. Bytes are serialized message bytes; seconds are wall time."""
+
+    protocol: str
+    bytes_up_per_member: float = 0.0
+    bytes_down_per_member: float = 0.0
+    expansion: float = 1.0  # protected bytes of the input / float32 bytes of the input
+    clipped_fraction: float = 0.0  # fraction of values saturated by quantization (never silent)
+    member_seconds: float = 0.0  # summed over members
+    server_seconds: float = 0.0
+    extra: dict[str, float | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SumResult:
+    """The released aggregate: the float64 sum over `contributors` (dropped members are left out)."""
+
+    total: np.ndarray
+    contributors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    stats: ProtectionStats
+
+
+class SecureSum(ABC):
+    """A secure-aggregation protocol, as the engine sees it."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def run_round(
+        self,
+        round_id: int,
+        inputs: Sequence[MemberInput],
+        *,
+        min_cohort: int,
+        dropouts: DropoutPlan = DropoutPlan(),
+    ) -> SumResult:
+        """Sum the members' vectors; raise `SecAggError` and release nothing when fewer than
+        `min_cohort` members (or fewer than the protocol's own threshold) survive."""
