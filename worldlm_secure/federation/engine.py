@@ -1,0 +1,325 @@
+"""The in-process engine: one round loop that runs WorldLM and every baseline on a world.
+
+A round, for every method (see protocols/worldlm.md for the equations):
+  1. every site trains locally from its current model;
+  2. each federation aggregates its sites' key layers (attentive, or plain for baselines);
+  3. shared layers are averaged (weighted by examples) at the federation and then at the root;
+  4. federations exchange residual layer embeddings of their key layers through the root;
+  5. the new key and shared layers flow down; local layers never moved;
+  6. every site's model is evaluated on its own validation data.
+Every aggregation goes through `ReleasePath` (policy authorization + secure aggregation).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from worldlm_secure.aggregation import DeltaCodec, blend_from_sum, client_weights, embed, flatten, mix_in, unflatten
+from worldlm_secure.errors import ConfigError
+from worldlm_secure.federation.methods import Method
+from worldlm_secure.federation.release import ReleasePath, ReleaseStats
+from worldlm_secure.federation.settings import Settings
+from worldlm_secure.federation.world import World
+from worldlm_secure.identity import NodeIdentity
+from worldlm_secure.model import ParameterGroups, assign_groups, build_model
+from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's token ids (train, validation) and the site's perplexity floor if known."""
+
+    train: np.ndarray
+    val: np.ndarray
+    floor_ppl: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    mean_val_ppl: float
+    sites: dict[str, float]
+    train_loss: float
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    name: str
+    sites: dict[str, float]
+    rounds: list[RoundRecord]
+    wall_s: float
+    train_s: float
+    stats: ReleaseStats
+    groups: dict[str, int]  # parameter count per group
+    residual_gains: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_val_ppl(self) -> float:
+        return float(np.mean(list(self.sites.values())))
+
+
+@dataclass
+class _Site:
+    name: str
+    aggregator: str
+    params: Tensors
+    train: torch.Tensor
+    val: torch.Tensor
+    generator: torch.Generator
+    opt_state: dict | None = None
+
+    @property
+    def examples(self) -> int:
+        return int(self.train.shape[0])
+
+
+def _all_of(names: list[str], group: str) -> ParameterGroups:
+    empty: tuple[str, ...] = ()
+    return ParameterGroups(**{g: (tuple(names) if g == group else empty) for g in ("local", "key", "shared")})
+
+
+def plan_groups(method: Method, world: World, names: list[str]) -> dict[str, ParameterGroups]:
+    """The parameter groups of every site under ``method`` (policy groups come from each site's chain)."""
+    from worldlm_secure.policy import compose
+
+    out: dict[str, ParameterGroups] = {}
+    for site in world.sites:
+        if method.groups == "all_shared":
+            out[site.name] = _all_of(names, "shared")
+        elif method.groups == "all_local":
+            out[site.name] = _all_of(names, "local")
+        else:
+            layers = compose(world.policy_chain(site.name)).layers
+            patterns = {"local": layers.local, "key": layers.key, "shared": layers.shared}
+            groups = assign_groups(names, patterns, source=f"{site.policy_path} layers (site {site.name})")
+            if method.groups == "policy_local_rest_shared":
+                groups = ParameterGroups(groups.local, (), tuple(n for n in names if n not in groups.local))
+            out[site.name] = groups
+    return out
+
+
+def _layer_override(method: Method) -> object | None:
+    """The layer plan a baseline is authorized under (None: the policies' own layers)."""
+    if method.groups == "policy":
+        return None
+    from worldlm_secure.policy import LayerPatterns
+
+    if method.groups == "all_shared":
+        return LayerPatterns(local=(), key=(), shared=("*",))
+    if method.groups == "policy_local_rest_shared":
+        return None  # shares what the policy shares plus key layers: checked against local patterns only
+    return LayerPatterns(local=("*",), key=(), shared=())
+
+
+class Engine:
+    """Runs one method on one world. Deterministic on CPU for a fixed seed."""
+
+    def __init__(
+        self,
+        world: World,
+        method: Method,
+        data: Mapping[str, SiteData],
+        settings: Settings,
+        *,
+        vocab_size: int,
+        identities: Mapping[str, NodeIdentity] | None = None,
+        on_site: Callable[[str, int], None] | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        self.world, self.method, self.settings = world, method, settings
+        self.on_site, self.on_round = on_site, on_round
+        self.device = pick_device(settings.device)
+        self.model = build_model(replace(settings.model, vocab_size=vocab_size), seed=settings.seed)
+        init = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.names = list(init)
+        self.groups = plan_groups(method, world, self.names)
+        self.flat = method.flat or world.is_flat
+        self.root = world.root.name
+        ids = dict(identities or {})
+        for n in world.nodes:
+            ids.setdefault(n, NodeIdentity.generate(n))
+        override = _layer_override(method)
+        self.release = ReleasePath(world, ids, layer_override=override)
+        self.sites: list[_Site] = []
+        for i, node in enumerate(sorted(world.sites, key=lambda n: n.name)):
+            g = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+            self.sites.append(
+                _Site(
+                    name=node.name,
+                    aggregator=self.root if self.flat else str(node.parent),
+                    params={n: t.clone() for n, t in init.items()},
+                    train=as_sequences(data[node.name].train, settings.seq_len),
+                    val=as_sequences(data[node.name].val, settings.seq_len),
+                    generator=g,
+                )
+            )
+        self.members: dict[str, list[_Site]] = {}
+        for s in self.sites:
+            self.members.setdefault(s.aggregator, []).append(s)
+        self.key_names, self.shared_names = self._common_groups()
+        self.fed_key: dict[str, Tensors] = {f: {n: init[n].clone() for n in self.key_names} for f in self.members}
+        self.fed_shared: dict[str, Tensors] = {f: {n: init[n].clone() for n in self.shared_names} for f in self.members}
+        self.root_shared: Tensors = {n: init[n].clone() for n in self.shared_names}
+        self.reference: Tensors = {n: init[n].clone() for n in self.key_names}  # the root's residual reference
+        self.trainer = LocalTrainer(self.model, settings.train, self.device, settings.rounds * settings.train.local_steps)
+        self.residual_gains: dict[str, float] = {}
+
+    def _common_groups(self) -> tuple[list[str], list[str]]:
+        """Key and shared names must agree within an aggregator (they are summed together)."""
+        key: list[str] | None = None
+        shared: list[str] | None = None
+        for fed, sites in self.members.items():
+            for s in sites:
+                g = self.groups[s.name]
+                if key is None:
+                    key, shared, first = list(g.key), list(g.shared), s.name
+                elif list(g.key) != key or list(g.shared) != shared:
+                    raise ConfigError(
+                        f"{self.world.path}: sites {first!r} and {s.name!r} group their parameters differently "
+                        f"(their policies' layers: sections); sites aggregated together must agree"
+                    )
+        return key or [], shared or []
+
+    # --- one round -------------------------------------------------------------------------------
+    def _train_sites(self, round_id: int) -> float:
+        losses = []
+        start_step = (round_id - 1) * self.settings.train.local_steps
+        for site in self.sites:
+            self.model.load_state_dict(site.params, strict=False)
+            opt = self.trainer.make_optimizer()
+            if site.opt_state is not None:
+                opt.load_state_dict(site.opt_state)
+            losses.append(self.trainer.train_round(site.train, opt, start_step, site.generator))
+            site.params = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()}
+            site.opt_state = opt.state_dict()
+            if self.on_site:
+                self.on_site(site.name, round_id)
+        return float(np.mean(losses))
+
+    def _weighted_round(
+        self, round_id: int, group: str, destination: str, server: Tensors, members: Mapping[str, tuple[Tensors, np.ndarray]],
+        names: list[str], final: str,
+    ) -> Tensors:
+        """server + weighted average of (member - server), through the release path."""
+        codec = DeltaCodec.for_tensors(server, names)
+        vectors = {
+            m: codec.encode({n: params[n] - server[n] for n in names}, weights) for m, (params, weights) in members.items()
+        }
+        result = self.release.aggregate(round_id, group, destination, vectors, names, final_destination=final)
+        avg = codec.decode_average(result.total)
+        return {n: server[n] + avg[n] for n in names}
+
+    def _aggregate_key(self, round_id: int) -> None:
+        if not self.key_names:
+            return
+        cfg = self.settings.attention
+        for fed, sites in self.members.items():
+            server = self.fed_key[fed]
+            members = {}
+            for s in sites:
+                if self.method.attentive_key:
+                    w = client_weights(server, s.params, self.key_names, cfg)
+                else:
+                    w = np.full(len(self.key_names), s.examples / max(x.examples for x in sites))
+                members[s.name] = (s.params, w)
+            new = self._weighted_round(round_id, "key", fed, server, members, self.key_names, fed)
+            step = cfg.step if self.method.attentive_key else 1.0
+            self.fed_key[fed] = {n: server[n] + step * (new[n] - server[n]) for n in self.key_names}
+
+    def _aggregate_shared(self, round_id: int) -> None:
+        if not self.shared_names:
+            return
+        examples: dict[str, int] = {}
+        for fed, sites in self.members.items():
+            n_max = max(s.examples for s in sites)
+            members = {s.name: (s.params, np.full(len(self.shared_names), s.examples / n_max)) for s in sites}
+            self.fed_shared[fed] = self._weighted_round(
+                round_id, "shared", fed, self.fed_shared[fed], members, self.shared_names, self.root
+            )
+            examples[fed] = sum(s.examples for s in sites)
+        root_every = self.settings.hierfavg_root_every if self.method.root_every_from_world else 1
+        if self.flat or round_id % root_every:
+            if self.flat:
+                self.root_shared = self.fed_shared[self.root]
+            return
+        n_max = max(examples.values())
+        members = {f: (self.fed_shared[f], np.full(len(self.shared_names), examples[f] / n_max)) for f in self.members}
+        self.root_shared = self._weighted_round(
+            round_id, "shared", self.root, self.root_shared, members, self.shared_names, self.root
+        )
+        for f in self.members:
+            self.fed_shared[f] = {n: t.clone() for n, t in self.root_shared.items()}
+
+    def _exchange_residuals(self, round_id: int) -> None:
+        """Residual layer embeddings between sibling federations, from their secure sum only."""
+        if not (self.method.residuals and not self.flat and len(self.members) > 1 and self.key_names):
+            return
+        from worldlm_secure.policy import compose
+
+        feds = sorted(self.members)
+        rules = {f: compose(self.world.policy_chain(f)).residuals for f in feds}
+        if not all(r.allowed for r in rules.values()):
+            return
+        names = self.key_names
+        ref = flatten(self.reference, names)
+        own = {
+            f: flatten(embed({n: self.fed_key[f][n] - self.reference[n] for n in names}, rules[f].rank), names)
+            for f in feds
+        }
+        total = self.release.aggregate(round_id, "residual", self.root, own, names).total
+        for f in feds:
+            blend = blend_from_sum(own[f], total, len(feds), rules[f].gain)
+            self.residual_gains[f] = blend.gain
+            self.fed_key[f] = unflatten(mix_in(flatten(self.fed_key[f], names), ref, blend), self.reference, names)
+        self.reference = unflatten(ref + total / len(feds), self.reference, names)
+
+    def _broadcast(self) -> None:
+        for s in self.sites:
+            s.params.update({n: t.clone() for n, t in self.fed_key[s.aggregator].items()})
+            s.params.update({n: t.clone() for n, t in self.fed_shared[s.aggregator].items()})
+
+    def evaluate(self) -> dict[str, float]:
+        out = {}
+        for s in self.sites:
+            self.model.load_state_dict(s.params, strict=False)
+            out[s.name] = self.trainer.evaluate(s.val)
+        return out
+
+    def run(self) -> MethodResult:
+        start = time.perf_counter()
+        train_s = 0.0
+        rounds: list[RoundRecord] = []
+        site_ppl: dict[str, float] = {}
+        for r in range(1, self.settings.rounds + 1):
+            t0 = time.perf_counter()
+            loss = self._train_sites(r)
+            train_s += time.perf_counter() - t0
+            self._aggregate_key(r)
+            self._aggregate_shared(r)
+            self._exchange_residuals(r)
+            self._broadcast()
+            if r % self.settings.eval_every == 0 or r == self.settings.rounds:
+                site_ppl = self.evaluate()
+                rec = RoundRecord(r, float(np.mean(list(site_ppl.values()))), site_ppl, loss)
+                rounds.append(rec)
+                if self.on_round:
+                    self.on_round(rec)
+        g = self.groups[self.sites[0].name]
+        counts = {k: sum(self.sites[0].params[n].numel() for n in g.of(k)) for k in ("local", "key", "shared")}
+        return MethodResult(
+            name=self.method.name,
+            sites=site_ppl,
+            rounds=rounds,
+            wall_s=time.perf_counter() - start,
+            train_s=train_s,
+            stats=self.release.stats,
+            groups=counts,
+            residual_gains=dict(self.residual_gains),
+        )

@@ -1,0 +1,159 @@
+"""The world file's `model`, `data`, `schedule` and `aggregation` sections, typed and checked.
+
+Errors name the world file and the field, e.g. ``examples/world.yaml schedule.lr: must be > 0 (got -1)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worldlm_secure.aggregation.attentive import AttentionConfig
+from worldlm_secure.data.synthetic import SyntheticSpec
+from worldlm_secure.errors import ConfigError
+from worldlm_secure.federation.world import World
+from worldlm_secure.model.factory import ModelSpec
+from worldlm_secure.train.loop import TrainConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    arch: Literal["llama", "gpt2"] = "llama"
+    size: str = "tiny"
+    config: str | None = None
+    tie_embeddings: bool = False
+
+
+class SyntheticSection(_Strict):
+    vocab_size: int = Field(512, ge=16)
+    own_tokens: int = Field(64, ge=0)
+    successors: int = Field(12, ge=1)
+    fed_weight: float = Field(0.75, ge=0, le=1)
+    site_weight: float = Field(0.1, ge=0, le=1)
+    train_tokens: int = Field(24_576, ge=64)
+    val_tokens: int = Field(8_192, ge=64)
+
+
+class FilesSection(_Strict):
+    path: str
+    format: Literal["text", "jsonl", "json", "csv", "parquet"] | None = None
+    text_column: str = "text"
+    site_column: str | None = "site"
+    tokenizer: str | None = None  # a local tokenizer folder; the built-in byte tokenizer otherwise
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class DataSection(_Strict):
+    synthetic: SyntheticSection | None = None
+    files: FilesSection | None = None
+    hub: str | None = None  # a Hugging Face dataset name (needs network) with the same columns as `files`
+    tokenizer: str | None = None
+    text_column: str = "text"
+    site_column: str | None = "site"
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class ScheduleSection(_Strict):
+    rounds: int = Field(24, ge=1)
+    local_steps: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(64, ge=8)
+    lr: float = Field(3e-3, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(1, ge=1)
+
+
+class AggregationSection(_Strict):
+    key_step: float = Field(1.0, gt=0, le=2)
+    key_temperature: float = Field(1.0, gt=0)
+    key_max_score: float = Field(8.0, gt=0, le=40)
+    residual_temperature: float = Field(0.1, gt=0)
+    hierfavg_root_every: int = Field(2, ge=1)
+
+
+class Settings(BaseModel):
+    """Everything a simulation needs besides the tree and the policies."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    model: ModelSpec
+    data: DataSection
+    train: TrainConfig
+    seq_len: int
+    rounds: int
+    eval_every: int
+    attention: AttentionConfig
+    residual_temperature: float
+    hierfavg_root_every: int
+    seed: int
+    device: str = "auto"
+
+    @property
+    def synthetic(self) -> SyntheticSpec | None:
+        s = self.data.synthetic
+        if s is None:
+            return None
+        return SyntheticSpec(**s.model_dump(), seed=self.seed)
+
+
+def _parse(world_path: Path, section: str, cls: type[_Strict], raw: dict[str, Any]) -> Any:
+    try:
+        return cls(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in (section, *err["loc"]))
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        raise ConfigError(f"{world_path} {loc}: {err['msg']}{got}") from None
+
+
+def settings_for(world: World, *, rounds: int | None = None, device: str = "auto", seed: int | None = None) -> Settings:
+    """Typed settings from the world file, with command-line overrides applied."""
+    model = _parse(world.path, "model", ModelSection, world.model)
+    data = _parse(world.path, "data", DataSection, world.data)
+    if sum(x is not None for x in (data.synthetic, data.files, data.hub)) > 1:
+        raise ConfigError(f"{world.path} data: give one of synthetic, files or hub")
+    if data.synthetic is None and data.files is None and data.hub is None and not all(s.data for s in world.sites):
+        data = DataSection(synthetic=SyntheticSection())
+    sched = _parse(world.path, "schedule", ScheduleSection, world.schedule)
+    agg = _parse(world.path, "aggregation", AggregationSection, world.aggregation)
+    if rounds is not None and rounds < 1:
+        raise ConfigError(f"--rounds: must be at least 1 (got {rounds})")
+    vocab = data.synthetic.vocab_size if data.synthetic is not None else 260
+    return Settings(
+        model=ModelSpec(
+            arch=model.arch,
+            size=model.size,
+            config=model.config,
+            tie_embeddings=model.tie_embeddings,
+            vocab_size=vocab,
+            max_seq_len=sched.seq_len,
+        ),
+        data=data,
+        train=TrainConfig(
+            local_steps=sched.local_steps,
+            batch_size=sched.batch_size,
+            grad_accum=sched.grad_accum,
+            lr=sched.lr,
+            lr_schedule=sched.lr_schedule,
+            warmup_steps=sched.warmup_steps,
+            weight_decay=sched.weight_decay,
+            max_grad_norm=sched.max_grad_norm,
+        ),
+        seq_len=sched.seq_len,
+        rounds=rounds if rounds is not None else sched.rounds,
+        eval_every=sched.eval_every,
+        attention=AttentionConfig(agg.key_step, agg.key_temperature, agg.key_max_score),
+        residual_temperature=agg.residual_temperature,
+        hierfavg_root_every=agg.hierfavg_root_every,
+        seed=world.seed if seed is None else seed,
+        device=device,
+    )

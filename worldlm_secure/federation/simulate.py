@@ -1,0 +1,97 @@
+"""`simulate`: run every requested method on one world, in process, and collect the results.
+
+This is the library function behind `worldlm-secure simulate`; tests and notebooks call it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from worldlm_secure.data import get_tokenizer, load_site_streams, make_world_corpus
+from worldlm_secure.federation.engine import Engine, MethodResult, RoundRecord, SiteData
+from worldlm_secure.federation.methods import Method
+from worldlm_secure.federation.settings import Settings, settings_for
+from worldlm_secure.federation.world import World, load_world
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    world: str
+    settings: Settings
+    floors: dict[str, float]  # site -> exact perplexity floor (synthetic data only)
+    methods: dict[str, MethodResult]
+    wall_s: float
+
+    @property
+    def entropy_floor_ppl(self) -> float | None:
+        return float(np.mean(list(self.floors.values()))) if self.floors else None
+
+
+def load_world_data(world: World, settings: Settings) -> tuple[dict[str, SiteData], int]:
+    """Every site's data and the vocabulary size the model needs."""
+    sites = sorted(s.name for s in world.sites)
+    spec = settings.synthetic
+    if spec is not None:
+        feds: dict[str, list[str]] = {}
+        for s in world.sites:
+            feds.setdefault(str(s.parent), []).append(s.name)
+        corpus = make_world_corpus(spec, feds, settings.seq_len)
+        return {s: SiteData(c.train, c.val, c.perplexity_floor) for s, c in corpus.items()}, spec.vocab_size
+    d = settings.data
+    files = d.files
+    tok = get_tokenizer((files.tokenizer if files else None) or d.tokenizer)
+    streams = load_site_streams(
+        sites=sites,
+        tokenizer=tok,
+        seq_len=settings.seq_len,
+        val_fraction=files.val_fraction if files else d.val_fraction,
+        table_source=(Path(world.path.parent, files.path) if files else d.hub),
+        table_format=files.format if files else None,
+        hub=files is None and d.hub is not None,
+        text_column=files.text_column if files else d.text_column,
+        site_column=files.site_column if files else d.site_column,
+        per_site={s.name: s.data for s in world.sites if s.data is not None} or None,
+    )
+    return {s: SiteData(tr, va) for s, (tr, va) in streams.items()}, tok.vocab_size
+
+
+def simulate(
+    world_path: str | Path,
+    *,
+    methods: Sequence[Method],
+    rounds: int | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    on_method: Callable[[str], None] | None = None,
+    on_site: Callable[[str, int], None] | None = None,
+    on_round: Callable[[str, RoundRecord], None] | None = None,
+    on_method_done: Callable[[MethodResult], None] | None = None,
+) -> SimulationResult:
+    """Run ``methods`` on the world at ``world_path``; every method sees the same data and initial model."""
+    start = time.perf_counter()
+    world = load_world(world_path)
+    settings = settings_for(world, rounds=rounds, device=device, seed=seed)
+    data, vocab = load_world_data(world, settings)
+    results: dict[str, MethodResult] = {}
+    for method in methods:
+        if on_method:
+            on_method(method.name)
+        engine = Engine(
+            world,
+            method,
+            data,
+            settings,
+            vocab_size=vocab,
+            on_site=on_site,
+            on_round=(lambda rec, m=method.name: on_round(m, rec)) if on_round else None,
+        )
+        results[method.name] = engine.run()
+        if on_method_done:
+            on_method_done(results[method.name])
+    floors = {s: d.floor_ppl for s, d in data.items() if d.floor_ppl is not None}
+    return SimulationResult(world.name, settings, floors, results, time.perf_counter() - start)

@@ -1,0 +1,102 @@
+"""Hugging Face causal LMs built from a config, with no hub access.
+
+Sizes by name (parameter counts at vocab 512, untied head):
+- ``tiny``: about 1.2M (d=128, 4 layers) — CPU tests and the default world;
+- ``small``: about 20M (d=384, 10 layers);
+- ``gpt2-124m``: the standard GPT-2 124M configuration (tied embeddings, vocab 50257).
+Any local folder or hub name with a ``config.json`` works through ``AutoConfig`` too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+
+from worldlm_secure.errors import ConfigError
+
+Arch = Literal["llama", "gpt2"]
+
+# name -> (d_model, layers, heads, ffn)
+_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (128, 4, 4, 512),
+    "small": (384, 10, 6, 1024),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build. ``config`` (a local path or hub name) overrides ``arch``/``size`` when given."""
+
+    arch: Arch = "llama"
+    size: str = "tiny"
+    vocab_size: int = 512
+    max_seq_len: int = 128
+    config: str | None = None
+    tie_embeddings: bool = False  # untied so the output head can stay local to a site
+
+
+def build_config(spec: ModelSpec) -> PretrainedConfig:
+    """The transformers config for ``spec``; raises ConfigError for an unknown size or architecture."""
+    if spec.config is not None:
+        try:
+            return AutoConfig.from_pretrained(spec.config)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.config: cannot load {spec.config!r} ({exc.__class__.__name__})") from exc
+    if spec.size == "gpt2-124m":
+        return GPT2Config()  # the published 124M configuration: tied embeddings, vocab 50257, 1024 positions
+    if spec.size not in _SIZES:
+        raise ConfigError(
+            f"model.size: unknown size {spec.size!r} (valid: {', '.join([*_SIZES, 'gpt2-124m'])}, or set model.config)"
+        )
+    d, layers, heads, ffn = _SIZES[spec.size]
+    if spec.arch == "llama":
+        return LlamaConfig(
+            vocab_size=spec.vocab_size,
+            hidden_size=d,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=spec.max_seq_len,
+            tie_word_embeddings=spec.tie_embeddings,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        )
+    if spec.arch == "gpt2":
+        return GPT2Config(
+            vocab_size=spec.vocab_size,
+            n_embd=d,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=ffn,
+            n_positions=spec.max_seq_len,
+            tie_word_embeddings=spec.tie_embeddings,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    raise ConfigError(f"model.arch: unknown architecture {spec.arch!r} (valid: llama, gpt2)")
+
+
+def build_model(spec: ModelSpec, *, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised causal LM. The same ``seed`` gives bit-identical weights."""
+    config = build_config(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_config(model: torch.nn.Module, path: Path) -> None:
+    model.config.to_json_file(str(path))
