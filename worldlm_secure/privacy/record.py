@@ -1,0 +1,193 @@
+"""Record-level DP inside a site: Opacus DP-SGD, checked to really be private before training starts.
+
+`make_private_training` wraps `opacus.PrivacyEngine.make_private` and then *probes* the model:
+one forward/backward on a tiny batch must give every trainable parameter a per-sample
+gradient of the right batch size. Models Opacus cannot handle raise `UnsupportedModelError`
+instead of training without privacy.
+
+Measured with Opacus 1.6 / transformers 5.x: tiny `LlamaForCausalLM` works as is.
+`GPT2LMHeadModel` fails ("stack expects each tensor to be equal size") because GPT-2 builds
+`position_ids` with batch dimension 1, so the position-embedding's per-sample gradient has
+the wrong batch size. The documented fix, applied automatically when the probe shows it
+works: a forward pre-hook passes `position_ids` expanded to the batch (`position_ids_fix`).
+
+Noise: Opacus' default noise comes from torch's (non-cryptographic) generator and its
+`secure_mode` needs torchcsprng, which is not a dependency. We replace the optimizer's
+`add_noise` with the same Gaussian of std `noise_multiplier * max_grad_norm` drawn from
+`SecureRandom` (AES-256-CTR), so the accounting is unchanged and the noise is unpredictable.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from opacus import PrivacyEngine
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
+
+from worldlm_secure.errors import ConfigError
+from worldlm_secure.privacy.accountant import ACCOUNTANTS, derive_noise_multiplier
+from worldlm_secure.privacy.secure_random import SecureRandom
+
+
+class UnsupportedModelError(ConfigError):
+    """The model cannot be trained with per-sample gradients (DP-SGD) as configured."""
+
+
+@dataclass
+class PrivateTraining:
+    """What the train loop uses instead of its own model/optimizer/loader."""
+
+    model: torch.nn.Module  # opacus GradSampleModule; call it like the original model
+    optimizer: torch.optim.Optimizer  # opacus DPOptimizer (clips per sample, adds secure noise)
+    data_loader: Any  # Poisson-sampled DPDataLoader when poisson_sampling
+    engine: PrivacyEngine
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    accountant: str
+    position_ids_fix: bool
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken so far (what the ledger records as `steps`)."""
+        return int(sum(s for _, _, s in self.engine.accountant.history))
+
+    def epsilon(self, delta: float) -> float:
+        """ε at δ spent by the steps taken so far."""
+        return float(self.engine.get_epsilon(delta)) if self.steps else 0.0
+
+    def unwrap(self) -> torch.nn.Module:
+        """The original model (same parameters), e.g. to split into groups and release."""
+        return self.model._module  # type: ignore[no-any-return]
+
+
+def _secure_add_noise(self: Any) -> None:
+    rng: SecureRandom = self._worldlm_rng
+    std = self.noise_multiplier * self.max_grad_norm
+    for p in self.params:
+        _check_processed_flag(p.summed_grad)
+        ref = p.summed_grad
+        noise = torch.from_numpy(rng.standard_normal(tuple(ref.shape)) * std).to(dtype=ref.dtype, device=ref.device)
+        p.grad = (ref + noise).view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
+def _default_probe_batch(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab:
+        return None
+    ids = (torch.arange(16).reshape(2, 8) % int(vocab)).long()
+    return {"input_ids": ids, "labels": ids}
+
+
+def _probe(gsm: torch.nn.Module, optimizer: Any, batch: Mapping[str, torch.Tensor]) -> str | None:
+    """None when every trainable parameter gets a per-sample gradient of batch size; else the reason."""
+    bsz = next(iter(batch.values())).shape[0]
+    try:
+        out = gsm(**batch)
+        loss = out.loss if hasattr(out, "loss") else out[0]
+        loss.backward()
+        for name, p in gsm.named_parameters():
+            if p.requires_grad:
+                gs = getattr(p, "grad_sample", None)
+                if gs is None or gs.shape[0] != bsz:
+                    return f"parameter {name} gets no per-sample gradient of batch size {bsz}"
+        return None
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        for p in gsm.parameters():
+            p.grad_sample = None
+
+
+def _position_ids_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    ids = kwargs.get("input_ids")
+    if ids is not None and kwargs.get("position_ids") is None and ids.dim() == 2:
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+        kwargs = {**kwargs, "position_ids": pos}
+    return args, kwargs
+
+
+def make_private_training(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: Any,
+    *,
+    noise_multiplier: float | Literal["auto"],
+    max_grad_norm: float,
+    accountant: str = "rdp",
+    poisson_sampling: bool = True,
+    target_epsilon: float | None = None,
+    target_delta: float | None = None,
+    planned_steps: int | None = None,
+    probe_batch: Mapping[str, torch.Tensor] | None = None,
+) -> PrivateTraining:
+    """Wrap model/optimizer/loader for DP-SGD (per-sample clipping to `max_grad_norm`, Gaussian noise).
+
+    noise_multiplier="auto" derives it from target_epsilon/target_delta over planned_steps at the
+    loader's sample rate (raises PolicyError when the budget cannot be met). Raises
+    UnsupportedModelError when Opacus cannot compute per-sample gradients for the model.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"differential_privacy.accountant: unknown accountant {accountant!r} (use rdp or prv)")
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise UnsupportedModelError(
+            f"record-level DP: {type(model).__name__} has layers Opacus cannot train privately "
+            f"({'; '.join(str(e) for e in errors[:3])}); use a Llama-style config or ModuleValidator.fix"
+        )
+    sample_rate = 1.0 / len(data_loader)
+    if noise_multiplier == "auto":
+        if target_epsilon is None or target_delta is None or planned_steps is None:
+            raise ConfigError(
+                "differential_privacy.record.noise_multiplier: auto needs target_epsilon, target_delta and planned_steps"
+            )
+        noise_multiplier = derive_noise_multiplier(target_epsilon, target_delta, sample_rate, planned_steps, accountant)
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+    engine = PrivacyEngine(accountant=accountant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm, dp_opt, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=float(max_grad_norm),
+            poisson_sampling=poisson_sampling,
+        )
+    dp_opt._worldlm_rng = SecureRandom()  # type: ignore[attr-defined]
+    dp_opt.add_noise = types.MethodType(_secure_add_noise, dp_opt)  # type: ignore[method-assign]
+
+    batch = probe_batch if probe_batch is not None else _default_probe_batch(model)
+    if batch is None:
+        raise ConfigError(
+            f"record-level DP: cannot probe {type(model).__name__} for per-sample gradients; pass probe_batch= "
+            "(a small batch of forward kwargs whose output has .loss)"
+        )
+    fixed = False
+    if True:
+        why = _probe(gsm, dp_opt, batch)
+        if why is not None and "position_ids" in inspect.signature(model.forward).parameters:
+            handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)
+            if _probe(gsm, dp_opt, batch) is None:
+                fixed = True
+            else:
+                handle.remove()
+        if why is not None and not fixed:
+            raise UnsupportedModelError(
+                f"record-level DP: Opacus cannot compute per-sample gradients for {type(model).__name__} ({why}); "
+                "use a supported configuration (e.g. a Llama-style HF config) — training without DP is refused"
+            )
+    return PrivateTraining(
+        gsm, dp_opt, dp_loader, engine, float(noise_multiplier), float(max_grad_norm),
+        sample_rate, accountant, fixed,
+    )
