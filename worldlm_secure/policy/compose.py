@@ -1,0 +1,385 @@
+"""Composition: the effective policy of a release path is the strictest of every rule along it.
+
+`compose([p_node, p_parent, ..., p_root])` (releasing node first). The rules, field by
+field, are in ``protocols/policy.md``; in short: smallest ε and δ, largest min_cohort,
+intersections of allowed protocols, mechanisms and destinations, unions of requirements
+and local layers. Choices that are not "stricter" or "looser" (e.g. CKKS moduli) come
+from the nearest policy that writes them. Where two policies cannot both be met,
+`PolicyError` names both files (and lines).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
+from typing import Any, Literal, Optional, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worldlm_secure.errors import PolicyError
+from worldlm_secure.policy.patterns import LayerPatterns
+from worldlm_secure.policy.schema import (
+    ANY,
+    Accountant,
+    Audit,
+    CkksParams,
+    DPLevel,
+    Group,
+    MaskingParams,
+    Mechanism,
+    Policy,
+    Protocol,
+    RecordDP,
+    Requirement,
+    Residuals,
+)
+
+_LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}
+_NEEDS_MASKING = {"distributed_discrete_gaussian", "distributed_skellam"}  # integer-domain noise
+T = TypeVar("T")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EffectiveSecureAggregation(_Frozen):
+    protocol: Protocol
+    min_cohort: int
+    max_dropout_fraction: float
+    masking: MaskingParams
+    ckks: CkksParams
+
+    @property
+    def params(self) -> MaskingParams | CkksParams | None:
+        """The parameter section of the chosen protocol (what `make_secure_sum(params=...)` takes)."""
+        return {"masking": self.masking, "ckks": self.ckks}.get(self.protocol)
+
+
+class EffectiveDifferentialPrivacy(_Frozen):
+    level: DPLevel
+    mechanism: Optional[Mechanism]  # None when level is none
+    epsilon_budget: Optional[float]  # ε at `delta` over the whole run (user level, or record level if level=record)
+    delta: Optional[float]
+    clipping_norm: float
+    noise_multiplier: float | Literal["auto"]
+    accountant: Accountant
+    record: Optional[RecordDP]  # set when DP-SGD must run inside the site (level record, or required in addition)
+
+    @property
+    def record_level(self) -> bool:
+        """True if record-level DP-SGD must run inside the site."""
+        return self.record is not None
+
+
+class EffectiveEgress(_Frozen):
+    destinations: tuple[str, ...]  # named nodes every policy allows ("*" = any node)
+    groups: dict[str, tuple[Group, ...]]  # destination -> groups it may receive
+    require: tuple[Requirement, ...]
+    rules: tuple[tuple[str, tuple[tuple[str, tuple[Group, ...]], ...]], ...] = Field(
+        default=(), description="(policy file, ((destination glob, groups), ...)) for every policy, nearest first"
+    )
+
+    def allows(self, destination: str, group: str) -> bool:
+        return _refusing_rule(self.rules, destination, group) is None
+
+
+class EffectivePolicy(_Frozen):
+    """The composed policy of one release path. `sha256` goes into the ledger."""
+
+    policies: tuple[str, ...]  # policy names, releasing node first
+    layers: LayerPatterns
+    secure_aggregation: EffectiveSecureAggregation
+    differential_privacy: EffectiveDifferentialPrivacy
+    residuals: Residuals
+    egress: EffectiveEgress
+    audit: Audit
+    sources: dict[str, str] = Field(default_factory=dict, exclude=True)  # field path -> file:line it came from
+    files: tuple[str, ...] = Field(default=(), exclude=True)  # policy files, releasing node first
+
+    def canonical_json(self) -> str:
+        """Deterministic JSON of the rules (no file paths), the input of `sha256`."""
+        data = self.model_dump(mode="json", exclude={"sources", "files"})
+        data["egress"].pop("rules", None)  # file paths; the rule content is already in the other fields
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of `canonical_json()`."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    @property
+    def chain_ids(self) -> tuple[str, ...]:
+        return self.files or self.policies
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _explicit(p: Policy, dotted: str) -> bool:
+    """Did the policy's YAML (or its base) write this field? Falls back to pydantic's fields_set."""
+    parts = tuple(dotted.split("."))
+    if p._where:
+        return parts in p._where
+    node: Any = p
+    for part in parts:
+        if not isinstance(node, BaseModel) or part not in node.model_fields_set:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def _get(p: Policy, dotted: str) -> Any:
+    node: Any = p
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+class _Builder:
+    def __init__(self, chain: Sequence[Policy]) -> None:
+        self.chain = list(chain)
+        self.sources: dict[str, str] = {}
+
+    def nearest(self, dotted: str, among: Sequence[Policy] | None = None) -> Any:
+        """Value from the nearest policy that writes `dotted`; else the nearest policy's (default) value."""
+        pool = list(among) if among is not None else self.chain
+        for p in pool:
+            if _explicit(p, dotted):
+                self.sources[dotted] = p.where(dotted)
+                return _get(p, dotted)
+        self.sources[dotted] = f"{pool[0].source} (default)"
+        return _get(pool[0], dotted)
+
+    def pick(self, dotted: str, better: Callable[[Any, Any], bool], among: Sequence[Policy] | None = None) -> Any:
+        """The strictest value; `better(a, b)` is True if a is stricter than b. Ties go to the nearer policy."""
+        pool = list(among) if among is not None else self.chain
+        best_p = pool[0]
+        for p in pool[1:]:
+            if better(_get(p, dotted), _get(best_p, dotted)):
+                best_p = p
+        self.sources[dotted] = best_p.where(dotted)
+        return _get(best_p, dotted)
+
+    def choose(self, dotted: str, *, drop: set[str], what: str, because: str = "") -> tuple[str, list[str]]:
+        """Intersect the policies' acceptable lists at `dotted`; order by the nearest policy's preference.
+
+        `drop` are values ruled out by another rule (`because` says which file and rule).
+        """
+        lists = [(p, list(_get(p, dotted))) for p in self.chain]
+        running: set[str] = set(lists[0][1]) - drop
+        for j, (pj, lj) in enumerate(lists):
+            new = running & set(lj) - drop
+            if not new:
+                if not set(lj) - drop:
+                    raise PolicyError(
+                        f"{pj.where(dotted)} {dotted} allows only [{', '.join(lj)}] but {because or 'another rule'}: "
+                        f"no {what} satisfies both; allow one of the others"
+                    )
+                pi = min((p for p, _ in lists[:j]), key=lambda p: len(set(_get(p, dotted)) & set(lj) - drop))
+                raise PolicyError(
+                    f"{pi.where(dotted)} {dotted} allows only {_show(_get(pi, dotted), drop)} but "
+                    f"{pj.where(dotted)} allows only {_show(lj, drop)}: no {what} satisfies both; "
+                    f"make one of them accept the other's"
+                )
+            running = new
+        ordered = [v for v in lists[0][1] if v in running]
+        self.sources[dotted] = _join(p.where(dotted) for p in self.chain)
+        return ordered[0], ordered
+
+
+def _join(items: Any) -> str:
+    """Comma-joined, de-duplicated, in order."""
+    return ", ".join(dict.fromkeys(items))
+
+
+def _show(values: Sequence[str], drop: set[str]) -> str:
+    shown = [v for v in values if v not in drop]
+    return "[" + _join(shown) + "]" if shown else "[nothing usable]"
+
+
+def _max_num_or_auto(values: Sequence[float | str]) -> float | str:
+    nums = [v for v in values if not isinstance(v, str)]
+    return max(nums) if nums else "auto"
+
+
+# ------------------------------------------------------------------ composition
+
+
+def compose(chain: Sequence[Policy]) -> EffectivePolicy:
+    """The effective policy of a release from `chain[0]`'s node up to `chain[-1]` (the root).
+
+    Raises PolicyError naming both files when two policies along the chain cannot both be met.
+    """
+    if not chain:
+        raise PolicyError("compose: empty policy chain; a release needs at least the releasing node's policy")
+    for p in chain:
+        if not isinstance(p, Policy):
+            raise PolicyError(f"compose: expected Policy objects (got {type(p).__name__}); use load_policy(path)")
+    b = _Builder(chain)
+    src = b.sources
+
+    # ---- layers: local anywhere is local; key/shared from the nearest policy that writes them
+    local = tuple(dict.fromkeys(pat for p in chain for pat in p.layers.local))
+    src["layers.local"] = _join(p.where("layers.local") for p in chain if p.layers.local)
+    layers = LayerPatterns.model_construct(
+        local=local, key=tuple(b.nearest("layers.key")), shared=tuple(b.nearest("layers.shared"))
+    )
+
+    # ---- requirements (union) and secure aggregation
+    require = tuple(r for r in ("differential_privacy", "secure_aggregation") if any(r in p.egress.require for p in chain))
+    src["egress.require"] = _join(p.where("egress.require") for p in chain if p.egress.require) or "(none)"
+    drop = {"none"} if "secure_aggregation" in require else set()
+    why = next((p for p in chain if "secure_aggregation" in p.egress.require), None)
+    because = f"{why.where('egress.require')} egress.require lists secure_aggregation" if why else ""
+    protocol, _ = b.choose("secure_aggregation.protocol", drop=drop, what="protocol", because=because)
+    min_cohort = b.pick("secure_aggregation.min_cohort", lambda a, c: a > c)
+    dropout = b.pick("secure_aggregation.max_dropout_fraction", lambda a, c: a < c)
+    masking = MaskingParams.model_construct(
+        neighbours=_max_num_or_auto([p.secure_aggregation.masking.neighbours for p in chain]),
+        threshold=b.pick("secure_aggregation.masking.threshold", lambda a, c: a > c),
+        bits=b.pick("secure_aggregation.masking.bits", lambda a, c: a > c),
+        clip_range=b.nearest("secure_aggregation.masking.clip_range"),
+    )
+    src["secure_aggregation.masking.neighbours"] = _join(
+        p.where("secure_aggregation.masking.neighbours") for p in chain
+    )
+    # moduli and scale must fit together: take both from the nearest policy that writes either
+    ckks_from = next(
+        (p for p in chain if _explicit(p, "secure_aggregation.ckks.coeff_mod_bit_sizes")
+         or _explicit(p, "secure_aggregation.ckks.scale_bits")),
+        chain[0],
+    )
+    ckks = CkksParams.model_construct(
+        poly_modulus_degree=b.pick("secure_aggregation.ckks.poly_modulus_degree", lambda a, c: a > c),
+        coeff_mod_bit_sizes=ckks_from.secure_aggregation.ckks.coeff_mod_bit_sizes,
+        scale_bits=ckks_from.secure_aggregation.ckks.scale_bits,
+        key_holders=b.nearest("secure_aggregation.ckks.key_holders"),
+        rotate_every_rounds=b.pick("secure_aggregation.ckks.rotate_every_rounds", lambda a, c: a < c),
+    )
+    for f in ("coeff_mod_bit_sizes", "scale_bits"):
+        src[f"secure_aggregation.ckks.{f}"] = ckks_from.where(f"secure_aggregation.ckks.{f}")
+    secagg = EffectiveSecureAggregation(
+        protocol=protocol, min_cohort=min_cohort, max_dropout_fraction=dropout, masking=masking, ckks=ckks
+    )
+
+    # ---- differential privacy: only policies that ask for DP constrain it
+    dp = _compose_dp(b, chain, protocol)
+    if dp.delta is not None and dp.delta >= 1.0 / min_cohort:
+        raise PolicyError(
+            f"{src['differential_privacy.delta']} differential_privacy.delta {dp.delta:g} must be < 1/min_cohort = "
+            f"{1.0 / min_cohort:g} with min_cohort {min_cohort} from {src['secure_aggregation.min_cohort']}; "
+            "lower delta or the cohort requirement"
+        )
+
+    # ---- residuals, egress, audit
+    residuals = Residuals.model_construct(
+        allowed=all(p.residuals.allowed for p in chain),
+        rank=b.pick("residuals.rank", lambda a, c: a < c),
+        gain=b.pick("residuals.gain", lambda a, c: a < c),
+        require_dp=any(p.residuals.require_dp for p in chain),
+    )
+    src["residuals.allowed"] = _join(p.where("residuals.allowed") for p in chain)
+    if residuals.allowed and residuals.require_dp and dp.level == "none":  # pragma: no cover - schema forbids
+        raise PolicyError(f"{src['residuals.allowed']} residuals.require_dp: DP required but no policy enables it")
+    egress = _compose_egress(chain, require, src)
+    audit = Audit.model_construct(
+        ledger=any(p.audit.ledger for p in chain),
+        signing=any(p.audit.signing for p in chain),
+        retention_days=b.pick("audit.retention_days", lambda a, c: a > c),
+    )
+    return EffectivePolicy(
+        policies=tuple(p.name for p in chain),
+        layers=layers,
+        secure_aggregation=secagg,
+        differential_privacy=dp,
+        residuals=residuals,
+        egress=egress,
+        audit=audit,
+        sources=dict(src),
+        files=tuple(p.source for p in chain),
+    )
+
+
+def _compose_dp(b: _Builder, chain: Sequence[Policy], protocol: str) -> EffectiveDifferentialPrivacy:
+    src = b.sources
+    with_dp = [p for p in chain if p.differential_privacy.level != "none"]
+    if not with_dp:
+        src["differential_privacy.level"] = _join(p.where("differential_privacy.level") for p in chain)
+        base = chain[0].differential_privacy
+        return EffectiveDifferentialPrivacy(
+            level="none", mechanism=None, epsilon_budget=None, delta=None, clipping_norm=base.clipping_norm,
+            noise_multiplier=base.noise_multiplier, accountant=base.accountant, record=None,
+        )
+    level = b.pick("differential_privacy.level", lambda a, c: _LEVEL_ORDER[a] > _LEVEL_ORDER[c], among=with_dp)
+    usable_drop = set() if protocol == "masking" else set(_NEEDS_MASKING)
+    because = (
+        f"distributed mechanisms add integer noise and need protocol masking, and the chosen protocol is "
+        f"{protocol} (from {src['secure_aggregation.protocol']})"
+    )
+    sub = _Builder(with_dp)
+    try:
+        mechanism, _ = sub.choose("differential_privacy.mechanism", drop=usable_drop, what="noise mechanism",
+                                  because=because)
+    except PolicyError as exc:
+        if usable_drop and because not in str(exc):
+            raise PolicyError(f"{exc} ({because})") from None
+        raise
+    src.update(sub.sources)
+    at_level = [p for p in with_dp if p.differential_privacy.level == level]
+    epsilon = b.pick("differential_privacy.epsilon_budget", lambda a, c: a < c, among=at_level)
+    delta = b.pick("differential_privacy.delta", lambda a, c: a < c, among=with_dp)
+    clip = b.pick("differential_privacy.clipping_norm", lambda a, c: a < c, among=with_dp)
+    noise = _max_num_or_auto([p.differential_privacy.noise_multiplier for p in with_dp])
+    src["differential_privacy.noise_multiplier"] = _join(p.where("differential_privacy.noise_multiplier") for p in with_dp)
+    accountant = b.nearest("differential_privacy.accountant", among=with_dp)
+    # record-level DP-SGD: required if any policy is level=record or writes a record section
+    rec_ps = [p for p in with_dp if p.differential_privacy.level == "record" or p.differential_privacy.record]
+    record = None
+    if rec_ps:
+        recs = [(p, p.differential_privacy.record or RecordDP()) for p in rec_ps]
+        budgets = [(r.epsilon_budget or p.differential_privacy.epsilon_budget) for p, r in recs]
+        record = RecordDP.model_construct(
+            max_grad_norm=min(r.max_grad_norm for _, r in recs),
+            noise_multiplier=_max_num_or_auto([r.noise_multiplier for _, r in recs]),
+            epsilon_budget=min(x for x in budgets if x is not None),
+        )
+        src["differential_privacy.record"] = _join(p.where("differential_privacy.record") for p in rec_ps)
+    return EffectiveDifferentialPrivacy(
+        level=level, mechanism=mechanism, epsilon_budget=epsilon, delta=delta, clipping_norm=clip,
+        noise_multiplier=noise, accountant=accountant, record=record,
+    )
+
+
+def _compose_egress(chain: Sequence[Policy], require: tuple[str, ...], src: dict[str, str]) -> EffectiveEgress:
+    rules = tuple(
+        (p.where("egress.destinations"), tuple((d.name, tuple(d.groups)) for d in p.egress.destinations))
+        for p in chain
+    )
+    names = list(dict.fromkeys(d.name for p in chain for d in p.egress.destinations if d.name != ANY))
+    if all(any(d.name == ANY for d in p.egress.destinations) for p in chain):
+        names.insert(0, ANY)
+    groups: dict[str, tuple[Group, ...]] = {}
+    for name in names:
+        ok = tuple(g for g in ("key", "shared", "residual") if _refusing_rule(rules, name, g) is None)
+        if ok:
+            groups[name] = ok  # type: ignore[assignment]
+    src["egress.destinations"] = _join(p.where("egress.destinations") for p in chain)
+    return EffectiveEgress(destinations=tuple(groups), groups=groups, require=require, rules=rules)  # type: ignore[arg-type]
+
+
+def _refusing_rule(
+    rules: Sequence[tuple[str, Sequence[tuple[str, Sequence[str]]]]], destination: str, group: str
+) -> tuple[str, str] | None:
+    """(policy file, what it allows) of the first policy that refuses `group` to `destination`, or None."""
+    for where, dests in rules:
+        matching = [(n, gs) for n, gs in dests if n == destination or (n != destination and fnmatchcase(destination, n))]
+        if not any(group in gs for _, gs in matching):
+            if matching:
+                allowed = sorted({g for _, gs in matching for g in gs})
+                return where, f"{destination!r} may receive only [{', '.join(allowed)}]"
+            listed = _join(n for n, _ in dests) or "nothing"
+            return where, f"destinations are [{listed}]"
+    return None

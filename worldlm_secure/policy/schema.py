@@ -1,0 +1,365 @@
+"""The jurisdiction policy schema (`apiVersion: worldlm-secure/v1`, `kind: JurisdictionPolicy`).
+
+Every model is strict (no silent type coercion: ``"3"`` is not a number), forbids
+unknown keys, and is frozen. Sequences are tuples so policies are hashable and
+cannot be edited after validation. The semantics of each field, and how policies
+compose along a path, are specified in ``protocols/policy.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from worldlm_secure.policy.patterns import LayerPatterns
+
+API_VERSION = "worldlm-secure/v1"
+KIND = "JurisdictionPolicy"
+
+Protocol = Literal["masking", "ckks", "none"]
+DPLevel = Literal["user", "record", "none"]
+Mechanism = Literal["central_gaussian", "distributed_discrete_gaussian", "distributed_skellam"]
+Accountant = Literal["rdp", "prv"]
+Group = Literal["key", "shared", "residual"]
+Requirement = Literal["differential_privacy", "secure_aggregation"]
+
+# poly_modulus_degree -> largest total coefficient-modulus bits at 128-bit security (SEAL's table).
+CKKS_MAX_MODULUS_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+# Special key-holder name: every contributing member holds the secret key, the aggregator does not.
+MEMBERS = "members"
+# Special destination name: any node.
+ANY = "*"
+
+
+class FieldProblem(ValueError):
+    """A cross-field rule failed; `path` is the dotted field path relative to the validated model."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def _unique(values: tuple[str, ...], what: str) -> tuple[str, ...]:
+    for v in values:
+        if values.count(v) > 1:
+            raise ValueError(f"{what} {v!r} is listed twice; list each once")
+    return values
+
+
+class MaskingParams(_Strict):
+    """Pairwise masking (SecAgg+) parameters."""
+
+    neighbours: Union[int, Literal["auto"]] = Field(
+        default="auto",
+        description="Neighbours per member in the k-regular mask graph; 'auto' = O(log n) from the cohort size.",
+    )
+    threshold: float = Field(
+        default=0.67,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of a member's neighbours needed to recover its secrets (Shamir threshold), 0 < t <= 1.",
+    )
+    bits: int = Field(default=32, ge=8, le=62, description="Quantization bits: masks live in Z_2^bits.")
+    clip_range: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Values are quantized within [-clip_range, clip_range]; the clipped fraction is reported.",
+    )
+
+    @field_validator("neighbours")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be an integer >= 1 or 'auto' (got {v})")
+        return v
+
+
+class CkksParams(_Strict):
+    """CKKS homomorphic encryption (TenSEAL) parameters."""
+
+    poly_modulus_degree: Literal[4096, 8192, 16384, 32768] = Field(
+        default=8192, description="Ring degree N; a ciphertext packs N/2 values."
+    )
+    coeff_mod_bit_sizes: tuple[int, ...] = Field(
+        default=(60, 40, 40, 60), min_length=2, description="Bit sizes of the coefficient moduli chain."
+    )
+    scale_bits: int = Field(default=40, ge=20, le=60, description="log2 of the encoding scale.")
+    key_holders: tuple[str, ...] = Field(
+        default=(MEMBERS,),
+        min_length=1,
+        description="Nodes that hold the secret key; 'members' = every contributing member, never the aggregator.",
+    )
+    rotate_every_rounds: int = Field(default=10, ge=1, description="Generate a fresh key pair every this many rounds.")
+
+    @field_validator("coeff_mod_bit_sizes")
+    @classmethod
+    def _moduli(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        for bits in v:
+            if not 20 <= bits <= 60:
+                raise ValueError(f"each modulus must be 20..60 bits (got {bits})")
+        return v
+
+    @field_validator("key_holders")
+    @classmethod
+    def _holders(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not h.strip() for h in v):
+            raise ValueError("a key holder name must not be empty")
+        return _unique(v, "key holder")
+
+    @model_validator(mode="after")
+    def _security(self) -> CkksParams:
+        cap = CKKS_MAX_MODULUS_BITS[self.poly_modulus_degree]
+        total = sum(self.coeff_mod_bit_sizes)
+        if total > cap:
+            raise FieldProblem(
+                "coeff_mod_bit_sizes",
+                f"total {total} bits exceeds {cap} for poly_modulus_degree {self.poly_modulus_degree} "
+                "(128-bit security); use fewer or smaller moduli or a larger degree",
+            )
+        inner = self.coeff_mod_bit_sizes[1:-1]
+        if inner and self.scale_bits > min(inner):
+            raise FieldProblem(
+                "scale_bits",
+                f"must be <= the smallest inner modulus ({min(inner)} bits) (got {self.scale_bits})",
+            )
+        return self
+
+
+class SecureAggregation(_Strict):
+    """How a cohort's contributions are summed without revealing any one of them."""
+
+    protocol: tuple[Protocol, ...] = Field(
+        default=("masking",),
+        min_length=1,
+        description="Acceptable protocols in preference order (one name or a list): masking | ckks | none.",
+    )
+    min_cohort: int = Field(default=3, ge=1, description="Never release an aggregate of fewer contributors.")
+    max_dropout_fraction: float = Field(
+        default=0.3, ge=0.0, lt=1.0, description="Largest fraction of a cohort that may drop out of a round."
+    )
+    masking: MaskingParams = Field(default_factory=MaskingParams)
+    ckks: CkksParams = Field(default_factory=CkksParams)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("protocol")
+    @classmethod
+    def _no_repeats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _unique(v, "protocol")
+
+    @model_validator(mode="after")
+    def _recoverable(self) -> SecureAggregation:
+        if "masking" in self.protocol and self.masking.threshold > 1.0 - self.max_dropout_fraction + 1e-12:
+            raise FieldProblem(
+                "masking.threshold",
+                f"must be <= 1 - max_dropout_fraction = {1.0 - self.max_dropout_fraction:g} so the dropouts "
+                f"you tolerate can be recovered (got {self.masking.threshold:g})",
+            )
+        return self
+
+
+class RecordDP(_Strict):
+    """Record-level DP (Opacus DP-SGD inside the site)."""
+
+    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Per-sample gradient clipping norm (L2).")
+    noise_multiplier: Union[float, Literal["auto"]] = Field(
+        default="auto", description="DP-SGD noise multiplier, or 'auto' = derived from the budget and planned steps."
+    )
+    epsilon_budget: float | None = Field(
+        default=None, gt=0.0, description="Record-level ε budget at the policy's δ; defaults to the policy's budget."
+    )
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError(f"must be > 0 or 'auto' (got {v:g})")
+        return v
+
+
+class DifferentialPrivacy(_Strict):
+    """Differential privacy on what leaves the site."""
+
+    level: DPLevel = Field(
+        default="none",
+        description="user = DP-FedAvg on each release; record = DP-SGD inside the site; none = no DP.",
+    )
+    mechanism: tuple[Mechanism, ...] = Field(
+        default=("central_gaussian",),
+        min_length=1,
+        description="Acceptable noise mechanisms in preference order (one name or a list).",
+    )
+    epsilon_budget: float | None = Field(default=None, gt=0.0, description="Total ε over the whole run, at δ.")
+    delta: float | None = Field(default=None, gt=0.0, lt=1.0, description="δ of the (ε, δ) guarantee.")
+    clipping_norm: float = Field(default=1.0, gt=0.0, description="L2 clip of each user's update (user level).")
+    noise_multiplier: Union[float, Literal["auto"]] = Field(
+        default="auto",
+        description="Noise std / clipping_norm, or 'auto' = derived from epsilon_budget, delta and planned rounds.",
+    )
+    accountant: Accountant = Field(default="rdp", description="Privacy accountant: rdp | prv (Opacus).")
+    record: RecordDP | None = Field(
+        default=None, description="Record-level DP-SGD settings; required in effect when level is record."
+    )
+
+    @field_validator("mechanism", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("mechanism")
+    @classmethod
+    def _no_repeats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _unique(v, "mechanism")
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError(f"must be > 0 or 'auto' (got {v:g})")
+        return v
+
+    @model_validator(mode="after")
+    def _budget_when_on(self) -> DifferentialPrivacy:
+        if self.level != "none":
+            if self.epsilon_budget is None:
+                raise FieldProblem("epsilon_budget", f"required when level is {self.level} (e.g. 8.0)")
+            if self.delta is None:
+                raise FieldProblem("delta", f"required when level is {self.level} (e.g. 1e-5)")
+        return self
+
+
+class Residuals(_Strict):
+    """Residual layer embeddings shared across federations."""
+
+    allowed: bool = Field(default=False, description="Whether residual embeddings of key layers may leave.")
+    rank: int = Field(default=8, ge=1, le=4096, description="Largest rank of the low-rank residual embedding.")
+    gain: float = Field(default=0.5, ge=0.0, le=1.0, description="How much of the siblings' blend is mixed in, 0..1.")
+    require_dp: bool = Field(default=True, description="Residuals may leave only under differential privacy.")
+
+
+class Destination(_Strict):
+    """One node that may receive data governed by this policy, and which groups."""
+
+    name: str = Field(min_length=1, description="Node name in the world, or '*' for any node.")
+    groups: tuple[Group, ...] = Field(
+        default=("key", "shared", "residual"), min_length=1, description="What may be sent there."
+    )
+
+    @field_validator("groups")
+    @classmethod
+    def _no_repeats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _unique(v, "group")
+
+
+class Egress(_Strict):
+    """Where data governed by this policy may go, and what every release must carry."""
+
+    destinations: tuple[Destination, ...] = Field(
+        default=(),
+        description="Nodes that may receive data governed by this policy ('name' or {name, groups}).",
+    )
+    require: tuple[Requirement, ...] = Field(
+        default=(), description="Protections every release must carry: differential_privacy, secure_aggregation."
+    )
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _names_or_maps(cls, v: object) -> object:
+        if isinstance(v, (list, tuple)):
+            return tuple({"name": d} if isinstance(d, str) else d for d in v)
+        return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _no_repeats(cls, v: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        _unique(tuple(d.name for d in v), "destination")
+        return v
+
+    @field_validator("require")
+    @classmethod
+    def _no_repeat_reqs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _unique(v, "requirement")
+
+
+class Audit(_Strict):
+    """What must be recorded about every release."""
+
+    ledger: bool = Field(default=True, description="Every release is written to the node's privacy ledger.")
+    signing: bool = Field(default=True, description="Ledger entries are signed with the node's Ed25519 key.")
+    retention_days: int = Field(default=365, ge=0, description="Keep ledger entries at least this many days.")
+
+
+class Policy(_Strict):
+    """A jurisdiction policy as written in one YAML file (after `extends:` is resolved)."""
+
+    apiVersion: Literal["worldlm-secure/v1"] = Field(description="Schema version: worldlm-secure/v1.")
+    kind: Literal["JurisdictionPolicy"] = Field(description="Always JurisdictionPolicy.")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Short policy name.")
+    jurisdiction: str = Field(min_length=1, description="The jurisdiction this policy implements (e.g. EU GDPR).")
+    description: str = Field(default="", description="Free text for humans.")
+    extends: str | None = Field(
+        default=None, description="Relative path of a base policy; this file's fields override the base's."
+    )
+    layers: LayerPatterns = Field(default_factory=LayerPatterns)
+    secure_aggregation: SecureAggregation = Field(default_factory=SecureAggregation)
+    differential_privacy: DifferentialPrivacy = Field(default_factory=DifferentialPrivacy)
+    residuals: Residuals = Field(default_factory=Residuals)
+    egress: Egress = Field(default_factory=Egress)
+    audit: Audit = Field(default_factory=Audit)
+
+    # Where the policy was loaded from, and the (file, line) of every field path (set by load_policy).
+    _source: Path | None = PrivateAttr(default=None)
+    _where: dict[tuple[Any, ...], tuple[str, int]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """The file this policy was loaded from (or its name, for a policy built in code)."""
+        return str(self._source) if self._source is not None else f"<policy {self.name}>"
+
+    def where(self, dotted: str) -> str:
+        """`file:line` where field `dotted` (e.g. "differential_privacy.delta") was written, or the file."""
+        parts = tuple(dotted.split(".")) if dotted else ()
+        for n in range(len(parts), -1, -1):
+            hit = self._where.get(parts[:n])
+            if hit:
+                return f"{hit[0]}:{hit[1]}"
+        return self.source
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        sa, dp, eg = self.secure_aggregation, self.differential_privacy, self.egress
+        if "secure_aggregation" in eg.require and "none" in sa.protocol:
+            raise FieldProblem(
+                "secure_aggregation.protocol",
+                "'none' is not allowed when egress.require lists secure_aggregation; use masking or ckks",
+            )
+        if "secure_aggregation" in eg.require and sa.min_cohort < 2:
+            raise FieldProblem(
+                "secure_aggregation.min_cohort",
+                f"must be >= 2 when egress.require lists secure_aggregation (got {sa.min_cohort})",
+            )
+        if "differential_privacy" in eg.require and dp.level == "none":
+            raise FieldProblem(
+                "differential_privacy.level",
+                "must be user or record when egress.require lists differential_privacy (got none)",
+            )
+        if dp.delta is not None and dp.delta >= 1.0 / sa.min_cohort:
+            raise FieldProblem(
+                "differential_privacy.delta",
+                f"must be < 1/min_cohort = {1.0 / sa.min_cohort:g} (got {dp.delta:g})",
+            )
+        if self.residuals.allowed and self.residuals.require_dp and dp.level == "none":
+            raise FieldProblem(
+                "residuals.require_dp",
+                "residuals require DP but differential_privacy.level is none; enable DP or set residuals.allowed: false",
+            )
+        return self
