@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from worldlm_secure.errors import PolicyError
+from worldlm_secure.secagg.masking import MaskingSum
 from worldlm_secure.secagg.plain import PlainSum
 from worldlm_secure.secagg.protocol import SecureSum
 
 # name -> factory. Each protocol module registers itself here when it lands.
-_FACTORIES: dict[str, Callable[..., SecureSum]] = {"none": lambda **_: PlainSum()}
+_FACTORIES: dict[str, Callable[..., SecureSum]] = {
+    "none": lambda **_: PlainSum(),
+    "masking": MaskingSum,  # params=<policy masking section>, identities=<name -> NodeIdentity>
+}
 
 
 def register(name: str, factory: Callable[..., SecureSum]) -> None:

@@ -1,0 +1,110 @@
+"""Stochastic fixed-point quantization of float vectors into Z_2^b, sized so that n members' sum cannot wrap.
+
+A value x is clipped to [-clip_range, clip_range], scaled by ``scale`` and rounded stochastically:
+q = floor(x * scale + u), u ~ U[0, 1), so E[q / scale] = x (unbiased) and |q / scale - x| < 1 / scale.
+q is stored as a two's-complement residue mod 2^b (in a uint32 word; the wire keeps the low b bits).
+``scale = (2^(b-1) - 1 - n) / (n * clip_range)`` keeps |sum of n members| <= 2^(b-1) - 1, so the signed
+sum decodes exactly. The sum of n members is therefore within n / scale of the clipped plaintext sum
+(`sum_error_bound`), with standard deviation at most sqrt(n) / (2 * scale).
+
+Values outside the range are saturated, counted and reported (`Quantized.clipped_fraction`), never
+silently. The rounding noise u comes from the AES-CTR PRG (`prg.uniform01`) under a fresh 32-byte seed
+from os.urandom: it is not a secret the protocol depends on, but a cipher-based generator costs nothing
+extra here and keeps non-cryptographic generators out of secagg/ entirely.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from worldlm_secure.errors import ConfigError
+from worldlm_secure.secagg import prg
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """Public quantization parameters of one round: ``bits`` per value, range, and the member count n."""
+
+    bits: int
+    clip_range: float
+    n_members: int
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 32:
+            raise ConfigError(f"secure_aggregation.masking.bits: must be in 2..32 (got {self.bits})")
+        if not (math.isfinite(self.clip_range) and self.clip_range > 0):
+            raise ConfigError(
+                f"secure_aggregation.masking.clip_range: must be a positive number (got {self.clip_range})"
+            )
+        if self.n_members < 1 or 2 ** (self.bits - 1) - 1 - self.n_members <= 0:
+            raise ConfigError(
+                f"secure_aggregation.masking.bits: {self.bits} bits cannot hold the sum of {self.n_members} "
+                "members; raise bits"
+            )
+
+    @property
+    def scale(self) -> float:
+        """Quantization steps per unit of the input (1 / scale is the step size)."""
+        return (2 ** (self.bits - 1) - 1 - self.n_members) / (self.n_members * self.clip_range)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes per value on the wire: the low ``bits`` of each word, rounded up to whole bytes."""
+        return (self.bits + 7) // 8
+
+    def sum_error_bound(self, n_contributors: int) -> float:
+        """Hard bound on |decoded sum - clipped plaintext sum| per coordinate, in input units."""
+        return n_contributors / self.scale
+
+    @property
+    def clip_units(self) -> int:
+        """Fixed-point units per member for reporting the clipped fraction inside the masked vector."""
+        return (2 ** (self.bits - 1) - 1) // self.n_members
+
+
+@dataclass(frozen=True)
+class Quantized:
+    values: np.ndarray  # uint32 residues mod 2^32 (only the low `bits` matter)
+    clipped: int  # values saturated at +-clip_range
+    clipped_fraction: float
+
+
+def quantize(x: np.ndarray, spec: QuantizationSpec, *, rounding_seed: bytes | None = None) -> Quantized:
+    """Clip, scale and stochastically round the float vector ``x``; ``rounding_seed`` defaults to os.urandom(32)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError("quantize expects a 1-D vector")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("vector holds NaN or infinite values")
+    c = spec.clip_range
+    clipped = int(np.count_nonzero((x > c) | (x < -c)))
+    y = np.clip(x, -c, c) * spec.scale
+    y += prg.uniform01(rounding_seed if rounding_seed is not None else os.urandom(prg.SEED_BYTES), x.size)
+    np.floor(y, out=y)
+    values = y.astype(np.int64).astype(np.uint32)  # two's complement wrap into Z_2^32
+    return Quantized(values, clipped, clipped / x.size if x.size else 0.0)
+
+
+def dequantize(total: np.ndarray, spec: QuantizationSpec) -> np.ndarray:
+    """Decode a sum of quantized vectors (uint32 residues) back to float64 input units."""
+    total = np.asarray(total, dtype=np.uint32)
+    if spec.bits == 32:
+        signed = total.view(np.int32).astype(np.int64)
+    else:
+        low = (total & np.uint32(2**spec.bits - 1)).astype(np.int64)
+        signed = np.where(low >= 2 ** (spec.bits - 1), low - 2**spec.bits, low)
+    return signed / spec.scale
+
+
+def clip_report_units(clipped_fraction: float, spec: QuantizationSpec) -> int:
+    """A member's clipped fraction as whole units (rounded up, so any clipping shows), summed under masking."""
+    return math.ceil(clipped_fraction * spec.clip_units)
+
+
+def clipped_fraction_from_units(units: int, n_contributors: int, spec: QuantizationSpec) -> float:
+    """Mean clipped fraction over contributors from the masked sum of their units (over-estimates by < 1/units)."""
+    return units / (spec.clip_units * n_contributors) if n_contributors else 0.0
