@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from worldlm_secure.errors import PolicyError
+from worldlm_secure.secagg.ckks import make_ckks
 from worldlm_secure.secagg.masking import MaskingSum
 from worldlm_secure.secagg.plain import PlainSum
 from worldlm_secure.secagg.protocol import SecureSum
@@ -13,6 +14,7 @@ from worldlm_secure.secagg.protocol import SecureSum
 _FACTORIES: dict[str, Callable[..., SecureSum]] = {
     "none": lambda **_: PlainSum(),
     "masking": MaskingSum,  # params=<policy masking section>, identities=<name -> NodeIdentity>
+    "ckks": make_ckks,  # params=<policy ckks section | CkksParams>, identities=<name -> NodeIdentity>, clip_range=
 }
 
 

@@ -1,0 +1,514 @@
+"""CKKS secure summation (TenSEAL): members encrypt, the aggregator adds ciphertexts it cannot read,
+key holders decrypt the sum and confirm it. Spec: protocols/ckks.md.
+
+Roles and messages of one round (all in-process here; each role holds only its own keys):
+- key ceremony (at the start of every key epoch): the generator (first available key holder, sorted)
+  makes the key and publishes `EpochKeys` (ckks_keys);
+- the aggregator announces a `RoundSpec` (round, key id, vector length, cohort, packing layout);
+- each `CkksMember` quantizes and packs its vector and sends a signed `Contribution` (one
+  `ckks_vector` per ciphertext, every slot used);
+- the `CkksAggregator` checks each contribution (rejecting it with an error that names the member),
+  adds the accepted ones and sends the `SummedCiphertext` to the key holders;
+- every available `CkksKeyHolder` decrypts, unpacks the exact integer sums and signs a `Confirmation`
+  of their SHA-256; the releaser (first available holder, sorted) sends a `DecryptedAggregate` with all
+  confirmations; `verify_aggregate` (run by the aggregator or the parent) accepts it only when every
+  confirmation verifies and agrees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import tenseal as ts
+
+from worldlm_secure.errors import ConfigError, SecAggError
+from worldlm_secure.identity import NodeIdentity, verify_signature
+from worldlm_secure.secagg import ckks_packing as packing
+from worldlm_secure.secagg.ckks_keys import (
+    EpochKeys,
+    TransportKey,
+    generate_epoch_keys,
+    load_public_context,
+    unwrap_secret_context,
+)
+from worldlm_secure.secagg.ckks_params import CkksParams
+from worldlm_secure.secagg.protocol import DropoutPlan, MemberInput, ProtectionStats, SecureSum, SumResult
+
+CONTRIBUTION_LABEL = b"worldlm-secure/ckks/contribution/v1"
+CONFIRM_LABEL = b"worldlm-secure/ckks/confirm/v1"
+
+
+class ContributionRejected(SecAggError):
+    """One member's contribution was refused; the round goes on without it (if min_cohort allows)."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        super().__init__(f"ckks: contribution of member {member!r} rejected: {reason}")
+        self.member = member
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What the aggregator announces before members encrypt."""
+
+    round_id: int
+    key_id: str
+    n_values: int
+    cohort: tuple[str, ...]
+    layout: packing.Layout
+    clip_range: float
+    slot_count: int
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.layout.slots_for(self.n_values) // self.slot_count)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One member's encrypted vector: serialized ckks_vectors of `slot_count` slots each, signed."""
+
+    round_id: int
+    member: str
+    key_id: str
+    n_values: int
+    chunks: tuple[bytes, ...]
+    clipped: int
+    signature: bytes = b""
+
+    def message(self) -> bytes:
+        h = hashlib.sha256()
+        for c in self.chunks:
+            h.update(hashlib.sha256(c).digest())
+        return (
+            CONTRIBUTION_LABEL + b"|" + struct.pack(">QQQQ", self.round_id, self.n_values, len(self.chunks), self.clipped)
+            + self.member.encode() + b"|" + self.key_id.encode() + b"|" + h.digest()
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class SummedCiphertext:
+    """The aggregator's sum, sent to the key holders."""
+
+    round_id: int
+    key_id: str
+    contributors: tuple[str, ...]
+    chunks: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A key holder's signed statement: this round's sum over `contributors` has this SHA-256."""
+
+    holder: str
+    round_id: int
+    key_id: str
+    contributors: tuple[str, ...]
+    digest: bytes
+    signature: bytes = b""
+
+    def message(self) -> bytes:
+        return (
+            CONFIRM_LABEL + b"|" + struct.pack(">Q", self.round_id) + self.key_id.encode() + b"|"
+            + ",".join(self.contributors).encode() + b"|" + self.digest
+        )
+
+
+@dataclass(frozen=True)
+class DecryptedAggregate:
+    """What the releasing key holder sends up: the exact integer sums and every holder's confirmation."""
+
+    round_id: int
+    key_id: str
+    contributors: tuple[str, ...]
+    integer_sums: np.ndarray  # int64, sum over contributors of the unsigned quantized values
+    releaser: str
+    confirmations: tuple[Confirmation, ...]
+
+
+def digest_sums(integer_sums: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(integer_sums, dtype="<i8").tobytes()).digest()
+
+
+class CkksMember:
+    """A member: holds only the verified public context of the current epoch and its identity."""
+
+    def __init__(self, identity: NodeIdentity) -> None:
+        self.identity = identity
+        self.name = identity.name
+        self._ctx: ts.Context | None = None
+        self._key_id = ""
+
+    def install(self, keys: EpochKeys, generator_public: bytes) -> None:
+        self._ctx = load_public_context(keys, generator_public)
+        self._key_id = keys.key_id
+
+    def protect(self, spec: RoundSpec, vector: np.ndarray) -> Contribution:
+        """Quantize, pack and encrypt `vector` (one ckks_vector per full ciphertext) and sign the result."""
+        if self._ctx is None:
+            raise SecAggError(f"ckks member {self.name!r}: no public context installed; join the key epoch first")
+        v, clipped = packing.quantize(vector, spec.clip_range, spec.layout.value_bits)
+        slots = packing.pack(v, spec.layout)
+        s = spec.slot_count
+        n_chunks = -(-slots.size // s)
+        padded = np.zeros(n_chunks * s)
+        padded[: slots.size] = slots
+        chunks = tuple(ts.ckks_vector(self._ctx, padded[i * s : (i + 1) * s].tolist()).serialize() for i in range(n_chunks))
+        c = Contribution(spec.round_id, self.name, self._key_id, int(np.asarray(vector).size), chunks, clipped)
+        return Contribution(c.round_id, c.member, c.key_id, c.n_values, c.chunks, c.clipped, self.identity.sign(c.message()))
+
+
+class CkksAggregator:
+    """Adds ciphertexts under the public context; never holds a secret key."""
+
+    def __init__(self, keys: EpochKeys, generator_public: bytes, params: CkksParams) -> None:
+        self.key_id = keys.key_id
+        self.params = params
+        self._ctx = load_public_context(keys, generator_public)
+        ref = ts.ckks_vector(self._ctx, [0.0]).ciphertext()[0]
+        self._parms_id = list(ref.parms_id())
+        self._spec: RoundSpec | None = None
+        self._sum: list[ts.CKKSVector] | None = None
+        self.contributors: list[str] = []
+        self.rejected: list[ContributionRejected] = []
+        self.clipped = 0
+
+    @property
+    def context(self) -> ts.Context:
+        return self._ctx
+
+    def open_round(self, spec: RoundSpec) -> None:
+        self._spec, self._sum, self.contributors, self.rejected, self.clipped = spec, None, [], [], 0
+
+    def _load(self, member: str, i: int, blob: bytes) -> ts.CKKSVector:
+        try:
+            vec = ts.ckks_vector_from(self._ctx, blob)
+            cts = vec.ciphertext()
+        except Exception as exc:  # TenSEAL raises ValueError/RuntimeError/TypeError on bad streams
+            raise ContributionRejected(
+                member, f"ciphertext {i} does not load under the federation context ({exc}); resend with key {self.key_id}"
+            ) from None
+        s = self.params.slot_count
+        if (
+            vec.size() != s or len(cts) != 1 or cts[0].size() != 2 or list(cts[0].parms_id()) != self._parms_id
+            or cts[0].scale != 2.0**self.params.scale_bits
+        ):
+            raise ContributionRejected(
+                member, f"ciphertext {i} has the wrong shape, level or scale for key {self.key_id}; re-encrypt with the round spec"
+            )
+        return vec
+
+    def accept(self, c: Contribution, member_public: bytes | None) -> None:
+        """Add `c` to the running sum, or raise ContributionRejected naming the member (the sum is untouched)."""
+        spec = self._spec
+        if spec is None:
+            raise SecAggError("ckks aggregator: no round open")
+        m = c.member
+        if m not in spec.cohort:
+            raise ContributionRejected(m, f"not in the cohort of round {spec.round_id}")
+        if m in self.contributors:
+            raise ContributionRejected(m, f"second contribution in round {spec.round_id} (replay)")
+        if member_public is None or not verify_signature(member_public, c.signature, c.message()):
+            raise ContributionRejected(m, "signature does not verify (corrupted or tampered in transit); resend")
+        if c.round_id != spec.round_id:
+            raise ContributionRejected(m, f"made for round {c.round_id}, this is round {spec.round_id} (replay)")
+        if c.key_id != spec.key_id:
+            raise ContributionRejected(
+                m, f"encrypted under key {c.key_id}, the federation key is {spec.key_id}; fetch the current public context"
+            )
+        if c.n_values != spec.n_values or len(c.chunks) != spec.n_chunks:
+            raise ContributionRejected(
+                m, f"wrong-length stream: {c.n_values} values in {len(c.chunks)} ciphertexts, expected "
+                f"{spec.n_values} values in {spec.n_chunks}"
+            )
+        vecs = [self._load(m, i, b) for i, b in enumerate(c.chunks)]
+        if self._sum is None:
+            self._sum = vecs
+        else:
+            for acc, v in zip(self._sum, vecs):
+                acc.add_(v)
+        self.contributors.append(m)
+        self.clipped += c.clipped
+
+    def receive(self, c: Contribution, member_public: bytes | None) -> bool:
+        """`accept`, recording a rejection instead of raising it; True when accepted."""
+        try:
+            self.accept(c, member_public)
+        except ContributionRejected as exc:
+            self.rejected.append(exc)
+            return False
+        return True
+
+    def summed(self) -> SummedCiphertext:
+        spec = self._spec
+        if spec is None or self._sum is None:
+            raise SecAggError("ckks aggregator: nothing to sum")
+        return SummedCiphertext(spec.round_id, spec.key_id, tuple(self.contributors), tuple(v.serialize() for v in self._sum))
+
+
+class CkksKeyHolder:
+    """A key holder: its identity, its X25519 transport key, and the secret contexts it unwrapped."""
+
+    def __init__(self, identity: NodeIdentity) -> None:
+        self.identity = identity
+        self.name = identity.name
+        self.transport = TransportKey(identity)
+        self._secret: dict[str, ts.Context] = {}
+
+    def install(self, keys: EpochKeys, generator_public: bytes) -> None:
+        self._secret = {keys.key_id: unwrap_secret_context(keys, self.transport, generator_public)}
+
+    def decrypt(self, summed: SummedCiphertext, spec: RoundSpec) -> tuple[np.ndarray, Confirmation]:
+        """Decrypt and unpack the sum; return the exact integer sums and a signed confirmation."""
+        ctx = self._secret.get(summed.key_id)
+        if ctx is None:
+            raise SecAggError(f"key holder {self.name!r}: no secret key for key id {summed.key_id}; run the key ceremony")
+        slots = np.concatenate([np.asarray(ts.ckks_vector_from(ctx, b).decrypt()) for b in summed.chunks])
+        try:
+            sums = packing.unpack_sum(slots, spec.n_values, len(summed.contributors), spec.layout)
+        except packing.PackingError as exc:
+            raise SecAggError(
+                f"key holder {self.name!r}: round {summed.round_id} sum failed its integrity check ({exc}); "
+                "a member encrypted under another key or sent out-of-range data; round aborted"
+            ) from None
+        conf = Confirmation(self.name, summed.round_id, summed.key_id, summed.contributors, digest_sums(sums))
+        conf = Confirmation(conf.holder, conf.round_id, conf.key_id, conf.contributors, conf.digest, self.identity.sign(conf.message()))
+        return sums, conf
+
+
+def verify_aggregate(agg: DecryptedAggregate, holder_keys: Mapping[str, bytes], required: Sequence[str]) -> None:
+    """Accept a decrypted aggregate only when every holder in `required` confirmed exactly these sums."""
+    want = digest_sums(agg.integer_sums)
+    seen = {c.holder: c for c in agg.confirmations}
+    for h in required:
+        c = seen.get(h)
+        if c is None:
+            raise SecAggError(f"round {agg.round_id}: no confirmation from key holder {h!r}; wait for it or drop it from the quorum")
+        pub = holder_keys.get(h)
+        ok = (
+            pub is not None and verify_signature(pub, c.signature, c.message()) and c.digest == want
+            and c.round_id == agg.round_id and c.key_id == agg.key_id and c.contributors == agg.contributors
+        )
+        if not ok:
+            raise SecAggError(
+                f"round {agg.round_id}: key holder {h!r} does not confirm the aggregate released by {agg.releaser!r}; "
+                "nothing released"
+            )
+
+
+@dataclass(frozen=True)
+class CkksSumResult(SumResult):
+    """A SumResult that also names the key id and the rejected contributions."""
+
+    key_id: str = ""
+    rejected: tuple[str, ...] = ()
+    aggregate: DecryptedAggregate | None = field(default=None, repr=False)
+
+
+class CkksSecureSum(SecureSum):
+    """The `ckks` protocol behind the SecureSum interface (every run_round really encrypts)."""
+
+    name = "ckks"
+
+    def __init__(self, params: CkksParams, identities: Mapping[str, NodeIdentity] | None = None) -> None:
+        self.params = params
+        self.identities: dict[str, NodeIdentity] = dict(identities or {})
+        self.intercept: Callable[[Contribution], Contribution] | None = None  # the "network": fault injection
+        self._members: dict[str, CkksMember] = {}
+        self._holders: dict[str, CkksKeyHolder] = {}
+        self._epoch: int | None = None
+        self._holder_names: tuple[str, ...] | None = None
+        self._keys: EpochKeys | None = None
+        self._aggregator: CkksAggregator | None = None
+
+    # ---- roles --------------------------------------------------------------------------------
+
+    def _identity(self, name: str) -> NodeIdentity:
+        if name not in self.identities:  # simulation convenience: a member without a configured identity gets one
+            self.identities[name] = NodeIdentity.generate(name)
+        return self.identities[name]
+
+    def holder_names(self, members: Sequence[str]) -> tuple[str, ...]:
+        """The key holders: the policy's list, else the first member in sorted order (fixed at the first round)."""
+        if self._holder_names is None:
+            self._holder_names = self._choose_holders(members)
+        return self._holder_names
+
+    def _choose_holders(self, members: Sequence[str]) -> tuple[str, ...]:
+        if self.params.key_holders:
+            return tuple(sorted(self.params.key_holders))
+        pool = sorted(self.identities) or sorted(members)
+        if not pool:
+            raise ConfigError("secure_aggregation.ckks.key_holders: no members to choose a key holder from; name one")
+        return (pool[0],)
+
+    def epoch_of(self, round_id: int) -> int:
+        r = self.params.rotate_every_rounds
+        return round_id // r if r > 0 else 0
+
+    def _ceremony(self, epoch: int, holders: Sequence[str], offline: frozenset[str]) -> None:
+        for h in holders:
+            if h not in self._holders:
+                self._holders[h] = CkksKeyHolder(self._identity(h))
+        online = [h for h in holders if h not in offline]
+        if not online:
+            raise SecAggError(f"ckks epoch {epoch}: no key holder online to generate the key ({', '.join(holders)})")
+        gen = self._holders[online[0]]
+        certs = {h: self._holders[h].transport.cert for h in holders}
+        pubs = {h: self._identity(h).public_bytes for h in holders}
+        keys = generate_epoch_keys(gen.identity, self.params, epoch, certs, pubs)
+        for h in holders:
+            self._holders[h].install(keys, gen.identity.public_bytes)
+        self._aggregator = CkksAggregator(keys, gen.identity.public_bytes, self.params)
+        self._keys, self._epoch = keys, epoch
+        for m in self._members.values():
+            m.install(keys, gen.identity.public_bytes)
+
+    @property
+    def key_id(self) -> str:
+        return self._keys.key_id if self._keys else ""
+
+    @property
+    def public_context(self) -> ts.Context:
+        """The aggregator's context (public key only), for inspection and tests."""
+        if self._aggregator is None:
+            raise SecAggError("ckks: no key epoch started yet")
+        return self._aggregator.context
+
+    # ---- one round ----------------------------------------------------------------------------
+
+    def run_round(
+        self,
+        round_id: int,
+        inputs: Sequence[MemberInput],
+        *,
+        min_cohort: int,
+        dropouts: DropoutPlan = DropoutPlan(),
+    ) -> CkksSumResult:
+        names = [m.member for m in inputs]
+        if len(set(names)) != len(names):
+            raise SecAggError(f"round {round_id}: duplicate member names in the cohort")
+        self.params.check_cohort(len(inputs))
+        gone = dropouts.before_keys | dropouts.after_keys
+        offline = gone | dropouts.after_input
+        holders = self.holder_names(names)
+        epoch = self.epoch_of(round_id)
+        new_epoch = self._epoch != epoch or self._keys is None
+        if new_epoch:
+            self._ceremony(epoch, holders, offline)
+        assert self._keys is not None and self._aggregator is not None
+        keys = self._keys
+        gen_pub = self._identity(keys.generator).public_bytes
+
+        lengths = Counter(int(np.asarray(m.vector).size) for m in inputs)
+        n_values = max(sorted(lengths), key=lambda n: lengths[n]) if lengths else 0
+        layout = packing.plan_layout(self.params.slot_bits, self.params.value_bits, packing.headroom_for(len(inputs)))
+        spec = RoundSpec(round_id, keys.key_id, n_values, tuple(names), layout, self.params.clip_range, self.params.slot_count)
+
+        agg = self._aggregator
+        agg.open_round(spec)
+        member_seconds = 0.0
+        server_seconds = 0.0
+        up_bytes: list[int] = []
+        for inp in inputs:
+            if inp.member in gone:
+                continue
+            member = self._members.get(inp.member)
+            if member is None:
+                member = self._members[inp.member] = CkksMember(self._identity(inp.member))
+                member.install(keys, gen_pub)
+            t0 = time.perf_counter()
+            try:
+                contribution = member.protect(spec, np.asarray(inp.vector, dtype=np.float64))
+            except ValueError as exc:
+                agg.rejected.append(ContributionRejected(inp.member, f"cannot encode its vector ({exc})"))
+                continue
+            member_seconds += time.perf_counter() - t0
+            if self.intercept is not None:
+                contribution = self.intercept(contribution)
+            up_bytes.append(contribution.nbytes)
+            t0 = time.perf_counter()
+            agg.receive(contribution, self._identity(inp.member).public_bytes)
+            server_seconds += time.perf_counter() - t0
+
+        rejected = tuple(str(e) for e in agg.rejected)
+        if len(agg.contributors) < max(min_cohort, 1):
+            detail = f"; rejected: {' | '.join(rejected)}" if rejected else ""
+            raise SecAggError(
+                f"round {round_id}: only {len(agg.contributors)} of {len(inputs)} members contributed, "
+                f"below min_cohort={min_cohort}; nothing was released{detail}"
+            )
+        t0 = time.perf_counter()
+        summed = agg.summed()
+        server_seconds += time.perf_counter() - t0
+
+        online = [h for h in holders if h not in offline]
+        if not online:
+            raise SecAggError(f"round {round_id}: no key holder online to decrypt ({', '.join(holders)}); nothing released")
+        t0 = time.perf_counter()
+        results = [self._holders[h].decrypt(summed, spec) for h in online]
+        holder_seconds = time.perf_counter() - t0
+        releaser_sums = results[0][0]
+        aggregate = DecryptedAggregate(
+            round_id, keys.key_id, summed.contributors, releaser_sums, online[0], tuple(c for _, c in results)
+        )
+        verify_aggregate(aggregate, {h: self._identity(h).public_bytes for h in holders}, online)
+        total = packing.dequantize_sum(releaser_sums, len(summed.contributors), self.params.clip_range, self.params.value_bits)
+
+        n_sent = max(len(up_bytes), 1)
+        stats = ProtectionStats(
+            protocol=self.name,
+            bytes_up_per_member=float(np.mean(up_bytes)) if up_bytes else 0.0,
+            bytes_down_per_member=float(len(keys.public_context)) if new_epoch else 0.0,
+            expansion=(float(np.mean(up_bytes)) / (4.0 * n_values)) if up_bytes and n_values else 0.0,
+            clipped_fraction=agg.clipped / max(n_values * len(agg.contributors), 1),
+            member_seconds=member_seconds,
+            server_seconds=server_seconds,
+            extra={
+                "key_id": keys.key_id,
+                "epoch": float(epoch),
+                "key_holders": ",".join(holders),
+                "releaser": online[0],
+                "confirmed_by": ",".join(online),
+                "values_per_slot": layout.values_per_slot,
+                "slot_bits": float(layout.slot_bits),
+                "headroom_bits": float(layout.headroom),
+                "clip_range": self.params.clip_range,
+                "precision_per_value": self.params.precision,
+                "quantization_error_bound": self.params.precision * len(summed.contributors),
+                "holder_seconds": holder_seconds,
+                "rejected": " | ".join(rejected),
+                "members_sent": float(n_sent),
+            },
+        )
+        contributors = summed.contributors
+        dropped = tuple(n for n in names if n not in contributors)
+        return CkksSumResult(
+            total=total,
+            contributors=contributors,
+            dropped=dropped,
+            stats=stats,
+            key_id=keys.key_id,
+            rejected=rejected,
+            aggregate=aggregate,
+        )
+
+
+def make_ckks(
+    params: object | None = None,
+    identities: Mapping[str, NodeIdentity] | None = None,
+    clip_range: float | None = None,
+    **_: object,
+) -> CkksSecureSum:
+    """Registry factory: `params` is the policy's ckks section or a CkksParams; unknown kwargs are ignored."""
+    return CkksSecureSum(CkksParams.from_policy(params, clip_range), identities)
