@@ -104,7 +104,7 @@ def init_ca(name: str, out_dir: Path, *, days: int = 3650, force: bool = False) 
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, hashes.SHA256())
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # new CA directories are private
     write_private(out_dir / CA_KEY, _key_pem(key))
     write_public(out_dir / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
     summary = summarize(cert, out_dir / CA_CERT)
