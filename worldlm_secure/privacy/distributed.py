@@ -1,10 +1,10 @@
 """Distributed integer noise: each member adds its share to its quantized vector before masking.
 
-Works in the integer domain of the masking quantizer (x ↦ stochastic_round(x / scale), signed,
+Works in the integer domain of the masking quantizer (x ↦ stochastic_round(x / quant_step), signed,
 no offset). The aggregator only ever unmasks the noisy sum. Accounting (protocols/dp.md):
 
 - Integer sensitivity. Stochastic rounding moves each coordinate by < 1, so one member's
-  integer vector has ‖x̃‖₂ ≤ Δ/scale + √d =: Δ₂ and ‖x̃‖₁ ≤ min(Δ₂², √d·Δ₂) =: Δ₁.
+  integer vector has ‖x̃‖₂ ≤ Δ/quant_step + √d =: Δ₂ and ‖x̃‖₁ ≤ min(Δ₂², √d·Δ₂) =: Δ₁.
 - Shares. Each of n expected members adds noise of variance (z·Δ₂)²/n, so the full cohort
   gives the target z. When only m < n contribute, the noise is smaller: z_eff ≈ z·√(m/n)
   (exact formulas below), and the ledger records z_eff, never the planned z.
@@ -31,11 +31,11 @@ from worldlm_secure.privacy.secure_random import SecureRandom
 
 def integer_sensitivity(plan: NoisePlan) -> tuple[float, float]:
     """(Δ₂, Δ₁) of one member's quantized integer vector, in integer units."""
-    if plan.scale is None or not plan.scale > 0:
+    if plan.quant_step is None or not plan.quant_step > 0:
         raise PolicyError(
-            "distributed noise: the quantization step (scale) must be given and > 0; pass the masking quantizer's step"
+            "distributed noise: the quantization step (quant_step) must be given and > 0; pass the masking quantizer's step"
         )
-    d2 = plan.sensitivity / plan.scale + math.sqrt(plan.dim)
+    d2 = plan.sensitivity / plan.quant_step + math.sqrt(plan.dim)
     d1 = min(d2 * d2, math.sqrt(plan.dim) * d2)
     return d2, d1
 
@@ -56,7 +56,7 @@ class DistributedIntegerMechanism(NoiseMechanism):
 
     def noise_std(self, plan: NoisePlan, contributors: int) -> float:
         """Std of the total noise in the released sum, in parameter units (for utility estimates)."""
-        return math.sqrt(contributors * self.member_variance(plan)) * float(plan.scale or 0.0)
+        return math.sqrt(contributors * self.member_variance(plan)) * float(plan.quant_step or 0.0)
 
     def _check_contributors(self, contributors: int) -> None:
         if contributors < 1:

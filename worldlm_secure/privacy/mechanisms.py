@@ -28,14 +28,15 @@ class NoisePlan:
     noise_multiplier: z; the target noise standard deviation on the sum is z · sensitivity.
     expected_members: n, the members the noise is split over (distributed mechanisms only).
     dim: length of the released vector (distributed mechanisms only; rounding inflates sensitivity).
-    scale: quantization step, parameter units per integer unit (distributed mechanisms only).
+    quant_step: quantization step in parameter units per integer unit, i.e. 1 / QuantizationSpec.scale
+        of secagg/quantize.py (distributed mechanisms only).
     """
 
     sensitivity: float
     noise_multiplier: float
     expected_members: int = 1
     dim: int = 1
-    scale: float | None = None
+    quant_step: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.sensitivity > 0 and math.isfinite(self.sensitivity)):
@@ -69,15 +70,19 @@ def register(name: str, factory: Callable[[], NoiseMechanism]) -> None:
     _REGISTRY[name] = factory
 
 
+def _load_variants() -> None:
+    # Imported here: the variant modules import this one for the interface.
+    from worldlm_secure.privacy import central_gaussian, distributed  # noqa: F401
+
+
 def available() -> tuple[str, ...]:
+    _load_variants()
     return tuple(sorted(_REGISTRY))
 
 
 def make_mechanism(name: str) -> NoiseMechanism:
     """The mechanism named by the policy's `differential_privacy.mechanism`."""
-    # Imported here: the variant modules import this one for the interface.
-    from worldlm_secure.privacy import central_gaussian, distributed  # noqa: F401
-
+    _load_variants()
     try:
         return _REGISTRY[name]()
     except KeyError:

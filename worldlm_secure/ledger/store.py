@@ -1,0 +1,267 @@
+"""The append-only ledger of one node: SQLite (WAL, synchronous=FULL), one transaction per entry.
+
+Tables: `meta` (node, public key, format), `entries` (seq, release_id UNIQUE, canonical body,
+entry_hash, signature), `head` (entry count and last hash, signed: a deleted last entry is
+detected), `policies` (sha256 -> canonical JSON of the effective policy, when given).
+`append` runs under BEGIN IMMEDIATE: it reads the previous hash, seals and signs the entry,
+inserts it and moves the head in ONE transaction, so a kill -9 at any point leaves either
+the old ledger or the new one, never half an entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from worldlm_secure.errors import BudgetExceeded, LedgerError
+from worldlm_secure.identity import NodeIdentity
+from worldlm_secure.ledger.entry import GENESIS_HASH, LedgerEntry, entry_from_body
+
+FORMAT = "worldlm-secure-ledger/1"
+HEAD_CONTEXT = b"worldlm-secure ledger head v1\n"
+DP_LEVELS = ("user", "record", "none")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY, release_id TEXT NOT NULL UNIQUE, body BLOB NOT NULL,
+    entry_hash TEXT NOT NULL, signature TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS head (id INTEGER PRIMARY KEY CHECK (id = 0), count INTEGER NOT NULL,
+    entry_hash TEXT NOT NULL, signature TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS policies (sha256 TEXT PRIMARY KEY, document BLOB NOT NULL);
+"""
+
+
+def head_message(count: int, entry_hash: str) -> bytes:
+    """What the head signature covers: the entry count and the last entry's hash."""
+    return HEAD_CONTEXT + f"{count}:{entry_hash}".encode()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    return con
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stored entry as it is on disk (before any checking)."""
+
+    seq: int
+    release_id: str
+    body: bytes
+    entry_hash: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class LedgerFile:
+    """Everything stored in a ledger file, unverified."""
+
+    path: Path
+    meta: dict[str, str]
+    rows: tuple[Row, ...]
+    head: tuple[int, str, str] | None  # (count, entry_hash, signature)
+    policies: dict[str, bytes]
+
+
+def read_ledger_file(path: Path | str) -> LedgerFile:
+    """Read a ledger without modifying it (raises LedgerError if it is not a ledger)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LedgerError(f"{path}: no such ledger file; pass the NODE.sqlite path written by the node")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            rows = tuple(
+                Row(int(s), str(r), bytes(b), str(h), str(g))
+                for s, r, b, h, g in con.execute(
+                    "SELECT seq, release_id, body, entry_hash, signature FROM entries ORDER BY seq"
+                )
+            )
+            head_row = con.execute("SELECT count, entry_hash, signature FROM head WHERE id = 0").fetchone()
+            policies = {str(k): bytes(v) for k, v in con.execute("SELECT sha256, document FROM policies")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise LedgerError(f"{path}: not a readable ledger database ({exc})") from None
+    head = (int(head_row[0]), str(head_row[1]), str(head_row[2])) if head_row else None
+    return LedgerFile(path, meta, rows, head, policies)
+
+
+def read_entries(path: Path | str) -> list[LedgerEntry]:
+    """Decode every entry (no verification; use `verify` for that)."""
+    lf = read_ledger_file(path)
+    out = []
+    for r in lf.rows:
+        try:
+            out.append(entry_from_body(r.body, r.entry_hash, r.signature))
+        except LedgerError as exc:
+            raise LedgerError(f"{lf.path}: entry {r.seq}: {exc}; run `worldlm-secure ledger verify`") from None
+    return out
+
+
+class Ledger:
+    """The node's own ledger, opened for appending with its signing identity."""
+
+    def __init__(self, path: Path | str, identity: NodeIdentity) -> None:
+        self.path = Path(path)
+        self.identity = identity
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._con = _connect(self.path)
+        self._con.executescript(_SCHEMA)
+        pk = identity.public_bytes.hex()
+        self._con.execute("BEGIN IMMEDIATE")
+        try:
+            meta = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                now = dt.datetime.now(dt.timezone.utc).isoformat()
+                self._con.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [("format", FORMAT), ("node", identity.name), ("public_key", pk), ("created", now)],
+                )
+            elif meta.get("public_key") != pk or meta.get("node") != identity.name:
+                raise LedgerError(
+                    f"{self.path}: ledger belongs to node {meta.get('node')!r} with key {meta.get('public_key', '')[:16]}…, "
+                    f"not {identity.name!r} with key {pk[:16]}…; use that node's key or a new ledger path"
+                )
+            self._con.execute("COMMIT")
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
+
+    @property
+    def public_key_hex(self) -> str:
+        return self.identity.public_bytes.hex()
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def entries(self) -> list[LedgerEntry]:
+        return list(self._iter())
+
+    def _iter(self) -> Iterator[LedgerEntry]:
+        for body, h, sig in self._con.execute("SELECT body, entry_hash, signature FROM entries ORDER BY seq"):
+            yield entry_from_body(bytes(body), h, sig)
+
+    def get(self, release_id: str) -> LedgerEntry | None:
+        row = self._con.execute(
+            "SELECT body, entry_hash, signature FROM entries WHERE release_id = ?", (release_id,)
+        ).fetchone()
+        return entry_from_body(bytes(row[0]), row[1], row[2]) if row else None
+
+    def append(self, entry: LedgerEntry, *, policy_document: str | bytes | None = None) -> LedgerEntry:
+        """Seal (seq, prev_hash, timestamp, public key), hash, sign and store `entry` atomically.
+
+        Idempotent by `release_id`: if an entry with that id exists (a restarted node replaying a
+        round), the stored entry is returned and nothing is written; if the stored one describes a
+        different release (round, group, destination, tensors, stream), LedgerError is raised.
+        `policy_document` (the effective policy's canonical JSON) is stored once per hash so
+        `verify` can check `policy_sha256`. Raises BudgetExceeded if epsilon_cumulative > epsilon_budget.
+        """
+        _validate(entry, self.path)
+        doc = policy_document.encode() if isinstance(policy_document, str) else policy_document
+        if doc is not None and hashlib.sha256(doc).hexdigest() != entry.policy_sha256:
+            raise LedgerError(
+                f"{self.path}: policy_document does not hash to policy_sha256 {entry.policy_sha256[:16]}…; "
+                "pass eff.canonical_json() with eff.sha256"
+            )
+        con = self._con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            row = con.execute(
+                "SELECT body, entry_hash, signature FROM entries WHERE release_id = ?", (entry.release_id,)
+            ).fetchone()
+            if row is not None:
+                con.execute("ROLLBACK")
+                old = entry_from_body(bytes(row[0]), row[1], row[2])
+                _same_release(old, entry, self.path)
+                return old
+            last = con.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (int(last[0]) + 1, str(last[1])) if last else (0, GENESIS_HASH)
+            sealed = dataclasses.replace(
+                entry,
+                seq=seq,
+                timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+                prev_hash=prev,
+                public_key=self.public_key_hex,
+                entry_hash="",
+                signature="",
+            )
+            h = sealed.compute_hash()
+            sig = self.identity.sign(sealed.signed_message()).hex()
+            sealed = dataclasses.replace(sealed, entry_hash=h, signature=sig)
+            con.execute(
+                "INSERT INTO entries (seq, release_id, body, entry_hash, signature) VALUES (?, ?, ?, ?, ?)",
+                (seq, entry.release_id, sealed.body_bytes(), h, sig),
+            )
+            if doc is not None:
+                con.execute("INSERT OR IGNORE INTO policies (sha256, document) VALUES (?, ?)", (entry.policy_sha256, doc))
+            head_sig = self.identity.sign(head_message(seq + 1, h)).hex()
+            con.execute(
+                "INSERT INTO head (id, count, entry_hash, signature) VALUES (0, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET count = excluded.count, entry_hash = excluded.entry_hash, "
+                "signature = excluded.signature",
+                (seq + 1, h, head_sig),
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return sealed
+
+    def export_jsonl(self) -> Iterator[str]:
+        from worldlm_secure.ledger.entry import canonical_json
+
+        for e in self._iter():
+            yield canonical_json(e.to_dict()).decode()
+
+
+def _same_release(old: LedgerEntry, new: LedgerEntry, path: Path) -> None:
+    keys = ("round", "stream", "source", "destination", "group", "tensor_names", "dp_level")
+    diff = [k for k in keys if getattr(old, k) != getattr(new, k)]
+    if diff:
+        raise LedgerError(
+            f"{path}: release_id {new.release_id!r} is already recorded for a different release "
+            f"(differs in {', '.join(diff)}); release ids must be unique per release"
+        )
+
+
+def _validate(e: LedgerEntry, path: Path) -> None:
+    where = f"{path}: entry {e.release_id!r}"
+    if not e.release_id:
+        raise LedgerError(f"{where}: release_id must be non-empty (e.g. '3:shared:fed-eu')")
+    if e.dp_level not in DP_LEVELS:
+        raise LedgerError(f"{where}: dp_level must be one of {DP_LEVELS} (got {e.dp_level!r})")
+    if not _HEX64.match(e.policy_sha256):
+        raise LedgerError(f"{where}: policy_sha256 must be 64 lowercase hex digits (pass eff.sha256)")
+    if e.cohort_size < 0 or not 0 <= e.dropouts <= e.cohort_size or e.steps < 0:
+        raise LedgerError(f"{where}: need 0 <= dropouts <= cohort_size and steps >= 0")
+    if e.dp_level != "none":
+        if e.accountant not in ("rdp", "prv"):
+            raise LedgerError(f"{where}: accountant must be rdp or prv for a DP release (got {e.accountant!r})")
+        if not (e.noise_multiplier > 0 and 0 < e.sample_rate <= 1 and 0 < e.delta < 1):
+            raise LedgerError(f"{where}: a DP release needs noise_multiplier > 0, 0 < sample_rate <= 1, 0 < delta < 1")
+        if e.epsilon is None or e.epsilon_cumulative is None:
+            raise LedgerError(f"{where}: a DP release needs epsilon and epsilon_cumulative (from BudgetTracker.charge)")
+        if e.epsilon_budget is not None and e.epsilon_cumulative > e.epsilon_budget:
+            raise BudgetExceeded(
+                f"{where}: refusing to record a release over budget: cumulative ε={e.epsilon_cumulative:.4g} "
+                f"> budget ε={e.epsilon_budget:.4g} at δ={e.delta:g}; charge the BudgetTracker before releasing"
+            )
