@@ -30,6 +30,9 @@ def _register() -> None:
     from worldlm_secure.cli import keys
 
     app.add_typer(keys.app, name="keys")
+    from worldlm_secure.cli import ledger
+
+    app.add_typer(ledger.app, name="ledger")
 
 
 _register()

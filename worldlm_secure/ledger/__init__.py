@@ -3,12 +3,14 @@
 - `Ledger(path, identity).append(LedgerEntry(...), policy_document=eff.canonical_json()) -> LedgerEntry`
 - `verify(path, expected_public_key=None) -> VerifyReport` (chain, signatures, head, policies, ε recomputed)
 - `read_entries(path)`, `export_jsonl(path)`, `report(paths, out_html)`
-- `entry_for_release(...)`: build an entry from a BudgetTracker `Charge` and the release's facts
+- `release_entry(..., charge=tracker.charge(z_eff, q))`: an entry from a BudgetTracker `Charge` + the release's facts
 """
 
 from worldlm_secure.ledger.entry import GENESIS_HASH, LedgerEntry, canonical_json
-from worldlm_secure.ledger.store import Ledger, read_entries, read_ledger_file
-from worldlm_secure.ledger.verify import Problem, VerifyReport, verify
+from worldlm_secure.ledger.records import code_version, release_entry
+from worldlm_secure.ledger.html_report import report
+from worldlm_secure.ledger.store import Ledger, export_jsonl, read_entries, read_ledger_file
+from worldlm_secure.ledger.verification import Problem, VerifyReport, verify
 
 __all__ = [
     "GENESIS_HASH",
@@ -17,6 +19,10 @@ __all__ = [
     "Problem",
     "VerifyReport",
     "canonical_json",
+    "export_jsonl",
+    "code_version",
+    "release_entry",
+    "report",
     "read_entries",
     "read_ledger_file",
     "verify",

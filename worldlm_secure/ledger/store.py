@@ -110,6 +110,14 @@ def read_entries(path: Path | str) -> list[LedgerEntry]:
     return out
 
 
+def export_jsonl(path: Path | str) -> Iterator[str]:
+    """One canonical JSON line per entry, every field included (signature, hashes, public key)."""
+    from worldlm_secure.ledger.entry import canonical_json
+
+    for e in read_entries(path):
+        yield canonical_json(e.to_dict()).decode()
+
+
 class Ledger:
     """The node's own ledger, opened for appending with its signing identity."""
 
@@ -226,11 +234,6 @@ class Ledger:
             raise
         return sealed
 
-    def export_jsonl(self) -> Iterator[str]:
-        from worldlm_secure.ledger.entry import canonical_json
-
-        for e in self._iter():
-            yield canonical_json(e.to_dict()).decode()
 
 
 def _same_release(old: LedgerEntry, new: LedgerEntry, path: Path) -> None:
