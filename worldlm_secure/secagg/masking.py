@@ -179,7 +179,8 @@ def _raw_private(key: X25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
-def _raw_public(key: X25519PrivateKey) -> bytes:
+def x25519_public_bytes(key: X25519PrivateKey) -> bytes:
+    """The raw 32-byte X25519 public key of ``key``."""
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -234,8 +235,8 @@ class MaskingMember:
         unsigned = KeyAdvert(
             self.cfg.round_id,
             self.name,
-            _raw_public(self._enc),
-            _raw_public(self._mask),
+            x25519_public_bytes(self._enc),
+            x25519_public_bytes(self._mask),
             self_mask_commitment(self.cfg.round_id, self.name, self._self_seed),
             b"",
         )
@@ -308,7 +309,7 @@ class MaskingMember:
         q = quantize(x, cfg.quant, rounding_seed=self._entropy(prg.SEED_BYTES))
         self.clipped_fraction = q.clipped_fraction
         logger.info("round %d: %s clipped %.3g of its values at +-%g", cfg.round_id, self.name, q.clipped_fraction, cfg.quant.clip_range)
-        words = np.empty(x.size + 1, dtype=np.uint32)
+        words = np.empty(x.size + 1, dtype=cfg.quant.dtype)
         words[:-1] = q.values
         words[-1] = clip_report_units(q.clipped_fraction, cfg.quant)
         masks = [(self._self_seed, 1)]
@@ -474,12 +475,12 @@ class MaskingAggregator:
             got = store.get(owner, [])
             if len(got) < cfg.threshold:
                 raise SecAggError(
-                    f"round {cfg.round_id}: only {len(got)} of t={cfg.threshold} shares of {owner!r}'s {what} "
+                    f"round {cfg.round_id}: only {len(got)} of t={cfg.threshold} shares of the {what} of {owner!r} "
                     "arrived (too many dropouts); round aborted, nothing released"
                 )
             return shamir.combine(got, cfg.threshold)
 
-        total = np.zeros(next(iter(self.masked.values())).size, dtype=np.uint32)
+        total = np.zeros(next(iter(self.masked.values())).size, dtype=cfg.quant.dtype)
         for words in self.masked.values():
             np.add(total, words, out=total)
         masks: list[tuple[bytes, int]] = []
@@ -497,7 +498,7 @@ class MaskingAggregator:
             if not partners:
                 continue  # nobody who contributed masked with v
             mask_key = X25519PrivateKey.from_private_bytes(recover(v, key_shares, "mask key"))
-            if _raw_public(mask_key) != self.adverts[v].mask_public:
+            if x25519_public_bytes(mask_key) != self.adverts[v].mask_public:
                 raise SecAggError(
                     f"round {cfg.round_id}: reconstructed mask key of {v!r} does not match its advert "
                     "(a share was tampered with); round aborted"
@@ -518,6 +519,77 @@ class MaskingAggregator:
 
 
 # ---- in-process round ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundTrace:
+    """What an in-process round produced, with every message's serialized size and the time spent."""
+
+    outcome: MaskingOutcome
+    bytes_up: dict[str, int]  # member -> bytes it sent
+    bytes_down: dict[str, int]  # member -> bytes it received
+    member_seconds: float  # summed over members
+    server_seconds: float
+    wire: list[tuple[str, bytes]] = field(default_factory=list)  # (sender, encoded message), if recorded
+
+
+def drive_round(
+    members: Mapping[str, MaskingMember],
+    server: MaskingAggregator,
+    vectors: Mapping[str, np.ndarray],
+    dropouts: DropoutPlan = DropoutPlan(),
+    *,
+    record: bool = False,
+) -> RoundTrace:
+    """Run one round among in-process members; every message goes through `to_bytes` and `decode`.
+
+    Members in ``dropouts`` vanish at their stage: before advertising keys, after sharing keys, or after
+    sending their masked input (they then never answer the unmask request).
+    """
+    names = list(members)
+    up = dict.fromkeys(names, 0)
+    down = dict.fromkeys(names, 0)
+    clock = {"member": 0.0, "server": 0.0}
+    wire: list[tuple[str, bytes]] = []
+
+    def member_step(name: str, fn: Callable[[], Message]) -> Message:
+        start = time.perf_counter()
+        data = fn().to_bytes()
+        clock["member"] += time.perf_counter() - start
+        up[name] += len(data)
+        if record:
+            wire.append((name, data))
+        return decode(data)
+
+    def server_step(fn: Callable[[], Mapping[str, Message]]) -> dict[str, Message]:
+        start = time.perf_counter()
+        out = {n: m.to_bytes() for n, m in fn().items()}
+        clock["server"] += time.perf_counter() - start
+        for n, data in out.items():
+            down[n] += len(data)
+            if record:
+                wire.append(("aggregator", data))
+        return {n: decode(data) for n, data in out.items()}
+
+    adverts = [member_step(n, members[n].advertise) for n in names if n not in dropouts.before_keys]
+    keys = server_step(lambda: server.collect_adverts(adverts))  # type: ignore[arg-type]
+    shares = [member_step(n, lambda n=n: members[n].share_keys(keys[n])) for n in keys]  # type: ignore[arg-type]
+    deliveries = server_step(lambda: server.collect_shares(shares))  # type: ignore[arg-type]
+    masked = [
+        member_step(n, lambda n=n: members[n].masked_input(deliveries[n], vectors[n]))  # type: ignore[arg-type]
+        for n in deliveries
+        if n not in dropouts.after_keys
+    ]
+    requests = server_step(lambda: server.collect_masked(masked))  # type: ignore[arg-type]
+    responses = [
+        member_step(n, lambda n=n: members[n].unmask(requests[n]))  # type: ignore[arg-type]
+        for n in requests
+        if n not in dropouts.after_input
+    ]
+    start = time.perf_counter()
+    outcome = server.finish(responses)  # type: ignore[arg-type]
+    clock["server"] += time.perf_counter() - start
+    return RoundTrace(outcome, up, down, clock["member"], clock["server"], wire)
 
 
 class MaskingSum(SecureSum):
@@ -566,42 +638,9 @@ class MaskingSum(SecureSum):
             raise SecAggError(f"round {round_id}: members must submit 1-D vectors of one length (got shapes {sorted(sizes)})")
         ids = {n: self._identity(n) for n in names}
         cfg = RoundConfig.build(self.params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort)
-        vectors = {m.member: m.vector for m in inputs}
         members = {n: MaskingMember(ids[n], cfg, entropy=self._entropy) for n in names}
-        server = MaskingAggregator(cfg)
-        up = dict.fromkeys(names, 0)
-        down = dict.fromkeys(names, 0)
-        clock = {"member": 0.0, "server": 0.0}
-
-        def member_step(name: str, fn: Callable[[], Message]) -> Message:
-            start = time.perf_counter()
-            data = fn().to_bytes()
-            clock["member"] += time.perf_counter() - start
-            up[name] += len(data)
-            return decode(data)
-
-        def server_step(fn: Callable[[], dict[str, Message]]) -> dict[str, Message]:
-            start = time.perf_counter()
-            out = {n: m.to_bytes() for n, m in fn().items()}
-            clock["server"] += time.perf_counter() - start
-            for n, data in out.items():
-                down[n] += len(data)
-            return {n: decode(data) for n, data in out.items()}
-
-        alive = [n for n in names if n not in dropouts.before_keys]
-        adverts = [member_step(n, members[n].advertise) for n in alive]
-        keys = server_step(lambda: server.collect_adverts(adverts))  # type: ignore[arg-type]
-        shares = [member_step(n, lambda n=n: members[n].share_keys(keys[n])) for n in keys]  # type: ignore[arg-type]
-        deliveries = server_step(lambda: server.collect_shares(shares))  # type: ignore[arg-type]
-        sending = [n for n in deliveries if n not in dropouts.after_keys]
-        masked = [member_step(n, lambda n=n: members[n].masked_input(deliveries[n], vectors[n])) for n in sending]  # type: ignore[arg-type]
-        requests = server_step(lambda: server.collect_masked(masked))  # type: ignore[arg-type]
-        answering = [n for n in requests if n not in dropouts.after_input]
-        responses = [member_step(n, lambda n=n: members[n].unmask(requests[n])) for n in answering]  # type: ignore[arg-type]
-        start = time.perf_counter()
-        outcome = server.finish(responses)  # type: ignore[arg-type]
-        clock["server"] += time.perf_counter() - start
-
+        trace = drive_round(members, MaskingAggregator(cfg), {m.member: m.vector for m in inputs}, dropouts)
+        outcome, up, down = trace.outcome, trace.bytes_up, trace.bytes_down
         active = [n for n in names if up[n] > 0]
         d = next(iter(sizes))[0]
         stats = ProtectionStats(
@@ -610,8 +649,8 @@ class MaskingSum(SecureSum):
             bytes_down_per_member=sum(down.values()) / max(1, len(active)),
             expansion=cfg.quant.wire_bytes * (d + 1) / (4.0 * max(1, d)),
             clipped_fraction=outcome.clipped_fraction,
-            member_seconds=clock["member"],
-            server_seconds=clock["server"],
+            member_seconds=trace.member_seconds,
+            server_seconds=trace.server_seconds,
             extra={
                 "neighbours": float(cfg.neighbours),
                 "threshold": float(cfg.threshold),

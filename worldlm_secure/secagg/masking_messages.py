@@ -280,7 +280,7 @@ class MaskedInput(Message):
         return cls(r.round_id, r.str(), r.u32(), r.u32(), r.bytes())
 
     def words(self) -> np.ndarray:
-        """The payload as uint32 words (refuses a payload whose size does not match bits and length)."""
+        """The payload as words (refuses a payload whose size does not match bits and length)."""
         return unpack_words(self.payload, self.bits, self.length, who=self.member)
 
 
@@ -335,31 +335,41 @@ def decode(data: bytes) -> Message:
     return _BY_TAG[data[4]].from_bytes(data)
 
 
-_WIRE_DTYPES: dict[int, str] = {1: "<u1", 2: "<u2", 4: "<u4"}
+_WIRE_DTYPES: dict[int, str] = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+def word_dtype(bits: int) -> type[np.unsignedinteger]:
+    """uint32 words for up to 32 bits, uint64 above (same rule as QuantizationSpec.dtype)."""
+    return np.uint32 if bits <= 32 else np.uint64
 
 
 def pack_words(words: np.ndarray, bits: int) -> bytes:
-    """The low ``bits`` of each uint32 word, ceil(bits/8) little-endian bytes per word."""
+    """The low ``bits`` of each word, ceil(bits/8) little-endian bytes per word."""
     nbytes = (bits + 7) // 8
-    if bits < 32:
-        words = words & np.uint32(2**bits - 1)
+    dtype = word_dtype(bits)
+    words = words.astype(dtype, copy=False)
+    if bits not in (32, 64):
+        words = words & dtype(2**bits - 1)
     if nbytes in _WIRE_DTYPES:
         return words.astype(_WIRE_DTYPES[nbytes]).tobytes()
-    return words.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :nbytes].tobytes()
+    size = np.dtype(dtype).itemsize
+    return words.astype(f"<u{size}").view(np.uint8).reshape(-1, size)[:, :nbytes].tobytes()
 
 
 def unpack_words(payload: bytes, bits: int, length: int, *, who: str = "?") -> np.ndarray:
-    """Inverse of `pack_words` (a fresh, writable uint32 vector)."""
-    if not 2 <= bits <= 32:
-        raise SecAggError(f"masked input from {who!r} declares {bits} bits (must be 2..32); refused")
+    """Inverse of `pack_words` (a fresh, writable vector of `word_dtype(bits)`)."""
+    if not 2 <= bits <= 62:
+        raise SecAggError(f"masked input from {who!r} declares {bits} bits (must be 2..62); refused")
     nbytes = (bits + 7) // 8
     if len(payload) != nbytes * length:
         raise SecAggError(
             f"masked input from {who!r} has {len(payload)} bytes, expected {nbytes * length} "
             f"({length} values x {nbytes} bytes); refused"
         )
+    dtype = word_dtype(bits)
     if nbytes in _WIRE_DTYPES:
-        return np.frombuffer(payload, dtype=_WIRE_DTYPES[nbytes]).astype(np.uint32)
-    raw = np.zeros((length, 4), dtype=np.uint8)
+        return np.frombuffer(payload, dtype=_WIRE_DTYPES[nbytes]).astype(dtype)
+    size = np.dtype(dtype).itemsize
+    raw = np.zeros((length, size), dtype=np.uint8)
     raw[:, :nbytes] = np.frombuffer(payload, dtype=np.uint8).reshape(length, nbytes)
-    return raw.view("<u4").reshape(length).astype(np.uint32)
+    return raw.view(f"<u{size}").reshape(length).astype(dtype)

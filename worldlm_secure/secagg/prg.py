@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SEED_BYTES = 32
 _INFO = b"worldlm-secagg+/prg/aes128-ctr/v1"
-_CHUNK_WORDS = 1 << 15  # 128 KiB of keystream per call: stays in L2, amortizes the per-call overhead
-_ZEROS = bytes(4 * _CHUNK_WORDS)
+_CHUNK_BYTES = 1 << 17  # 128 KiB of keystream per call: stays in L2, amortizes the per-call overhead
+_ZEROS = bytes(_CHUNK_BYTES)
 
 
-def _keystream(seed: bytes) -> CipherContext:
+def keystream(seed: bytes) -> CipherContext:
+    """The AES-128-CTR encryptor whose output on zero bytes is PRG(seed)."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"PRG seed must be {SEED_BYTES} bytes (got {len(seed)})")
     okm = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(seed)
@@ -36,25 +37,28 @@ def _keystream(seed: bytes) -> CipherContext:
 
 
 def apply_masks(out: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
-    """Add (sign +1) or subtract (sign -1) PRG(seed) to the uint32 vector ``out``, in place, mod 2^32.
+    """Add (sign +1) or subtract (sign -1) PRG(seed) to ``out``, in place, mod 2^32 (uint32) or 2^64 (uint64).
 
-    ``masks`` is a sequence of (32-byte seed, sign). The i-th word of every mask is the i-th keystream word.
+    ``masks`` is a sequence of (32-byte seed, sign). Word i of a mask is keystream bytes [w*i, w*(i+1)) read
+    little-endian, w = 4 or 8 the word size.
     """
-    if out.dtype != np.uint32 or out.ndim != 1 or not out.flags.c_contiguous:
-        raise ValueError("apply_masks needs a contiguous 1-D uint32 vector")
-    streams = [(_keystream(seed), sign) for seed, sign in masks]
+    if out.dtype not in (np.uint32, np.uint64) or out.ndim != 1 or not out.flags.c_contiguous:
+        raise ValueError("apply_masks needs a contiguous 1-D uint32 or uint64 vector")
+    streams = [(keystream(seed), sign) for seed, sign in masks]
     if any(sign not in (1, -1) for _, sign in streams):
         raise ValueError("mask signs must be +1 or -1")
     # update_into wants room for one extra block beyond the input length.
-    block = np.empty(4 * _CHUNK_WORDS + 16, dtype=np.uint8)
-    words = block[: 4 * _CHUNK_WORDS].view(np.uint32)
+    size = out.dtype.itemsize
+    chunk = _CHUNK_BYTES // size
+    block = np.empty(_CHUNK_BYTES + 16, dtype=np.uint8)
+    words = block[:_CHUNK_BYTES].view(out.dtype.newbyteorder("<"))
     zeros = memoryview(_ZEROS)
     n = out.size
-    for start in range(0, n, _CHUNK_WORDS):
-        stop = min(start + _CHUNK_WORDS, n)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
         count = stop - start
         target = out[start:stop]
-        src = zeros[: 4 * count]
+        src = zeros[: size * count]
         ks = words[:count]
         for stream, sign in streams:
             stream.update_into(src, block)
@@ -64,9 +68,9 @@ def apply_masks(out: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
                 np.subtract(target, ks, out=target)
 
 
-def expand(seed: bytes, n_words: int) -> np.ndarray:
-    """PRG(seed) as a fresh uint32 vector of ``n_words`` words (for tests, vectors and rounding noise)."""
-    out = np.zeros(n_words, dtype=np.uint32)
+def expand(seed: bytes, n_words: int, dtype: type[np.unsignedinteger] = np.uint32) -> np.ndarray:
+    """PRG(seed) as a fresh vector of ``n_words`` uint32 (or uint64) words (tests, vectors, rounding noise)."""
+    out = np.zeros(n_words, dtype=dtype)
     apply_masks(out, [(seed, 1)])
     return out
 

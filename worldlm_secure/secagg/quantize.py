@@ -2,10 +2,11 @@
 
 A value x is clipped to [-clip_range, clip_range], scaled by ``scale`` and rounded stochastically:
 q = floor(x * scale + u), u ~ U[0, 1), so E[q / scale] = x (unbiased) and |q / scale - x| < 1 / scale.
-q is stored as a two's-complement residue mod 2^b (in a uint32 word; the wire keeps the low b bits).
+q is stored as a two's-complement residue mod 2^b in a machine word (uint32 for b <= 32, uint64 up to
+b = 62; the wire keeps the low b bits).
 ``scale = (2^(b-1) - 1 - n) / (n * clip_range)`` keeps |sum of n members| <= 2^(b-1) - 1, so the signed
 sum decodes exactly. The sum of n members is therefore within n / scale of the clipped plaintext sum
-(`sum_error_bound`), with standard deviation at most sqrt(n) / (2 * scale).
+(`sum_error_bound`, which also covers float64 rounding), with standard deviation at most sqrt(n) / (2 * scale).
 
 Values outside the range are saturated, counted and reported (`Quantized.clipped_fraction`), never
 silently. The rounding noise u comes from the AES-CTR PRG (`prg.uniform01`) under a fresh 32-byte seed
@@ -34,8 +35,8 @@ class QuantizationSpec:
     n_members: int
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 32:
-            raise ConfigError(f"secure_aggregation.masking.bits: must be in 2..32 (got {self.bits})")
+        if not 2 <= self.bits <= 62:
+            raise ConfigError(f"secure_aggregation.masking.bits: must be in 2..62 (got {self.bits})")
         if not (math.isfinite(self.clip_range) and self.clip_range > 0):
             raise ConfigError(
                 f"secure_aggregation.masking.clip_range: must be a positive number (got {self.clip_range})"
@@ -52,13 +53,22 @@ class QuantizationSpec:
         return (2 ** (self.bits - 1) - 1 - self.n_members) / (self.n_members * self.clip_range)
 
     @property
+    def dtype(self) -> type[np.unsignedinteger]:
+        """The machine word the residues live in: numpy add/subtract wrap mod 2^32 or 2^64 for free."""
+        return np.uint32 if self.bits <= 32 else np.uint64
+
+    @property
     def wire_bytes(self) -> int:
         """Bytes per value on the wire: the low ``bits`` of each word, rounded up to whole bytes."""
         return (self.bits + 7) // 8
 
     def sum_error_bound(self, n_contributors: int) -> float:
-        """Hard bound on |decoded sum - clipped plaintext sum| per coordinate, in input units."""
-        return n_contributors / self.scale
+        """Hard bound on |decoded sum - clipped plaintext sum| per coordinate, in input units.
+
+        One step (1 / scale) per member from rounding, plus float64 rounding of x * scale, of the
+        stochastic offset and of the decoded sum (a few ulps of clip_range; matters only above ~50 bits).
+        """
+        return n_contributors * (1.0 / self.scale + 3.0 * self.clip_range * 2.0**-52)
 
     @property
     def clip_units(self) -> int:
@@ -68,7 +78,7 @@ class QuantizationSpec:
 
 @dataclass(frozen=True)
 class Quantized:
-    values: np.ndarray  # uint32 residues mod 2^32 (only the low `bits` matter)
+    values: np.ndarray  # residues in spec.dtype (only the low `bits` matter)
     clipped: int  # values saturated at +-clip_range
     clipped_fraction: float
 
@@ -85,17 +95,17 @@ def quantize(x: np.ndarray, spec: QuantizationSpec, *, rounding_seed: bytes | No
     y = np.clip(x, -c, c) * spec.scale
     y += prg.uniform01(rounding_seed if rounding_seed is not None else os.urandom(prg.SEED_BYTES), x.size)
     np.floor(y, out=y)
-    values = y.astype(np.int64).astype(np.uint32)  # two's complement wrap into Z_2^32
+    values = y.astype(np.int64).astype(spec.dtype)  # two's complement wrap into the word
     return Quantized(values, clipped, clipped / x.size if x.size else 0.0)
 
 
 def dequantize(total: np.ndarray, spec: QuantizationSpec) -> np.ndarray:
-    """Decode a sum of quantized vectors (uint32 residues) back to float64 input units."""
-    total = np.asarray(total, dtype=np.uint32)
+    """Decode a sum of quantized vectors (residues in spec.dtype) back to float64 input units."""
+    total = np.asarray(total, dtype=spec.dtype)
     if spec.bits == 32:
         signed = total.view(np.int32).astype(np.int64)
     else:
-        low = (total & np.uint32(2**spec.bits - 1)).astype(np.int64)
+        low = (total & spec.dtype(2**spec.bits - 1)).astype(np.int64)
         signed = np.where(low >= 2 ** (spec.bits - 1), low - 2**spec.bits, low)
     return signed / spec.scale
 
