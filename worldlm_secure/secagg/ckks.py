@@ -328,6 +328,7 @@ class CkksSecureSum(SecureSum):
         self._holders: dict[str, CkksKeyHolder] = {}
         self._epoch: int | None = None
         self._holder_names: tuple[str, ...] | None = None
+        self.last_spec: RoundSpec | None = None
         self._keys: EpochKeys | None = None
         self._aggregator: CkksAggregator | None = None
 
@@ -415,6 +416,7 @@ class CkksSecureSum(SecureSum):
         layout = packing.plan_layout(self.params.slot_bits, self.params.value_bits, packing.headroom_for(len(inputs)))
         spec = RoundSpec(round_id, keys.key_id, n_values, tuple(names), layout, self.params.clip_range, self.params.slot_count)
 
+        self.last_spec = spec
         agg = self._aggregator
         agg.open_round(spec)
         member_seconds = 0.0
