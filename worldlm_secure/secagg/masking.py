@@ -478,7 +478,10 @@ class MaskingAggregator:
                     f"round {cfg.round_id}: only {len(got)} of t={cfg.threshold} shares of the {what} of {owner!r} "
                     "arrived (too many dropouts); round aborted, nothing released"
                 )
-            return shamir.combine(got, cfg.threshold)
+            try:
+                return shamir.combine(got, cfg.threshold)
+            except SecAggError as exc:
+                raise SecAggError(f"round {cfg.round_id}: the {what} of {owner!r} is not a valid secret ({exc}); round aborted") from None
 
         total = np.zeros(next(iter(self.masked.values())).size, dtype=cfg.quant.dtype)
         for words in self.masked.values():
