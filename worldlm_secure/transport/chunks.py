@@ -71,7 +71,8 @@ class Payload:
         """Named arrays, sent in mapping order without concatenating (C-contiguous views)."""
         layouts, bufs = [], []
         for name, arr in tensors.items():
-            arr = np.ascontiguousarray(arr).astype(np.dtype(arr.dtype).newbyteorder("<"), copy=False)
+            arr = np.asarray(arr)
+            arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)  # keeps 0-d shapes
             layout = TensorLayout(name, arr.dtype.str, tuple(int(s) for s in arr.shape))
             _check_layout(layout)
             layouts.append(layout)
