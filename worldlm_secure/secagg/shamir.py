@@ -73,9 +73,10 @@ def split(
 
 
 def combine(shares: Sequence[Share], threshold: int) -> bytes:
-    """Recover the 32-byte secret from at least ``threshold`` shares (the first ``threshold`` are used).
+    """Recover the 32-byte secret from at least ``threshold`` shares.
 
-    Raises SecAggError when there are too few or duplicate shares, or when the result is not a 32-byte
+    All shares are interpolated (not just ``threshold`` of them), so a single inconsistent share changes
+    the result, which the caller's commitment check then catches. Raises SecAggError when there are too few or duplicate shares, or when the result is not a 32-byte
     secret (a sign of tampered or mismatched shares).
     """
     points = {}
@@ -85,7 +86,7 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
         points[s.x] = s.y
     if len(points) < threshold:
         raise SecAggError(f"only {len(points)} distinct Shamir shares, {threshold} needed to reconstruct")
-    used = sorted(points.items())[:threshold]
+    used = sorted(points.items())
     secret = 0
     for i, (xi, yi) in enumerate(used):
         num, den = 1, 1
