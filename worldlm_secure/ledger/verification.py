@@ -102,8 +102,10 @@ def verify(path: Path | str, *, expected_public_key: str | None = None, recomput
             e = entry_from_body(row.body, row.entry_hash, row.signature)
         except LedgerError as exc:
             return bad(f"malformed: {exc}")
+        if row.seq > pos and e.seq == row.seq:
+            return bad(f"missing: the next stored entry is seq {row.seq}", e)
         if row.seq != pos or e.seq != pos:
-            return bad(f"out of order: stored at position {pos} with seq {row.seq}, body says seq {e.seq}", e)
+            return bad(f"out of order: position {pos} holds row seq {row.seq} whose body says seq {e.seq}", e)
         if e.release_id != row.release_id:
             return bad("release_id column does not match the signed body", e)
         if e.prev_hash != prev:
