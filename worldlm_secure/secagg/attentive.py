@@ -7,7 +7,9 @@ FedAtt's ‖θ_s^l − θ_k^l‖), clips it to the public range [lo, hi] and set
     v_k = concat_l(w_k^l · δ_k^l) ‖ (w_k^1, ..., w_k^L),   δ_k = θ_k − θ_s,
 to any `SecureSum`. The aggregator learns only Σ_k w_k^l δ_k^l and Σ_k w_k^l and returns
     θ_s^l + Σ_k w_k^l δ_k^l / Σ_k w_k^l  =  Σ_k softmax_k(s^l / τ) θ_k^l,
-the plaintext attentive average, up to the protocol's quantization error (`AttentiveResult.error_bound`).
+the plaintext attentive average, up to the protocol's quantization error (`AttentiveResult.error_bound`),
+provided the protocol's quantization range covers w ≤ 1 and every |w·δ| (masking: clip_range ≥ 1 and
+≥ max |δ|); anything cut off shows up in `AttentiveResult.clipped_fraction` and breaks the equality.
 The FedAtt server step (θ_s + ε (avg − θ_s)) is the caller's.
 """
 
@@ -28,6 +30,7 @@ class AttentiveResult:
     average: np.ndarray  # per coordinate, Σ_k α_k θ_k over the contributors (α = per-layer softmax)
     weight_sums: np.ndarray  # Σ_k w_k^l per layer
     error_bound: float  # max |average − plaintext attentive average| per coordinate, from quantization
+    clipped_fraction: float  # > 0 means the protocol's range cut some w·δ or w: widen it (clip_range >= 1)
     sum_result: SumResult
 
 
@@ -107,4 +110,4 @@ def secure_attentive_average(
         average[sl] = server[sl] + mean_delta
         # |A/B - a/b| <= (|A - a| + |a/b| |B - b|) / b with |A - a|, |B - b| <= err and b >= B - err
         bound = max(bound, err * (1.0 + float(np.max(np.abs(mean_delta), initial=0.0))) / (weights[i] - err))
-    return AttentiveResult(average, weights, bound, res)
+    return AttentiveResult(average, weights, bound, res.stats.clipped_fraction, res)
