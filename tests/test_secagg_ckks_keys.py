@@ -122,6 +122,21 @@ def test_default_key_holder_is_first_member_and_policy_holders_are_used():
     assert res2.stats.extra["key_holders"] == "bob,zed"
     assert res2.stats.extra["confirmed_by"] == "bob,zed"
     assert isinstance(ss2, CkksSecureSum) and ss2.params.key_holders == ("zed", "bob")
+    # the policy schema's default: every member holds the key
+    section.key_holders = ["members"]
+    ss3 = make_secure_sum("ckks", params=section, identities=ids)
+    res3 = ss3.run_round(0, [MemberInput(n, np.zeros(4)) for n in ids], min_cohort=1)
+    assert res3.stats.extra["key_holders"] == "amy,bob,zed"
+
+
+def test_policy_section_from_schema_is_accepted():
+    schema = pytest.importorskip("worldlm_secure.policy.schema")
+    section = schema.CkksParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), scale_bits=20,
+                                key_holders=("a",), rotate_every_rounds=3)
+    ss = make_secure_sum("ckks", params=section, identities={"a": NodeIdentity.generate("a")}, clip_range=0.5)
+    assert ss.params == CkksParams(4096, (60, 49), 20, ("a",), 3, 0.5, 20)
+    ss_default = make_secure_sum("ckks", params=schema.CkksParams())  # N=8192, [60,40,40,60], 2^40: works, less dense
+    assert ss_default.params.slot_bits == 43
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from worldlm_secure.secagg.ckks import (
     Contribution,
     ContributionRejected,
     DecryptedAggregate,
+    SummedCiphertext,
     verify_aggregate,
 )
 from worldlm_secure.secagg.ckks_params import CkksParams
@@ -324,3 +325,46 @@ def test_right_key_wrong_scale_or_size_is_rejected(kind):
         return resign(c, ident, chunks=(bad, *c.chunks[1:]))
 
     assert "wrong shape, level or scale" in _bad_round(skew)
+
+
+def test_holder_refuses_to_decrypt_a_single_contribution_posing_as_a_sum():
+    """A curious aggregator that forwards one member's ciphertext as 'the sum' of too few members is refused."""
+    rng = np.random.default_rng(12)
+    ss, ids = build(CkksParams(key_holders=("m0",)))
+    ss.run_round(0, inputs(rng, 100), min_cohort=3)
+    spec = ss.last_spec
+    one = ss._members["m2"].protect(spec, rng.uniform(-1, 1, 100))
+    fake = SummedCiphertext(spec.round_id, spec.key_id, ("m2",), one.chunks)
+    with pytest.raises(SecAggError, match="m0.*refuses to decrypt a sum over 1 contributors"):
+        ss._holders["m0"].decrypt(fake, spec)
+
+
+_FUZZ: dict[str, object] = {}
+
+
+def _fuzz_setup():
+    if not _FUZZ:
+        ss, ids = build(names=NAMES[:3])
+        rng = np.random.default_rng(13)
+        ss.run_round(0, inputs(rng, 100, NAMES[:3]), min_cohort=1)
+        good = ss._members["m1"].protect(ss.last_spec, np.zeros(100))
+        _FUZZ.update(ss=ss, ids=ids, good=good)
+    return _FUZZ["ss"], _FUZZ["ids"], _FUZZ["good"]
+
+
+@settings(deadline=None, max_examples=40)
+@given(tail=st.binary(max_size=300), cut=st.integers(0, 70_000), signed=st.booleans())
+def test_arbitrary_bytes_never_crash_the_aggregator(tail, cut, signed):
+    ss, ids, good = _fuzz_setup()
+    blob = good.chunks[0][:cut] + tail
+    c = dataclasses.replace(good, chunks=(blob,))
+    if signed:
+        c = resign(c, ids["m1"])
+    agg = ss._aggregator
+    agg.open_round(ss.last_spec)
+    accepted = agg.receive(c, ids["m1"].public_bytes)
+    if blob == good.chunks[0] and signed:
+        assert accepted
+    else:
+        assert not accepted
+        assert "'m1'" in str(agg.rejected[-1])

@@ -42,6 +42,7 @@ from worldlm_secure.secagg.protocol import DropoutPlan, MemberInput, ProtectionS
 
 CONTRIBUTION_LABEL = b"worldlm-secure/ckks/contribution/v1"
 CONFIRM_LABEL = b"worldlm-secure/ckks/confirm/v1"
+MEMBERS_TOKEN = "members"  # policy key_holders entry meaning "every member of the cohort"
 
 
 class ContributionRejected(SecAggError):
@@ -64,6 +65,7 @@ class RoundSpec:
     layout: packing.Layout
     clip_range: float
     slot_count: int
+    min_cohort: int = 1
 
     @property
     def n_chunks(self) -> int:
@@ -270,6 +272,13 @@ class CkksKeyHolder:
 
     def decrypt(self, summed: SummedCiphertext, spec: RoundSpec) -> tuple[np.ndarray, Confirmation]:
         """Decrypt and unpack the sum; return the exact integer sums and a signed confirmation."""
+        if summed.round_id != spec.round_id or summed.key_id != spec.key_id:
+            raise SecAggError(f"key holder {self.name!r}: sum is for round {summed.round_id}, not the open round {spec.round_id}")
+        if len(set(summed.contributors)) < spec.min_cohort or not set(summed.contributors) <= set(spec.cohort):
+            raise SecAggError(
+                f"key holder {self.name!r}: refuses to decrypt a sum over {len(summed.contributors)} contributors "
+                f"(min_cohort={spec.min_cohort}, or not in the cohort); nothing released"
+            )
         ctx = self._secret.get(summed.key_id)
         if ctx is None:
             raise SecAggError(f"key holder {self.name!r}: no secret key for key id {summed.key_id}; run the key ceremony")
@@ -340,18 +349,21 @@ class CkksSecureSum(SecureSum):
         return self.identities[name]
 
     def holder_names(self, members: Sequence[str]) -> tuple[str, ...]:
-        """The key holders: the policy's list, else the first member in sorted order (fixed at the first round)."""
+        """The key holders: the policy's names ("members" = the whole cohort), else the first member in
+        sorted order; fixed at the first round."""
         if self._holder_names is None:
             self._holder_names = self._choose_holders(members)
         return self._holder_names
 
     def _choose_holders(self, members: Sequence[str]) -> tuple[str, ...]:
-        if self.params.key_holders:
-            return tuple(sorted(self.params.key_holders))
-        pool = sorted(self.identities) or sorted(members)
-        if not pool:
+        named = set(self.params.key_holders) - {MEMBERS_TOKEN}
+        if MEMBERS_TOKEN in self.params.key_holders:
+            named |= set(members)  # the policy's "members": every member of the cohort holds the key
+        if named:
+            return tuple(sorted(named))
+        if not members:
             raise ConfigError("secure_aggregation.ckks.key_holders: no members to choose a key holder from; name one")
-        return (pool[0],)
+        return (sorted(members)[0],)
 
     def epoch_of(self, round_id: int) -> int:
         r = self.params.rotate_every_rounds
@@ -414,7 +426,10 @@ class CkksSecureSum(SecureSum):
         lengths = Counter(int(np.asarray(m.vector).size) for m in inputs)
         n_values = max(sorted(lengths), key=lambda n: lengths[n]) if lengths else 0
         layout = packing.plan_layout(self.params.slot_bits, self.params.value_bits, packing.headroom_for(len(inputs)))
-        spec = RoundSpec(round_id, keys.key_id, n_values, tuple(names), layout, self.params.clip_range, self.params.slot_count)
+        spec = RoundSpec(
+            round_id, keys.key_id, n_values, tuple(names), layout, self.params.clip_range, self.params.slot_count,
+            max(min_cohort, 1),
+        )
 
         self.last_spec = spec
         agg = self._aggregator
