@@ -225,3 +225,11 @@ def test_word_packing_keeps_low_bits(bits: int) -> None:
     assert np.array_equal(unpack_words(payload, bits, 1000), w & dtype(2**bits - 1) if bits < 64 else w)
     with pytest.raises(SecAggError, match="expected"):
         unpack_words(payload[:-1], bits, 1000, who="bob")
+
+
+def test_chunked_quantization_equals_the_reference_formula() -> None:
+    spec = QuantizationSpec(32, 1.5, 7)
+    x = np.concatenate([np.linspace(-2, 2, 70_001), [1.5, -1.5, 0.0]])
+    seed = os.urandom(32)
+    reference = np.floor(np.clip(x, -1.5, 1.5) * spec.scale + prg.uniform01(seed, x.size)).astype(np.int64).astype(np.uint32)
+    assert np.array_equal(quantize(x, spec, rounding_seed=seed).values, reference)

@@ -83,20 +83,46 @@ class Quantized:
     clipped_fraction: float
 
 
+_CHUNK = 1 << 15  # values per pass: keeps the float64 temporaries in L2
+
+
 def quantize(x: np.ndarray, spec: QuantizationSpec, *, rounding_seed: bytes | None = None) -> Quantized:
-    """Clip, scale and stochastically round the float vector ``x``; ``rounding_seed`` defaults to os.urandom(32)."""
-    x = np.asarray(x, dtype=np.float64)
+    """Clip, scale and stochastically round the float vector ``x``; ``rounding_seed`` defaults to os.urandom(32).
+
+    Equals ``floor(clip(x, -c, c) * scale + prg.uniform01(seed, n))`` as residues mod 2^32 (or 2^64),
+    computed chunk by chunk so the float64 temporaries stay in cache (about 3x fewer memory passes).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float64)
     if x.ndim != 1:
         raise ValueError("quantize expects a 1-D vector")
     if not np.all(np.isfinite(x)):
         raise ValueError("vector holds NaN or infinite values")
-    c = spec.clip_range
-    clipped = int(np.count_nonzero((x > c) | (x < -c)))
-    y = np.clip(x, -c, c) * spec.scale
-    y += prg.uniform01(rounding_seed if rounding_seed is not None else os.urandom(prg.SEED_BYTES), x.size)
-    np.floor(y, out=y)
-    values = y.astype(np.int64).astype(spec.dtype)  # two's complement wrap into the word
-    return Quantized(values, clipped, clipped / x.size if x.size else 0.0)
+    c, scale = spec.clip_range, spec.scale
+    limit = c * scale
+    stream = prg.keystream(rounding_seed if rounding_seed is not None else os.urandom(prg.SEED_BYTES))
+    zeros = bytes(4 * _CHUNK)
+    block = np.empty(4 * _CHUNK + 16, dtype=np.uint8)
+    noise = block[: 4 * _CHUNK].view("<u4")
+    y = np.empty(_CHUNK)
+    tmp = np.empty(_CHUNK)
+    whole = np.empty(_CHUNK, dtype=np.int64)
+    over = np.empty(_CHUNK, dtype=bool)
+    out = np.empty(x.size, dtype=spec.dtype)
+    clipped = 0
+    for start in range(0, x.size, _CHUNK):
+        m = min(_CHUNK, x.size - start)
+        xs, ys, ts = x[start : start + m], y[:m], tmp[:m]
+        np.abs(xs, out=ts)
+        clipped += int(np.count_nonzero(np.greater(ts, c, out=over[:m])))
+        np.multiply(xs, scale, out=ys)
+        np.clip(ys, -limit, limit, out=ys)
+        stream.update_into(memoryview(zeros)[: 4 * m], block)
+        np.multiply(noise[:m], 2.0**-32, out=ts)  # u ~ U[0, 1) with 32-bit resolution
+        ys += ts
+        np.floor(ys, out=ys)
+        np.copyto(whole[:m], ys, casting="unsafe")  # exact: |y| < 2^62
+        np.copyto(out[start : start + m], whole[:m], casting="unsafe")  # two's complement wrap into the word
+    return Quantized(out, clipped, clipped / x.size if x.size else 0.0)
 
 
 def dequantize(total: np.ndarray, spec: QuantizationSpec) -> np.ndarray:
