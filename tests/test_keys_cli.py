@@ -108,3 +108,18 @@ def test_library_validity_override_makes_expired_certificates(tmp_path):
     assert cert.not_valid_after_utc < now
     with pytest.raises(Exception, match="must be after"):
         keys.issue_node(tmp_path / "ca", "bad", tmp_path / "bad", not_before=now, not_after=now - dt.timedelta(days=1))
+
+
+def test_a_federation_keeps_one_signing_key_across_its_two_certificates(tmp_path, capsys):
+    """fed-eu serves its sites (own CA) and is a member of the root (root's CA): one Ed25519 identity."""
+    assert main(["keys", "init-ca", "--name", "root", "--out", str(tmp_path / "ca-root")]) == 0
+    assert main(["keys", "init-ca", "--name", "fed-eu", "--out", str(tmp_path / "ca-eu")]) == 0
+    assert main(["keys", "issue", "--ca", str(tmp_path / "ca-eu"), "--node", "fed-eu", "--out", str(tmp_path / "down")]) == 0
+    signing = tmp_path / "down" / "signing.key"
+    assert main(["keys", "issue", "--ca", str(tmp_path / "ca-root"), "--node", "fed-eu", "--out", str(tmp_path / "up"),
+                 "--signing-key", str(signing)]) == 0
+    down = keys.load_certificate(tmp_path / "down" / "tls.crt")
+    up = keys.load_certificate(tmp_path / "up" / "tls.crt")
+    assert keys.signing_key_of(down) == keys.signing_key_of(up) == NodeIdentity.load("fed-eu", signing).public_bytes
+    assert not (tmp_path / "up" / "signing.key").exists()  # the private key is not duplicated
+    assert down.issuer != up.issuer

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -50,9 +51,12 @@ def issue(
     out: Path = typer.Option(..., "--out", help="The node's directory: ca.crt, tls.crt, tls.key, signing.key."),
     days: int = typer.Option(365, "--days", help="Validity in days."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing credentials in --out."),
+    signing_key: Optional[Path] = typer.Option(
+        None, "--signing-key", help="Bind this existing Ed25519 key (e.g. a federation's, issued by its own CA) instead of a new one."
+    ),
 ) -> None:
     """Issue a node its TLS certificate and key, and its Ed25519 signing key (ledger, secure aggregation)."""
-    issued = lib.issue_node(ca, node, out, days=days, force=force)
+    issued = lib.issue_node(ca, node, out, days=days, force=force, signing_key=signing_key)
     console.print(
         _table(
             f"node {node}",

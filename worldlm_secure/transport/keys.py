@@ -121,25 +121,35 @@ def issue_node(
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
     force: bool = False,
+    signing_key: Path | None = None,
 ) -> IssuedNode:
     """Issue ``node`` a TLS certificate + key and an Ed25519 signing key, signed by the CA in ``ca_dir``.
 
-    ``not_before``/``not_after`` override the validity window (UTC); tests use them to make
-    expired or not-yet-valid certificates. By default the certificate is valid for ``days`` days.
+    ``signing_key`` binds an existing Ed25519 key instead of generating one (a federation that is
+    also a member of its parent keeps ONE signing identity across both certificates); it is then
+    not copied into ``out_dir``. ``not_before``/``not_after`` override the validity window (UTC);
+    tests use them to make expired or not-yet-valid certificates. By default the certificate is
+    valid for ``days`` days.
     """
     check_node_name(node)
     _check_days(days)
     ca_cert, ca_key = load_ca(ca_dir)
     out_dir = Path(out_dir)
-    paths = [out_dir / n for n in (NODE_CERT, NODE_KEY, NODE_SIGNING_KEY)]
+    paths = [out_dir / n for n in (NODE_CERT, NODE_KEY)] + ([] if signing_key else [out_dir / NODE_SIGNING_KEY])
     _refuse_overwrite(paths, force)
+    if signing_key is not None:
+        signing_path = Path(signing_key)
+        check_private_permissions(signing_path)
+        identity = NodeIdentity.load(node, signing_path)
+    else:
+        signing_path = out_dir / NODE_SIGNING_KEY
+        identity = NodeIdentity.generate(node)
     now = _now()
     start = not_before or (now - _CLOCK_SKEW)
     end = not_after or (now + dt.timedelta(days=days))
     if end <= start:
         raise ConfigError(f"certificate for {node!r}: not_after ({end}) must be after not_before ({start})")
     key = ec.generate_private_key(ec.SECP256R1())
-    identity = NodeIdentity.generate(node)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
@@ -162,13 +172,14 @@ def issue_node(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_private(out_dir / NODE_KEY, _key_pem(key))
-    (out_dir / NODE_SIGNING_KEY).unlink(missing_ok=True)  # so save() creates it fresh at 0600
-    identity.save(out_dir / NODE_SIGNING_KEY)
+    if signing_key is None:
+        signing_path.unlink(missing_ok=True)  # so save() creates it fresh at 0600
+        identity.save(signing_path)
     write_public(out_dir / NODE_CERT, cert.public_bytes(serialization.Encoding.PEM))
     write_public(out_dir / NODE_CA, ca_cert.public_bytes(serialization.Encoding.PEM))
     summary = summarize(cert, out_dir / NODE_CERT)
     write_public(out_dir / NODE_INFO, (json.dumps(asdict(summary), indent=2) + "\n").encode())
-    return IssuedNode(out_dir, out_dir / NODE_CA, out_dir / NODE_CERT, out_dir / NODE_KEY, paths[2], summary)
+    return IssuedNode(out_dir, out_dir / NODE_CA, out_dir / NODE_CERT, out_dir / NODE_KEY, signing_path, summary)
 
 
 def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
