@@ -15,7 +15,6 @@ from worldlm_secure.secagg import DropoutPlan, MemberInput, make_secure_sum
 from worldlm_secure.secagg.ckks import (
     CkksSecureSum,
     Contribution,
-    ContributionRejected,
     DecryptedAggregate,
     SummedCiphertext,
     verify_aggregate,
@@ -148,21 +147,29 @@ def _bad_round(mutate, min_cohort=3, victim="m2", d=5000):
     return res.rejected[0]
 
 
-def _other_federation_chunks(c: Contribution, params: CkksParams) -> tuple[bytes, ...]:
-    """Ciphertexts of zeros made by a member of another federation (own key, maybe other parameters)."""
+def _other_federation(c: Contribution, params: CkksParams) -> Contribution:
+    """A contribution of zeros made by a member of another federation (own key, maybe other parameters)."""
     other, _ = build(params, ("x0",))
     other.run_round(0, [MemberInput("x0", np.zeros(c.n_values))], min_cohort=1)
     assert other.last_spec is not None
-    return other._members["x0"].protect(other.last_spec, np.zeros(c.n_values)).chunks
+    return other._members["x0"].protect(other.last_spec, np.zeros(c.n_values))
+
+
+def _other_federation_chunks(c: Contribution, params: CkksParams) -> tuple[bytes, ...]:
+    return _other_federation(c, params).chunks
 
 
 def test_ciphertext_from_other_context_is_rejected_naming_member():
-    # a member still holding another key (stale or other federation): key id does not match
+    # a member holding another key (a stale epoch, another federation): its key id does not match
+    other_key = {}
+
     def stale(c, ident, ss):
-        return resign(c, ident, key_id="0" * 32)
+        o = _other_federation(c, CkksParams())
+        other_key["id"] = o.key_id
+        return resign(c, ident, key_id=o.key_id, chunks=o.chunks)
 
     msg = _bad_round(stale)
-    assert "encrypted under key 000" in msg and "fetch the current public context" in msg
+    assert f"encrypted under key {other_key['id']}" in msg and "fetch the current public context" in msg
 
     # other parameters (N=8192) under the right key id: the ciphertexts do not load
     def other_params(c, ident, ss):

@@ -18,8 +18,7 @@ Why these defaults (N = 4096, moduli [60, 49], scale 2^17):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from worldlm_secure.errors import ConfigError
 
@@ -52,7 +51,6 @@ class CkksParams:
     rotate_every_rounds: int = 0
     clip_range: float = 1.0
     value_bits: int = 20
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_policy(cls, section: object | None, clip_range: float | None = None) -> "CkksParams":
