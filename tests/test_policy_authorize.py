@@ -28,6 +28,11 @@ OK = Release(
 
 
 def test_allowed_release_is_authorized() -> None:
+    authorize(dataclasses.replace(OK, protocol="ckks"), EU_CHAIN)  # EU accepts CKKS as its second choice
+    # distributed noise is acceptable under EU, but only with masking
+    authorize(dataclasses.replace(OK, dp_mechanism="distributed_discrete_gaussian"), EU_CHAIN)
+    with pytest.raises(PolicyViolation, match="mechanism"):
+        authorize(dataclasses.replace(OK, protocol="ckks", dp_mechanism="distributed_discrete_gaussian"), EU_CHAIN)
     auth = authorize(OK, EU_CHAIN)
     assert isinstance(auth, Authorization)
     assert auth.policy_sha256 == compose(EU_CHAIN).sha256
@@ -46,7 +51,7 @@ def test_allowed_release_is_authorized() -> None:
         (dict(destination="us"), "egress.destinations"),
         (dict(destination="world", group="key", tensor_names=("model.layers.0.mlp.up_proj.weight",)), "egress.destinations"),
         (dict(protocol="none"), "egress.require"),
-        (dict(protocol="ckks"), "secure_aggregation.protocol"),
+        (dict(protocol="rot13"), "secure_aggregation.protocol"),
         (dict(cohort_size=2), "secure_aggregation.min_cohort"),
         (dict(dp_level="none", dp_mechanism=None), "differential_privacy.level"),
         (dict(dp_level="record"), "differential_privacy.level"),
@@ -64,6 +69,8 @@ def test_each_rule_refuses(change: dict, rule: str) -> None:
 def test_healthcare_refuses_residuals_and_missing_record_dp() -> None:
     base = dataclasses.replace(OK, destination="health", protocol="ckks", record_dp=True)
     authorize(base, HC_CHAIN)
+    with pytest.raises(PolicyViolation, match="secure_aggregation.protocol"):
+        authorize(dataclasses.replace(base, protocol="masking"), HC_CHAIN)
     with pytest.raises(PolicyViolation, match="differential_privacy.record"):
         authorize(dataclasses.replace(base, record_dp=False), HC_CHAIN)
     with pytest.raises(PolicyViolation, match="residual"):

@@ -73,12 +73,15 @@ def test_strictest_numbers_win_whichever_side(tmp_path: Path) -> None:
     assert eff.sources["secure_aggregation.min_cohort"].startswith(str(tmp_path / "parent.yaml"))
 
 
-def test_protocol_conflict_names_both_files() -> None:
+def test_protocol_conflict_names_both_files(tmp_path: Path) -> None:
+    masking_only = _variant(tmp_path, "us", "us-masking", **{"protocol: [masking, ckks]": "protocol: masking"})
     with pytest.raises(PolicyError) as info:
-        compose([_p("us"), _p("healthcare")])
+        compose([masking_only, _p("healthcare")])
     msg = str(info.value)
-    assert "us.yaml" in msg and "healthcare.yaml" in msg and "secure_aggregation.protocol" in msg
+    assert "us-masking.yaml" in msg and "healthcare.yaml" in msg and "secure_aggregation.protocol" in msg
     assert "\n" not in msg
+    # us.yaml itself accepts CKKS as a second choice, so it composes with healthcare
+    assert compose([_p("us"), _p("healthcare")]).secure_aggregation.protocol == "ckks"
 
 
 def test_protocol_conflict_in_nested_tree_names_the_culprits(tmp_path: Path) -> None:

@@ -140,7 +140,8 @@ def test_bad_layer_patterns(tmp_path: Path, bad: str) -> None:
 
 def test_pattern_in_two_groups(tmp_path: Path) -> None:
     text = (POLICIES / "eu.yaml").read_text().replace('key: ["*.mlp.*"', 'key: ["lm_head.*", "*.mlp.*"')
-    assert "both local and key" in _error(tmp_path, text)
+    msg = _error(tmp_path, text)
+    assert "both local and key" in msg and "layers.key:" in msg
 
 
 def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
@@ -167,7 +168,7 @@ def test_extends_overrides_fields_and_replaces_lists(tmp_path: Path) -> None:
     child = _write(
         tmp_path,
         "child.yaml",
-        "extends: base.yaml\nname: eu-child\nsecure_aggregation:\n  protocol: [ckks]\n  min_cohort: 3\n"
+        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: base.yaml\nname: eu-child\nsecure_aggregation:\n  protocol: [ckks]\n  min_cohort: 3\n"
         "layers:\n  local: [\"lm_head.*\"]\n",
     )
     p = load_policy(child)
@@ -183,7 +184,7 @@ def test_extends_overrides_fields_and_replaces_lists(tmp_path: Path) -> None:
 def test_extends_error_in_base_names_the_base_line(tmp_path: Path) -> None:
     base = (POLICIES / "eu.yaml").read_text().replace("bits: 32", "bits: 99")
     _write(tmp_path, "base.yaml", base)
-    child = _write(tmp_path, "child.yaml", "extends: base.yaml\nname: c\n")
+    child = _write(tmp_path, "child.yaml", "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: base.yaml\nname: c\n")
     with pytest.raises(PolicyError) as info:
         load_policy(child)
     assert f"{tmp_path / 'base.yaml'}:" in str(info.value)

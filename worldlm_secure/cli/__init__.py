@@ -27,6 +27,9 @@ err_console = Console(stderr=True)
 def _register() -> None:
     # Imported here so that `app` exists before the command modules attach to it.
     from worldlm_secure.cli import simulate  # noqa: F401
+    from worldlm_secure.cli import policy
+
+    app.add_typer(policy.app, name="policy")
     from worldlm_secure.cli import keys
 
     app.add_typer(keys.app, name="keys")

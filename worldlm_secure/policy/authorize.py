@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from worldlm_secure.errors import PolicyError, PolicyViolation
-from worldlm_secure.policy.compose import EffectivePolicy, _refusing_rule, compose
+from worldlm_secure.policy.compose import EffectivePolicy, _refusing_rule, compose, usable_mechanisms
 from worldlm_secure.policy.schema import Policy
 
 ReleaseGroup = Literal["key", "shared", "residual"]
@@ -104,8 +104,8 @@ def authorize(release: Release, chain: Sequence[Policy] | EffectivePolicy) -> Au
     sa = eff.secure_aggregation
     if r.protocol == "none" and "secure_aggregation" in eff.egress.require:
         raise _violation(f"{where} egress.require", "secure_aggregation", "protocol none")
-    if r.protocol != sa.protocol:
-        raise _violation(f"{where} secure_aggregation.protocol", sa.protocol, r.protocol)
+    if r.protocol not in sa.acceptable:
+        raise _violation(f"{where} secure_aggregation.protocol", "|".join(sa.acceptable), r.protocol)
     if r.cohort_size < sa.min_cohort:
         raise _violation(f"{where} secure_aggregation.min_cohort", f">= {sa.min_cohort} contributors", r.cohort_size)
     checked.append("secure_aggregation")
@@ -120,8 +120,9 @@ def authorize(release: Release, chain: Sequence[Policy] | EffectivePolicy) -> Au
                              r.dp_level)
         if dp.level != "none" and _LEVEL_ORDER[r.dp_level] < _LEVEL_ORDER[dp.level]:
             raise _violation(f"{where} differential_privacy.level", dp.level, r.dp_level)
-        if dp.mechanism is not None and r.dp_mechanism != dp.mechanism:
-            raise _violation(f"{where} differential_privacy.mechanism", dp.mechanism, r.dp_mechanism)
+        usable = usable_mechanisms(dp.acceptable_mechanisms, r.protocol)
+        if dp.mechanism is not None and r.dp_mechanism not in usable:
+            raise _violation(f"{where} differential_privacy.mechanism", "|".join(usable) or "nothing", r.dp_mechanism)
         if dp.record_level and not r.record_dp:
             raise _violation(f"{where} differential_privacy.record", "releases of DP-SGD-trained sites", "no record-level DP")
         checked.append("differential_privacy")

@@ -46,7 +46,8 @@ class _Frozen(BaseModel):
 
 
 class EffectiveSecureAggregation(_Frozen):
-    protocol: Protocol
+    protocol: Protocol  # this path's preferred protocol; a round's is chosen by `plan_round` among `acceptable`
+    acceptable: tuple[Protocol, ...]  # every protocol all policies on the path accept, nearest preference first
     min_cohort: int
     max_dropout_fraction: float
     masking: MaskingParams
@@ -60,7 +61,8 @@ class EffectiveSecureAggregation(_Frozen):
 
 class EffectiveDifferentialPrivacy(_Frozen):
     level: DPLevel
-    mechanism: Optional[Mechanism]  # None when level is none
+    mechanism: Optional[Mechanism]  # None when level is none; a round's is chosen by `plan_round`
+    acceptable_mechanisms: tuple[Mechanism, ...] = ()  # usable with this path's preferred protocol, preference first
     epsilon_budget: Optional[float]  # ε at `delta` over the whole run (user level, or record level if level=record)
     delta: Optional[float]
     clipping_norm: float
@@ -234,7 +236,10 @@ def compose(chain: Sequence[Policy]) -> EffectivePolicy:
     drop = {"none"} if "secure_aggregation" in require else set()
     why = next((p for p in chain if "secure_aggregation" in p.egress.require), None)
     because = f"{why.where('egress.require')} egress.require lists secure_aggregation" if why else ""
-    protocol, _ = b.choose("secure_aggregation.protocol", drop=drop, what="protocol", because=because)
+    _, acceptable = b.choose("secure_aggregation.protocol", drop=drop, what="protocol", because=because)
+    # ---- differential privacy (only policies that ask for DP constrain it); may narrow the protocols
+    dp, acceptable = _compose_dp(b, chain, acceptable)
+    protocol = acceptable[0]
     min_cohort = b.pick("secure_aggregation.min_cohort", lambda a, c: a > c)
     dropout = b.pick("secure_aggregation.max_dropout_fraction", lambda a, c: a < c)
     masking = MaskingParams.model_construct(
@@ -262,11 +267,10 @@ def compose(chain: Sequence[Policy]) -> EffectivePolicy:
     for f in ("coeff_mod_bit_sizes", "scale_bits"):
         src[f"secure_aggregation.ckks.{f}"] = ckks_from.where(f"secure_aggregation.ckks.{f}")
     secagg = EffectiveSecureAggregation(
-        protocol=protocol, min_cohort=min_cohort, max_dropout_fraction=dropout, masking=masking, ckks=ckks
+        protocol=protocol, acceptable=tuple(acceptable), min_cohort=min_cohort, max_dropout_fraction=dropout,
+        masking=masking, ckks=ckks,
     )
 
-    # ---- differential privacy: only policies that ask for DP constrain it
-    dp = _compose_dp(b, chain, protocol)
     if dp.delta is not None and dp.delta >= 1.0 / min_cohort:
         raise PolicyError(
             f"{src['differential_privacy.delta']} differential_privacy.delta {dp.delta:g} must be < 1/min_cohort = "
@@ -290,6 +294,14 @@ def compose(chain: Sequence[Policy]) -> EffectivePolicy:
         signing=any(p.audit.signing for p in chain),
         retention_days=b.pick("audit.retention_days", lambda a, c: a > c),
     )
+    src["secure_aggregation.acceptable"] = src["secure_aggregation.protocol"]
+    if "differential_privacy.mechanism" in src:
+        src["differential_privacy.acceptable_mechanisms"] = src["differential_privacy.mechanism"]
+    src["egress.groups"] = src["egress.destinations"]
+    for flag, value in (("residuals.require_dp", residuals.require_dp), ("audit.ledger", audit.ledger),
+                        ("audit.signing", audit.signing)):  # "any policy asks" rules: name the ones that ask
+        askers = [p.where(flag) for p in chain if _get(p, flag)]
+        src[flag] = _join(askers) if value and askers else _join(p.where(flag) for p in chain)
     return EffectivePolicy(
         policies=tuple(p.name for p in chain),
         layers=layers,
@@ -303,7 +315,15 @@ def compose(chain: Sequence[Policy]) -> EffectivePolicy:
     )
 
 
-def _compose_dp(b: _Builder, chain: Sequence[Policy], protocol: str) -> EffectiveDifferentialPrivacy:
+def usable_mechanisms(mechanisms: Sequence[str], protocol: str) -> list[str]:
+    """The mechanisms that work with `protocol`: distributed (integer) noise needs masking."""
+    return [m for m in mechanisms if protocol == "masking" or m not in _NEEDS_MASKING]
+
+
+def _compose_dp(
+    b: _Builder, chain: Sequence[Policy], protocols: Sequence[str]
+) -> tuple[EffectiveDifferentialPrivacy, list[str]]:
+    """The composed DP section, and the protocols (of `protocols`) that some acceptable mechanism works with."""
     src = b.sources
     with_dp = [p for p in chain if p.differential_privacy.level != "none"]
     if not with_dp:
@@ -312,21 +332,19 @@ def _compose_dp(b: _Builder, chain: Sequence[Policy], protocol: str) -> Effectiv
         return EffectiveDifferentialPrivacy(
             level="none", mechanism=None, epsilon_budget=None, delta=None, clipping_norm=base.clipping_norm,
             noise_multiplier=base.noise_multiplier, accountant=base.accountant, record=None,
-        )
+        ), list(protocols)
     level = b.pick("differential_privacy.level", lambda a, c: _LEVEL_ORDER[a] > _LEVEL_ORDER[c], among=with_dp)
-    usable_drop = set() if protocol == "masking" else set(_NEEDS_MASKING)
-    because = (
-        f"distributed mechanisms add integer noise and need protocol masking, and the chosen protocol is "
-        f"{protocol} (from {src['secure_aggregation.protocol']})"
-    )
     sub = _Builder(with_dp)
-    try:
-        mechanism, _ = sub.choose("differential_privacy.mechanism", drop=usable_drop, what="noise mechanism",
-                                  because=because)
-    except PolicyError as exc:
-        if usable_drop and because not in str(exc):
-            raise PolicyError(f"{exc} ({because})") from None
-        raise
+    _, mechanisms = sub.choose("differential_privacy.mechanism", drop=set(), what="noise mechanism")
+    usable = [p for p in protocols if usable_mechanisms(mechanisms, p)]
+    if not usable:
+        raise PolicyError(
+            f"{sub.sources['differential_privacy.mechanism']} differential_privacy.mechanism allows only "
+            f"[{', '.join(mechanisms)}], which add integer noise and need protocol masking, but "
+            f"{src['secure_aggregation.protocol']} secure_aggregation.protocol allows only [{', '.join(protocols)}]; "
+            "allow central_gaussian or masking"
+        )
+    mechanism = usable_mechanisms(mechanisms, usable[0])[0]
     src.update(sub.sources)
     at_level = [p for p in with_dp if p.differential_privacy.level == level]
     epsilon = b.pick("differential_privacy.epsilon_budget", lambda a, c: a < c, among=at_level)
@@ -348,9 +366,9 @@ def _compose_dp(b: _Builder, chain: Sequence[Policy], protocol: str) -> Effectiv
         )
         src["differential_privacy.record"] = _join(p.where("differential_privacy.record") for p in rec_ps)
     return EffectiveDifferentialPrivacy(
-        level=level, mechanism=mechanism, epsilon_budget=epsilon, delta=delta, clipping_norm=clip,
-        noise_multiplier=noise, accountant=accountant, record=record,
-    )
+        level=level, mechanism=mechanism, acceptable_mechanisms=tuple(mechanisms), epsilon_budget=epsilon,
+        delta=delta, clipping_norm=clip, noise_multiplier=noise, accountant=accountant, record=record,
+    ), usable
 
 
 def _compose_egress(chain: Sequence[Policy], require: tuple[str, ...], src: dict[str, str]) -> EffectiveEgress:

@@ -139,6 +139,9 @@ def _merge(base: Sourced, child: Sourced) -> Sourced:
     return Sourced(data, where)
 
 
+_OWN_KEYS = {"apiVersion": "worldlm-secure/v1", "kind": "JurisdictionPolicy", "name": "<this policy's name>"}
+
+
 def resolve(path: Path, _stack: tuple[Path, ...] = ()) -> Sourced:
     """Parse `path` and everything it `extends:`, merged; raises PolicyError on cycles or missing bases."""
     here = parse_yaml(path)
@@ -159,6 +162,10 @@ def resolve(path: Path, _stack: tuple[Path, ...] = ()) -> Sourced:
     if not base_path.is_file():
         raise _fail(file, line, "extends", f"base policy {str(base_path)!r} not found; fix the relative path")
     merged = _merge(resolve(base_path, chain), here)
+    for key in _OWN_KEYS:  # every file says what it is, even when it extends another
+        if key not in here.data:
+            raise _fail(str(path), here.where[()][1], key, f"required in every policy file, also one that extends "
+                        f"another; add `{key}: {_OWN_KEYS[key]}`")
     merged.data["extends"] = ext
     return merged
 
@@ -227,7 +234,7 @@ def _describe(err: dict[str, Any], path: FieldPath) -> str:
     msg = msg.replace("Input should be", "must be").replace("String should", "must")
     msg = msg.replace("Tuple should", "list must").replace("a valid tuple", "a list").replace("a valid number", "a number")
     msg = msg.replace("a valid integer", "an integer").replace("a valid boolean", "true or false")
-    msg = msg.replace("a valid string", "a string").replace("a valid dictionary or instance of", "a mapping of")
+    msg = msg.replace("a valid string", "a string").replace("a valid dictionary or instance of", "a mapping (of keys) for")
     got = err.get("input")
     if "(got " not in msg and not isinstance(got, (dict, tuple, list)) and kind != "value_error":
         msg = f"{msg} (got {got!r})"

@@ -16,6 +16,14 @@ from worldlm_secure.errors import PolicyError
 GROUPS: tuple[str, ...] = ("local", "key", "shared")
 
 
+class FieldProblem(ValueError):
+    """A cross-field rule failed; `path` is the dotted field path relative to the validated model."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def pattern_problem(pattern: object) -> str | None:
     """Why `pattern` is not a usable glob, or None if it is fine."""
     if not isinstance(pattern, str):
@@ -72,8 +80,9 @@ class LayerPatterns(BaseModel):
         for group in GROUPS:
             for pattern in getattr(self, group):
                 if pattern in seen:
-                    raise ValueError(
-                        f"pattern {pattern!r} is in both {seen[pattern]} and {group}; a pattern belongs to one group"
+                    raise FieldProblem(
+                        group,
+                        f"pattern {pattern!r} is in both {seen[pattern]} and {group}; a pattern belongs to one group",
                     )
                 seen[pattern] = group
         return self

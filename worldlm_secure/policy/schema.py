@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from worldlm_secure.policy.patterns import LayerPatterns
+from worldlm_secure.policy.patterns import FieldProblem, LayerPatterns
 
 API_VERSION = "worldlm-secure/v1"
 KIND = "JurisdictionPolicy"
@@ -31,14 +31,6 @@ CKKS_MAX_MODULUS_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768
 MEMBERS = "members"
 # Special destination name: any node.
 ANY = "*"
-
-
-class FieldProblem(ValueError):
-    """A cross-field rule failed; `path` is the dotted field path relative to the validated model."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
 
 
 class _Strict(BaseModel):

@@ -1,0 +1,148 @@
+"""`worldlm-secure policy ...`: check, explain, compose and export jurisdiction policies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from worldlm_secure.errors import PolicyError, WorldLMError
+
+app = typer.Typer(help="Check, explain and compose jurisdiction policies.", no_args_is_help=True)
+console = Console(soft_wrap=True, highlight=False)
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+@app.command("check")
+def check(
+    files: list[Path] = typer.Argument(..., help="Policy YAML files to validate."),
+    chain: bool = typer.Option(
+        False, "--chain", help="Also compose FILES as one release path (releasing node first, root last)."
+    ),
+) -> int:
+    """Validate policy files; print one line per file; exit non-zero if any is invalid."""
+    from worldlm_secure.policy import compose, load_policy
+
+    loaded = []
+    failed = 0
+    for path in files:
+        try:
+            policy = load_policy(path)
+        except WorldLMError as exc:
+            failed += 1
+            err_console.print(f"error: {exc}", markup=False)
+            continue
+        loaded.append(policy)
+        console.print(f"ok: {path} ({policy.name}, {policy.jurisdiction})", markup=False)
+    if chain and not failed:
+        try:
+            eff = compose(loaded)
+        except PolicyError as exc:
+            err_console.print(f"error: {exc}", markup=False)
+            return 2
+        console.print(f"ok: chain composes (protocol {eff.secure_aggregation.protocol}, sha256 {eff.sha256[:16]}…)",
+                      markup=False)
+    if failed and len(files) > 1:
+        err_console.print(f"{failed} of {len(files)} policy files are invalid", markup=False)
+    return 2 if failed else 0
+
+
+@app.command("explain")
+def explain(file: Path = typer.Argument(..., help="Policy YAML file.")) -> int:
+    """Say in plain English what stays on site, what leaves, to whom, under which protections and budget."""
+    from worldlm_secure.policy import load_policy
+    from worldlm_secure.policy.explain import explain as explain_policy
+
+    console.print(explain_policy(load_policy(file)), markup=False)
+    return 0
+
+
+@app.command("effective")
+def effective(
+    world: Path = typer.Argument(..., help="World YAML."),
+    node: str = typer.Option(..., "--node", help="The releasing node."),
+    to: Optional[str] = typer.Option(None, "--to", help="Stop the path at this ancestor (default: the root)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the effective policy and its sources as JSON."),
+) -> int:
+    """Show the composed policy of NODE's release path, and which file each rule came from."""
+    from worldlm_secure.federation.world import load_world
+    from worldlm_secure.policy import compose
+
+    w = load_world(world, check_policies=False)
+    if node not in w.nodes:
+        raise PolicyError(f"{world} --node: unknown node {node!r}; nodes are {', '.join(w.nodes)}")
+    chain_nodes = w.chain(node)
+    names = [n.name for n in chain_nodes]
+    if to is not None:
+        if to not in names:
+            raise PolicyError(f"{world} --to: {to!r} is not {node!r} or one of its ancestors ({', '.join(names)})")
+        chain_nodes = chain_nodes[: names.index(to) + 1]
+    eff = compose(w.policy_chain(node)[: len(chain_nodes)])
+    if as_json:
+        data = {
+            "path": [n.name for n in chain_nodes],
+            "files": list(eff.files),
+            "sha256": eff.sha256,
+            "effective": json.loads(eff.canonical_json()),
+            "sources": eff.sources,
+        }
+        console.print(json.dumps(data, indent=2, ensure_ascii=False), markup=False)
+        return 0
+    path = " -> ".join(f"{n.name} ({Path(p).name})" for n, p in zip(chain_nodes, eff.files))
+    console.print(f"Release path: {path}", markup=False)
+    data = eff.model_dump(mode="json", exclude={"sources", "files"})
+    data["egress"].pop("rules", None)
+    data.pop("policies", None)  # already shown as the release path
+    rows = _rows(data)
+    width = max(len(f) for f, _ in rows)
+    for field, value in rows:
+        console.print(f"{field:<{width}}  {value}   <- {_short(_source_of(field, eff.sources))}", markup=False)
+    console.print(f"sha256: {eff.sha256}", markup=False)
+    return 0
+
+
+@app.command("schema")
+def schema(
+    out: Optional[Path] = typer.Option(None, "--out", help="Write to this file instead of printing."),
+) -> int:
+    """Print the JSON Schema of policy files (the same as policies/schema.json)."""
+    from worldlm_secure.policy.jsonschema import policy_json_schema_text
+
+    text = policy_json_schema_text()
+    if out is None:
+        console.print(text, markup=False, end="")
+    else:
+        out.write_text(text, encoding="utf-8")
+        console.print(f"wrote {out}", markup=False)
+    return 0
+
+
+def _rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("groups",):
+            rows.extend(_rows(value, name + "."))
+        else:
+            rows.append((name, json.dumps(value, ensure_ascii=False)))
+    return rows
+
+
+def _short(text: str) -> str:
+    """Paths relative to the working directory where possible, so the table stays narrow."""
+    cwd = str(Path.cwd()) + "/"
+    return text.replace(cwd, "")
+
+
+def _source_of(field: str, sources: dict[str, str]) -> str:
+    parts = field.split(".")
+    for n in range(len(parts), 0, -1):
+        hit = sources.get(".".join(parts[:n]))
+        if hit:
+            return hit
+    if field == "policies":
+        return ""
+    return "composed from every policy on the path"

@@ -1,0 +1,123 @@
+"""World-load-time policy checks: every path of a world composes, and every round can actually run.
+
+`check_world(world)` is what the world loader calls, so a world whose policies cannot be
+met together refuses to start (naming both files) instead of failing at round 57.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from worldlm_secure.errors import PolicyError
+from worldlm_secure.policy.compose import EffectivePolicy, compose
+from worldlm_secure.policy.schema import MEMBERS, Policy
+
+
+class _Node(Protocol):
+    name: str
+    kind: str
+    parent: str | None
+    children: tuple[str, ...]
+
+
+class _World(Protocol):
+    """What `check_world` needs of `federation.world.World`."""
+
+    nodes: dict[str, Any]
+
+    def chain(self, name: str) -> list[Any]: ...
+
+
+def check_world(
+    world: _World, *, load: Callable[[Any], Policy] | None = None
+) -> dict[tuple[str, str], EffectivePolicy]:
+    """Compose every release path of `world`; raise PolicyError naming both files on any conflict.
+
+    Checks, for every node below the root:
+    - its chain up to the root composes, and so does its chain up to its parent (key layers);
+    - its parent may receive its shared layers (and, for a site under a federation, its key layers);
+    - siblings (one aggregation round) have a protocol in common (`plan_round`);
+    - the parent has at least min_cohort children, so a round can ever be released;
+    - CKKS key holders other than 'members' are nodes of the world.
+    Returns {(node, final destination): effective policy}.
+    """
+    from worldlm_secure.policy.loader import load_policy
+
+    loader = load or (lambda node: load_policy(node.policy_path))
+    cache: dict[str, Policy] = {}
+
+    def policies(chain: Sequence[Any]) -> list[Policy]:
+        out = []
+        for node in chain:
+            if node.name not in cache:
+                cache[node.name] = loader(node)
+            out.append(cache[node.name])
+        return out
+
+    effective: dict[tuple[str, str], EffectivePolicy] = {}
+    for name, node in world.nodes.items():
+        if node.parent is None:
+            continue
+        chain = world.chain(name)
+        full = policies(chain)
+        up = compose(full)
+        effective[(name, chain[-1].name)] = up
+        _check_destination(up, full, name, node.parent, "shared")
+        parent = world.nodes[node.parent]
+        if parent.parent is not None:  # a federation: key layers stop there
+            to_parent = compose(full[:2])
+            effective[(name, node.parent)] = to_parent
+            _check_destination(to_parent, full[:2], name, node.parent, "key")
+        for holder in up.secure_aggregation.ckks.key_holders if up.secure_aggregation.protocol == "ckks" else ():
+            if holder != MEMBERS and holder not in world.nodes:
+                raise PolicyError(
+                    f"{up.sources.get('secure_aggregation.ckks.key_holders', full[0].source)} "
+                    f"secure_aggregation.ckks.key_holders: {holder!r} is not a node of the world "
+                    f"(nodes: {', '.join(world.nodes)}); name a node or use 'members'"
+                )
+
+    for name, node in world.nodes.items():
+        kids = [c for c in node.children]
+        if not kids:
+            continue
+        for final in {k_final for k in kids for (n, k_final) in effective if n == k}:
+            _check_round(world, name, [k for k in kids if (k, final) in effective], final, effective, cache)
+    return effective
+
+
+def _check_destination(eff: EffectivePolicy, chain: Sequence[Policy], node: str, dest: str, group: str) -> None:
+    from worldlm_secure.policy.compose import _refusing_rule
+
+    refusal = _refusing_rule(eff.egress.rules, dest, group)
+    if refusal is not None:
+        raise PolicyError(
+            f"{refusal[0]} egress.destinations: node {node!r} must send its {group} layers to its parent "
+            f"{dest!r} but {refusal[1]} (policy chain: {', '.join(p.source for p in chain)}); "
+            f"list {dest!r} with {group} or move the node"
+        )
+
+
+def _check_round(
+    world: _World,
+    parent: str,
+    members: Sequence[str],
+    final: str,
+    effective: dict[tuple[str, str], EffectivePolicy],
+    cache: dict[str, Policy],
+) -> None:
+    from worldlm_secure.policy.round import plan_round
+
+    if not members:
+        return
+    plan = plan_round({m: effective[(m, final)] for m in members})
+    if len(members) < plan.min_cohort:
+        src = next(
+            effective[(m, final)].sources["secure_aggregation.min_cohort"]
+            for m in members
+            if effective[(m, final)].secure_aggregation.min_cohort == plan.min_cohort
+        )
+        raise PolicyError(
+            f"{src} secure_aggregation.min_cohort: {plan.min_cohort} contributors required but {parent!r} has only "
+            f"{len(members)} children in {getattr(world, 'path', 'the world')}; add members or lower min_cohort"
+        )
