@@ -20,10 +20,11 @@ from worldlm_secure.transport.refusal import Refused
 class RoundBoard(FederationHandler):
     """Rounds, models, updates and secure-aggregation mailboxes for one federation."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, start_round: int = 0) -> None:
+        """``start_round``: the last round id used before a restart (persisted by the node), so ids never repeat."""
         self.name = name
         self._cond = threading.Condition()
-        self._round = 0
+        self._round = start_round
         self._announcements: dict[int, Announcement] = {}
         self._models: dict[int, Payload] = {}
         self._members: dict[str, Member] = {}

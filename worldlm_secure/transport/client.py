@@ -105,6 +105,10 @@ class SiteClient:
                 ("grpc.max_send_message_length", chunk_bytes + (64 << 10)),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.enable_retries", 0),  # we retry ourselves, with fresh nonces
+                # Reconnect no slower than our own backoff, or retries would hit a still-failed channel.
+                ("grpc.initial_reconnect_backoff_ms", max(50, int(self.retry.initial_backoff * 1000))),
+                ("grpc.min_reconnect_backoff_ms", max(50, int(self.retry.initial_backoff * 1000))),
+                ("grpc.max_reconnect_backoff_ms", max(100, int(self.retry.max_backoff * 1000))),
             ],
         )
         self._stub = pb_grpc.FederationStub(self._channel)
@@ -156,7 +160,8 @@ class SiteClient:
     def watch_rounds(self, after_round: int | None = None) -> Iterator[Announcement]:
         """Announcements of rounds after ``after_round`` (default: the latest seen), as they open.
 
-        Blocks between announcements; the stream is reopened (with backoff) if the connection drops.
+        Blocks between announcements; the stream is reopened (with backoff) if the connection drops
+        or the federation restarts. Stop by leaving the loop (or closing the client).
         """
         after = self.round_id if after_round is None else after_round
         failures = 0
@@ -178,9 +183,15 @@ class SiteClient:
                         deadline_unix_ms=ann.deadline_unix_ms,
                         peer_keys=tuple((k.name, bytes(k.signing_public_key)) for k in ann.peer_keys),
                     )
-                return  # the server ended the stream (shutting down)
+                # The federation ended the stream (it is shutting down or restarting): reopen it.
+                log.info("WatchRounds stream from %s ended; reopening", self.target)
+                time.sleep(self.retry.delay(0))
             except grpc.RpcError as err:
-                failures = self._after_failure("WatchRounds", err, failures)
+                try:
+                    failures = self._after_failure("WatchRounds", err, failures)
+                except Refused as refused:
+                    if not self._reenroll_after(refused, "WatchRounds"):
+                        raise
 
     def download_model(self, round_id: int | None = None) -> Payload:
         """The model for ``round_id`` (default: the latest round seen), verified end to end."""
@@ -288,12 +299,25 @@ class SiteClient:
             self.round_id = max(self.round_id, round_id)
 
     def _retrying(self, method: str, call: Callable[[], T]) -> T:
-        failures = 0
+        failures, reenrolled = 0, False
         while True:
             try:
                 return call()
             except grpc.RpcError as err:
-                failures = self._after_failure(method, err, failures)
+                try:
+                    failures = self._after_failure(method, err, failures)
+                except Refused as refused:
+                    if reenrolled or method == "Enroll" or not self._reenroll_after(refused, method):
+                        raise
+                    reenrolled = True
+
+    def _reenroll_after(self, refused: Refused, method: str) -> bool:
+        """Enroll again if the federation forgot us (it restarted); True if the call should be retried."""
+        if refused.reason != R.REFUSAL_NOT_ENROLLED or self.identity is None:
+            return False
+        log.info("%s: federation %s no longer knows us (restarted?); enrolling again", method, self.federation)
+        self.enroll()
+        return True
 
     def _after_failure(self, method: str, err: grpc.RpcError, failures: int) -> int:
         """Raise `Refused` for a refusal; sleep and return the new count for a retryable failure."""
