@@ -196,6 +196,7 @@ def main() -> None:
         "default_add_throughput": default["add_params_per_cpu_s"],
         "add_throughput_vs_default": ours["add_params_per_cpu_s"] / default["add_params_per_cpu_s"],
         "max_rel_error": ours["max_rel_error"],
+        "error_bound_rel": args.members * ours["precision_per_value_rel"],
         "default_max_rel_error": default["max_rel_error"],
         "ours": ours,
         "default": default,

@@ -375,3 +375,16 @@ def test_arbitrary_bytes_never_crash_the_aggregator(tail, cut, signed):
     else:
         assert not accepted
         assert "'m1'" in str(agg.rejected[-1])
+
+
+def test_exact_at_the_largest_cohort_the_noise_budget_allows():
+    p = CkksParams()
+    n = p.max_members()
+    names = tuple(f"s{i:02d}" for i in range(n))
+    rng = np.random.default_rng(14)
+    ss, _ = build(p, names)
+    ins = [MemberInput(m, rng.choice([-1.0, 1.0, 0.999999], 6000)) for m in names]  # extremes stress carries
+    res = ss.run_round(0, ins, min_cohort=n)
+    exact = np.sum([m.vector for m in ins], axis=0)
+    assert len(res.contributors) == n and res.stats.extra["headroom_bits"] == 6
+    assert np.max(np.abs(res.total - exact)) <= res.stats.extra["quantization_error_bound"]
