@@ -16,6 +16,7 @@ min_cohort members survive, a secret has fewer than t shares, or the survivors' 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -75,7 +76,7 @@ class MaskingParams:
 
     clip_range: float
     neighbours: int | Literal["auto"] = "auto"
-    threshold: float = 0.5
+    threshold: float = 0.67  # same default as the policy schema; > (1 + γ)/2 against an active aggregator
     bits: int = 32
 
 
@@ -115,7 +116,7 @@ class RoundConfig:
             k = min(raw_k, n - 1)
         else:
             raise ConfigError(f"secure_aggregation.masking.neighbours: must be a positive int or 'auto' (got {raw_k!r})")
-        frac = float(getattr(params, "threshold", 0.5))
+        frac = float(getattr(params, "threshold", MaskingParams.threshold))
         if not 0.0 < frac <= 1.0:
             raise ConfigError(f"secure_aggregation.masking.threshold: must be in (0, 1] (got {frac})")
         t = max(1, math.ceil(frac * k))
@@ -240,7 +241,7 @@ class MaskingMember:
             self_mask_commitment(self.cfg.round_id, self.name, self._self_seed),
             b"",
         )
-        return KeyAdvert(**{**unsigned.__dict__, "signature": self._identity.sign(unsigned.signed_payload())})
+        return dataclasses.replace(unsigned, signature=self._identity.sign(unsigned.signed_payload()))
 
     def share_keys(self, msg: NeighbourKeys) -> ShareKeys:
         self._enter("advertised", "shared", msg)
@@ -661,6 +662,8 @@ class MaskingSum(SecureSum):
                 "clip_range": cfg.quant.clip_range,
                 "quantization_error_bound": cfg.quant.sum_error_bound(len(outcome.contributors)),
                 "recovered_mask_keys": float(outcome.recovered_mask_keys),
+                "bytes_up_per_contributor": sum(up[n] for n in outcome.contributors) / len(outcome.contributors),
+                "bytes_down_per_contributor": sum(down[n] for n in outcome.contributors) / len(outcome.contributors),
             },
         )
         return SumResult(

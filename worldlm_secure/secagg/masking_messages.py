@@ -351,13 +351,14 @@ def pack_words(words: np.ndarray, bits: int) -> bytes:
     if bits not in (32, 64):
         words = words & dtype(2**bits - 1)
     if nbytes in _WIRE_DTYPES:
-        return words.astype(_WIRE_DTYPES[nbytes]).tobytes()
+        return words.astype(_WIRE_DTYPES[nbytes], copy=False).tobytes()
     size = np.dtype(dtype).itemsize
     return words.astype(f"<u{size}").view(np.uint8).reshape(-1, size)[:, :nbytes].tobytes()
 
 
 def unpack_words(payload: bytes, bits: int, length: int, *, who: str = "?") -> np.ndarray:
-    """Inverse of `pack_words` (a fresh, writable vector of `word_dtype(bits)`)."""
+    """Inverse of `pack_words`: a vector of `word_dtype(bits)` (a read-only view of ``payload`` when the
+    wire width equals the word width, so a 4-byte-per-value input is not copied)."""
     if not 2 <= bits <= 62:
         raise SecAggError(f"masked input from {who!r} declares {bits} bits (must be 2..62); refused")
     nbytes = (bits + 7) // 8
@@ -368,7 +369,7 @@ def unpack_words(payload: bytes, bits: int, length: int, *, who: str = "?") -> n
         )
     dtype = word_dtype(bits)
     if nbytes in _WIRE_DTYPES:
-        return np.frombuffer(payload, dtype=_WIRE_DTYPES[nbytes]).astype(dtype)
+        return np.frombuffer(payload, dtype=_WIRE_DTYPES[nbytes]).astype(dtype, copy=False)
     size = np.dtype(dtype).itemsize
     raw = np.zeros((length, size), dtype=np.uint8)
     raw[:, :nbytes] = np.frombuffer(payload, dtype=np.uint8).reshape(length, nbytes)
