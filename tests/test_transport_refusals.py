@@ -289,6 +289,29 @@ def test_oversized_chunk(world, caplog):
     channel.close()
 
 
+def test_message_above_the_grpc_limit(world, caplog):
+    """A chunk far above the cap is stopped by gRPC itself; we still log it and keep serving."""
+    pki, _e, server, _b, _g = world
+    channel = grpc.secure_channel(
+        server.target,
+        pki.credentials("site-a").channel_credentials(),
+        options=[("grpc.ssl_target_name_override", FED), ("grpc.max_send_message_length", 16 << 20)],
+    )
+    data = os.urandom(LIMITS.grpc_message_bytes + 1)
+    parts = _upload_parts(data, chunk=len(data))
+    parts[0].header.total_chunks = -(-len(data) // LIMITS.max_chunk_bytes)  # a header that passes
+    # gRPC drops the message; our reading of the stream then fails or ends early, depending on timing.
+    ways = ("GRPC_LAYER", "TRUNCATED")
+    before = sum(server.refusals[w] for w in ways)
+    with caplog.at_level(logging.WARNING, logger="worldlm_secure.transport"), pytest.raises(grpc.RpcError) as info:
+        pb_grpc.FederationStub(channel).UploadUpdate(iter(parts), timeout=5)
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert sum(server.refusals[w] for w in ways) == before + 1
+    assert any(f": {w}: " in r.getMessage() for r in caplog.records for w in ways)
+    assert_good_member_served(world)
+
+
 def test_more_chunks_than_declared(world, caplog):
     channel, stub = member_stub(world)
     parts = _upload_parts(os.urandom(40_000))

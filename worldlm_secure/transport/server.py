@@ -189,6 +189,9 @@ class FederationServer:
                 return fn(request, context)
             except Refused as refused:
                 self._refuse(context, method, refused)
+            except grpc.RpcError:
+                self._ended_by_grpc(context, method)
+                raise  # gRPC recognizes its own error and ends the call quietly with its status
             except Exception:
                 log.exception("%s from %s failed", method, context.peer())
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
@@ -207,6 +210,16 @@ class FederationServer:
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         return call
+
+    def _ended_by_grpc(self, context: grpc.ServicerContext, method: str) -> None:
+        """Reading a client stream failed below us: gRPC already ended the call with its own status."""
+        self.refusals["GRPC_LAYER"] += 1
+        log.warning(
+            "refused %s from %s: GRPC_LAYER: the request stream failed (a message above %d bytes, or the peer cancelled)",
+            method,
+            context.peer(),
+            self.config.limits.grpc_message_bytes,
+        )
 
     def _refuse(self, context: grpc.ServicerContext, method: str, refused: Refused) -> None:
         self.refusals[refused.reason_name] += 1
