@@ -9,7 +9,6 @@ import time
 import pytest
 
 from worldlm_secure.errors import TransportError
-from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.board import RoundBoard
 from worldlm_secure.transport.chunks import Payload
 from worldlm_secure.transport.client import RetryPolicy, SiteClient

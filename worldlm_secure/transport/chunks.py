@@ -90,7 +90,7 @@ class Payload:
         return h.digest()
 
     def to_bytes(self) -> bytes:
-        return b"".join(bytes(b) for b in self.buffers) if len(self.buffers) != 1 else bytes(self.buffers[0])
+        return b"".join(self.buffers)
 
     def as_tensors(self) -> dict[str, np.ndarray]:
         """The payload as named arrays (views, no copy, when the layout allows)."""
@@ -141,7 +141,7 @@ def _rechunk(buffers: Iterable[memoryview], size: int) -> Iterator[bytes]:
             pending_len += take
             pos += take
             if pending_len == size:
-                yield pending[0].tobytes() if len(pending) == 1 else b"".join(pending)
+                yield b"".join(pending)
                 pending, pending_len = [], 0
     if pending_len:
         yield b"".join(pending)

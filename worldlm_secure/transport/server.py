@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from worldlm_secure.errors import TransportError
 from worldlm_secure.identity import verify_signature
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.chunks import DEFAULT_CHUNK_BYTES, Assembler, TransferLimits, iter_parts
@@ -129,9 +130,12 @@ class FederationServer:
             ],
         )
         server.add_generic_rpc_handlers((self._handlers(),))
-        self.port = server.add_secure_port(self.config.bind, self.credentials.server_credentials())
+        try:
+            self.port = server.add_secure_port(self.config.bind, self.credentials.server_credentials())
+        except RuntimeError:  # newer gRPC raises instead of returning 0
+            self.port = 0
         if self.port == 0:
-            raise Refused(R.REFUSAL_UNAVAILABLE, f"cannot bind {self.config.bind}; choose a free address")
+            raise TransportError(f"cannot listen on {self.config.bind}: address in use or not local; choose another bind address")
         server.start()
         self._server = server
         log.info("federation %s serving on %s", self.name, self.target)
