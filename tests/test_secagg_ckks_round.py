@@ -304,6 +304,14 @@ def test_releasing_holder_and_confirmations():
     forged = dataclasses.replace(agg, integer_sums=agg.integer_sums + 1)
     with pytest.raises(SecAggError, match="does not confirm"):
         verify_aggregate(forged, pubs, ["m1", "m3"])
+    # the aggregator's own context, as the protocol runs it, cannot decrypt the sum it made
+    import tenseal as ts
+
+    pub = ss.public_context
+    assert not pub.has_secret_key() and not pub.has_galois_keys() and not pub.has_relin_keys()
+    agg_sum = ss._aggregator.summed()
+    with pytest.raises(ValueError, match="secret"):
+        ts.ckks_vector_from(pub, agg_sum.chunks[0]).decrypt()
     missing = dataclasses.replace(agg, confirmations=agg.confirmations[:1])
     with pytest.raises(SecAggError, match="no confirmation from key holder 'm3'"):
         verify_aggregate(missing, pubs, ["m1", "m3"])
