@@ -244,3 +244,15 @@ def test_tampered_mask_key_share_of_a_dropped_member_is_detected() -> None:
     responses[i] = dataclasses.replace(responses[i], mask_key_shares=((owner, Share(s.x, s.y ^ 1).to_bytes()),))
     with pytest.raises(SecAggError, match="mask key of 'erin' (does not match its advert|is not a valid secret)"):
         server.finish(responses)
+
+
+def test_low_order_round_key_from_a_malicious_member_is_refused_naming_it() -> None:
+    _, ids, members, server = _setup(label="low-order")
+    adverts = [m.advertise() for m in members.values()]
+    evil = dataclasses.replace(adverts[0], mask_public=bytes(32), signature=b"")
+    evil = dataclasses.replace(evil, signature=ids[evil.member].sign(evil.signed_payload()))  # validly signed
+    keys = server.collect_adverts([evil] + adverts[1:])
+    victim = next(n for n in NAMES if n != evil.member and evil.member in server.graph[n])
+    deliveries = server.collect_shares([members[n].share_keys(keys[n]) for n in keys])
+    with pytest.raises(SecAggError, match=f"X25519 public key of '{evil.member}' is invalid"):
+        members[victim].masked_input(deliveries[victim], np.zeros(3))

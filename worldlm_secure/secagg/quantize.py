@@ -105,23 +105,25 @@ def quantize(x: np.ndarray, spec: QuantizationSpec, *, rounding_seed: bytes | No
     noise = block[: 4 * _CHUNK].view("<u4")
     y = np.empty(_CHUNK)
     tmp = np.empty(_CHUNK)
-    whole = np.empty(_CHUNK, dtype=np.int64)
     over = np.empty(_CHUNK, dtype=bool)
     out = np.empty(x.size, dtype=spec.dtype)
+    # |floor(y + u)| <= limit + 1 < 2^(b-1), so the signed word of the same width holds it exactly, and its
+    # bits are the two's-complement residue: one float -> int conversion, written straight into `out`.
+    signed = out.view(np.int32 if spec.dtype == np.uint32 else np.int64)
     clipped = 0
     for start in range(0, x.size, _CHUNK):
         m = min(_CHUNK, x.size - start)
         xs, ys, ts = x[start : start + m], y[:m], tmp[:m]
-        np.abs(xs, out=ts)
-        clipped += int(np.count_nonzero(np.greater(ts, c, out=over[:m])))
         np.multiply(xs, scale, out=ys)
-        np.clip(ys, -limit, limit, out=ys)
+        if xs.max() > c or xs.min() < -c:  # two read-only reductions skip the clip pass in the usual case
+            np.abs(xs, out=ts)
+            clipped += int(np.count_nonzero(np.greater(ts, c, out=over[:m])))
+            np.clip(ys, -limit, limit, out=ys)
         stream.update_into(memoryview(zeros)[: 4 * m], block)
         np.multiply(noise[:m], 2.0**-32, out=ts)  # u ~ U[0, 1) with 32-bit resolution
         ys += ts
         np.floor(ys, out=ys)
-        np.copyto(whole[:m], ys, casting="unsafe")  # exact: |y| < 2^62
-        np.copyto(out[start : start + m], whole[:m], casting="unsafe")  # two's complement wrap into the word
+        np.copyto(signed[start : start + m], ys, casting="unsafe")
     return Quantized(out, clipped, clipped / x.size if x.size else 0.0)
 
 
