@@ -136,3 +136,11 @@ def test_secagg_to_a_recipient_outside_the_cohort_is_rejected(fed):
     with pytest.raises(Refused) as info:
         clients["site-c"].upload_update(Payload.from_bytes(b"u"), round_id=rid)
     assert info.value.reason_name == "REJECTED"
+
+
+def test_announcements_carry_the_cohorts_ca_bound_signing_keys(fed):
+    pki, _server, board, clients = fed
+    rid = board.current_round() + 1
+    board.announce(Announcement(rid, ("site-a", "site-b"), "masking"))
+    ann = next(clients["site-c"].watch_rounds(after_round=rid - 1))
+    assert dict(ann.peer_keys) == {m: pki.identity(m).public_bytes for m in ("site-a", "site-b")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 from worldlm_secure.transport.chunks import Payload
 from worldlm_secure.transport.federation_pb2 import RefusalReason as R
@@ -36,10 +37,17 @@ class RoundBoard(FederationHandler):
     # ---- driven by the federation's round logic ----
 
     def announce(self, announcement: Announcement, model: Payload | None = None) -> None:
-        """Open a round (ids strictly increase) and optionally publish the model it starts from."""
+        """Open a round (ids strictly increase) and optionally publish the model it starts from.
+
+        Without explicit ``peer_keys``, the announcement carries the CA-bound signing keys of the
+        enrolled cohort members, which secure aggregation uses to verify their signed round keys.
+        """
         with self._cond:
             if announcement.round_id <= self._round:
                 raise ValueError(f"round {announcement.round_id} must follow round {self._round}")
+            if not announcement.peer_keys:
+                keys = tuple((m, self._members[m].signing_public_key) for m in announcement.cohort if m in self._members)
+                announcement = replace(announcement, peer_keys=keys)
             self._round = announcement.round_id
             self._announcements[announcement.round_id] = announcement
             if model is not None:
