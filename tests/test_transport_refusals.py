@@ -383,3 +383,44 @@ def test_client_refusal_is_one_line_and_not_retried(world):
         client.heartbeat()
     client.close()
     assert info.value.reason_name == "NOT_IN_ROSTER" and "\n" not in str(info.value)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    op=st.sampled_from(["drop", "duplicate", "swap", "flip", "cut", "grow_total", "shrink_total"]),
+    size=st.integers(1, 150_000),
+    where=st.integers(0, 10**6),
+)
+def test_tampered_secagg_streams_are_refused_and_never_delivered(world, op, size, where):
+    pki, _e, _server, board, good = world
+    header = pb.TransferHeader(
+        envelope=make_envelope("site-a", ROUND), kind=pb.PAYLOAD_KIND_SECAGG, secagg_kind=pb.SECAGG_MASKING_ADVERTISE_KEYS
+    )
+    parts = list(iter_parts(header, Payload.from_bytes(os.urandom(size)), 16 << 10))
+    chunks = parts[1:]
+    i = where % len(chunks)
+    if op == "drop":
+        del chunks[i]
+    elif op == "duplicate":
+        chunks.insert(i, chunks[i])
+    elif op == "swap" and len(chunks) > 1:
+        j = (i + 1) % len(chunks)
+        chunks[i], chunks[j] = chunks[j], chunks[i]
+    elif op == "flip" or op == "swap":
+        data = bytearray(chunks[i].chunk.data)
+        data[where % len(data)] ^= 0x80
+        chunks[i] = pb.TransferPart(chunk=pb.ChunkData(index=chunks[i].chunk.index, data=bytes(data)))
+    elif op == "cut":
+        last = chunks[-1]
+        chunks[-1] = pb.TransferPart(chunk=pb.ChunkData(index=last.chunk.index, data=last.chunk.data[: max(0, len(last.chunk.data) - 1 - where % 7)]))
+    elif op == "grow_total":
+        parts[0].header.total_bytes += 1 + where % 1000
+    else:
+        parts[0].header.total_bytes -= 1 + where % min(size, 1000)
+    delivered = len(board.secagg_received(ROUND))
+    channel, stub = member_stub(world)
+    code, refused = refusal_of(lambda: stub.SendSecAgg(iter([parts[0], *chunks]), timeout=5))
+    channel.close()
+    assert refused.reason_name in {"TRUNCATED", "INTEGRITY", "OVERSIZED", "MALFORMED"}, refused
+    assert len(board.secagg_received(ROUND)) == delivered  # nothing reached the round logic
+    assert good.heartbeat() == ROUND
