@@ -77,13 +77,24 @@ def test_any_threshold_shares_reconstruct(n: int, data: st.DataObject) -> None:
             shamir.combine(subset[: t - 1], t)
 
 
-def test_fewer_than_threshold_shares_are_consistent_with_any_secret() -> None:
-    # t-1 shares plus one more point through ANY chosen secret define a valid polynomial: they fix nothing.
-    secret, other = os.urandom(32), os.urandom(32)
-    shares = shamir.split(secret, [1, 2, 3], 3)
-    forged = shamir.split(other, [1, 2, 3], 3)
-    assert shamir.combine(shares, 3) != shamir.combine(forged, 3)
-    assert {s.x for s in shares[:2]} == {s.x for s in forged[:2]}
+def test_fewer_than_threshold_shares_fit_every_secret() -> None:
+    # Any t-1 shares plus ANY candidate secret lie on one polynomial of degree t-1: they pin nothing down.
+    p = shamir.PRIME
+    known = shamir.split(os.urandom(32), [1, 2, 5], 3)[:2]
+    candidate = os.urandom(32)
+    pts = [(0, int.from_bytes(candidate, "big"))] + [(s.x, s.y) for s in known]
+
+    def at(x: int) -> int:  # Lagrange evaluation of the polynomial through pts
+        total = 0
+        for i, (xi, yi) in enumerate(pts):
+            num = den = 1
+            for j, (xj, _) in enumerate(pts):
+                if i != j:
+                    num, den = num * (x - xj) % p, den * (xi - xj) % p
+            total = (total + yi * num * pow(den, -1, p)) % p
+        return total
+
+    assert shamir.combine(known + [shamir.Share(5, at(5))], 3) == candidate
 
 
 def test_tampered_share_is_caught_or_changes_secret() -> None:
