@@ -14,13 +14,6 @@ from worldlm_secure.policy.compose import EffectivePolicy, compose
 from worldlm_secure.policy.schema import MEMBERS, Policy
 
 
-class _Node(Protocol):
-    name: str
-    kind: str
-    parent: str | None
-    children: tuple[str, ...]
-
-
 class _World(Protocol):
     """What `check_world` needs of `federation.world.World`."""
 
@@ -36,7 +29,8 @@ def check_world(
 
     Checks, for every node below the root:
     - its chain up to the root composes, and so does its chain up to its parent (key layers);
-    - its parent may receive its shared layers (and, for a site under a federation, its key layers);
+    - its parent may receive its shared layers (a site's federation also its key layers, and a
+      federation's parent its residual embeddings when residuals are allowed);
     - siblings (one aggregation round) have a protocol in common (`plan_round`);
     - the parent has at least min_cohort children, so a round can ever be released;
     - CKKS key holders other than 'members' are nodes of the world.
@@ -64,12 +58,14 @@ def check_world(
         up = compose(full)
         effective[(name, chain[-1].name)] = up
         _check_destination(up, full, name, node.parent, "shared")
+        if node.children and up.residuals.allowed:  # a federation sends residual embeddings to its parent
+            _check_destination(up, full, name, node.parent, "residual")
         parent = world.nodes[node.parent]
         if parent.parent is not None:  # a federation: key layers stop there
             to_parent = compose(full[:2])
             effective[(name, node.parent)] = to_parent
             _check_destination(to_parent, full[:2], name, node.parent, "key")
-        for holder in up.secure_aggregation.ckks.key_holders if up.secure_aggregation.protocol == "ckks" else ():
+        for holder in up.secure_aggregation.ckks.key_holders if "ckks" in up.secure_aggregation.acceptable else ():
             if holder != MEMBERS and holder not in world.nodes:
                 raise PolicyError(
                     f"{up.sources.get('secure_aggregation.ckks.key_holders', full[0].source)} "
@@ -78,11 +74,9 @@ def check_world(
                 )
 
     for name, node in world.nodes.items():
-        kids = [c for c in node.children]
-        if not kids:
-            continue
-        for final in {k_final for k in kids for (n, k_final) in effective if n == k}:
-            _check_round(world, name, [k for k in kids if (k, final) in effective], final, effective, cache)
+        kids = list(node.children)
+        for final in sorted({f for (n, f) in effective if n in kids}):
+            _check_round(world, name, [k for k in kids if (k, final) in effective], final, effective)
     return effective
 
 
@@ -104,7 +98,6 @@ def _check_round(
     members: Sequence[str],
     final: str,
     effective: dict[tuple[str, str], EffectivePolicy],
-    cache: dict[str, Policy],
 ) -> None:
     from worldlm_secure.policy.round import plan_round
 

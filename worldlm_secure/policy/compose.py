@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,7 +38,6 @@ from worldlm_secure.policy.schema import (
 
 _LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}
 _NEEDS_MASKING = {"distributed_discrete_gaussian", "distributed_skellam"}  # integer-domain noise
-T = TypeVar("T")
 
 
 class _Frozen(BaseModel):

@@ -52,9 +52,18 @@ class Sourced:
     where: dict[FieldPath, tuple[str, int]] = field(default_factory=dict)
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_$*-]+$")
+
+
+def dotted(path: FieldPath) -> str:
+    """`("a", 0, "b")` -> `a.0.b`; keys that are not plain words are quoted (`a.'x y'`)."""
+    return ".".join(str(p) if isinstance(p, int) or _PLAIN_KEY.match(str(p)) else repr(str(p)) for p in path)
+
+
 def _fail(file: str, line: int | None, path: str, message: str) -> PolicyError:
     loc = f"{file}:{line}" if line else file
-    return PolicyError(f"{loc} {path}: {message}" if path else f"{loc}: {message}")
+    text = f"{loc} {path}: {message}" if path else f"{loc}: {message}"
+    return PolicyError(text.replace("\r", "\\r").replace("\n", "\\n"))  # always one line
 
 
 def _tuples(value: Any) -> Any:
@@ -71,7 +80,7 @@ def _index_lines(node: yaml.Node, file: str, prefix: FieldPath, out: dict[FieldP
         for key_node, value_node in node.value:
             key = key_node.value
             if key in seen:
-                raise _fail(file, key_node.start_mark.line + 1, ".".join(map(str, prefix + (key,))),
+                raise _fail(file, key_node.start_mark.line + 1, dotted(prefix + (key,)),
                             "key appears twice; keep one")
             seen.add(key)
             out[prefix + (key,)] = (file, key_node.start_mark.line + 1)
@@ -91,8 +100,9 @@ def parse_yaml(path: Path) -> Sourced:
         raise PolicyError(f"{file}: no such policy file; check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"{file}: cannot read ({exc.__class__.__name__}); give a readable UTF-8 YAML file") from None
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)
         node = loader.get_single_node()
         if node is None:
             raise _fail(file, None, "", "empty file; a policy needs apiVersion, kind, name and jurisdiction")
@@ -104,12 +114,17 @@ def parse_yaml(path: Path) -> Sourced:
         line = mark.line + 1 if mark else None
         problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
         raise _fail(file, line, "", f"YAML syntax error: {problem}; fix the indentation or quoting") from None
+    except yaml.reader.ReaderError as exc:
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise _fail(file, None, "", f"YAML error: character {char} at offset {exc.position} is not allowed; "
+                    "remove it") from None
     except yaml.YAMLError as exc:
         raise _fail(file, None, "", f"YAML error: {' '.join(str(exc).split())}") from None
     except RecursionError:
         raise _fail(file, None, "", "YAML nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise _fail(file, where[()][1], "", f"a policy must be a YAML mapping (got {type(data).__name__})")
     bad_key = next((k for k in data if not isinstance(k, str)), None)
@@ -184,13 +199,13 @@ def _clean_path(loc: tuple[Any, ...], data: Any) -> FieldPath:
         elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
             out.append(part)
             node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and not out_has_tag(part):
+        elif isinstance(node, dict) and isinstance(part, str) and not _is_tag(part):
             out.append(part)  # a missing or unknown key: still part of the path
             node = None
     return tuple(out)
 
 
-def out_has_tag(part: str) -> bool:
+def _is_tag(part: str) -> bool:
     # pydantic names union members / validators like "int", "literal['auto']", "function-after[...]"
     return "[" in part or part in {"int", "float", "str", "bool", "tuple", "dict", "list", "none"}
 
@@ -264,7 +279,7 @@ def format_validation_error(exc: ValidationError, src: Sourced, path: Path) -> P
     if more:
         message += f" [+{more} more problem{'s' if more > 1 else ''}]"
     file, line = _locate(fpath, src, str(path))
-    return _fail(file, line, ".".join(map(str, fpath)), message)
+    return _fail(file, line, dotted(fpath), message)
 
 
 def _locate(fpath: FieldPath, src: Sourced, default_file: str) -> tuple[str, int | None]:
