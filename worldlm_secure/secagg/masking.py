@@ -25,7 +25,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -48,7 +48,6 @@ from worldlm_secure.secagg.masking_messages import (
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
-    decode,
     pack_words,
 )
 from worldlm_secure.secagg.protocol import DropoutPlan, MemberInput, ProtectionStats, SecureSum, SumResult
@@ -63,6 +62,7 @@ from worldlm_secure.secagg.quantize import (
 logger = logging.getLogger(__name__)
 
 Entropy = Callable[[int], bytes]
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -545,7 +545,7 @@ def drive_round(
     *,
     record: bool = False,
 ) -> RoundTrace:
-    """Run one round among in-process members; every message goes through `to_bytes` and `decode`.
+    """Run one round among in-process members; every message goes through `to_bytes` and `from_bytes`.
 
     Members in ``dropouts`` vanish at their stage: before advertising keys, after sharing keys, or after
     sending their masked input (they then never answer the unmask request).
@@ -556,42 +556,40 @@ def drive_round(
     clock = {"member": 0.0, "server": 0.0}
     wire: list[tuple[str, bytes]] = []
 
-    def member_step(name: str, fn: Callable[[], Message]) -> Message:
+    def member_step(name: str, fn: Callable[[], M]) -> M:
         start = time.perf_counter()
-        data = fn().to_bytes()
+        msg = fn()
+        data = msg.to_bytes()
         clock["member"] += time.perf_counter() - start
         up[name] += len(data)
         if record:
             wire.append((name, data))
-        return decode(data)
+        return type(msg).from_bytes(data)  # the receiver works on what came over the wire
 
-    def server_step(fn: Callable[[], Mapping[str, Message]]) -> dict[str, Message]:
+    def server_step(fn: Callable[[], Mapping[str, M]]) -> dict[str, M]:
         start = time.perf_counter()
-        out = {n: m.to_bytes() for n, m in fn().items()}
+        msgs = fn()
+        out = {n: m.to_bytes() for n, m in msgs.items()}
         clock["server"] += time.perf_counter() - start
         for n, data in out.items():
             down[n] += len(data)
             if record:
                 wire.append(("aggregator", data))
-        return {n: decode(data) for n, data in out.items()}
+        return {n: type(msgs[n]).from_bytes(data) for n, data in out.items()}
 
     adverts = [member_step(n, members[n].advertise) for n in names if n not in dropouts.before_keys]
-    keys = server_step(lambda: server.collect_adverts(adverts))  # type: ignore[arg-type]
-    shares = [member_step(n, lambda n=n: members[n].share_keys(keys[n])) for n in keys]  # type: ignore[arg-type]
-    deliveries = server_step(lambda: server.collect_shares(shares))  # type: ignore[arg-type]
+    keys = server_step(lambda: server.collect_adverts(adverts))
+    shares = [member_step(n, lambda n=n: members[n].share_keys(keys[n])) for n in keys]
+    deliveries = server_step(lambda: server.collect_shares(shares))
     masked = [
-        member_step(n, lambda n=n: members[n].masked_input(deliveries[n], vectors[n]))  # type: ignore[arg-type]
+        member_step(n, lambda n=n: members[n].masked_input(deliveries[n], vectors[n]))
         for n in deliveries
         if n not in dropouts.after_keys
     ]
-    requests = server_step(lambda: server.collect_masked(masked))  # type: ignore[arg-type]
-    responses = [
-        member_step(n, lambda n=n: members[n].unmask(requests[n]))  # type: ignore[arg-type]
-        for n in requests
-        if n not in dropouts.after_input
-    ]
+    requests = server_step(lambda: server.collect_masked(masked))
+    responses = [member_step(n, lambda n=n: members[n].unmask(requests[n])) for n in requests if n not in dropouts.after_input]
     start = time.perf_counter()
-    outcome = server.finish(responses)  # type: ignore[arg-type]
+    outcome = server.finish(responses)
     clock["server"] += time.perf_counter() - start
     return RoundTrace(outcome, up, down, clock["member"], clock["server"], wire)
 
