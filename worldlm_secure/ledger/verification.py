@@ -25,7 +25,7 @@ from worldlm_secure.errors import LedgerError
 from worldlm_secure.identity import verify_signature
 from worldlm_secure.ledger.entry import GENESIS_HASH, LedgerEntry, entry_from_body
 from worldlm_secure.ledger.store import FORMAT, head_message, read_ledger_file
-from worldlm_secure.privacy.accountant import MechanismStep, epsilon_of
+from worldlm_secure.privacy.accountant import MechanismStep, epsilon_from_rdp, epsilon_of, rdp_curve
 
 EPS_REL_TOL = 1e-6  # recomputation must agree to this relative precision (same code, same inputs)
 
@@ -91,6 +91,7 @@ def verify(path: Path | str, *, expected_public_key: str | None = None, recomput
         return report(Problem(None, "", "meta.public_key is not hex"))
 
     histories: dict[str, list[MechanismStep]] = {}
+    curves: dict[str, list[float]] = {}
     stream_params: dict[str, tuple[float, str]] = {}
     checked_policies: dict[str, str | None] = {}
     prev = GENESIS_HASH
@@ -124,7 +125,7 @@ def verify(path: Path | str, *, expected_public_key: str | None = None, recomput
         if why:
             return bad(why, e)
         if recompute and e.dp_level != "none":
-            why = _check_epsilon(e, histories, stream_params)
+            why = _check_epsilon(e, histories, curves, stream_params)
             if why:
                 return bad(why, e)
             spent[e.stream] = float(e.epsilon_cumulative or 0.0)
@@ -186,7 +187,10 @@ def _check_policy(e: LedgerEntry, policies: dict[str, bytes], cache: dict[str, s
 
 
 def _check_epsilon(
-    e: LedgerEntry, histories: dict[str, list[MechanismStep]], stream_params: dict[str, tuple[float, str]]
+    e: LedgerEntry,
+    histories: dict[str, list[MechanismStep]],
+    curves: dict[str, list[float]],
+    stream_params: dict[str, tuple[float, str]],
 ) -> str | None:
     if e.epsilon is None or e.epsilon_cumulative is None:
         return "a DP release without epsilon / epsilon_cumulative"
@@ -197,7 +201,12 @@ def _check_epsilon(
     try:
         alone = epsilon_of([step], e.delta, e.accountant)
         hist = histories.setdefault(e.stream, [])
-        cumulative = epsilon_of([*hist, step], e.delta, e.accountant)
+        curve = None
+        if e.accountant == "rdp":  # replay incrementally: RDP curves add
+            curve = rdp_curve([step], curves.get(e.stream))
+            cumulative = epsilon_from_rdp(curve, e.delta)
+        else:
+            cumulative = epsilon_of([*hist, step], e.delta, e.accountant)
     except LedgerError as exc:  # pragma: no cover - accountant errors are PolicyErrors
         return str(exc)
     except Exception as exc:  # a bad recorded parameter (e.g. sample_rate 0) makes the accountant refuse
@@ -212,4 +221,6 @@ def _check_epsilon(
     if e.epsilon_budget is not None and e.epsilon_cumulative > e.epsilon_budget:
         return f"cumulative ε={e.epsilon_cumulative:.4g} exceeds the budget ε={e.epsilon_budget:.4g}"
     hist.append(step)
+    if curve is not None:
+        curves[e.stream] = curve
     return None

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
@@ -81,9 +82,11 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     return epsilon_of([MechanismStep(noise_multiplier, sample_rate, steps)], delta, accountant)
 
 
-def rdp_curve(history: Sequence[MechanismStep]) -> list[float]:
-    """The RDP ε(α) at `RDP_ORDERS` of the composition (for reports and incremental accounting)."""
-    total = [0.0] * len(RDP_ORDERS)
+def rdp_curve(history: Sequence[MechanismStep], start: Sequence[float] | None = None) -> list[float]:
+    """The RDP ε(α) at `RDP_ORDERS` of the composition, optionally added to a `start` curve
+    (incremental accounting: one `compute_rdp` per new step instead of replaying the stream)."""
+    _check("rdp", 0.5, history)
+    total = list(start) if start is not None else [0.0] * len(RDP_ORDERS)
     for s in history:
         if s.steps:
             r = rdp_analysis.compute_rdp(
@@ -91,6 +94,15 @@ def rdp_curve(history: Sequence[MechanismStep]) -> list[float]:
             )
             total = [a + float(b) for a, b in zip(total, r)]
     return total
+
+
+def epsilon_from_rdp(curve: Sequence[float], delta: float) -> float:
+    """ε at δ of an RDP curve at `RDP_ORDERS` (Opacus' conversion, as RDPAccountant uses)."""
+    _check("rdp", delta, [])
+    if not any(curve):
+        return 0.0
+    eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=np.asarray(curve), delta=delta)
+    return float(eps)
 
 
 def derive_noise_multiplier(

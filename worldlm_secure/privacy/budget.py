@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from worldlm_secure.errors import BudgetExceeded, PolicyError
-from worldlm_secure.privacy.accountant import MechanismStep, epsilon_of
+from worldlm_secure.privacy.accountant import MechanismStep, epsilon_from_rdp, epsilon_of, rdp_curve
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,14 @@ class BudgetTracker:
         self.accountant = accountant
         self.stream = stream
         self._history: list[MechanismStep] = list(history)
-        self._spent = epsilon_of(self._history, self.delta, accountant)
+        # RDP composes by adding curves: keep the running curve so a charge costs one step, not a replay.
+        self._curve = rdp_curve(self._history) if accountant == "rdp" else None
+        self._spent = self._epsilon(self._history, self._curve)
+
+    def _epsilon(self, history: Sequence[MechanismStep], curve: list[float] | None) -> float:
+        if curve is not None:
+            return epsilon_from_rdp(curve, self.delta)
+        return epsilon_of(history, self.delta, self.accountant)
 
     @classmethod
     def from_entries(
@@ -75,17 +82,22 @@ class BudgetTracker:
 
     def preview(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> Charge:
         """What a release would cost, without recording it."""
+        c, _ = self._preview(noise_multiplier, sample_rate, steps)
+        return c
+
+    def _preview(self, noise_multiplier: float, sample_rate: float, steps: int) -> tuple[Charge, list[float] | None]:
         step = MechanismStep(float(noise_multiplier), float(sample_rate), int(steps))
         alone = epsilon_of([step], self.delta, self.accountant)
-        cumulative = epsilon_of([*self._history, step], self.delta, self.accountant)
+        curve = rdp_curve([step], self._curve) if self._curve is not None else None
+        cumulative = self._epsilon([*self._history, step], curve)
         return Charge(
             self.stream, step.noise_multiplier, step.sample_rate, step.steps, self.delta,
             self.accountant, alone, cumulative, self.budget,
-        )
+        ), curve
 
     def charge(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> Charge:
         """Record a release, or raise BudgetExceeded (recording nothing) if it would exceed the budget."""
-        c = self.preview(noise_multiplier, sample_rate, steps)
+        c, curve = self._preview(noise_multiplier, sample_rate, steps)
         if c.epsilon_cumulative > self.budget:
             raise BudgetExceeded(
                 f"release refused on stream {self.stream!r}: spent ε={self._spent:.4g}, requested ε={c.epsilon:.4g} "
@@ -93,5 +105,6 @@ class BudgetTracker:
                 "stop releasing on this stream, raise noise_multiplier, or raise the policy's epsilon_budget"
             )
         self._history.append(MechanismStep(c.noise_multiplier, c.sample_rate, c.steps))
+        self._curve = curve
         self._spent = c.epsilon_cumulative
         return c
