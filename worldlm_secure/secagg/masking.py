@@ -643,12 +643,13 @@ class MaskingSum(SecureSum):
         members = {n: MaskingMember(ids[n], cfg, entropy=self._entropy) for n in names}
         trace = drive_round(members, MaskingAggregator(cfg), {m.member: m.vector for m in inputs}, dropouts)
         outcome, up, down = trace.outcome, trace.bytes_up, trace.bytes_down
-        active = [n for n in names if up[n] > 0]
         d = next(iter(sizes))[0]
+        contributors = outcome.contributors
         stats = ProtectionStats(
             protocol=self.name,
-            bytes_up_per_member=sum(up.values()) / max(1, len(active)),
-            bytes_down_per_member=sum(down.values()) / max(1, len(active)),
+            # what one contributing member sends and receives, averaged over the contributors
+            bytes_up_per_member=sum(up[n] for n in contributors) / len(contributors),
+            bytes_down_per_member=sum(down[n] for n in contributors) / len(contributors),
             expansion=cfg.quant.wire_bytes * (d + 1) / (4.0 * max(1, d)),
             clipped_fraction=outcome.clipped_fraction,
             member_seconds=trace.member_seconds,
@@ -660,8 +661,8 @@ class MaskingSum(SecureSum):
                 "clip_range": cfg.quant.clip_range,
                 "quantization_error_bound": cfg.quant.sum_error_bound(len(outcome.contributors)),
                 "recovered_mask_keys": float(outcome.recovered_mask_keys),
-                "bytes_up_per_contributor": sum(up[n] for n in outcome.contributors) / len(outcome.contributors),
-                "bytes_down_per_contributor": sum(down[n] for n in outcome.contributors) / len(outcome.contributors),
+                "bytes_up_total": float(sum(up.values())),  # including members that dropped
+                "bytes_down_total": float(sum(down.values())),
             },
         )
         return SumResult(
