@@ -120,3 +120,13 @@ def test_unknown_ckks_key_holder(tmp_path: Path) -> None:
     path = _three(tmp_path, ("healthcare", [hc, hc, hc]), name="health")
     with pytest.raises(PolicyError, match="trusted-hospital"):
         check_world(load_world(path, check_policies=False))
+
+
+def test_ckks_parameters_the_implementation_cannot_use(tmp_path: Path) -> None:
+    # valid as a policy (scale below the inner moduli) but CKKS noise would swamp the packed integers
+    noisy = _variant(tmp_path, "healthcare", "hc-noisy", "scale_bits: 40", "scale_bits: 10")
+    path = _three(tmp_path, ("healthcare", [noisy] * 3), name="health")
+    with pytest.raises(PolicyError) as info:
+        check_world(load_world(path, check_policies=False))
+    msg = str(info.value)
+    assert "hc-noisy.yaml" in msg and "scale_bits" in msg and "\n" not in msg

@@ -104,6 +104,8 @@ def _check_round(
     if not members:
         return
     plan = plan_round({m: effective[(m, final)] for m in members})
+    if plan.protocol == "ckks":
+        _check_ckks_usable(plan, parent, members, final, effective)
     if len(members) < plan.min_cohort:
         src = next(
             effective[(m, final)].sources["secure_aggregation.min_cohort"]
@@ -114,3 +116,21 @@ def _check_round(
             f"{src} secure_aggregation.min_cohort: {plan.min_cohort} contributors required but {parent!r} has only "
             f"{len(members)} children in {getattr(world, 'path', 'the world')}; add members or lower min_cohort"
         )
+
+
+def _check_ckks_usable(
+    plan: Any, parent: str, members: Sequence[str], final: str, effective: dict[tuple[str, str], EffectivePolicy]
+) -> None:
+    """Run the CKKS implementation's own parameter checks now (noise budget, slot width) for this round."""
+    try:
+        from worldlm_secure.secagg.ckks_params import CkksParams as ImplParams
+    except ImportError:  # pragma: no cover - the CKKS module is part of the package
+        return
+    from worldlm_secure.errors import ConfigError
+
+    try:
+        impl = ImplParams.from_policy(plan.ckks)
+        impl.check_cohort(len(members))
+    except ConfigError as exc:
+        where = effective[(members[0], final)].sources.get("secure_aggregation.ckks.scale_bits", "")
+        raise PolicyError(f"{where} {exc} (round at {parent!r} with {len(members)} members)") from None

@@ -262,6 +262,8 @@ def compose(chain: Sequence[Policy]) -> EffectivePolicy:
         scale_bits=ckks_from.secure_aggregation.ckks.scale_bits,
         key_holders=b.nearest("secure_aggregation.ckks.key_holders"),
         rotate_every_rounds=b.pick("secure_aggregation.ckks.rotate_every_rounds", lambda a, c: a < c),
+        clip_range=b.nearest("secure_aggregation.ckks.clip_range"),
+        value_bits=b.pick("secure_aggregation.ckks.value_bits", lambda a, c: a > c),
     )
     for f in ("coeff_mod_bit_sizes", "scale_bits"):
         src[f"secure_aggregation.ckks.{f}"] = ckks_from.where(f"secure_aggregation.ckks.{f}")

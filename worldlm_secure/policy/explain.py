@@ -118,7 +118,8 @@ def explain(policy: Policy) -> str:
         lines.append(
             f"With CKKS (ring degree {c.poly_modulus_degree}, moduli {list(c.coeff_mod_bit_sizes)} bits, scale 2^"
             f"{c.scale_bits}), only {holders} hold the secret key, never the aggregator; keys are renewed every "
-            f"{c.rotate_every_rounds} rounds."
+            f"{c.rotate_every_rounds} rounds; values are quantized to {c.value_bits} bits within ±{c.clip_range:g} "
+            "and the share of clipped values is logged."
         )
     out.append("Secure aggregation. " + " ".join(lines))
 

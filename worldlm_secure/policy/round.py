@@ -102,6 +102,8 @@ def plan_round(members: Mapping[str, EffectivePolicy]) -> RoundPlan:
         scale_bits=widest.ckks.scale_bits,
         key_holders=sas[0].ckks.key_holders,
         rotate_every_rounds=min(s.ckks.rotate_every_rounds for s in sas),
+        clip_range=max(s.ckks.clip_range for s in sas),
+        value_bits=max(s.ckks.value_bits for s in sas),
     )
     return RoundPlan(
         protocol=protocol,

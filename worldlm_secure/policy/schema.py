@@ -81,13 +81,19 @@ class CkksParams(_Strict):
     coeff_mod_bit_sizes: tuple[int, ...] = Field(
         default=(60, 40, 40, 60), min_length=2, description="Bit sizes of the coefficient moduli chain."
     )
-    scale_bits: int = Field(default=40, ge=20, le=60, description="log2 of the encoding scale.")
+    scale_bits: int = Field(default=40, ge=10, le=60, description="log2 of the encoding scale.")
     key_holders: tuple[str, ...] = Field(
         default=(MEMBERS,),
         min_length=1,
         description="Nodes that hold the secret key; 'members' = every contributing member, never the aggregator.",
     )
     rotate_every_rounds: int = Field(default=10, ge=1, description="Generate a fresh key pair every this many rounds.")
+    clip_range: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Values are quantized within [-clip_range, clip_range] before packing; the clipped fraction is reported.",
+    )
+    value_bits: int = Field(default=20, ge=2, le=40, description="Quantization bits per value before packing.")
 
     @field_validator("coeff_mod_bit_sizes")
     @classmethod
