@@ -48,6 +48,7 @@ def _epsilon_plot(reports: Sequence[VerifyReport]) -> str | None:
         budget = pts[-1][2]
         if budget is not None:
             ax.axhline(budget, color=color, ls="--", lw=1)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (dashed: budget)")
     ax.set_title("Privacy spent per node and stream")

@@ -58,6 +58,11 @@ class DistributedIntegerMechanism(NoiseMechanism):
         """Std of the total noise in the released sum, in parameter units (for utility estimates)."""
         return math.sqrt(contributors * self.member_variance(plan)) * float(plan.quant_step or 0.0)
 
+    def noise_bound(self, plan: NoisePlan, contributors: int, sigmas: float = 8.0) -> float:
+        """|total noise| per coordinate stays below this (integer units) except with prob. ~1e-15 at 8σ:
+        the headroom the masking quantizer must leave in Z_2^b so the noisy sum does not wrap."""
+        return sigmas * math.sqrt(contributors * self.member_variance(plan))
+
     def _check_contributors(self, contributors: int) -> None:
         if contributors < 1:
             raise PolicyError("distributed noise: at least one member must contribute to a release")
