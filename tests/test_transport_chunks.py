@@ -125,3 +125,13 @@ def test_big_endian_input_is_sent_little_endian():
     arr = np.arange(10, dtype=">f8")
     got = receive(send(Payload.from_tensors({"x": arr}), 16)).as_tensors()["x"]
     assert got.dtype == np.dtype("<f8") and np.array_equal(got, arr)
+
+
+def test_received_payloads_are_read_only_and_carry_their_verified_digest():
+    arr = np.arange(1000, dtype=np.float32)
+    got = receive(send(Payload.from_tensors({"x": arr}), 1000))
+    x = got.as_tensors()["x"]
+    assert not x.flags.writeable
+    with pytest.raises(ValueError):
+        x[0] = 1.0
+    assert got.sha256() == Payload(got.buffers, got.tensors).sha256() == Payload.from_tensors({"x": arr}).sha256()

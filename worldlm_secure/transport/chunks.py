@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,10 +56,15 @@ class TensorLayout:
 
 @dataclass(frozen=True)
 class Payload:
-    """Bytes to move, as one or more buffers, optionally described as named tensors in order."""
+    """Bytes to move, as one or more buffers, optionally described as named tensors in order.
+
+    A received payload is read-only (its arrays too: copy before changing them) and carries the
+    SHA-256 it was verified against, so `sha256()` costs nothing.
+    """
 
     buffers: tuple[memoryview, ...]
     tensors: tuple[TensorLayout, ...] = ()
+    verified_sha256: bytes | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Payload":
@@ -84,6 +89,8 @@ class Payload:
         return sum(b.nbytes for b in self.buffers)
 
     def sha256(self) -> bytes:
+        if self.verified_sha256 is not None:
+            return self.verified_sha256
         h = hashlib.sha256()
         for b in self.buffers:
             h.update(b)
@@ -188,7 +195,7 @@ class Assembler:
             )
         if self._hash.digest() != self.header.sha256:
             raise Refused(R.REFUSAL_INTEGRITY, "SHA-256 of the received data does not match the header")
-        return Payload((memoryview(self._buf),), self.tensors)
+        return Payload((memoryview(self._buf).toreadonly(),), self.tensors, self.header.sha256)
 
 
 def check_header(header: pb.TransferHeader, limits: TransferLimits) -> tuple[TensorLayout, ...]:

@@ -316,8 +316,13 @@ class FederationServer:
         header = pb.TransferHeader(envelope=self._envelope(req.envelope.round_id), kind=pb.PAYLOAD_KIND_MODEL)
         yield from iter_parts(header, payload, self.config.chunk_bytes)
 
-    def _receive(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> tuple[PeerCertificate, Inbound, pb.TransferHeader]:
-        """Admit the header, then assemble and verify the chunks of one transfer."""
+    def _receive(
+        self,
+        request_iterator: Iterator[Any],
+        context: grpc.ServicerContext,
+        check_kind: Callable[[pb.TransferHeader, PeerCertificate], None],
+    ) -> Inbound:
+        """Admit the header and its kind (before any data), then assemble and verify the chunks."""
         peer = self._peer(context)
         first = next(request_iterator, None)
         if first is None:
@@ -327,6 +332,7 @@ class FederationServer:
             raise Refused(R.REFUSAL_MALFORMED, "a transfer must start with its header")
         header = first.header
         self._admit(peer, header.envelope, round_scoped=True, enrolled=True)
+        check_kind(header, peer)
         assembler = Assembler(header, self.config.limits)
         for part in request_iterator:
             part = _parsed(part)
@@ -334,33 +340,30 @@ class FederationServer:
                 raise Refused(R.REFUSAL_MALFORMED, "only chunks may follow a transfer header")
             assembler.feed(part.chunk)
         payload = assembler.finish()
-        inbound = Inbound(peer.name, header.envelope.round_id, header.kind, header.secagg_kind, header.recipient, payload)
-        return peer, inbound, header
+        return Inbound(peer.name, header.envelope.round_id, header.kind, header.secagg_kind, header.recipient, payload)
+
+    def _receipt(self, inbound: Inbound) -> pb.Receipt:
+        """What we received (the digest was verified on arrival, so this is free)."""
+        return pb.Receipt(envelope=self._envelope(inbound.round_id), total_bytes=inbound.payload.nbytes, sha256=inbound.payload.sha256())
 
     def _upload_update(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> pb.Receipt:
-        peer, inbound, header = self._receive(request_iterator, context)
-        if header.kind == pb.PAYLOAD_KIND_UPDATE_PLAIN:
-            if header.secagg_kind or header.recipient:
-                raise Refused(R.REFUSAL_MALFORMED, "a plain update has no secagg_kind or recipient")
-        elif header.kind == pb.PAYLOAD_KIND_UPDATE_PROTECTED:
-            if header.secagg_kind not in _UPDATE_SECAGG_KINDS or header.recipient:
-                raise Refused(R.REFUSAL_MALFORMED, f"a protected update needs secagg_kind MASKED_INPUT or CKKS_CIPHERTEXT (got {header.secagg_kind})")
-        else:
-            raise Refused(R.REFUSAL_MALFORMED, f"UploadUpdate carries update kinds only (got kind {header.kind})")
+        inbound = self._receive(request_iterator, context, _check_update_kind)
         self.handler.on_update(inbound)
-        log.info("update from %s for round %d: %d bytes", peer.name, inbound.round_id, header.total_bytes)
-        return pb.Receipt(envelope=self._envelope(inbound.round_id), total_bytes=header.total_bytes, sha256=header.sha256)
+        log.info("update from %s for round %d: %d bytes", inbound.sender, inbound.round_id, inbound.payload.nbytes)
+        return self._receipt(inbound)
 
     def _send_secagg(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> pb.Receipt:
-        peer, inbound, header = self._receive(request_iterator, context)
+        inbound = self._receive(request_iterator, context, self._check_secagg_kind)
+        self.handler.on_secagg(inbound)
+        return self._receipt(inbound)
+
+    def _check_secagg_kind(self, header: pb.TransferHeader, peer: PeerCertificate) -> None:
         if header.kind != pb.PAYLOAD_KIND_SECAGG or header.secagg_kind not in pb.SecAggKind.values() or not header.secagg_kind:
             raise Refused(R.REFUSAL_MALFORMED, f"SendSecAgg needs kind SECAGG and a known secagg_kind (got {header.kind}, {header.secagg_kind})")
         if header.recipient and header.recipient not in self.roster:
             raise Refused(R.REFUSAL_REJECTED, f"recipient {header.recipient[:80]!r} is not on the roster")
         if header.recipient == peer.name:
             raise Refused(R.REFUSAL_REJECTED, "a member cannot address a secure-aggregation message to itself")
-        self.handler.on_secagg(inbound)
-        return pb.Receipt(envelope=self._envelope(inbound.round_id), total_bytes=header.total_bytes, sha256=header.sha256)
 
     def _fetch_secagg(self, request: Any, context: grpc.ServicerContext) -> Iterator[pb.TransferPart]:
         peer = self._peer(context)
@@ -376,3 +379,14 @@ class FederationServer:
                 recipient=peer.name,
             )
             yield from iter_parts(header, msg.payload, self.config.chunk_bytes)
+
+
+def _check_update_kind(header: pb.TransferHeader, _peer: PeerCertificate) -> None:
+    if header.kind == pb.PAYLOAD_KIND_UPDATE_PLAIN:
+        if header.secagg_kind or header.recipient:
+            raise Refused(R.REFUSAL_MALFORMED, "a plain update has no secagg_kind or recipient")
+    elif header.kind == pb.PAYLOAD_KIND_UPDATE_PROTECTED:
+        if header.secagg_kind not in _UPDATE_SECAGG_KINDS or header.recipient:
+            raise Refused(R.REFUSAL_MALFORMED, f"a protected update needs secagg_kind MASKED_INPUT or CKKS_CIPHERTEXT (got {header.secagg_kind})")
+    else:
+        raise Refused(R.REFUSAL_MALFORMED, f"UploadUpdate carries update kinds only (got kind {header.kind})")
