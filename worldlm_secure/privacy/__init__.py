@@ -1,6 +1,6 @@
 """User- and record-level differential privacy: clipping, noise mechanisms, accounting, budgets.
 
-The engine calls:
+The engine calls (the one-stop flow is `UserLevelDP`, see privacy/user_level.py):
 - `clip_l2(vec, max_norm) -> ClipResult`, `attentive_sensitivity(clipping_norm, w_max)`
 - `make_mechanism(policy.mechanism)` -> `NoiseMechanism` (central: `.add_noise(total, plan)`;
   distributed: `.sample_member_noise(shape, plan)` per member, `.effective_noise_multiplier(plan, m)`)
@@ -21,6 +21,7 @@ from worldlm_secure.privacy.budget import BudgetTracker, Charge
 from worldlm_secure.privacy.clipping import ClipResult, attentive_sensitivity, clip_l2
 from worldlm_secure.privacy.mechanisms import NoiseMechanism, NoisePlan, available, make_mechanism
 from worldlm_secure.privacy.secure_random import SecureRandom
+from worldlm_secure.privacy.user_level import UserLevelDP
 
 __all__ = [
     "ACCOUNTANTS",
@@ -31,6 +32,7 @@ __all__ = [
     "NoiseMechanism",
     "NoisePlan",
     "SecureRandom",
+    "UserLevelDP",
     "attentive_sensitivity",
     "available",
     "clip_l2",
