@@ -13,7 +13,7 @@ import pytest
 from worldlm_secure.errors import BudgetExceeded, PolicyError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.ledger import Ledger, release_entry, verify
-from worldlm_secure.privacy import SecureRandom, UserLevelDP, clip_l2, epsilon
+from worldlm_secure.privacy import BudgetTracker, SecureRandom, UserLevelDP, clip_l2, epsilon
 from worldlm_secure.secagg import MemberInput, make_secure_sum
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def _dp(**kw: object) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{**base, **kw})
 
 
-def test_the_eu_policy_section_configures_user_level_dp() -> None:
+def test_the_eu_policy_configures_user_level_dp_and_its_hash_is_checked_by_verify(tmp_path: Path) -> None:
     policy = pytest.importorskip("worldlm_secure.policy")
     p = policy.load_policy(REPO / "policies" / "eu.yaml")
     dp = UserLevelDP.from_policy(p.differential_privacy, planned_releases=20)
@@ -33,6 +33,24 @@ def test_the_eu_policy_section_configures_user_level_dp() -> None:
     assert epsilon(dp.noise_multiplier, 1.0, 20, dp.delta) <= p.differential_privacy.epsilon_budget
     with pytest.raises(PolicyError, match="level"):
         UserLevelDP.from_policy(_dp(level="none"), planned_releases=1)
+    eff = policy.compose([p])
+    dp = UserLevelDP.from_policy(eff.differential_privacy, planned_releases=20,
+                                 max_dropout_fraction=eff.secure_aggregation.max_dropout_fraction)
+    with Ledger(tmp_path / "site.sqlite", NodeIdentity.generate("site")) as led:
+        tracker = dp.tracker("site/user", led.entries())
+        plan = dp.plan(expected_members=5, dim=10)
+        for r, delta in enumerate([dp.delta, dp.delta * 10]):  # the second entry misstates δ
+            t = tracker if r == 0 else BudgetTracker(
+                budget=dp.budget, delta=delta, accountant=dp.accountant, stream="site/user2")
+            led.append(release_entry(
+                release_id=str(r), round=r, level="site", source="site", destination="fed", group="shared",
+                tensor_names=("w",), protocol=eff.secure_aggregation.protocol, cohort_size=5, dropouts=0,
+                dp_level="user", mechanism=dp.mechanism.name, clipping_norm=dp.clipping_norm,
+                policy_sha256=eff.sha256, charge=dp.charge(t, plan, 5),
+            ), policy_document=eff.canonical_json())
+    rep = verify(tmp_path / "site.sqlite")
+    assert not rep.ok and rep.problem is not None and rep.problem.seq == 1 and "policy" in rep.problem.what
+    assert len(rep.entries) == 1 and rep.entries[0].policy_sha256 == eff.sha256
 
 
 @pytest.mark.parametrize("mechanism", ["distributed_skellam", "distributed_discrete_gaussian"])

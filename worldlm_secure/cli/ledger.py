@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -13,7 +14,8 @@ from worldlm_secure.errors import LedgerError
 from worldlm_secure.ledger import export_jsonl, read_entries, read_ledger_file, report, verify
 
 app = typer.Typer(help="Verify, show, export and report privacy ledgers.", no_args_is_help=True)
-console = Console(soft_wrap=True)
+# Wide when piped (tables of many columns); the terminal's width otherwise.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 @app.command("verify")

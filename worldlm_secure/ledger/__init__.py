@@ -9,7 +9,7 @@
 from worldlm_secure.ledger.entry import GENESIS_HASH, LedgerEntry, canonical_json
 from worldlm_secure.ledger.records import code_version, release_entry
 from worldlm_secure.ledger.html_report import report
-from worldlm_secure.ledger.store import Ledger, export_jsonl, read_entries, read_ledger_file
+from worldlm_secure.ledger.store import Ledger, export_jsonl, ledger_path, read_entries, read_ledger_file
 from worldlm_secure.ledger.verification import Problem, VerifyReport, verify
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "VerifyReport",
     "canonical_json",
     "export_jsonl",
+    "ledger_path",
     "code_version",
     "release_entry",
     "report",

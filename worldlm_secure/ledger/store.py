@@ -39,6 +39,11 @@ CREATE TABLE IF NOT EXISTS policies (sha256 TEXT PRIMARY KEY, document BLOB NOT 
 """
 
 
+def ledger_path(out_dir: Path | str, node: str) -> Path:
+    """Where simulate keeps a node's ledger: DIR/ledgers/NODE.sqlite."""
+    return Path(out_dir) / "ledgers" / f"{node}.sqlite"
+
+
 def head_message(count: int, entry_hash: str) -> bytes:
     """What the head signature covers: the entry count and the last entry's hash."""
     return HEAD_CONTEXT + f"{count}:{entry_hash}".encode()
