@@ -215,3 +215,10 @@ def test_group_of_refuses_unmatched_and_ambiguous() -> None:
         layers.group_of("transformer.h.0.mlp.c_fc.weight")
     with pytest.raises(PolicyError, match="matches no"):
         layers.group_of("transformer.wte.weight")
+
+
+def test_copied_patterns_match_their_own_globs() -> None:
+    layers = load_policy(POLICIES / "eu.yaml").layers
+    assert layers.matches("local", "lm_head.weight")
+    copy = layers.model_copy(update={"local": ("x.*",)})
+    assert copy.matches("local", "x.y") and not copy.matches("local", "lm_head.weight")

@@ -81,8 +81,8 @@ def authorize(release: Release, chain: Sequence[Policy] | EffectivePolicy) -> Au
         raise _violation(f"{where} group", "key|shared|residual", repr(r.group))
     # 1. local layers never leave; key/shared tensors must belong to the group they are released as
     for name in r.tensor_names:
-        hits = [p for p in eff.layers.local if _match(name, p)]
-        if hits:
+        if eff.layers.matches("local", name):
+            hits = [p for p in eff.layers.local if _match(name, p)]
             raise _violation(
                 f"{where} layers.local", f"no tensor matching {hits[0]!r} ({eff.sources.get('layers.local', '')})",
                 repr(name), "local layers never leave the site",

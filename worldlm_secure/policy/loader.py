@@ -25,7 +25,10 @@ from worldlm_secure.policy.schema import FieldProblem, Policy
 FieldPath = tuple[Union[str, int], ...]
 
 
-class _Loader(yaml.SafeLoader):
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: about 20x faster
+
+
+class _Loader(_Base):  # type: ignore[misc,valid-type]
     """SafeLoader that reads YAML 1.2 floats (``1e-5``) as floats, not strings (PyYAML is YAML 1.1)."""
 
 

@@ -7,7 +7,9 @@ case-sensitive (`fnmatch.fnmatchcase`), so it does not depend on the platform.
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
+import re
+from fnmatch import fnmatchcase, translate
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,6 +47,12 @@ def pattern_problem(pattern: object) -> str | None:
         else:
             i += 1
     return None
+
+
+@lru_cache(maxsize=1024)
+def _union_regex(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regex for a group's globs, so matching a name is one regex call (cached by the patterns)."""
+    return re.compile("|".join(translate(p) for p in patterns)) if patterns else None
 
 
 class LayerPatterns(BaseModel):
@@ -88,8 +96,9 @@ class LayerPatterns(BaseModel):
         return self
 
     def matches(self, group: str, name: str) -> bool:
-        """True if parameter `name` matches any glob of `group`."""
-        return any(fnmatchcase(name, p) for p in getattr(self, group))
+        """True if parameter `name` matches any glob of `group` (case-sensitive, like `fnmatchcase`)."""
+        rx = _union_regex(getattr(self, group))
+        return rx is not None and rx.match(name) is not None
 
     def group_of(self, name: str) -> str:
         """The group of parameter `name`: "local" wins over everything; key and shared must not overlap.
