@@ -128,3 +128,13 @@ def test_effective_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_effective_unknown_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = _run(capsys, "policy", "effective", str(_world(tmp_path)), "--node", "nope")
     assert rc != 0 and "unknown node 'nope'" in err and "eu-a" in err
+
+
+def test_schema_accepts_a_file_that_extends_another(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json.loads((POLICIES / "schema.json").read_text()))
+    child = {"apiVersion": "worldlm-secure/v1", "kind": "JurisdictionPolicy", "name": "c", "extends": "eu.yaml",
+             "secure_aggregation": {"protocol": "ckks"}}
+    assert not list(validator.iter_errors(child))
+    del child["extends"]
+    assert list(validator.iter_errors(child))  # without a base, jurisdiction is required
