@@ -47,6 +47,7 @@ def test_tiny_llama_trains_with_dp_sgd_and_accounts_every_step() -> None:
     assert not pt.position_ids_fix and pt.sample_rate == pytest.approx(0.25)
     _train(pt)
     assert pt.steps == 4
+    assert pt.take_uncharged_steps() == 4 and pt.take_uncharged_steps() == 0
     assert pt.epsilon(1e-5) == pytest.approx(epsilon(1.0, 0.25, 4, 1e-5, "rdp"), rel=1e-9)
     after = pt.unwrap().state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -63,7 +63,15 @@ class VerifyReport:
 
     def summary(self) -> str:
         if self.ok:
-            return f"{self.path}: OK — {self.total_rows} entries, node {self.node}, key {self.public_key[:16]}…"
+            budgets = {e.stream: e.epsilon_budget for e in self.entries}
+            spent = "; ".join(
+                f"{s} ε={eps:.4g}" + (f"/{budgets[s]:.4g}" if budgets.get(s) is not None else "")
+                for s, eps in self.spent.items()
+            )
+            return (
+                f"{self.path}: OK — {self.total_rows} entries, node {self.node}, key {self.public_key[:16]}…"
+                + (f", spent {spent}" if spent else "")
+            )
         return f"{self.path}: FAILED — {self.problem}"
 
 

@@ -54,6 +54,14 @@ class PrivateTraining:
     sample_rate: float
     accountant: str
     position_ids_fix: bool
+    _charged_steps: int = 0
+
+    def take_uncharged_steps(self) -> int:
+        """Optimizer steps since the last call: the `steps` of the next release's budget charge
+        (`BudgetTracker.charge(noise_multiplier, sample_rate, steps)`)."""
+        new = self.steps - self._charged_steps
+        self._charged_steps = self.steps
+        return new
 
     @property
     def steps(self) -> int:
