@@ -130,3 +130,21 @@ def test_ckks_parameters_the_implementation_cannot_use(tmp_path: Path) -> None:
         check_world(load_world(path, check_policies=False))
     msg = str(info.value)
     assert "hc-noisy.yaml" in msg and "scale_bits" in msg and "\n" not in msg
+
+
+def test_mixed_jurisdictions_under_an_open_root(tmp_path: Path) -> None:
+    """The suggested default world: EU and US federations under their policies, an open third one."""
+    from worldlm_secure.policy.round import plan_round
+
+    path = _world(
+        tmp_path, {"eu": ("eu", ["eu"] * 3), "us": ("us", ["us"] * 3), "apac": ("research-open", ["research-open"] * 3)}
+    )
+    eff = check_world(load_world(path, check_policies=False))
+    # each path alone prefers different protocols ...
+    assert eff[("apac", "world")].secure_aggregation.protocol == "none"
+    assert eff[("eu", "world")].secure_aggregation.protocol == "masking"
+    # ... but the root round needs one: masking, the protocol all three accept and prefer most
+    plan = plan_round({f: eff[(f, "world")] for f in ("eu", "us", "apac")})
+    assert plan.protocol == "masking" and plan.dp_mechanism == "central_gaussian"
+    assert plan.min_cohort == 3 and plan.masking.threshold == 0.67
+    assert plan_round({s: eff[(s, "world")] for s in ("apac-0", "apac-1", "apac-2")}).protocol == "none"
