@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from worldlm_secure.errors import LedgerError
-from worldlm_secure.ledger import export_jsonl, read_entries, read_ledger_file, report, verify
+
+# The ledger library pulls in the Opacus accountants (torch): imported inside each command so that
+# other command groups start fast.
 
 app = typer.Typer(help="Verify, show, export and report privacy ledgers.", no_args_is_help=True)
 # Wide when piped (tables of many columns); the terminal's width otherwise.
@@ -27,6 +29,8 @@ def verify_cmd(
     no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip recomputing ε (chain and signatures only)."),
 ) -> None:
     """Check chain, signatures, head, policy hashes and recompute every ε; exit 1 naming the first bad entry."""
+    from worldlm_secure.ledger import verify
+
     if public_key and len(public_key) != len(paths):
         raise LedgerError(f"--public-key given {len(public_key)} times for {len(paths)} paths; give one per PATH")
     failed = 0
@@ -47,6 +51,8 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the entries as a JSON list (all fields)."),
 ) -> None:
     """List the entries of one ledger (not verified: run `ledger verify`)."""
+    from worldlm_secure.ledger import read_entries, read_ledger_file
+
     entries = read_entries(path)
     if as_json:
         print(json.dumps([e.to_dict() for e in entries], indent=1))
@@ -73,6 +79,8 @@ def export_cmd(
     out: Path | None = typer.Option(None, "--out", help="Write to this file instead of stdout."),
 ) -> None:
     """Export every entry (with hashes, signatures and the public key) as JSON Lines."""
+    from worldlm_secure.ledger import export_jsonl
+
     lines = list(export_jsonl(path))
     text = "".join(line + "\n" for line in lines)
     if out is None:
@@ -85,6 +93,8 @@ def export_cmd(
 @app.command("pubkey")
 def pubkey_cmd(path: Path = typer.Argument(..., help="A ledger file.")) -> None:
     """Print the node's recorded Ed25519 public key (hex), to pin with `verify --public-key`."""
+    from worldlm_secure.ledger import read_ledger_file
+
     print(read_ledger_file(path).meta.get("public_key", ""))
 
 
@@ -94,6 +104,8 @@ def report_cmd(
     out: Path = typer.Option(..., "--out", help="The HTML file to write."),
 ) -> None:
     """Write one self-contained HTML page (ε over rounds, what left each node, protocols, verification)."""
+    from worldlm_secure.ledger import report
+
     reps = report(paths, out)
     bad = [r for r in reps if not r.ok]
     console.print(f"wrote {out} ({len(reps)} ledgers, {len(bad)} failed verification)", highlight=False)
