@@ -271,3 +271,28 @@ def test_missing_or_foreign_file_is_a_one_line_ledger_error(tmp_path: Path) -> N
     (tmp_path / "junk.sqlite").write_bytes(b"not sqlite at all" * 100)
     with pytest.raises(LedgerError, match="not a readable ledger"):
         verify(tmp_path / "junk.sqlite")
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    names=st.lists(st.text(max_size=20), max_size=4),
+    extra=st.dictionaries(st.text(max_size=6), st.one_of(st.text(max_size=6), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans()), max_size=3),
+    clip=st.one_of(st.integers(1, 5), st.floats(1e-6, 1e6)),
+    node=st.text(min_size=1, max_size=10),
+)
+def test_any_entry_content_round_trips_canonically_and_verifies(
+    names: list[str], extra: dict[str, object], clip: float, node: str
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "x.sqlite"
+        with Ledger(path, NodeIdentity.generate(node)) as led:
+            e = release_entry(
+                release_id="r", round=0, level="site", source=node, destination="ü-fed", group="shared",
+                tensor_names=names, protocol="none", cohort_size=1, dropouts=0, dp_level="none", mechanism="none",
+                clipping_norm=clip, policy_sha256="f" * 64, charge=None, extra=extra,  # type: ignore[arg-type]
+            )
+            sealed = led.append(e)
+        stored = read_entries(path)
+        assert stored == [sealed]
+        assert stored[0].tensor_names == tuple(names) and dict(stored[0].extra) == extra
+        assert verify(path).ok
