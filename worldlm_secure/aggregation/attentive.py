@@ -5,7 +5,8 @@ FedAtt, per layer l with server parameters s_l and client parameters c_kl:
     a_kl   = softmax_k(d_kl / tau)                     (attention over clients)
     s_l'   = s_l + eps * sum_k a_kl (c_kl - s_l)       (server step of size eps)
 Secure form: each client computes its own bounded score d_kl' = min(d_kl, max_score) and weight
-w_kl = exp(d_kl' / tau) in [1, exp(max_score / tau)]; it submits w_kl (c_kl - s_l) and w_kl under
+w_kl = exp((d_kl' - max_score) / tau) in [exp(-max_score / tau), 1] (normalized by the public maximum,
+so weighted values stay inside the quantization range); it submits w_kl (c_kl - s_l) and w_kl under
 secure aggregation. Since a_kl = w_kl / sum_k w_kl, dividing the two sums gives the same update.
 """
 
@@ -27,17 +28,17 @@ class AttentionConfig:
     max_score: float = 8.0
 
     @property
-    def max_weight(self) -> float:
-        """The public upper bound of any attention weight (lower bound is 1)."""
-        return float(np.exp(self.max_score / self.temperature))
+    def min_weight(self) -> float:
+        """The public lower bound of any attention weight (the upper bound is 1)."""
+        return float(np.exp(-self.max_score / self.temperature))
 
 
 def client_weights(
     server: Mapping[str, torch.Tensor], client: Mapping[str, torch.Tensor], names: Sequence[str], cfg: AttentionConfig
 ) -> np.ndarray:
-    """What a client computes on its own: w_l = exp(min(||s_l - c_l||, max_score) / tau), one per tensor."""
+    """What a client computes on its own: w_l = exp((min(||s_l - c_l||, max_score) - max_score) / tau)."""
     d = np.array([float(torch.linalg.vector_norm((server[n] - client[n]).double())) for n in names])
-    return np.exp(np.minimum(d, cfg.max_score) / cfg.temperature)
+    return np.exp((np.minimum(d, cfg.max_score) - cfg.max_score) / cfg.temperature)
 
 
 def fedatt_update(

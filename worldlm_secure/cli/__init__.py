@@ -24,6 +24,11 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+@app.callback()
+def _root() -> None:
+    """Train language models as a federation of federations, with enforced privacy."""
+
+
 def _register() -> None:
     # Imported here so that `app` exists before the command modules attach to it.
     from worldlm_secure.cli import simulate  # noqa: F401

@@ -87,8 +87,6 @@ def _all_of(names: list[str], group: str) -> ParameterGroups:
 
 def plan_groups(method: Method, world: World, names: list[str]) -> dict[str, ParameterGroups]:
     """The parameter groups of every site under ``method`` (policy groups come from each site's chain)."""
-    from worldlm_secure.policy import compose
-
     out: dict[str, ParameterGroups] = {}
     for site in world.sites:
         if method.groups == "all_shared":
@@ -96,26 +94,30 @@ def plan_groups(method: Method, world: World, names: list[str]) -> dict[str, Par
         elif method.groups == "all_local":
             out[site.name] = _all_of(names, "local")
         else:
-            layers = compose(world.policy_chain(site.name)).layers
-            patterns = {"local": layers.local, "key": layers.key, "shared": layers.shared}
-            groups = assign_groups(names, patterns, source=f"{site.policy_path} layers (site {site.name})")
+            layers = world.effective_policy(site.name).layers
+            groups = assign_groups(names, layers.group_of, source=f"{site.policy_path} layers (site {site.name})")
             if method.groups == "policy_local_rest_shared":
                 groups = ParameterGroups(groups.local, (), tuple(n for n in names if n not in groups.local))
             out[site.name] = groups
     return out
 
 
-def _layer_override(method: Method) -> object | None:
-    """The layer plan a baseline is authorized under (None: the policies' own layers)."""
-    if method.groups == "policy":
-        return None
+def _layer_override(method: Method, world: World) -> object | None:
+    """The layer plan a baseline is authorized under (None: the policies' own layers).
+
+    Baselines share differently from what the policies' ``layers:`` say (that is what makes them
+    baselines), so simulate authorizes them under their own plan and marks them as such.
+    """
     from worldlm_secure.policy import LayerPatterns
 
+    if method.groups == "policy":
+        return None
     if method.groups == "all_shared":
         return LayerPatterns(local=(), key=(), shared=("*",))
-    if method.groups == "policy_local_rest_shared":
-        return None  # shares what the policy shares plus key layers: checked against local patterns only
-    return LayerPatterns(local=("*",), key=(), shared=())
+    if method.groups == "all_local":
+        return LayerPatterns(local=("*",), key=(), shared=())
+    layers = world.effective_policy(world.sites[0].name).layers  # FedPer: policy's local, all else shared
+    return LayerPatterns(local=layers.local, key=(), shared=(*layers.key, *layers.shared))
 
 
 class Engine:
@@ -145,7 +147,7 @@ class Engine:
         ids = dict(identities or {})
         for n in world.nodes:
             ids.setdefault(n, NodeIdentity.generate(n))
-        override = _layer_override(method)
+        override = _layer_override(method, world)
         self.release = ReleasePath(world, ids, layer_override=override)
         self.sites: list[_Site] = []
         for i, node in enumerate(sorted(world.sites, key=lambda n: n.name)):
@@ -261,10 +263,8 @@ class Engine:
         """Residual layer embeddings between sibling federations, from their secure sum only."""
         if not (self.method.residuals and not self.flat and len(self.members) > 1 and self.key_names):
             return
-        from worldlm_secure.policy import compose
-
         feds = sorted(self.members)
-        rules = {f: compose(self.world.policy_chain(f)).residuals for f in feds}
+        rules = {f: self.world.effective_policy(f).residuals for f in feds}
         if not all(r.allowed for r in rules.values()):
             return
         names = self.key_names

@@ -17,7 +17,7 @@ import numpy as np
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
-from worldlm_secure.secagg import MemberInput, SumResult, make_secure_sum
+from worldlm_secure.secagg import MemberInput, SecureSum, SumResult, make_secure_sum
 
 
 @dataclass
@@ -52,6 +52,9 @@ class ReleasePath:
         self.layer_override = layer_override
         self.stats = ReleaseStats()
         self._chains: dict[tuple[str, str], list[Any]] = {}
+        self._effective: dict[tuple[str, str], Any] = {}
+        # One protocol instance per aggregating node: CKKS keys live for an epoch of rounds, not one call.
+        self._protocols: dict[tuple[str, str], SecureSum] = {}
 
     def chain(self, member: str, final_destination: str) -> list[Any]:
         """Policies from ``member`` up to ``final_destination`` (inclusive), with any layer override."""
@@ -66,6 +69,25 @@ class ReleasePath:
                 policies = [p.model_copy(update={"layers": self.layer_override}) for p in policies]
             self._chains[key] = policies
         return self._chains[key]
+
+    def effective(self, member: str, final_destination: str) -> Any:
+        """The composed policy for ``member``'s releases travelling up to ``final_destination``."""
+        from worldlm_secure.policy import compose
+
+        key = (member, final_destination)
+        if key not in self._effective:
+            self._effective[key] = compose(self.chain(member, final_destination))
+        return self._effective[key]
+
+    def _protocol(self, destination: str, protocol: str, plan: Any, members: Sequence[str]) -> SecureSum:
+        key = (destination, protocol)
+        if key not in self._protocols:
+            params = plan.params
+            extra = {"clip_range": params.clip_range} if hasattr(params, "clip_range") else {}
+            self._protocols[key] = make_secure_sum(
+                protocol, params=params, identities={m: self.identities[m] for m in members}, **extra
+            )
+        return self._protocols[key]
 
     def aggregate(
         self,
@@ -82,18 +104,13 @@ class ReleasePath:
         ``final_destination`` is how far up the tree the released values travel (the root for shared
         layers); every policy on that path must authorize the release.
         """
-        from worldlm_secure.policy import Release, authorize, compose
+        from worldlm_secure.policy import Release, authorize, plan_round
 
         final = final_destination or destination
         members = sorted(contributions)
-        effective = [compose(self.chain(m, final)) for m in members]
-        protocols = {e.secure_aggregation.protocol for e in effective}
-        if len(protocols) != 1:
-            raise ConfigError(
-                f"{self.world.path}: members of {destination!r} resolve to different protocols {sorted(protocols)}"
-            )
-        protocol = protocols.pop()
-        min_cohort = max(e.secure_aggregation.min_cohort for e in effective)
+        effective = [self.effective(m, final) for m in members]
+        plan = plan_round(dict(zip(members, effective)))
+        protocol = plan.protocol
         for member, eff in zip(members, effective):
             dp = eff.differential_privacy
             authorize(
@@ -111,15 +128,11 @@ class ReleasePath:
                 self.chain(member, final),
             )
         start = time.perf_counter()
-        secure = make_secure_sum(
-            protocol,
-            params=getattr(effective[0].secure_aggregation, protocol, None),
-            identities={m: self.identities[m] for m in members},
-        )
+        secure = self._protocol(destination, protocol, plan, members)
         result = secure.run_round(
             round_id,
             [MemberInput(m, contributions[m]) for m in members],
-            min_cohort=min_cohort,
+            min_cohort=plan.min_cohort,
         )
         self.stats.protect_seconds += time.perf_counter() - start
         self.stats.bytes_up += result.stats.bytes_up_per_member * len(result.contributors)

@@ -45,6 +45,7 @@ class World:
     data: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
     aggregation: dict[str, Any] = field(default_factory=dict)
+    _policies: dict[Path, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def root(self) -> WorldNode:
@@ -73,7 +74,16 @@ class World:
         """The loaded policies along ``chain(name)`` (releasing node first)."""
         from worldlm_secure.policy import load_policy
 
-        return [load_policy(n.policy_path) for n in self.chain(name)]
+        for n in self.chain(name):
+            if n.policy_path not in self._policies:
+                self._policies[n.policy_path] = load_policy(n.policy_path)
+        return [self._policies[n.policy_path] for n in self.chain(name)]
+
+    def effective_policy(self, name: str) -> Any:
+        """The composed policy for releases from ``name`` all the way to the root."""
+        from worldlm_secure.policy import compose
+
+        return compose(self.policy_chain(name))
 
     def sites_of(self, federation: str) -> list[WorldNode]:
         return [self.nodes[c] for c in self.nodes[federation].children if self.nodes[c].kind == "site"]
@@ -197,11 +207,10 @@ def load_world(path: str | Path, *, check_policies: bool = True) -> World:
 
 
 def check_world_policies(world: World) -> None:
-    """Compose every site's policy chain now; a conflict names both files (PolicyError)."""
-    from worldlm_secure.policy import compose
+    """Compose every release path now (policy.check_world); a conflict names both files (PolicyError)."""
+    from worldlm_secure.policy import check_world
 
-    for site in world.sites:
-        compose(world.policy_chain(site.name))
+    check_world(world)
 
 
 def _section(path: Path, raw: dict[str, Any], key: str) -> dict[str, Any]:

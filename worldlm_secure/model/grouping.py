@@ -3,15 +3,17 @@
 - local: never leaves the site (personalization, e.g. the output head);
 - key: aggregated inside one federation only (attentive aggregation);
 - shared: averaged up the whole tree.
-Patterns are fnmatch globs over ``named_parameters()`` names, from a policy's ``layers:`` section.
+Which group a name belongs to is the policy's rule (`policy.LayerPatterns.group_of`: globs over
+``named_parameters()``, local wins, key and shared must not overlap); this module applies it to a model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Literal
+
+from worldlm_secure.errors import ConfigError, WorldLMError
 
 Group = Literal["local", "key", "shared"]
 GROUPS: tuple[Group, ...] = ("local", "key", "shared")
@@ -28,37 +30,14 @@ class ParameterGroups:
     def of(self, group: Group) -> tuple[str, ...]:
         return getattr(self, group)
 
-    def group_of(self, name: str) -> Group:
-        for g in GROUPS:
-            if name in self.of(g):
-                return g
-        raise KeyError(name)
 
-
-def assign_groups(
-    names: Iterable[str], patterns: Mapping[str, Iterable[str]], *, source: str = "layers"
-) -> ParameterGroups:
-    """Group ``names`` by ``patterns`` (group -> globs).
-
-    Raises ``ConfigError`` naming ``source``, the parameter and the matching groups when a
-    parameter matches no group or more than one.
-    """
-    from worldlm_secure.errors import ConfigError
-
-    unknown = set(patterns) - set(GROUPS)
-    if unknown:
-        raise ConfigError(f"{source}: unknown group(s) {sorted(unknown)} (valid: local, key, shared)")
+def assign_groups(names: Iterable[str], group_of: Callable[[str], str], *, source: str) -> ParameterGroups:
+    """Group ``names`` with the rule ``group_of``; a failure is re-raised naming ``source`` (file and section)."""
     out: dict[str, list[str]] = {g: [] for g in GROUPS}
     for name in names:
-        hits = [g for g in GROUPS if any(fnmatchcase(name, p) for p in patterns.get(g, ()))]
-        if not hits:
-            raise ConfigError(
-                f"{source}: parameter {name!r} matches no pattern in local, key or shared; add a pattern for it"
-            )
-        if len(hits) > 1:
-            raise ConfigError(
-                f"{source}: parameter {name!r} matches both {hits[0]} and {hits[1]}; "
-                "each parameter must belong to exactly one group"
-            )
-        out[hits[0]].append(name)
+        try:
+            group = group_of(name)
+        except WorldLMError as exc:
+            raise ConfigError(f"{source}: {str(exc).removeprefix('layers: ')}") from None
+        out[group].append(name)
     return ParameterGroups(*(tuple(out[g]) for g in GROUPS))

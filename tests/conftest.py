@@ -1,0 +1,67 @@
+"""Shared fixtures: small worlds that train in seconds, and the repo's paths."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+POLICIES = REPO / "policies"
+
+# Tiny models on small batches: one intra-op thread is faster, and several test processes on two
+# cores otherwise thrash (measured ~10x slower per step with 2 threads under contention).
+torch.set_num_threads(1)
+
+
+def write_world(
+    folder: Path,
+    *,
+    policy: str = "research-open.yaml",
+    feds: int = 2,
+    sites: int = 2,
+    rounds: int = 2,
+    extra_nodes: str = "",
+    data: str | None = None,
+) -> Path:
+    """A small world file in ``folder`` whose nodes all use ``policy`` (copied from policies/)."""
+    pol = folder / "policies"
+    pol.mkdir(exist_ok=True)
+    for p in POLICIES.glob("*.yaml"):
+        (pol / p.name).write_text(p.read_text())
+    nodes = [f"  - {{name: world, policy: policies/{policy}}}"]
+    for f in range(feds):
+        nodes.append(f"  - {{name: f{f}, parent: world, policy: policies/{policy}}}")
+        for s in range(sites):
+            nodes.append(f"  - {{name: f{f}-s{s}, parent: f{f}, policy: policies/{policy}}}")
+    data = data or textwrap.dedent(
+        """\
+        data:
+          synthetic: {vocab_size: 64, own_tokens: 8, successors: 4, train_tokens: 2048, val_tokens: 512}
+        """
+    )
+    text = (
+        textwrap.dedent(
+            f"""\
+            name: test-world
+            seed: 0
+            model: {{arch: llama, size: tiny}}
+            schedule: {{rounds: {rounds}, local_steps: 2, batch_size: 4, seq_len: 32, lr: 0.003, warmup_steps: 1}}
+            """
+        )
+        + data
+        + "nodes:\n"
+        + "\n".join(nodes)
+        + "\n"
+        + extra_nodes
+    )
+    path = folder / "world.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def small_world(tmp_path: Path) -> Path:
+    return write_world(tmp_path)
