@@ -76,7 +76,7 @@ def test_patterns_leaving_a_parameter_unassigned_are_named(tmp_path: Path, capsy
     pol = tmp_path / "policies" / "research-open.yaml"
     pol.write_text(pol.read_text().replace('"*.embed_tokens.*", ', ""))
     err = _error_of(["simulate", str(world), "--out", str(tmp_path / "o"), "--methods", "worldlm"], capsys)
-    assert "research-open.yaml layers" in err and "'model.embed_tokens.weight' matches no pattern" in err
+    assert "research-open.yaml layers" in err and "'model.embed_tokens.weight' matches no local, key or shared pattern" in err
 
 
 def test_bad_schedule_value_names_the_field(tmp_path: Path, capsys) -> None:

@@ -1,8 +1,11 @@
 """Weighted averages of parameter deltas, in the form secure aggregation can sum.
 
 Every aggregation rule here (FedAvg, FedAtt) is "a weighted average of deltas", with one weight per
-tensor. A member encodes ``concat_l(w_l * delta_l) ++ [w_1 .. w_L]`` into one float vector; the
-aggregator only needs the *sum* of those vectors to divide, so it never sees one member's update.
+tensor. A member encodes ``concat_l(w_l * delta_l) ++ [w_1 .. w_L] / sqrt(L)`` into one float vector;
+the aggregator only needs the *sum* of those vectors to divide, so it never sees one member's update.
+The weights are scaled by 1/sqrt(L) so that, with every w_l <= 1, the weight part has L2 norm <= 1
+whatever L is: a member's vector then has norm <= sqrt(C^2 + 1) when its update is clipped to C
+(the sensitivity user-level DP needs, protocols/dp.md).
 """
 
 from __future__ import annotations
@@ -35,20 +38,20 @@ class DeltaCodec:
         return sum(self.sizes) + len(self.names)
 
     def encode(self, deltas: Mapping[str, torch.Tensor], weights: np.ndarray) -> np.ndarray:
-        """``concat(w_l * delta_l) ++ w`` as float64; ``weights`` has one entry per tensor."""
+        """``concat(w_l * delta_l) ++ w / sqrt(L)`` as float64; ``weights`` has one entry per tensor."""
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != (len(self.names),):
             raise ValueError(f"expected {len(self.names)} weights, got shape {weights.shape}")
         parts = [
             w * deltas[n].detach().to("cpu", torch.float64).reshape(-1).numpy() for n, w in zip(self.names, weights)
         ]
-        return np.concatenate([*parts, weights])
+        return np.concatenate([*parts, weights / np.sqrt(len(self.names))])
 
     def decode_average(self, total: np.ndarray) -> dict[str, torch.Tensor]:
         """From a summed vector, the weighted average delta per tensor (float32)."""
         if total.shape != (self.length,):
             raise ValueError(f"summed vector has {total.shape} entries, expected ({self.length},)")
-        weights = total[-len(self.names) :]
+        weights = total[-len(self.names) :] * np.sqrt(len(self.names))
         out: dict[str, torch.Tensor] = {}
         offset = 0
         for name, shape, size, w in zip(self.names, self.shapes, self.sizes, weights):

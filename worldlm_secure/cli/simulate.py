@@ -64,6 +64,7 @@ def simulate(
             ),
             # nothing lost on a crash: every finished method is on disk before the next starts
             on_method_done=lambda m: _save_partial(out, partial, m),
+            ledger_root=out / "ledgers",
         )
     payload = results_json(result)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +72,9 @@ def simulate(
     (out / "results.partial.json").unlink(missing_ok=True)
     plots = write_plots(payload, out)
     console.print(_table(payload))
+    for name, m in result.methods.items():
+        if m.stopped:
+            console.print(f"[yellow]{name} stopped early:[/] {m.stopped}")
     console.print(f"wrote {out / 'results.json'} and {', '.join(str(p) for p in plots)} in {result.wall_s:.0f} s")
 
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from worldlm_secure.aggregation import DeltaCodec, blend_from_sum, client_weights, embed, flatten, mix_in, unflatten
-from worldlm_secure.errors import ConfigError
+from worldlm_secure.aggregation import blend_from_sum, client_weights, embed, flatten, mix_in, unflatten
+from worldlm_secure.errors import BudgetExceeded, ConfigError
 from worldlm_secure.federation.methods import Method
-from worldlm_secure.federation.release import ReleasePath, ReleaseStats
+from worldlm_secure.federation.release import MemberUpdate, ReleasePath, ReleaseStats
 from worldlm_secure.federation.settings import Settings
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
@@ -59,6 +60,7 @@ class MethodResult:
     stats: ReleaseStats
     groups: dict[str, int]  # parameter count per group
     residual_gains: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None  # why training stopped before the last round (e.g. a DP budget)
 
     @property
     def mean_val_ppl(self) -> float:
@@ -134,6 +136,7 @@ class Engine:
         identities: Mapping[str, NodeIdentity] | None = None,
         on_site: Callable[[str, int], None] | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
+        ledger_dir: Path | None = None,
     ) -> None:
         self.world, self.method, self.settings = world, method, settings
         self.on_site, self.on_round = on_site, on_round
@@ -148,7 +151,11 @@ class Engine:
         for n in world.nodes:
             ids.setdefault(n, NodeIdentity.generate(n))
         override = _layer_override(method, world)
-        self.release = ReleasePath(world, ids, layer_override=override)
+        key_released = any(self.groups[s].key for s in self.groups)
+        self.release = ReleasePath(
+            world, ids, layer_override=override, ledger_dir=ledger_dir,
+            planned_releases=settings.rounds * (2 if key_released else 1),  # key + shared per round per site
+        )
         self.sites: list[_Site] = []
         for i, node in enumerate(sorted(world.sites, key=lambda n: n.name)):
             g = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
@@ -207,15 +214,16 @@ class Engine:
 
     def _weighted_round(
         self, round_id: int, group: str, destination: str, server: Tensors, members: Mapping[str, tuple[Tensors, np.ndarray]],
-        names: list[str], final: str,
+        names: list[str], final: str, *, derived: bool = False,
     ) -> Tensors:
         """server + weighted average of (member - server), through the release path."""
-        codec = DeltaCodec.for_tensors(server, names)
-        vectors = {
-            m: codec.encode({n: params[n] - server[n] for n in names}, weights) for m, (params, weights) in members.items()
+        updates = {
+            m: MemberUpdate({n: params[n] - server[n] for n in names}, weights) for m, (params, weights) in members.items()
         }
-        result = self.release.aggregate(round_id, group, destination, vectors, names, final_destination=final)
-        avg = codec.decode_average(result.total)
+        shapes = {n: server[n].shape for n in names}
+        avg = self.release.average_deltas(
+            round_id, group, destination, updates, names, shapes, final_destination=final, derived=derived
+        )
         return {n: server[n] + avg[n] for n in names}
 
     def _aggregate_key(self, round_id: int) -> None:
@@ -253,8 +261,9 @@ class Engine:
             return
         n_max = max(examples.values())
         members = {f: (self.fed_shared[f], np.full(len(self.shared_names), examples[f] / n_max)) for f in self.members}
+        # A federation's shared layers are computed only from its (DP-protected) round aggregate.
         self.root_shared = self._weighted_round(
-            round_id, "shared", self.root, self.root_shared, members, self.shared_names, self.root
+            round_id, "shared", self.root, self.root_shared, members, self.shared_names, self.root, derived=True
         )
         for f in self.members:
             self.fed_shared[f] = {n: t.clone() for n, t in self.root_shared.items()}
@@ -273,7 +282,8 @@ class Engine:
             f: flatten(embed({n: self.fed_key[f][n] - self.reference[n] for n in names}, rules[f].rank), names)
             for f in feds
         }
-        total = self.release.aggregate(round_id, "residual", self.root, own, names).total
+        # Key layers are DP-protected aggregates already: their residuals are post-processing.
+        total = self.release.secure_sum(round_id, "residual", self.root, own, names, derived=True)
         for f in feds:
             blend = blend_from_sum(own[f], total, len(feds), rules[f].gain)
             self.residual_gains[f] = blend.gain
@@ -297,13 +307,21 @@ class Engine:
         train_s = 0.0
         rounds: list[RoundRecord] = []
         site_ppl: dict[str, float] = {}
+        stopped: str | None = None
         for r in range(1, self.settings.rounds + 1):
             t0 = time.perf_counter()
             loss = self._train_sites(r)
             train_s += time.perf_counter() - t0
-            self._aggregate_key(r)
-            self._aggregate_shared(r)
-            self._exchange_residuals(r)
+            try:
+                self._aggregate_key(r)
+                self._aggregate_shared(r)
+                self._exchange_residuals(r)
+            except BudgetExceeded as exc:
+                # Nothing of this round was released; the sites keep what they had and training stops.
+                stopped = f"round {r}: {exc}"
+                site_ppl = self.evaluate()
+                rounds.append(RoundRecord(r, float(np.mean(list(site_ppl.values()))), site_ppl, loss))
+                break
             self._broadcast()
             if r % self.settings.eval_every == 0 or r == self.settings.rounds:
                 site_ppl = self.evaluate()
@@ -322,4 +340,5 @@ class Engine:
             stats=self.release.stats,
             groups=counts,
             residual_gains=dict(self.residual_gains),
+            stopped=stopped,
         )

@@ -4,7 +4,8 @@
     {"world", "entropy_floor_ppl": float|null, "site_floors": {SITE: ppl},
      "methods": {NAME: {"mean_val_ppl", "sites": {SITE: {"val_ppl"}},
                         "rounds": [{"round", "mean_val_ppl", "train_loss"}], "wall_s", "train_s",
-                        "protect_s", "bytes_up", "releases", "protocols", "groups", "residual_gains"}},
+                        "protect_s", "bytes_up", "releases", "protocols", "groups", "residual_gains",
+                        "epsilon": {STREAM: cumulative ε}, "stopped": str|null}},
      "settings": {...}, "wall_s": float}
 """
 
@@ -32,6 +33,8 @@ def method_json(m: MethodResult) -> dict[str, Any]:
         "protocols": dict(m.stats.by_protocol),
         "groups": m.groups,
         "residual_gains": m.residual_gains,
+        "epsilon": dict(m.stats.epsilon),
+        "stopped": m.stopped,
         "policy_layers_overridden": m.name != "worldlm",
     }
 

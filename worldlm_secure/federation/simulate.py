@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from worldlm_secure.data import get_tokenizer, load_site_streams, make_world_corpus
+from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.engine import Engine, MethodResult, RoundRecord, SiteData
 from worldlm_secure.federation.methods import Method
 from worldlm_secure.federation.settings import Settings, settings_for
@@ -71,9 +72,19 @@ def simulate(
     on_site: Callable[[str, int], None] | None = None,
     on_round: Callable[[str, RoundRecord], None] | None = None,
     on_method_done: Callable[[MethodResult], None] | None = None,
+    ledger_root: Path | None = None,
 ) -> SimulationResult:
-    """Run ``methods`` on the world at ``world_path``; every method sees the same data and initial model."""
+    """Run ``methods`` on the world at ``world_path``; every method sees the same data and initial model.
+
+    With ``ledger_root`` every node keeps a signed privacy ledger: WorldLM's at
+    ``ledger_root/NODE.sqlite``, each baseline's at ``ledger_root/METHOD/NODE.sqlite``.
+    """
     start = time.perf_counter()
+    if ledger_root is not None and any(Path(ledger_root).rglob("*.sqlite")):
+        raise ConfigError(
+            f"{ledger_root}: ledgers from an earlier run are there (budgets already spent); "
+            "choose a new --out or move them away"
+        )
     world = load_world(world_path)
     settings = settings_for(world, rounds=rounds, device=device, seed=seed)
     data, vocab = load_world_data(world, settings)
@@ -89,6 +100,9 @@ def simulate(
             vocab_size=vocab,
             on_site=on_site,
             on_round=(lambda rec, m=method.name: on_round(m, rec)) if on_round else None,
+            ledger_dir=None if ledger_root is None else (
+                Path(ledger_root) if method.name == "worldlm" else Path(ledger_root) / method.name
+            ),
         )
         results[method.name] = engine.run()
         if on_method_done:

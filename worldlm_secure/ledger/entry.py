@@ -27,6 +27,11 @@ SIGNATURE_CONTEXT = b"worldlm-secure ledger entry v1\n"
 ExtraValue = Union[str, int, float, bool]
 
 
+
+# The mechanism of a release computed only from DP-noised aggregates (e.g. a federation releasing its
+# round average upward): DP holds by post-processing, so it spends no budget and has no ε of its own.
+POST_PROCESSING = "post_processing"
+
 @dataclass(frozen=True)
 class LedgerEntry:
     """A release record. The engine fills the content fields; `Ledger.append` fills the seal fields."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from worldlm_secure.errors import BudgetExceeded, LedgerError
 from worldlm_secure.identity import NodeIdentity
-from worldlm_secure.ledger.entry import GENESIS_HASH, LedgerEntry, entry_from_body
+from worldlm_secure.ledger.entry import POST_PROCESSING, GENESIS_HASH, LedgerEntry, entry_from_body
 
 FORMAT = "worldlm-secure-ledger/1"
 HEAD_CONTEXT = b"worldlm-secure ledger head v1\n"
@@ -261,7 +261,10 @@ def _validate(e: LedgerEntry, path: Path) -> None:
         raise LedgerError(f"{where}: policy_sha256 must be 64 lowercase hex digits (pass eff.sha256)")
     if e.cohort_size < 0 or not 0 <= e.dropouts <= e.cohort_size or e.steps < 0:
         raise LedgerError(f"{where}: need 0 <= dropouts <= cohort_size and steps >= 0")
-    if e.dp_level != "none":
+    if e.mechanism == POST_PROCESSING:
+        if e.noise_multiplier != 0.0 or e.epsilon is not None or e.epsilon_cumulative is not None:
+            raise LedgerError(f"{where}: a post-processing release adds no noise and spends no ε (record charge=None)")
+    elif e.dp_level != "none":
         if e.accountant not in ("rdp", "prv"):
             raise LedgerError(f"{where}: accountant must be rdp or prv for a DP release (got {e.accountant!r})")
         if not (e.noise_multiplier > 0 and 0 < e.sample_rate <= 1 and 0 < e.delta < 1):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from worldlm_secure.errors import LedgerError
 from worldlm_secure.identity import verify_signature
-from worldlm_secure.ledger.entry import GENESIS_HASH, LedgerEntry, entry_from_body
+from worldlm_secure.ledger.entry import POST_PROCESSING, GENESIS_HASH, LedgerEntry, entry_from_body
 from worldlm_secure.ledger.store import FORMAT, head_message, read_ledger_file
 from worldlm_secure.privacy.accountant import MechanismStep, epsilon_from_rdp, epsilon_of, rdp_curve
 
@@ -132,7 +132,9 @@ def verify(path: Path | str, *, expected_public_key: str | None = None, recomput
         why = _check_policy(e, lf.policies, checked_policies)
         if why:
             return bad(why, e)
-        if recompute and e.dp_level != "none":
+        # post-processing entries (a federation releasing what it computed from DP-noised aggregates)
+        # spend no budget: there is no ε to recompute.
+        if recompute and e.dp_level != "none" and e.mechanism != POST_PROCESSING:
             why = _check_epsilon(e, histories, curves, stream_params)
             if why:
                 return bad(why, e)
