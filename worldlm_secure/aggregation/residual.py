@@ -28,8 +28,8 @@ def embed(residual: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Te
     out = {}
     for name, r in residual.items():
         if r.ndim == 2 and rank < min(r.shape):
-            U, S, Vh = torch.linalg.svd(r.double(), full_matrices=False)
-            out[name] = ((U[:, :rank] * S[:rank]) @ Vh[:rank]).float()
+            U, S, Vh = torch.linalg.svd(r.float(), full_matrices=False)  # float32: exact enough, ~4x cheaper
+            out[name] = (U[:, :rank] * S[:rank]) @ Vh[:rank]
         else:
             out[name] = r.float().clone()
     return out

@@ -42,10 +42,14 @@ class DeltaCodec:
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != (len(self.names),):
             raise ValueError(f"expected {len(self.names)} weights, got shape {weights.shape}")
-        parts = [
-            w * deltas[n].detach().to("cpu", torch.float64).reshape(-1).numpy() for n, w in zip(self.names, weights)
-        ]
-        return np.concatenate([*parts, weights / np.sqrt(len(self.names))])
+        out = np.empty(self.length, dtype=np.float64)  # one buffer: no per-tensor temporaries, no concat
+        offset = 0
+        for name, size, w in zip(self.names, self.sizes, weights):
+            src = deltas[name].detach().to("cpu").reshape(-1).numpy()
+            np.multiply(src, w, out=out[offset : offset + size], dtype=np.float64)
+            offset += size
+        out[offset:] = weights / np.sqrt(len(self.names))
+        return out
 
     def decode_average(self, total: np.ndarray) -> dict[str, torch.Tensor]:
         """From a summed vector, the weighted average delta per tensor (float32)."""

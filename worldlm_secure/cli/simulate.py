@@ -15,6 +15,7 @@ from worldlm_secure.federation.methods import parse_methods
 from worldlm_secure.federation.results import method_json, results_json, write_json_atomic, write_plots
 from worldlm_secure.federation.simulate import simulate as run_simulation
 from worldlm_secure.federation.world import load_world
+from worldlm_secure.train import set_threads
 
 console = Console()
 
@@ -32,8 +33,10 @@ def simulate(
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma list: worldlm,fedavg,local,fedper,hierfavg (default all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the world's seed."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core; 1 is faster on a busy machine)."),
 ) -> None:
     """Train a whole world of federations of sites and tabulate per-site validation perplexity."""
+    set_threads(threads)
     world_path = world or default_world()
     chosen = parse_methods(methods)
     w = load_world(world_path)
