@@ -1,0 +1,63 @@
+"""examples/world-dp.yaml (issue 6) is the default world with only its policies changed to user-level DP.
+
+benchmarks/dp_utility.py compares the two worlds, so any other difference (data, schedule, model,
+tree) would confound "what DP costs". These tests keep them in sync and check the DP the policy asks for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from conftest import REPO
+
+from worldlm_secure.federation.world import load_world
+from worldlm_secure.policy import compose, load_policy
+
+EXAMPLES = REPO / "examples"
+DP_POLICY = EXAMPLES / "policies" / "dp-eps8.yaml"
+
+
+def _without_policies_and_name(doc: dict[str, Any]) -> dict[str, Any]:
+    doc = dict(doc)
+    doc.pop("name")
+    doc["nodes"] = [{k: v for k, v in node.items() if k != "policy"} for node in doc["nodes"]]
+    return doc
+
+
+def test_dp_world_differs_from_the_default_world_only_in_policies_and_name() -> None:
+    base = yaml.safe_load((EXAMPLES / "world.yaml").read_text())
+    dp = yaml.safe_load((EXAMPLES / "world-dp.yaml").read_text())
+    assert _without_policies_and_name(dp) == _without_policies_and_name(base)
+    assert dp["name"] == "dp-world" and dp["name"] != base["name"]
+    assert {n["policy"] for n in dp["nodes"]} == {"policies/dp-eps8.yaml"}
+    assert all(n["policy"] != "policies/dp-eps8.yaml" for n in base["nodes"])  # the baseline stays non-private
+
+
+def test_dp_world_loads_and_every_site_release_is_user_level_dp_at_eps8() -> None:
+    world = load_world(EXAMPLES / "world-dp.yaml")
+    assert world.name == "dp-world" and len(world.sites) == 9 and len(world.federations) == 3
+    for node in world.nodes.values():
+        assert node.policy_path.resolve() == DP_POLICY.resolve()
+    for site in world.sites:
+        eff = compose(world.policy_chain(site.name))
+        dp = eff.differential_privacy
+        assert (dp.level, dp.epsilon_budget, dp.delta, dp.clipping_norm) == ("user", 8.0, 1e-5, 1.0)
+        assert tuple(dp.acceptable_mechanisms) == ("central_gaussian",)  # the mechanism simulate applies
+        assert dp.noise_multiplier == "auto" and dp.accountant == "rdp"
+        assert eff.residuals.require_dp is True
+
+
+def test_default_world_is_non_private() -> None:
+    """The baseline of the comparison: research-open everywhere, so no DP on any release."""
+    world = load_world(EXAMPLES / "world.yaml")
+    for site in world.sites:
+        assert compose(world.policy_chain(site.name)).differential_privacy.level == "none"
+
+
+def test_dp_policy_extends_research_open_and_only_adds_dp() -> None:
+    base = load_policy(REPO / "policies" / "research-open.yaml")
+    dp = load_policy(DP_POLICY)
+    assert dp.layers == base.layers and dp.secure_aggregation == base.secure_aggregation
+    assert dp.egress == base.egress and dp.audit == base.audit
+    assert base.differential_privacy.level == "none" and dp.differential_privacy.level == "user"
