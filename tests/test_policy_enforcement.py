@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 import worldlm_secure
@@ -15,7 +16,7 @@ PACKAGE = Path(worldlm_secure.__file__).resolve().parent
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
 # Calls that sum / send member contributions. The protocol implementations themselves (secagg/) and the
 # wire (transport/) sit below the release path; everything above them must authorize first.
-RELEASING_CALLS = {"make_secure_sum", "run_round", "secure_attentive_average"}
+RELEASING_CALLS = {"make_secure_sum", "run_round"}
 BELOW_THE_RELEASE_PATH = ("secagg", "transport", "policy")
 
 
@@ -76,14 +77,17 @@ def test_release_path_authorizes_every_member_before_summing(tmp_path: Path, mon
     monkeypatch.setattr(secagg_pkg, "make_secure_sum", spy_make)
     members = ["eu-0", "eu-1", "eu-2"]
     path = release_mod.ReleasePath(world, {m: NodeIdentity.generate(m) for m in members})
-    contributions = {m: np.ones(4) for m in members}
-    result = path.aggregate(1, "key", "eu", contributions, ["model.layers.0.mlp.up_proj.weight"])
-    assert np.allclose(result.total, 3.0)
+    key = "model.layers.0.mlp.up_proj.weight"
+    updates = {m: release_mod.MemberUpdate({key: torch.ones(4)}, np.ones(1)) for m in members}
+    average = path.average_deltas(1, "key", "eu", updates, [key], {key: torch.Size([4])})
+    assert torch.allclose(average[key], torch.ones(4))
     assert sorted(e for e in events if e.startswith("auth:")) == [f"auth:{m}" for m in members]
     assert events.index("sum") > max(i for i, e in enumerate(events) if e.startswith("auth:"))
 
     # a local tensor is refused and nothing is summed
     events.clear()
     with pytest.raises(PolicyViolation, match="layers.local"):
-        path.aggregate(2, "shared", "eu", contributions, ["lm_head.weight"], final_destination="world")
+        head = {m: release_mod.MemberUpdate({"lm_head.weight": torch.ones(4)}, np.ones(1)) for m in members}
+        path.average_deltas(2, "shared", "eu", head, ["lm_head.weight"], {"lm_head.weight": torch.Size([4])},
+                            final_destination="world")
     assert "sum" not in events
