@@ -94,3 +94,39 @@ def test_an_earlier_runs_ledgers_are_never_reused(tmp_path: Path) -> None:
     (tmp_path / "ledgers" / "eu-a.sqlite").write_bytes(b"")
     with pytest.raises(ConfigError, match="ledgers from an earlier run"):
         simulate(jurisdiction_world(tmp_path), methods=[METHODS["worldlm"]], ledger_root=tmp_path / "ledgers")
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_round_leaves_ledgers_that_verify(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    world = jurisdiction_world(tmp_path, rounds=200)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worldlm_secure.cli", "simulate", str(world), "--out", str(out),
+         "--methods", "worldlm", "--threads", "1", "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # wait until releases are being written, then kill mid-run
+            led = out / "ledgers" / "eu-a.sqlite"
+            if led.exists() and len(read_entries(led)) >= 5:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run wrote no ledger entries in time")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    files = sorted((out / "ledgers").glob("*.sqlite"))
+    assert files
+    for f in files:
+        report = verify(f)
+        assert report.ok, report.summary()  # no half-written entry, the chain and head agree
