@@ -53,8 +53,17 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return d / "a.sqlite", d / "b.sqlite"
 
 
+_SCRATCH: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scratch(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Hypothesis examples cannot take `tmp_path`; their copies go under pytest's managed temp root."""
+    _SCRATCH[:] = [tmp_path_factory.mktemp("copies")]
+
+
 def _copy(src: Path) -> Path:
-    d = Path(tempfile.mkdtemp())
+    d = Path(tempfile.mkdtemp(dir=_SCRATCH[0]))
     dst = d / src.name
     shutil.copy(src, dst)
     return dst
