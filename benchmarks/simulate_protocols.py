@@ -129,9 +129,9 @@ def compare(row: Row, plain: Row | None) -> dict[str, Any]:
     return out
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "simulate_protocols",
         "command": "python benchmarks/simulate_protocols.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        # uncommitted changes to the library or the example worlds at run time (the commit alone does not say what ran)
+        "git_dirty": (_git("status", "--porcelain", "--", "worldlm_secure", "examples") or "").splitlines(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
