@@ -212,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="seed (default: the worlds', 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for the tiny model)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--worlds", default=",".join(WORLDS), help=f"comma-separated subset of {','.join(WORLDS)}")
+    ap.add_argument("--ledgers", type=Path, default=None,
+                    help="keep every node's ledger under DIR/<world>/ (default: a temporary folder, deleted at the end)")
     args = ap.parse_args(argv)
+    worlds = {w.strip(): WORLDS.get(w.strip()) for w in args.worlds.split(",") if w.strip()}
+    if not worlds or None in worlds.values():
+        ap.error(f"--worlds: valid names are {', '.join(WORLDS)} (got {args.worlds!r})")
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 160)
     meta: dict[str, Any] = {
@@ -225,15 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "torch_threads": args.threads,
         "methods": list(METHOD_NAMES),
-        "worlds": {k: str(v.relative_to(REPO)) for k, v in WORLDS.items()},
+        "worlds": {k: str(v.relative_to(REPO)) for k, v in worlds.items()},
+        "ledgers_kept_in": None if args.ledgers is None else str(args.ledgers),
         "note": "same seed, data and initial model in every run; ratios are to the same method's non-private run",
     }
     results: dict[str, dict[str, dict[str, Any]]] = {}
     floor: float | None = None
-    for label, world in WORLDS.items():
+    for label, world in worlds.items():
         console.print(f"[bold]{label}[/] ({world.name}): simulate worldlm, fedavg ...")
         with tempfile.TemporaryDirectory() as scratch:
-            ledgers = Path(scratch) / "ledgers"
+            ledgers = Path(scratch) / "ledgers" if args.ledgers is None else args.ledgers / label
             result = simulate(
                 world, methods=[METHODS[m] for m in METHOD_NAMES], rounds=args.rounds, device="cpu",
                 seed=args.seed, ledger_root=ledgers,
