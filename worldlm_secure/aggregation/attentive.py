@@ -25,7 +25,7 @@ class AttentionConfig:
 
     step: float = 1.0
     temperature: float = 1.0
-    max_score: float = 8.0
+    max_score: float = 3.0
 
     @property
     def min_weight(self) -> float:

@@ -75,7 +75,7 @@ class ScheduleSection(_Strict):
 class AggregationSection(_Strict):
     key_step: float = Field(1.0, gt=0, le=2)
     key_temperature: float = Field(1.0, gt=0)
-    key_max_score: float = Field(8.0, gt=0, le=40)
+    key_max_score: float = Field(3.0, gt=0, le=40)
     residual_temperature: float = Field(0.1, gt=0)
     hierfavg_root_every: int = Field(2, ge=1)
 
