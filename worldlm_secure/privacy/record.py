@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from opacus import PrivacyEngine
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 
 from worldlm_secure.errors import ConfigError
@@ -102,7 +102,9 @@ def _probe(gsm: torch.nn.Module, optimizer: Any, batch: Mapping[str, torch.Tenso
     try:
         out = gsm(**batch)
         loss = out.loss if hasattr(out, "loss") else out[0]
-        loss.backward()
+        with warnings.catch_warnings():  # token ids need no gradient, so Opacus' hooks fire on outputs
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
         for name, p in gsm.named_parameters():
             if p.requires_grad:
                 gs = getattr(p, "grad_sample", None)
@@ -147,12 +149,7 @@ def make_private_training(
     """
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"differential_privacy.accountant: unknown accountant {accountant!r} (use rdp or prv)")
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise UnsupportedModelError(
-            f"record-level DP: {type(model).__name__} has layers Opacus cannot train privately "
-            f"({'; '.join(str(e) for e in errors[:3])}); use a Llama-style config or ModuleValidator.fix"
-        )
+    _check_layers(model)
     sample_rate = 1.0 / len(data_loader)
     if noise_multiplier == "auto":
         if target_epsilon is None or target_delta is None or planned_steps is None:
@@ -172,30 +169,101 @@ def make_private_training(
             max_grad_norm=float(max_grad_norm),
             poisson_sampling=poisson_sampling,
         )
+    _use_secure_noise(dp_opt)
+    fixed = _probe_or_fix(model, gsm, dp_opt, probe_batch)
+    return PrivateTraining(
+        gsm, dp_opt, dp_loader, engine, float(noise_multiplier), float(max_grad_norm),
+        sample_rate, accountant, fixed,
+    )
+
+
+# --- pieces shared with the engine's DP-SGD rounds (worldlm_secure/train/private.py) -------------
+def _check_layers(model: torch.nn.Module) -> None:
+    """Refuse layers Opacus cannot train privately (e.g. BatchNorm mixes samples in a batch)."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise UnsupportedModelError(
+            f"record-level DP: {type(model).__name__} has layers Opacus cannot train privately "
+            f"({'; '.join(str(e) for e in errors[:3])}); use a Llama-style config or ModuleValidator.fix"
+        )
+
+
+def _use_secure_noise(dp_opt: DPOptimizer) -> None:
     dp_opt._worldlm_rng = SecureRandom()  # type: ignore[attr-defined]
     dp_opt.add_noise = types.MethodType(_secure_add_noise, dp_opt)  # type: ignore[method-assign]
 
+
+def _probe_or_fix(
+    model: torch.nn.Module, gsm: torch.nn.Module, zero: Any, probe_batch: Mapping[str, torch.Tensor] | None
+) -> bool:
+    """Probe per-sample gradients (applying the position_ids fix if it helps); True when the fix is on.
+    ``zero`` is anything with ``zero_grad(set_to_none=True)`` (the DP optimizer, or the wrapped module)."""
     batch = probe_batch if probe_batch is not None else _default_probe_batch(model)
     if batch is None:
         raise ConfigError(
             f"record-level DP: cannot probe {type(model).__name__} for per-sample gradients; pass probe_batch= "
             "(a small batch of forward kwargs whose output has .loss)"
         )
-    fixed = False
-    if True:
-        why = _probe(gsm, dp_opt, batch)
-        if why is not None and "position_ids" in inspect.signature(model.forward).parameters:
-            handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)
-            if _probe(gsm, dp_opt, batch) is None:
-                fixed = True
-            else:
-                handle.remove()
-        if why is not None and not fixed:
-            raise UnsupportedModelError(
-                f"record-level DP: Opacus cannot compute per-sample gradients for {type(model).__name__} ({why}); "
-                "use a supported configuration (e.g. a Llama-style HF config) — training without DP is refused"
-            )
-    return PrivateTraining(
-        gsm, dp_opt, dp_loader, engine, float(noise_multiplier), float(max_grad_norm),
-        sample_rate, accountant, fixed,
+    why = _probe(gsm, zero, batch)
+    if why is None:
+        return False
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        handle = model.register_forward_pre_hook(_position_ids_hook, with_kwargs=True)
+        if _probe(gsm, zero, batch) is None:
+            return True
+        handle.remove()
+    raise UnsupportedModelError(
+        f"record-level DP: Opacus cannot compute per-sample gradients for {type(model).__name__} ({why}); "
+        "use a supported configuration (e.g. a Llama-style HF config) — training without DP is refused"
     )
+
+
+@dataclass
+class PerSampleModel:
+    """A model wrapped once for per-sample gradients (the engine trains many sites in one module)."""
+
+    gsm: GradSampleModule  # call it like the original model; hooks on only while a DP-SGD round runs
+    position_ids_fix: bool
+
+    def hooks_on(self) -> None:
+        """Install the per-sample-gradient hooks (before a DP-SGD round)."""
+        self.gsm.add_hooks(loss_reduction="mean", batch_first=True)
+        self.gsm.enable_hooks()
+
+    def hooks_off(self) -> None:
+        """Remove them, so plain rounds and evaluation on the same module run exactly as without Opacus."""
+        self.gsm.remove_hooks()
+
+
+def wrap_per_sample(model: torch.nn.Module, *, probe_batch: Mapping[str, torch.Tensor] | None = None) -> PerSampleModel:
+    """Wrap ``model`` (in place: same parameters) in Opacus' GradSampleModule and probe it.
+
+    Raises UnsupportedModelError when Opacus cannot give every trainable parameter a per-sample
+    gradient (the caller must then refuse to train, never train without DP). Hooks start removed.
+    """
+    _check_layers(model)
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm = GradSampleModule(model)
+    fixed = _probe_or_fix(model, gsm, gsm, probe_batch)
+    wrapped = PerSampleModel(gsm, fixed)
+    wrapped.hooks_off()
+    return wrapped
+
+
+def secure_dp_optimizer(
+    optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int
+) -> DPOptimizer:
+    """Opacus' DPOptimizer around ``optimizer`` (whose state stays the caller's): per-sample clipping to
+    ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm`` from SecureRandom, and
+    the sum divided by ``expected_batch_size`` (q·N under Poisson sampling, not the drawn batch's size)."""
+    dp_opt = DPOptimizer(
+        optimizer,
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        expected_batch_size=int(expected_batch_size),
+        loss_reduction="mean",
+    )
+    _use_secure_noise(dp_opt)
+    return dp_opt
