@@ -31,6 +31,9 @@ ExtraValue = Union[str, int, float, bool]
 # The mechanism of a release computed only from DP-noised aggregates (e.g. a federation releasing its
 # round average upward): DP holds by post-processing, so it spends no budget and has no ε of its own.
 POST_PROCESSING = "post_processing"
+# The mechanism of a record-level release: the site trained with Opacus DP-SGD (its stream is SITE/record,
+# charged with the optimizer steps taken since the site's previous release; see protocols/dp.md).
+DP_SGD = "dp_sgd"
 
 @dataclass(frozen=True)
 class LedgerEntry:

@@ -188,7 +188,8 @@ def _check_policy(e: LedgerEntry, policies: dict[str, bytes], cache: dict[str, s
     if dp_or_err is None or not dp_or_err.startswith("{"):
         return dp_or_err
     dp = json.loads(dp_or_err)
-    if e.dp_level == "user" and e.mechanism != POST_PROCESSING:  # post-processing has no accountant
+    # post-processing has no accountant; user- and record-level streams both use the policy's δ and accountant
+    if e.dp_level in ("user", "record") and e.mechanism != POST_PROCESSING:
         if dp.get("delta") is not None and not _close(float(dp["delta"]), e.delta):
             return f"delta {e.delta} differs from the policy's {dp['delta']}"
         if dp.get("accountant") and dp["accountant"] != e.accountant:

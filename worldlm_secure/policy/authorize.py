@@ -120,10 +120,12 @@ def authorize(release: Release, chain: Sequence[Policy] | EffectivePolicy) -> Au
                              r.dp_level)
         if dp.level != "none" and _LEVEL_ORDER[r.dp_level] < _LEVEL_ORDER[dp.level]:
             raise _violation(f"{where} differential_privacy.level", dp.level, r.dp_level)
+        # The mechanism list is for noise on released sums (user level); a record-level release is
+        # protected by DP-SGD inside its sites instead, which only the sites' training can vouch for.
         usable = usable_mechanisms(dp.acceptable_mechanisms, r.protocol)
-        if dp.mechanism is not None and r.dp_mechanism not in usable:
+        if r.dp_level == "user" and dp.mechanism is not None and r.dp_mechanism not in usable:
             raise _violation(f"{where} differential_privacy.mechanism", "|".join(usable) or "nothing", r.dp_mechanism)
-        if dp.record_level and not r.record_dp:
+        if (dp.record_level or r.dp_level == "record") and not r.record_dp:
             raise _violation(f"{where} differential_privacy.record", "releases of DP-SGD-trained sites", "no record-level DP")
         checked.append("differential_privacy")
     # 5. residuals
