@@ -1,7 +1,7 @@
 """The in-process engine: one round loop that runs WorldLM and every baseline on a world.
 
 A round, for every method (see protocols/worldlm.md for the equations):
-  1. every site trains locally from its current model;
+  1. every site trains locally from its current model (DP-SGD when its policy is record-level);
   2. each federation aggregates its sites' key layers (attentive, or plain for baselines);
   3. shared layers are averaged (weighted by examples) at the federation and then at the root;
   4. federations exchange residual layer embeddings of their key layers through the root;
@@ -28,6 +28,7 @@ from worldlm_secure.federation.settings import Settings
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.model import ParameterGroups, assign_groups, build_model
+from worldlm_secure.privacy.record_stream import RecordStream
 from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
 
 Tensors = dict[str, torch.Tensor]
@@ -179,6 +180,34 @@ class Engine:
         self.reference: Tensors = {n: init[n].clone() for n in self.key_names}  # the root's residual reference
         self.trainer = LocalTrainer(self.model, settings.train, self.device, settings.rounds * settings.train.local_steps)
         self.residual_gains: dict[str, float] = {}
+        self.private, self.record = self._plan_record_dp()
+
+    def _plan_record_dp(self) -> tuple[object | None, dict[str, RecordStream]]:
+        """DP-SGD for every site whose effective policy (site -> root) is record-level, fixed before training.
+
+        The shared module is wrapped for per-sample gradients once; a model Opacus cannot handle raises
+        UnsupportedModelError here, before any site trains (never a silent fallback to plain training).
+        Each site's `SITE/record` stream is rebuilt from its ledger and shared with the release path,
+        which charges the steps on the site's next release.
+        """
+        from worldlm_secure.train.private import PrivateTrainer, record_dp_params
+
+        cfg = self.settings.train
+        streams: dict[str, RecordStream] = {}
+        for s in self.sites:
+            eff = self.release.effective(s.name, self.root)
+            if not eff.differential_privacy.record_level:
+                continue
+            params = record_dp_params(
+                eff, records=s.examples, expected_batch=cfg.batch_size * cfg.grad_accum,
+                planned_steps=self.settings.rounds * cfg.local_steps,
+            )
+            streams[s.name] = RecordStream(s.name, params, self.release.ledger_entries(s.name))
+        if not streams:
+            return None, {}
+        private = PrivateTrainer(self.trainer)
+        self.release.record_streams.update(streams)
+        return private, streams
 
     def _common_groups(self) -> tuple[list[str], list[str]]:
         """Key and shared names must agree within an aggregator (they are summed together)."""
@@ -199,18 +228,27 @@ class Engine:
     # --- one round -------------------------------------------------------------------------------
     def _train_sites(self, round_id: int) -> float:
         losses = []
-        start_step = (round_id - 1) * self.settings.train.local_steps
+        steps = self.settings.train.local_steps
+        start_step = (round_id - 1) * steps
+        for stream in self.record.values():  # refuse the whole round before any site trains (BudgetExceeded)
+            stream.check_round(steps)
         for site in self.sites:
             self.model.load_state_dict(site.params, strict=False)
             opt = self.trainer.make_optimizer()
             if site.opt_state is not None:
                 opt.load_state_dict(site.opt_state)
-            losses.append(self.trainer.train_round(site.train, opt, start_step, site.generator))
+            stream = self.record.get(site.name)
+            if stream is not None:
+                loss, taken = self.private.train_round(site.train, opt, start_step, stream.params)  # type: ignore[attr-defined]
+                stream.add_steps(taken)
+                losses.append(loss)
+            else:
+                losses.append(self.trainer.train_round(site.train, opt, start_step, site.generator))
             site.params = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()}
             site.opt_state = opt.state_dict()
             if self.on_site:
                 self.on_site(site.name, round_id)
-        return float(np.mean(losses))
+        return float(np.nanmean(losses)) if not np.all(np.isnan(losses)) else float("nan")
 
     def _weighted_round(
         self, round_id: int, group: str, destination: str, server: Tensors, members: Mapping[str, tuple[Tensors, np.ndarray]],
@@ -310,14 +348,18 @@ class Engine:
         stopped: str | None = None
         for r in range(1, self.settings.rounds + 1):
             t0 = time.perf_counter()
-            loss = self._train_sites(r)
-            train_s += time.perf_counter() - t0
+            loss = float("nan")
             try:
+                try:
+                    loss = self._train_sites(r)  # record-level DP refuses a round its budget cannot afford
+                finally:
+                    train_s += time.perf_counter() - t0
                 self._aggregate_key(r)
                 self._aggregate_shared(r)
                 self._exchange_residuals(r)
             except BudgetExceeded as exc:
-                # Nothing of this round was released; the sites keep what they had and training stops.
+                # Nothing of this round was released (a refused training round did not train either);
+                # the sites keep what they had and training stops.
                 stopped = f"round {r}: {exc}"
                 site_ppl = self.evaluate()
                 rounds.append(RoundRecord(r, float(np.mean(list(site_ppl.values()))), site_ppl, loss))
