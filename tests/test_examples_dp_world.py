@@ -61,3 +61,41 @@ def test_dp_policy_extends_research_open_and_only_adds_dp() -> None:
     assert dp.layers == base.layers and dp.secure_aggregation == base.secure_aggregation
     assert dp.egress == base.egress and dp.audit == base.audit
     assert base.differential_privacy.level == "none" and dp.differential_privacy.level == "user"
+
+
+# --- examples/world-record-dp.yaml: the same world under record-level DP (Opacus DP-SGD in each site) ---
+RECORD_POLICY = EXAMPLES / "policies" / "record-dp.yaml"
+
+
+def test_record_dp_world_differs_from_the_default_world_only_in_policies_and_name() -> None:
+    base = yaml.safe_load((EXAMPLES / "world.yaml").read_text())
+    rec = yaml.safe_load((EXAMPLES / "world-record-dp.yaml").read_text())
+    assert _without_policies_and_name(rec) == _without_policies_and_name(base)
+    assert rec["name"] == "record-dp-world"
+    assert {n["policy"] for n in rec["nodes"]} == {"policies/record-dp.yaml"}
+
+
+def test_record_dp_world_trains_every_site_with_dp_sgd_within_a_budget_its_rounds_fit() -> None:
+    from worldlm_secure.federation.settings import settings_for
+    from worldlm_secure.privacy import derive_noise_multiplier, epsilon
+
+    world = load_world(EXAMPLES / "world-record-dp.yaml")
+    settings = settings_for(world)
+    assert settings.rounds == 20
+    records = settings.synthetic.train_tokens // settings.seq_len  # type: ignore[union-attr]
+    q = settings.train.batch_size / records
+    steps = settings.rounds * settings.train.local_steps
+    for site in world.sites:
+        dp = compose(world.policy_chain(site.name)).differential_privacy
+        assert (dp.level, dp.delta, dp.accountant) == ("record", 1e-5, "rdp") and dp.record_level
+        assert dp.record is not None and dp.record.noise_multiplier == "auto" and dp.record.epsilon_budget == 8.0
+    z = derive_noise_multiplier(8.0, 1e-5, q, steps)  # what the engine derives before training: it exists
+    assert epsilon(z, q, steps, 1e-5) <= 8.0
+
+
+def test_record_dp_policy_extends_research_open_and_only_adds_dp() -> None:
+    base = load_policy(REPO / "policies" / "research-open.yaml")
+    rec = load_policy(RECORD_POLICY)
+    assert rec.layers == base.layers and rec.secure_aggregation == base.secure_aggregation
+    assert rec.egress == base.egress and rec.audit == base.audit and rec.residuals == base.residuals
+    assert rec.differential_privacy.level == "record"
