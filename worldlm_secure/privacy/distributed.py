@@ -21,12 +21,21 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from dataclasses import replace
 
 import numpy as np
 
 from worldlm_secure.errors import PolicyError
 from worldlm_secure.privacy.mechanisms import NoiseMechanism, NoisePlan, register
 from worldlm_secure.privacy.secure_random import SecureRandom
+from worldlm_secure.secagg.protocol import IntegerNoise
+
+# Per-member variance cap (integer units²): the Poisson sampler behind Skellam loses precision far above
+# λ ≈ 1e12 (float64 log-factorials); the protocol lowers its scale instead. Costs nothing in utility: the
+# quantization step stays ~1e-6 of the noise std.
+MAX_MEMBER_VARIANCE = 1e12
+# The noisy sum must not wrap in Z_2^b: reserve this many standard deviations of the total noise.
+NOISE_SIGMAS = 8.0
 
 
 def integer_sensitivity(plan: NoisePlan) -> tuple[float, float]:
@@ -57,11 +66,6 @@ class DistributedIntegerMechanism(NoiseMechanism):
     def noise_std(self, plan: NoisePlan, contributors: int) -> float:
         """Std of the total noise in the released sum, in parameter units (for utility estimates)."""
         return math.sqrt(contributors * self.member_variance(plan)) * float(plan.quant_step or 0.0)
-
-    def noise_bound(self, plan: NoisePlan, contributors: int, sigmas: float = 8.0) -> float:
-        """|total noise| per coordinate stays below this (integer units) except with prob. ~1e-15 at 8σ:
-        the headroom the masking quantizer must leave in Z_2^b so the noisy sum does not wrap."""
-        return sigmas * math.sqrt(contributors * self.member_variance(plan))
 
     def _check_contributors(self, contributors: int) -> None:
         if contributors < 1:
@@ -116,3 +120,26 @@ class DistributedSkellam(DistributedIntegerMechanism):
 
 register(DistributedDiscreteGaussian.name, DistributedDiscreteGaussian)
 register(DistributedSkellam.name, DistributedSkellam)
+
+
+def integer_noise(mechanism: DistributedIntegerMechanism, plan: NoisePlan, roster: int) -> IntegerNoise:
+    """What a masking round needs to carry ``mechanism``'s shares for ``plan`` (its quant_step is ignored:
+    the round fixes the scale). ``roster``: members invited; up to all of them may contribute.
+
+    Per coordinate the total noise of ``roster`` shares has std sqrt(roster/n)·z·Δ₂ with Δ₂ = Δ·scale + √d;
+    the round reserves NOISE_SIGMAS of it, and caps the scale so a share's variance stays <= MAX_MEMBER_VARIANCE.
+    """
+    z, sens, n, d = plan.noise_multiplier, plan.sensitivity, plan.expected_members, plan.dim
+    spread = NOISE_SIGMAS * math.sqrt(max(roster, n) / n) * z
+    max_d2 = math.sqrt(MAX_MEMBER_VARIANCE * n) / z
+    max_scale = (max_d2 - math.sqrt(d)) / sens
+    if not max_scale > 0:
+        raise PolicyError(
+            f"distributed noise: {d} values at noise_multiplier {z:g} do not fit the exact samplers; "
+            "use central_gaussian or release fewer values per group"
+        )
+
+    def sample(scale: float, size: int) -> np.ndarray:
+        return mechanism.sample_member_noise(size, replace(plan, quant_step=1.0 / scale))
+
+    return IntegerNoise(spread * math.sqrt(d), spread * sens, max_scale, sample)

@@ -50,7 +50,14 @@ from worldlm_secure.secagg.masking_messages import (
     UnmaskResponse,
     pack_words,
 )
-from worldlm_secure.secagg.protocol import DropoutPlan, MemberInput, ProtectionStats, SecureSum, SumResult
+from worldlm_secure.secagg.protocol import (
+    DropoutPlan,
+    IntegerNoise,
+    MemberInput,
+    ProtectionStats,
+    SecureSum,
+    SumResult,
+)
 from worldlm_secure.secagg.quantize import (
     QuantizationSpec,
     clip_report_units,
@@ -100,6 +107,7 @@ class RoundConfig:
         roster: Sequence[str],
         identity_keys: Mapping[str, bytes],
         min_cohort: int,
+        noise: IntegerNoise | None = None,
     ) -> "RoundConfig":
         """Resolve k, t and the quantization spec from a masking policy section for this roster."""
         names = tuple(sorted(roster))
@@ -120,12 +128,21 @@ class RoundConfig:
         if not 0.0 < frac <= 1.0:
             raise ConfigError(f"secure_aggregation.masking.threshold: must be in (0, 1] (got {frac})")
         t = max(1, math.ceil(frac * k))
-        quant = QuantizationSpec(int(getattr(params, "bits", 32)), float(getattr(params, "clip_range")), n)
+        quant = round_quantization(params, n, noise)
         return cls(round_id, names, k, t, max(1, int(min_cohort)), quant, dict(identity_keys))
 
     def share_point(self, member: str) -> int:
         """The Shamir x-coordinate of ``member``'s shares: its 1-based index in the sorted roster."""
         return self.roster.index(member) + 1
+
+
+def round_quantization(params: object, n_members: int, noise: IntegerNoise | None = None) -> QuantizationSpec:
+    """The fixed-point spec of a round of ``n_members`` under a masking policy section, leaving room for
+    distributed DP noise when members add it (the release path needs the same scale to account the noise)."""
+    bits, clip = int(getattr(params, "bits", 32)), float(getattr(params, "clip_range"))
+    if noise is None:
+        return QuantizationSpec(bits, clip, n_members)
+    return QuantizationSpec(bits, clip, n_members, noise.reserve_units, noise.reserve_per_scale, noise.max_scale)
 
 
 # ---- key derivations (shared by member, aggregator and the test vectors) --------------------------------
@@ -208,11 +225,19 @@ def _survivor_split(cfg: RoundConfig, survivors: Sequence[str], graph: Mapping[s
 class MaskingMember:
     """One member's side of one round. Methods must be called in order, each at most once."""
 
-    def __init__(self, identity: NodeIdentity, config: RoundConfig, *, entropy: Entropy = os.urandom) -> None:
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        config: RoundConfig,
+        *,
+        entropy: Entropy = os.urandom,
+        noise: IntegerNoise | None = None,
+    ) -> None:
         if identity.name not in config.roster:
             raise SecAggError(f"round {config.round_id}: {identity.name!r} is not in the round's roster")
         self.name = identity.name
         self.cfg = config
+        self._noise = noise  # distributed DP: this member's integer noise share goes in before masking
         self._identity = identity
         self._entropy = entropy
         self._stage = "new"
@@ -313,6 +338,12 @@ class MaskingMember:
         words = np.empty(x.size + 1, dtype=cfg.quant.dtype)
         words[:-1] = q.values
         words[-1] = clip_report_units(q.clipped_fraction, cfg.quant)
+        if self._noise is not None:
+            share = np.asarray(self._noise.sample(cfg.quant.scale, x.size), dtype=np.int64)
+            # two's-complement residues: uint64 view, then truncation to the word size, wraps mod 2^b
+            words[:-1] += share.view(np.uint64).astype(cfg.quant.dtype)
+            # The clipped fraction is data-dependent and would leave un-noised: under DP it stays local (logged).
+            words[-1] = 0
         masks = [(self._self_seed, 1)]
         for v in sorted(self._held):  # pairwise masks only with neighbours whose shares arrived (U2)
             seed = pairwise_seed(self._mask, self._peers[v].mask_public, cfg.round_id, self.name, v)
@@ -603,6 +634,7 @@ class MaskingSum(SecureSum):
     """
 
     name = "masking"
+    carries_integer_noise = True
 
     def __init__(
         self,
@@ -619,6 +651,10 @@ class MaskingSum(SecureSum):
         self.identities: dict[str, NodeIdentity] = dict(identities or {})
         self._entropy = entropy
 
+    def quantization(self, n_members: int, noise: IntegerNoise | None = None) -> QuantizationSpec:
+        """The fixed-point spec a round of ``n_members`` uses (its scale sizes distributed DP noise)."""
+        return round_quantization(self.params, n_members, noise)
+
     def _identity(self, member: str) -> NodeIdentity:
         if member not in self.identities:
             if not self._generate:
@@ -633,14 +669,18 @@ class MaskingSum(SecureSum):
         *,
         min_cohort: int,
         dropouts: DropoutPlan = DropoutPlan(),
+        noise: IntegerNoise | None = None,
     ) -> SumResult:
+        """As `SecureSum.run_round`; with ``noise`` every member adds its distributed DP share before masking."""
         names = [m.member for m in inputs]
         sizes = {np.asarray(m.vector).shape for m in inputs}
         if not inputs or len(sizes) != 1 or len(next(iter(sizes))) != 1:
             raise SecAggError(f"round {round_id}: members must submit 1-D vectors of one length (got shapes {sorted(sizes)})")
         ids = {n: self._identity(n) for n in names}
-        cfg = RoundConfig.build(self.params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort)
-        members = {n: MaskingMember(ids[n], cfg, entropy=self._entropy) for n in names}
+        cfg = RoundConfig.build(
+            self.params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort, noise
+        )
+        members = {n: MaskingMember(ids[n], cfg, entropy=self._entropy, noise=noise) for n in names}
         trace = drive_round(members, MaskingAggregator(cfg), {m.member: m.vector for m in inputs}, dropouts)
         outcome, up, down = trace.outcome, trace.bytes_up, trace.bytes_down
         d = next(iter(sizes))[0]
@@ -659,6 +699,7 @@ class MaskingSum(SecureSum):
                 "threshold": float(cfg.threshold),
                 "bits": float(cfg.quant.bits),
                 "clip_range": cfg.quant.clip_range,
+                "scale": cfg.quant.scale,
                 "quantization_error_bound": cfg.quant.sum_error_bound(len(outcome.contributors)),
                 "recovered_mask_keys": float(outcome.recovered_mask_keys),
                 "bytes_up_total": float(sum(up.values())),  # including members that dropped

@@ -11,7 +11,7 @@ in their own module; this interface is what the engine calls.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -33,6 +33,23 @@ class DropoutPlan:
     before_keys: frozenset[str] = frozenset()  # never advertise keys
     after_keys: frozenset[str] = frozenset()  # after key sharing, before sending the protected input
     after_input: frozenset[str] = frozenset()  # after sending the protected input, before unmasking/decryption
+
+
+@dataclass(frozen=True)
+class IntegerNoise:
+    """Distributed DP noise: each member adds its own integer share to its quantized vector before
+    protecting it, so the aggregator only ever decodes a noisy sum (privacy/distributed.py builds it).
+
+    The protocol sizes its integer domain so the noisy sum cannot wrap: per coordinate it reserves
+    ``reserve_units + reserve_per_scale * scale`` integer units, and caps its scale (quantization steps
+    per input unit) at ``max_scale`` so the shares stay in the samplers' exact range.
+    ``sample(scale, size)`` draws one member's int64 share for a round quantized at ``scale``.
+    """
+
+    reserve_units: float
+    reserve_per_scale: float
+    max_scale: float
+    sample: Callable[[float, int], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,8 @@ class SecureSum(ABC):
     """A secure-aggregation protocol, as the engine sees it."""
 
     name: ClassVar[str]
+    # True if run_round takes ``noise=IntegerNoise`` (members add distributed DP noise in its integer domain).
+    carries_integer_noise: ClassVar[bool] = False
 
     @abstractmethod
     def run_round(

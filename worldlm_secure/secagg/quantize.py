@@ -5,7 +5,9 @@ q = floor(x * scale + u), u ~ U[0, 1), so E[q / scale] = x (unbiased) and |q / s
 q is stored as a two's-complement residue mod 2^b in a machine word (uint32 for b <= 32, uint64 up to
 b = 62; the wire keeps the low b bits).
 ``scale = (2^(b-1) - 1 - n) / (n * clip_range)`` keeps |sum of n members| <= 2^(b-1) - 1, so the signed
-sum decodes exactly. The sum of n members is therefore within n / scale of the clipped plaintext sum
+sum decodes exactly. When members add integer DP noise after quantizing (distributed DP), the spec also
+reserves ``reserve_units + reserve_per_scale * scale`` units for the noise and may cap the scale:
+``scale = min(max_scale, (2^(b-1) - 1 - n - reserve_units) / (n * clip_range + reserve_per_scale))``. The sum of n members is therefore within n / scale of the clipped plaintext sum
 (`sum_error_bound`, which also covers float64 rounding), with standard deviation at most sqrt(n) / (2 * scale).
 
 Values outside the range are saturated, counted and reported (`Quantized.clipped_fraction`), never
@@ -33,6 +35,9 @@ class QuantizationSpec:
     bits: int
     clip_range: float
     n_members: int
+    reserve_units: float = 0.0  # integer units per coordinate kept free for noise added after quantizing
+    reserve_per_scale: float = 0.0  # more reserved units per unit of scale (noise that grows with the scale)
+    max_scale: float = math.inf
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 62:
@@ -41,16 +46,20 @@ class QuantizationSpec:
             raise ConfigError(
                 f"secure_aggregation.masking.clip_range: must be a positive number (got {self.clip_range})"
             )
-        if self.n_members < 1 or 2 ** (self.bits - 1) - 1 - self.n_members <= 0:
+        if self.n_members < 1 or 2 ** (self.bits - 1) - 1 - self.n_members - self.reserve_units <= 0:
+            noise = " plus the distributed DP noise" if self.reserve_units else ""
             raise ConfigError(
                 f"secure_aggregation.masking.bits: {self.bits} bits cannot hold the sum of {self.n_members} "
-                "members; raise bits"
+                f"members{noise}; raise bits"
             )
+        if min(self.reserve_units, self.reserve_per_scale) < 0 or not self.max_scale > 0:
+            raise ConfigError("quantization: noise reserves must be >= 0 and max_scale > 0")
 
     @property
     def scale(self) -> float:
         """Quantization steps per unit of the input (1 / scale is the step size)."""
-        return (2 ** (self.bits - 1) - 1 - self.n_members) / (self.n_members * self.clip_range)
+        room = 2 ** (self.bits - 1) - 1 - self.n_members - self.reserve_units
+        return min(self.max_scale, room / (self.n_members * self.clip_range + self.reserve_per_scale))
 
     @property
     def dtype(self) -> type[np.unsignedinteger]:
