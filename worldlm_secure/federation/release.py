@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from worldlm_secure.aggregation.weighted import DeltaCodec
 from worldlm_secure.errors import ConfigError, PolicyError
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
-from worldlm_secure.ledger.entry import POST_PROCESSING
-from worldlm_secure.secagg import MemberInput, SecureSum, SumResult, make_secure_sum
+from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING
+from worldlm_secure.secagg import IntegerNoise, MemberInput, SecureSum, SumResult, make_secure_sum
 
 
 
@@ -88,6 +88,9 @@ class ReleasePath:
         self._protocols: dict[tuple[str, str], SecureSum] = {}
         self._ledgers: dict[str, Any] = {}
         self._trackers: dict[str, Any] = {}
+        # Record-level DP: site -> privacy.record_stream.RecordStream of the sites that train with DP-SGD
+        # (filled by the engine); a release charges the steps its site took since its last release.
+        self.record_streams: dict[str, Any] = {}
 
     # --- policies ------------------------------------------------------------------------------
     def chain(self, member: str, final_destination: str) -> list[Any]:
@@ -132,14 +135,15 @@ class ReleasePath:
         """
         codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
         final = final_destination or destination
-        dp = None if derived else self._dp_for(round_id, group, sorted(updates), final, codec.length)
+        plan = self._plan(sorted(updates), final)
+        dp = None if derived else self._dp_for(sorted(updates), final, codec.length, plan)
         vectors = {}
         for member, upd in updates.items():
             deltas = upd.deltas
             if dp is not None:  # member side: clip the whole group's update to the policy's norm
                 deltas = _clip(deltas, names, dp.dp.clipping_norm)
             vectors[member] = codec.encode(deltas, upd.weights)
-        total = self._release(round_id, group, destination, vectors, names, final, dp, derived).total
+        total = self._release(round_id, group, destination, vectors, names, final, plan, dp, derived).total
         return codec.decode_average(total)
 
     def secure_sum(
@@ -158,7 +162,8 @@ class ReleasePath:
             for m in vectors:
                 if self.effective(m, destination).differential_privacy.level != "none":
                     raise PolicyError(f"{group} release of {m!r}: raw vectors cannot be released under a DP policy")
-        return self._release(round_id, group, destination, dict(vectors), names, destination, None, derived).total
+        plan = self._plan(sorted(vectors), destination)
+        return self._release(round_id, group, destination, dict(vectors), names, destination, plan, None, derived).total
 
     # --- the pipeline ------------------------------------------------------------------------------
     def _release(
@@ -169,20 +174,18 @@ class ReleasePath:
         vectors: Mapping[str, np.ndarray],
         names: Sequence[str],
         final: str,
+        plan: Any,
         dp: _DP | None,
         derived: bool,
     ) -> SumResult:
-        from worldlm_secure.policy import Release, authorize, plan_round
+        from worldlm_secure.policy import Release, authorize
 
         members = sorted(vectors)
         effective = [self.effective(m, final) for m in members]
-        plan = plan_round(dict(zip(members, effective)))
         # What is actually applied, per member: noise on the sum protects every member of a noised round;
         # a derived release is DP by post-processing exactly when its member's own inputs were noised.
-        levels = {
-            m: "user" if (dp is not None or (derived and _wants_dp([e]))) else "none" for m, e in zip(members, effective)
-        }
-        mechanism = dp.dp.mechanism.name if dp is not None else (_central(effective) if derived else None)
+        levels = {m: self._applied_level(m, e, dp is not None, derived) for m, e in zip(members, effective)}
+        mechanism = dp.dp.mechanism.name if dp is not None else (plan.dp_mechanism if derived else None)
         for member in members:
             authorize(
                 Release(
@@ -193,45 +196,72 @@ class ReleasePath:
                     tensor_names=tuple(names),
                     protocol=plan.protocol,
                     dp_level=levels[member],
-                    dp_mechanism=mechanism if levels[member] == "user" else None,
+                    dp_mechanism={"user": mechanism, "record": DP_SGD}.get(levels[member]),
                     cohort_size=len(members),
+                    record_dp=self._trained_with_dp_sgd(member, effective[members.index(member)], derived),
                 ),
                 self.chain(member, final),
             )
+        secure = self._protocol(destination, plan.protocol, plan, members)
+        noise = None
+        if dp is not None and dp.dp.mechanism.distributed:  # members noise their own quantized vectors
+            dp, noise = _with_member_noise(dp, secure, len(members))
         if dp is not None:  # refuse before anyone sends if even the worst case would exceed a budget
             for member in members:
                 dp.dp.check_before_round(dp.trackers[member], dp.plan, plan.min_cohort)
         start = time.perf_counter()
-        secure = self._protocol(destination, plan.protocol, plan, members)
-        result = secure.run_round(round_id, [MemberInput(m, vectors[m]) for m in members], min_cohort=plan.min_cohort)
+        inputs = [MemberInput(m, vectors[m]) for m in members]
+        if noise is not None:
+            result = secure.run_round(round_id, inputs, min_cohort=plan.min_cohort, noise=noise)  # type: ignore[call-arg]
+        else:
+            result = secure.run_round(round_id, inputs, min_cohort=plan.min_cohort)
         total = result.total
         charges: dict[str, Any] = {}
-        if dp is not None:  # central Gaussian at the aggregator, after unmasking / decryption
-            total = dp.dp.mechanism.add_noise(total, dp.plan)
+        if dp is not None:
+            if noise is None:  # central Gaussian at the aggregator, after unmasking / decryption
+                total = dp.dp.mechanism.add_noise(total, dp.plan)
+            # z_eff of what was released: distributed shares of dropped members are missing from the sum
             charges = {m: dp.dp.charge(dp.trackers[m], dp.plan, len(result.contributors)) for m in result.contributors}
+        # Record level: DP-SGD steps are charged on the site's first release after them, 0 steps after that.
+        record_charges = {
+            m: self.record_streams[m].charge_release() for m in result.contributors if not derived and m in self.record_streams
+        }
         self.stats.protect_seconds += time.perf_counter() - start
         for member in result.contributors:
-            self._record(round_id, group, member, destination, names, plan, result, effective[members.index(member)],
-                         levels[member], dp, charges.get(member))
+            rc = record_charges.get(member)
+            if rc is None or levels[member] != "record":  # a record-only release has just its DP-SGD entry
+                self._record(round_id, group, member, destination, names, plan, result,
+                             effective[members.index(member)], levels[member], dp, charges.get(member))
+            if rc is not None:
+                self._record_dp_sgd(round_id, group, member, destination, names, plan, result,
+                                    effective[members.index(member)], rc, second=levels[member] != "record")
         self._count(plan.protocol, result)
         return SumResult(total, result.contributors, result.dropped, result.stats)
 
-    def _dp_for(self, round_id: int, group: str, members: list[str], final: str, dim: int) -> _DP | None:
+    def _plan(self, members: Sequence[str], final: str) -> Any:
+        """The round plan every member follows: protocol, its parameters, the DP mechanism (policy.plan_round)."""
+        from worldlm_secure.policy import plan_round
+
+        return plan_round({m: self.effective(m, final) for m in members})
+
+    def _dp_for(self, members: list[str], final: str, dim: int, plan: Any) -> _DP | None:
         """User-level DP settings for a round whose members' policies ask for it (None otherwise)."""
         from worldlm_secure.privacy import UserLevelDP
 
         effs = [self.effective(m, final) for m in members]
         if not _wants_dp(effs):
             return None
-        if any(e.differential_privacy.level == "record" for e in effs):
-            raise PolicyError(f"{effs[0].files[0]}: record-level DP (Opacus DP-SGD) is not wired into simulate yet")
+        # Record-level-only members are protected by DP-SGD inside their sites; noise on the sum is user level.
+        effs = [e for e in effs if e.differential_privacy.level == "user"]
+        if not effs:
+            return None
         # One noise level for the round, from the strictest member (smallest budget); conservative for the rest.
         eff = min(effs, key=lambda e: e.differential_privacy.epsilon_budget or float("inf"))
         dp = UserLevelDP.from_policy(
             eff.differential_privacy,
             planned_releases=self.planned_releases,
             max_dropout_fraction=eff.secure_aggregation.max_dropout_fraction,
-            mechanism=_central(effs),
+            mechanism=plan.dp_mechanism,
         )
         trackers = {m: self._tracker(m, dp) for m in members}
         return _DP(dp, trackers, dp.plan(expected_members=len(members), dim=dim, w_max=1.0))
@@ -241,6 +271,24 @@ class ReleasePath:
             entries = self._ledger(member).entries() if self.ledger_dir is not None else ()
             self._trackers[member] = dp.tracker(f"{member}/user", entries)
         return self._trackers[member]
+
+    def ledger_entries(self, node: str) -> list[Any]:
+        """``node``'s ledger entries so far (empty without a ledger), e.g. to rebuild a budget stream."""
+        return self._ledger(node).entries() if self.ledger_dir is not None else []
+
+    def _applied_level(self, member: str, eff: Any, noised: bool, derived: bool) -> str:
+        """The DP level a release of ``member`` actually has: user when noise is added to the sum; record
+        when the member trained with DP-SGD; a derived release inherits its (DP-protected) inputs' level."""
+        if noised:
+            return "user"
+        if derived:
+            return str(eff.differential_privacy.level)
+        return "record" if member in self.record_streams else "none"
+
+    def _trained_with_dp_sgd(self, member: str, eff: Any, derived: bool) -> bool:
+        # A derived release's inputs come from the sites below it, whose paths include its policy: if that
+        # is record-level, every one of them trained with DP-SGD (the engine refuses otherwise).
+        return bool(eff.differential_privacy.record_level) if derived else member in self.record_streams
 
     def _ledger(self, node: str) -> Any:
         from worldlm_secure.ledger import Ledger
@@ -273,13 +321,48 @@ class ReleasePath:
             cohort_size=len(result.contributors),
             dropouts=len(result.dropped),
             dp_level=dp_level,
-            mechanism=(dp.dp.mechanism.name if dp is not None else (POST_PROCESSING if dp_level == "user" else "none")),
+            mechanism=(dp.dp.mechanism.name if dp is not None else (POST_PROCESSING if dp_level != "none" else "none")),
             clipping_norm=dp.dp.clipping_norm if dp is not None else 0.0,
             policy_sha256=eff.sha256,
             charge=charge,
-            stream=f"{member}/{POST_PROCESSING if (dp is None and dp_level == 'user') else dp_level}",
+            stream=f"{member}/{POST_PROCESSING if (dp is None and dp_level != 'none') else dp_level}",
             delta=float(eff.differential_privacy.delta or 0.0),
             key_id=str(result.stats.extra.get("key_id", "")),
+        )
+        self._ledger(member).append(entry, policy_document=eff.canonical_json())
+
+    def _record_dp_sgd(
+        self, round_id: int, group: str, member: str, destination: str, names: Sequence[str], plan: Any,
+        result: SumResult, eff: Any, charge: Any, *, second: bool,
+    ) -> None:
+        """The `SITE/record` entry of a DP-SGD-trained site's release: mechanism dp_sgd, the steps charged
+        (0 for a further release of the same model), q and C = max_grad_norm. With user-level noise too
+        (``second``), it is the release's second entry, id ``R:GROUP:DEST:record`` (one entry per stream)."""
+        self.stats.epsilon[charge.stream] = charge.epsilon_cumulative
+        if self.ledger_dir is None:
+            return
+        from worldlm_secure.ledger import release_entry
+
+        params = self.record_streams[member].params
+        entry = release_entry(
+            release_id=f"{round_id}:{group}:{destination}" + (":record" if second else ""),
+            round=round_id,
+            level=self.world.nodes[member].kind,
+            source=member,
+            destination=destination,
+            group=group,
+            tensor_names=names,
+            protocol=plan.protocol,
+            cohort_size=len(result.contributors),
+            dropouts=len(result.dropped),
+            dp_level="record",
+            mechanism=DP_SGD,
+            clipping_norm=params.max_grad_norm,
+            policy_sha256=eff.sha256,
+            charge=charge,
+            delta=charge.delta,
+            key_id=str(result.stats.extra.get("key_id", "")),
+            extra={"expected_batch": params.expected_batch},
         )
         self._ledger(member).append(entry, policy_document=eff.canonical_json())
 
@@ -305,16 +388,15 @@ def _wants_dp(effective: Sequence[Any]) -> bool:
     return any(e.differential_privacy.level != "none" for e in effective)
 
 
-def _central(effective: Sequence[Any]) -> str:
-    """Central Gaussian, the one mechanism simulate applies; refused when a policy does not accept it."""
-    for e in effective:
-        dp = e.differential_privacy
-        if dp.level != "none" and "central_gaussian" not in dp.acceptable_mechanisms:
-            raise PolicyError(
-                f"{e.files[0]}: differential_privacy.mechanism accepts only {list(dp.acceptable_mechanisms)}; "
-                "simulate applies central_gaussian (distributed noise inside masking is not wired yet)"
-            )
-    return "central_gaussian"
+def _with_member_noise(dp: _DP, secure: SecureSum, roster: int) -> tuple[_DP, IntegerNoise]:
+    """Distributed noise: the round's integer noise shares and the plan at the scale the protocol will use."""
+    from worldlm_secure.privacy.distributed import integer_noise
+
+    if not secure.carries_integer_noise:  # plan_round only pairs distributed mechanisms with masking
+        raise PolicyError(f"{dp.dp.mechanism.name}: protocol {secure.name!r} cannot carry distributed noise")
+    noise = integer_noise(dp.dp.mechanism, dp.plan, roster)  # type: ignore[arg-type]
+    scale = secure.quantization(roster, noise).scale  # type: ignore[attr-defined]
+    return replace(dp, plan=replace(dp.plan, quant_step=1.0 / scale)), noise
 
 
 def _clip(deltas: Mapping[str, torch.Tensor], names: Sequence[str], max_norm: float) -> dict[str, torch.Tensor]:
