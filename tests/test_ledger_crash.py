@@ -81,3 +81,25 @@ def test_sigkill_during_appends_leaves_a_verifiable_ledger(tmp_path: Path, kills
         assert [e.release_id for e in rep.entries] == [f"{r}:shared:fed" for r in range(len(rep.entries))]
         assert len(rep.entries) >= target > seen
         seen = len(rep.entries)
+
+
+def test_a_crash_while_creating_leaves_no_ledger_without_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creation is atomic: a crash before the rename leaves no ledger at the path (only a hidden temp
+    file), and the next start creates a complete one that verifies."""
+    from worldlm_secure.ledger import Ledger
+
+    ident = NodeIdentity.generate("site-c")
+    path = tmp_path / "ledgers" / "site-c.sqlite"
+
+    def crash(*_args: object) -> None:
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Ledger(path, ident)
+    assert not path.exists()
+    monkeypatch.undo()
+    Ledger(path, ident).close()
+    lf = read_ledger_file(path)
+    assert lf.meta["node"] == "site-c" and lf.meta["public_key"] == ident.public_bytes.hex()
+    assert verify(path).ok

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -47,6 +48,33 @@ def ledger_path(out_dir: Path | str, node: str) -> Path:
 def head_message(count: int, entry_hash: str) -> bytes:
     """What the head signature covers: the entry count and the last entry's hash."""
     return HEAD_CONTEXT + f"{count}:{entry_hash}".encode()
+
+
+def _create(path: Path, identity: NodeIdentity) -> None:
+    """Create an empty ledger for ``identity`` atomically: schema and meta go into a hidden temp file
+    that is fsynced and renamed into place, so a crash during creation leaves no ledger or a complete
+    empty one, never a file without its meta (which `verify` would have to reject)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(str(tmp))
+    try:
+        con.executescript(_SCHEMA)
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        con.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [("format", FORMAT), ("node", identity.name), ("public_key", identity.public_bytes.hex()), ("created", now)],
+        )
+        con.commit()
+    finally:
+        con.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -130,6 +158,8 @@ class Ledger:
         self.path = Path(path)
         self.identity = identity
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            _create(self.path, identity)
         self._con = _connect(self.path)
         self._con.executescript(_SCHEMA)
         pk = identity.public_bytes.hex()
