@@ -41,6 +41,10 @@ def _register() -> None:
     from worldlm_secure.cli import ledger
 
     app.add_typer(ledger.app, name="ledger")
+    from worldlm_secure.cli import node
+
+    app.add_typer(node.node_app, name="node")
+    app.add_typer(node.world_app, name="world")
 
 
 _register()

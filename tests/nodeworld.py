@@ -1,0 +1,44 @@
+"""Helpers for the deployed-world tests: small variants of examples/local-world and ledger checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_WORLD = REPO / "examples" / "local-world"
+
+
+def small_world(folder: Path, *, source: str = "world-nodp.yaml", rounds: int = 2, timeouts: dict[str, float] | None = None,
+                nodes: list[dict[str, Any]] | None = None) -> Path:
+    """A copy of an examples/local-world world in ``folder`` with ``rounds`` rounds and absolute policy
+    paths; ``timeouts`` go into nodes/NAME.yaml templates that `world up` reads."""
+    src = LOCAL_WORLD / source
+    raw = yaml.safe_load(src.read_text())
+    raw["schedule"]["rounds"] = rounds
+    if nodes is not None:
+        raw["nodes"] = nodes
+    for n in raw["nodes"]:
+        n["policy"] = str((src.parent / n["policy"]).resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "world.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if timeouts:
+        (folder / "nodes").mkdir(exist_ok=True)
+        for n in raw["nodes"]:
+            (folder / "nodes" / f"{n['name']}.yaml").write_text(yaml.safe_dump({"timeouts": timeouts}))
+    return path
+
+
+def ledger_ids(state: Path) -> dict[str, list[str]]:
+    """node -> its ledger's release ids in order (every ledger verified on the way)."""
+    from worldlm_secure.ledger import verify
+
+    out = {}
+    for path in sorted((state / "nodes").glob("*/ledger/*.sqlite")):
+        rep = verify(path)
+        assert rep.ok, f"{path}: {rep.problem}"
+        out[rep.node] = [e.release_id for e in rep.entries]
+    return out

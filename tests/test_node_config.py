@@ -1,0 +1,58 @@
+"""node.yaml: errors name the file, the field and the fix; the example configs load and match the world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodeworld import LOCAL_WORLD
+from worldlm_secure.errors import ConfigError
+from worldlm_secure.federation.world import load_world
+from worldlm_secure.node import load_node_config
+from worldlm_secure.node.runner import check_policy
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "world.yaml").write_text((LOCAL_WORLD / "world.yaml").read_text())
+    p = tmp_path / "node.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_example_node_configs_load_and_match_the_world() -> None:
+    world = load_world(LOCAL_WORLD / "world.yaml")
+    files = sorted((LOCAL_WORLD / "nodes").glob("*.yaml"))
+    assert {f.stem for f in files} == set(world.nodes)
+    for f in files:
+        cfg = load_node_config(f)
+        node = world.nodes[cfg.name]
+        assert cfg.role == node.kind
+        assert (cfg.parent.name if cfg.parent else None) == node.parent
+        assert cfg.world == (LOCAL_WORLD / "world.yaml").resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("name: a\nrole: site\nworld: world.yaml\nstate: s\nbogus: 1\n", "node.yaml bogus: unknown field"),
+        ("name: a\nrole: site\nworld: world.yaml\n", "node.yaml state: required field is missing"),
+        ("name: a\nrole: leaf\nworld: world.yaml\nstate: s\n", "node.yaml role:"),
+        ("name: a\nrole: site\nworld: world.yaml\nstate: s\n", "node.yaml parent: a site dials its federation"),
+        ("name: a\nrole: root\nworld: world.yaml\nstate: s\n", "node.yaml serve: a root serves its children"),
+        ("name: a\nrole: site\nworld: nowhere.yaml\nstate: s\nparent: {name: eu, address: 'x:1', credentials: k}\n", "world file"),
+        ("- just a list\n", "must be a mapping"),
+    ],
+)
+def test_bad_node_config_names_file_and_field(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_node_config(_write(tmp_path, text))
+    assert needle in str(err.value)
+
+
+def test_policy_must_be_the_one_the_world_names(tmp_path: Path) -> None:
+    cfg = load_node_config(LOCAL_WORLD / "nodes" / "eu-a.yaml")
+    world = load_world(LOCAL_WORLD / "world.yaml")
+    check_policy(cfg, world.nodes["eu-a"].policy_path, world.nodes["eu-a"].policy_path)
+    with pytest.raises(ConfigError, match="differs from .*eu.yaml.*eu-a"):
+        check_policy(cfg, world.nodes["us-a"].policy_path, world.nodes["eu-a"].policy_path)

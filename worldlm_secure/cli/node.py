@@ -1,0 +1,67 @@
+"""`worldlm-secure node start` and `worldlm-secure world up`: thin wrappers over `worldlm_secure.node`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+node_app = typer.Typer(help="Run one node of a deployed world (gRPC + mutual TLS).", no_args_is_help=True)
+world_app = typer.Typer(help="Run a whole world as separate node processes on this machine.", no_args_is_help=True)
+
+
+@node_app.command("start")
+def start(
+    policy: Path = typer.Option(..., "--policy", help="This node's jurisdiction policy (must be the one the world names for it)."),
+    config: Path = typer.Option(..., "--config", help="The node's node.yaml."),
+) -> None:
+    """Start a site, federation or root and run it until the world's last round; progress as JSON lines."""
+    import logging
+
+    from worldlm_secure.node import start_node
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    start_node(config, policy)
+
+
+def _describe(ev: dict) -> str | None:
+    e = ev.get("event")
+    node = ev.get("node")
+    if e == "trained":
+        return f"{node}: trained round {ev['round']} (loss {ev['loss']:.3f}, {ev['seconds']:.1f} s)"
+    if e == "aggregated":
+        drop = f", dropped {ev['dropped']}" if ev.get("dropped") else ""
+        return f"{node}: round {ev['round']} {ev['phase']} aggregated from {ev['contributors']}{drop}"
+    if e == "evaluated":
+        return f"{node}: round {ev['round']} validation perplexity {ev['val_ppl']:.2f}"
+    if e in ("aborted", "round_failed", "members_missing", "restored", "listening", "enrolled"):
+        return f"{node}: {e} " + " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("t", "node", "event"))
+    return None
+
+
+@world_app.command("up")
+def up(
+    world: Path = typer.Argument(..., help="World YAML whose folder holds nodes/NAME.yaml (e.g. examples/local-world/world.yaml)."),
+    state: Path = typer.Option(Path("runs/local-world"), "--state", help="Folder for keys, node state, ledgers, logs and results.json."),
+    timeout: float = typer.Option(1800.0, "--timeout", help="Seconds before unfinished nodes are killed."),
+) -> None:
+    """Issue keys, start every node as its own OS process on loopback, stream progress, print the table."""
+    from worldlm_secure.cli.simulate import _table
+    from worldlm_secure.federation.results import write_json_atomic
+    from worldlm_secure.node.world_up import world_up
+
+    def show(ev: dict) -> None:
+        line = _describe(ev)
+        if line:
+            console.print(line, highlight=False)
+
+    payload = world_up(world, state, on_event=show, timeout=timeout)
+    write_json_atomic(state / "results.json", payload)
+    if payload["methods"]["worldlm"]["sites"]:
+        console.print(_table(payload))
+    if payload.get("failed_nodes"):
+        console.print(f"[red]nodes that failed:[/] {payload['failed_nodes']} (logs in {state / 'logs'})")
+        raise typer.Exit(1)
+    console.print(f"wrote {state / 'results.json'}; ledgers in {state / 'nodes'}/*/ledger/ in {payload['wall_s']:.0f} s")

@@ -1,0 +1,118 @@
+"""What federations and the root share: serving children over mTLS and running one aggregation round
+at a time on the board (announce -> secure sum -> noise -> decode), with durable round ids."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from worldlm_secure.errors import SecAggError, TransportError
+from worldlm_secure.node.common import NodeBoard, Phase, masking_config
+from worldlm_secure.node.config import NodeConfig
+from worldlm_secure.node.context import WorldContext
+from worldlm_secure.node.link import LinkOutcome, Liveness, aggregate_round
+from worldlm_secure.node.release import NodeRelease
+from worldlm_secure.node.state import NodeState, write_atomic
+from worldlm_secure.transport.chunks import Payload
+from worldlm_secure.transport.handler import Announcement
+from worldlm_secure.transport.server import FederationServer, ServerConfig
+from worldlm_secure.transport.tls import NodeCredentials, Roster
+
+log = logging.getLogger("worldlm_secure.node")
+Event = Callable[..., None]
+
+
+class Aggregator:
+    """The serving half of a federation or the root."""
+
+    def __init__(self, cfg: NodeConfig, ctx: WorldContext, release: NodeRelease, state: NodeState, emit: Event) -> None:
+        assert cfg.serve is not None
+        self.cfg, self.ctx, self.release, self.state, self.emit = cfg, ctx, release, state, emit
+        self.name = cfg.name
+        roster = Roster.load(cfg.serve.roster)
+        self.members = ctx.members(self.name)
+        unknown = [m for m in self.members if m not in roster]
+        if unknown:
+            raise TransportError(f"{cfg.serve.roster}: children {unknown} of {self.name!r} in {ctx.world.path} are not on the roster; add them, one name per line")
+        self.board = NodeBoard(self.name, start_round=int(state.get("link_round", 0)))
+        self.server = FederationServer(
+            NodeCredentials.load(cfg.serve.credentials), roster, self.board,
+            ServerConfig(bind=cfg.serve.listen, heartbeat_seconds=max(1, int(cfg.timeouts.heartbeat))),
+        )
+        self.live = Liveness(self.board, silent_after=3 * cfg.timeouts.heartbeat + 2.0)
+
+    def start(self) -> None:
+        self.server.start()
+        write_atomic(self.cfg.state / "address", (self.server.target + "\n").encode())
+        self.emit("listening", address=self.server.target)
+
+    def stop(self) -> None:
+        self.server.stop(grace=1.0) if hasattr(self.server, "stop") else None
+
+    def wait_for_members(self) -> dict[str, int]:
+        """Every child enrolled and told us its example count (or the enroll timeout passed)."""
+        deadline = time.monotonic() + self.cfg.timeouts.enroll
+        while time.monotonic() < deadline:
+            if all(m in self.board.examples for m in self.members):
+                break
+            time.sleep(0.2)
+        missing = [m for m in self.members if m not in self.board.examples]
+        if missing:
+            self.emit("members_missing", members=missing)
+        return dict(self.board.examples)
+
+    def cohort(self) -> tuple[str, ...]:
+        """Enrolled children whose heartbeats are current: the members invited to the next round."""
+        enrolled = self.board.members
+        return tuple(m for m in self.members if m in enrolled and self.live.alive(m))
+
+    def announce(self, phase: Phase, model: Payload | None, protocol: str, cohort: Sequence[str]) -> Announcement:
+        rid = self.state.next_link_round()  # persisted before use: ids never repeat across restarts
+        deadline = int((time.time() + self.cfg.timeouts.train) * 1000)
+        ann = Announcement(rid, tuple(cohort), protocol, phase.to_bytes(), deadline)
+        self.board.announce(ann, model)
+        ann = self.board._announcements[rid]  # with the cohort's enrolled signing keys filled in
+        self.emit("announced", round=phase.world_round, phase=phase.phase, link_round=rid, cohort=len(cohort))
+        return ann
+
+    def run_phase(self, phase: Phase, model: Payload | None, final: str) -> tuple[LinkOutcome, Any] | None:
+        """Announce ``phase`` to the live children and aggregate their releases; None if the round aborted."""
+        cohort = self.cohort()
+        plan = self.release.plan(self.members, final)
+        ann = self.announce(phase, model, plan.protocol, cohort)
+        try:
+            if len(cohort) < plan.min_cohort:
+                raise SecAggError(f"only {len(cohort)} live members, below min_cohort={plan.min_cohort}")
+            out = aggregate_round(
+                self.board, ann, masking_config(plan, ann), plan.min_cohort,
+                first_timeout=self.cfg.timeouts.train, step_timeout=self.cfg.timeouts.step, live=self.live,
+            )
+        except SecAggError as exc:
+            self.emit("aborted", round=phase.world_round, phase=phase.phase, error=str(exc))
+            return None
+        self.emit("aggregated", round=phase.world_round, phase=phase.phase, contributors=len(out.contributors),
+                  dropped=list(out.dropped), bytes_up=out.bytes_up)
+        return out, ann
+
+    def weighted(self, phase: Phase, model: Payload | None, final: str, server: dict[str, torch.Tensor],
+                 names: list[str], *, derived: bool) -> dict[str, torch.Tensor] | None:
+        """server + the members' weighted average delta (the engine's `_weighted_round`); None if aborted."""
+        got = self.run_phase(phase, model, final)
+        if got is None:
+            return None
+        out, ann = got
+        avg = self.release.finish_average(out.total, ann.cohort, final, names, {n: server[n].shape for n in names}, derived=derived)
+        return {n: server[n] + avg[n] for n in names}
+
+    def finish(self, phase: Phase, model: Payload) -> None:
+        """Announce the final broadcast and wait until every live child said it is done (bounded)."""
+        self.announce(phase, model, "none", self.members)
+        deadline = time.monotonic() + self.cfg.timeouts.train
+        while time.monotonic() < deadline:
+            if all(m in self.board.done or not self.live.alive(m) for m in self.members):
+                return
+            time.sleep(0.2)

@@ -1,0 +1,186 @@
+"""A federation: serves its sites, aggregates them, and is itself a member of the root's rounds.
+
+Per world round r (the engine's `_aggregate_key`, `_aggregate_shared`, `_exchange_residuals`, `_broadcast`):
+
+    root shared(r) announced -> download root_shared (+ the residual sum of r-1): fed_shared = root_shared,
+                                mix the residual blend of r-1 into the key layers
+    sites key(r)    -> attentive key aggregation:  fed_key += step * (avg_w(w*delta) )
+    sites shared(r) -> shared aggregation:         fed_shared += avg_examples(delta)
+    root shared(r)  <- release fed_shared - root_shared (derived: computed from DP-protected aggregates)
+    root residual(r)-> download the new root_shared and the reference; release the key residual embedding
+    root final      -> fed_shared = root_shared, mix the last blend, broadcast final to the sites
+
+Durable: the key/shared state and the stage are checkpointed after every step, so a federation killed
+with kill -9 and restarted resumes at the step it was in (a site round is re-announced with a new id).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from worldlm_secure.aggregation import blend_from_sum, embed, flatten, mix_in, unflatten
+from worldlm_secure.errors import SecAggError, TransportError, WorldLMError
+from worldlm_secure.identity import NodeIdentity
+from worldlm_secure.node.aggregator import Aggregator
+from worldlm_secure.node.common import EXAMPLES_STATUS, DONE_STATUS, Heartbeat, Phase, masking_config, model_payload, split_payload
+from worldlm_secure.node.config import NodeConfig
+from worldlm_secure.node.context import WorldContext
+from worldlm_secure.node.link import member_round
+from worldlm_secure.node.release import NodeRelease
+from worldlm_secure.node.state import NodeState
+from worldlm_secure.transport.client import RetryPolicy, SiteClient
+from worldlm_secure.transport.handler import Announcement
+from worldlm_secure.transport.refusal import Refused
+from worldlm_secure.transport.tls import NodeCredentials
+
+log = logging.getLogger("worldlm_secure.node")
+Event = Callable[..., None]
+Tensors = dict[str, torch.Tensor]
+
+
+class FederationNode:
+    def __init__(self, cfg: NodeConfig, ctx: WorldContext, identity: NodeIdentity, emit: Event) -> None:
+        assert cfg.parent is not None
+        self.cfg, self.ctx, self.identity, self.emit = cfg, ctx, identity, emit
+        self.name, self.root = cfg.name, cfg.parent.name
+        self.state = NodeState(cfg.state)
+        self.release = NodeRelease(ctx, identity, cfg.ledger_dir)
+        self.agg = Aggregator(cfg, ctx, self.release, self.state, emit)
+        init = ctx.init
+        self.key: Tensors = {n: init[n].clone() for n in ctx.key_names}
+        self.shared: Tensors = {n: init[n].clone() for n in ctx.shared_names}
+        self.pending: dict[str, np.ndarray] | None = None  # own embedding and reference of the last residual release
+        self.stage: list[Any] = self.state.get("stage", [0, "done"])
+        self._restore()
+
+    # ---- durability ----
+    def _save(self, r: int, stage: str) -> None:
+        arrays = {f"key/{n}": t.numpy() for n, t in self.key.items()}
+        arrays.update({f"shared/{n}": t.numpy() for n, t in self.shared.items()})
+        if self.pending is not None:
+            arrays.update({f"pending/{k}": v for k, v in self.pending.items()})
+        self.state.save_tensors("federation", arrays)
+        self.stage = [r, stage]
+        self.state.put(stage=self.stage)
+
+    def _restore(self) -> None:
+        arrays = self.state.load_tensors("federation")
+        if arrays is None:
+            self.stage = [0, "done"]
+            return
+        self.key = {k[4:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("key/")}
+        self.shared = {k[7:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("shared/")}
+        pend = {k[8:]: v.copy() for k, v in arrays.items() if k.startswith("pending/")}
+        self.pending = pend or None
+        self.emit("restored", round=self.stage[0], stage=self.stage[1])
+
+    # ---- steps ----
+    def _sync_from_root(self, ann: Announcement, parent: SiteClient) -> Tensors:
+        """Take the root's shared layers and mix in the residual blend its last sum allows."""
+        groups, extra = split_payload(parent.download_model(ann.round_id))
+        root_shared = groups["shared"]
+        self.shared = {n: t.clone() for n, t in root_shared.items()}
+        if self.pending is not None and "residual_total" in extra:
+            names = self.ctx.key_names
+            rule = self.ctx.world.effective_policy(self.name).residuals
+            blend = blend_from_sum(self.pending["own"], extra["residual_total"], len(self.ctx.world.federations), rule.gain)
+            mixed = mix_in(flatten(self.key, names), self.pending["ref"], blend)
+            self.key = unflatten(mixed, self.key, names)
+            self.emit("residual_mixed", gain=blend.gain)
+        self.pending = None
+        return root_shared
+
+    def _up(self, parent: SiteClient, ann: Announcement, phase: Phase, names: list[str], *,
+            deltas: Tensors | None = None, weights: np.ndarray | None = None, raw: np.ndarray | None = None,
+            shapes: dict[str, Any] | None = None) -> None:
+        r, group = phase.world_round, phase.phase
+        prep = self.release.prepare(r, group, self.root, self.root, ann.cohort, deltas, weights, names,
+                                    shapes or {}, derived=True, raw_vector=raw)
+        member_round(
+            parent, self.identity, ann, masking_config(prep.plan, ann), prep.vector,
+            before_input=lambda cohort: self.release.record(r, group, self.root, names, prep, cohort, ann.cohort),
+            timeout=self.cfg.timeouts.step,
+        )
+        self.emit("released", round=r, group=group, to=self.root, protocol=ann.protocol)
+
+    def _site_rounds(self, r: int) -> None:
+        ctx = self.ctx
+        model = model_payload({"key": self.key, "shared": self.shared})
+        if ctx.key_names:
+            new = self.agg.weighted(Phase(r, "key"), model, self.name, self.key, ctx.key_names, derived=False)
+            if new is not None:
+                step = ctx.settings.attention.step
+                self.key = {n: self.key[n] + step * (new[n] - self.key[n]) for n in ctx.key_names}
+        if ctx.shared_names:
+            n_max = max(self.agg.board.examples.get(m, 0) for m in self.agg.members) or 1
+            new = self.agg.weighted(Phase(r, "shared", float(n_max)), None, ctx.root, self.shared, ctx.shared_names, derived=False)
+            if new is not None:
+                self.shared = new
+        self._save(r, "aggregated")
+
+    def run(self) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        assert cfg.parent is not None
+        self.agg.start()
+        examples = self.agg.wait_for_members()
+        total_examples = sum(examples.get(m, 0) for m in self.agg.members)
+        parent = SiteClient(cfg.parent.address, NodeCredentials.load(cfg.parent.credentials), cfg.parent.name,
+                            identity=self.identity, retry=RetryPolicy(attempts=60, initial_backoff=0.2, max_backoff=2.0))
+        status = {"text": f"{EXAMPLES_STATUS}{total_examples}"}
+        enrollment = parent.enroll()
+        parent.heartbeat(status["text"])
+        beat = Heartbeat(lambda: parent.heartbeat(status["text"]), cfg.timeouts.heartbeat)
+        beat.start()
+        self.emit("enrolled", federation=enrollment.federation, round=enrollment.current_round)
+        try:
+            for ann in parent.watch_rounds(after_round=max(0, enrollment.current_round - 1)):
+                phase = Phase.from_announcement(ann)
+                r = phase.world_round
+                try:
+                    if phase.phase == "final":
+                        self._sync_from_root(ann, parent)
+                        self.agg.finish(Phase(r, "final"), model_payload({"key": self.key, "shared": self.shared}))
+                        self._save(r, "final")
+                        status["text"] += f" {DONE_STATUS}"
+                        parent.heartbeat(status["text"])
+                        return {"federation": self.name, "rounds": r}
+                    if phase.phase == "shared":
+                        done_r, stage = self.stage
+                        if r <= done_r and stage in ("released", "done") or r < done_r:
+                            continue  # a round we already finished (re-announced after the root restarted)
+                        root_shared = None
+                        if not (r == done_r and stage == "aggregated"):
+                            root_shared = self._sync_from_root(ann, parent)
+                            self._site_rounds(r)
+                        else:
+                            groups, _ = split_payload(parent.download_model(ann.round_id))
+                            root_shared = groups["shared"]
+                        names = ctx.shared_names
+                        deltas = {n: self.shared[n] - root_shared[n] for n in names}
+                        w = np.full(len(names), total_examples / phase.n_max)
+                        self._up(parent, ann, phase, names, deltas=deltas, weights=w, shapes={n: root_shared[n].shape for n in names})
+                        self._save(r, "released")
+                    elif phase.phase == "residual":
+                        groups, _ = split_payload(parent.download_model(ann.round_id))
+                        self.shared = {n: t.clone() for n, t in groups["shared"].items()}
+                        ref = groups["ref"]
+                        names = ctx.key_names
+                        rule = ctx.world.effective_policy(self.name).residuals
+                        own = flatten(embed({n: self.key[n] - ref[n] for n in names}, rule.rank), names)
+                        self.pending = {"own": own, "ref": flatten(ref, names)}
+                        self._save(r, "residual")
+                        self._up(parent, ann, phase, names, raw=own)
+                        self._save(r, "done")
+                except (Refused, SecAggError, TransportError) as exc:
+                    self.emit("round_failed", round=r, group=phase.phase, error=str(exc))
+        finally:
+            beat.stop()
+            parent.close()
+            self.agg.stop()
+            self.state.close()
+        raise WorldLMError(f"{self.name}: the root's round stream ended before the final round")

@@ -1,0 +1,168 @@
+"""The release path of `federation.release.ReleasePath`, split between the member and the aggregator
+of a deployed link: the same policy composition, round plan, authorization, clipping, encoding, noise,
+budget charge and ledger entry, each step run where it belongs.
+
+    member:     plan -> authorize -> clip (user-level DP) -> encode (DeltaCodec: w*delta, w)
+                -> budget check -> [secure sum over the link] -> charge + ledger entry before the input leaves
+    aggregator: plan -> [secure sum] -> central Gaussian noise (user-level DP) -> decode the average
+
+Ledger entries carry the same release ids as `simulate` (``ROUND:GROUP:DESTINATION``, ROUND = the world
+round), and `Ledger.append` is idempotent by id, so a restarted node never duplicates an entry.
+The entry is written before the member's input leaves, with the cohort that got as far as key
+agreement (an upper bound on the contributors) and the charge for that cohort: never after the fact.
+
+Not wired over the network yet (refused by `check_supported`): CKKS, distributed noise, record-level DP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worldlm_secure.aggregation.weighted import DeltaCodec
+from worldlm_secure.errors import ConfigError
+from worldlm_secure.federation.release import ReleasePath, _clip, _DP  # the engine's own clip and DP record
+from worldlm_secure.identity import NodeIdentity
+from worldlm_secure.node.context import WorldContext
+from worldlm_secure.secagg.protocol import ProtectionStats, SumResult
+
+
+@dataclass(frozen=True)
+class RoundDP:
+    """User-level DP of one release: the settings (``privacy.UserLevelDP``) and the round's noise plan."""
+
+    dp: Any
+    plan: Any
+
+
+@dataclass
+class Prepared:
+    """A member's release, ready to go into the secure sum."""
+
+    vector: np.ndarray
+    plan: Any
+    dp: RoundDP | None
+    tracker: Any
+    level: str
+    effective: Any
+
+
+def round_dp(path: ReleasePath, cohort: Sequence[str], final: str, dim: int, plan: Any, planned_releases: int) -> RoundDP | None:
+    """`ReleasePath._dp_for` without the members' budget trackers (each member keeps its own)."""
+    from worldlm_secure.privacy import UserLevelDP
+
+    effs = [path.effective(m, final) for m in cohort]
+    effs = [e for e in effs if e.differential_privacy.level == "user"]
+    if not effs:
+        return None
+    eff = min(effs, key=lambda e: e.differential_privacy.epsilon_budget or float("inf"))
+    dp = UserLevelDP.from_policy(
+        eff.differential_privacy, planned_releases=planned_releases,
+        max_dropout_fraction=eff.secure_aggregation.max_dropout_fraction, mechanism=plan.dp_mechanism,
+    )
+    return RoundDP(dp, dp.plan(expected_members=len(cohort), dim=dim, w_max=1.0))
+
+
+def check_supported(ctx: WorldContext) -> None:
+    """Refuse, before any key or port is used, what the networked release path cannot do yet."""
+    path = ReleasePath(ctx.world, {})
+    for fed in ctx.world.federations:
+        links = [(ctx.members(fed.name), fed.name), (ctx.members(ctx.root), ctx.root)]
+        for members, final in links:
+            plan = path._plan(members, final)
+            where = f"{ctx.world.path}: aggregation at {final!r}"
+            if plan.protocol == "ckks":
+                raise ConfigError(f"{where}: the round plan picks CKKS, which node start does not run yet; put masking first in the policies' secure_aggregation.protocol")
+            if plan.dp_mechanism and plan.dp_mechanism.startswith("distributed"):
+                raise ConfigError(f"{where}: distributed noise ({plan.dp_mechanism}) is not wired into node start yet; list central_gaussian first in differential_privacy.mechanism")
+    for site in ctx.world.sites:
+        if path.effective(site.name, ctx.root).differential_privacy.record_level:
+            raise ConfigError(f"{site.policy_path}: record-level DP (DP-SGD) is not wired into node start yet; run it with `worldlm-secure simulate`")
+
+
+class NodeRelease:
+    """One node's releases (as a member) and aggregations (as an aggregator), with its own ledger."""
+
+    def __init__(self, ctx: WorldContext, identity: NodeIdentity, ledger_dir: Path) -> None:
+        self.ctx = ctx
+        self.me = identity.name
+        rounds = ctx.settings.rounds
+        key_released = bool(ctx.key_names)
+        # Same planning as the engine: key + shared per round per site (for noise_multiplier: auto).
+        self.planned_releases = rounds * (2 if key_released else 1)
+        self.path = ReleasePath(ctx.world, {identity.name: identity}, ledger_dir=ledger_dir, planned_releases=self.planned_releases)
+        self._trackers: dict[str, Any] = {}
+
+    def plan(self, cohort: Sequence[str], final: str) -> Any:
+        return self.path._plan(sorted(cohort), final)
+
+    # ---- member side ----
+    def prepare(
+        self, world_round: int, group: str, destination: str, final: str, cohort: Sequence[str],
+        deltas: Mapping[str, torch.Tensor] | None, weights: np.ndarray | None, names: Sequence[str],
+        shapes: Mapping[str, Any], *, derived: bool, raw_vector: np.ndarray | None = None,
+    ) -> Prepared:
+        """Authorize, clip and encode this node's release (``raw_vector``: a residual embedding, sent as is)."""
+        from worldlm_secure.policy import Release, authorize
+
+        cohort = sorted(cohort)
+        plan = self.plan(cohort, final)
+        eff = self.path.effective(self.me, final)
+        if raw_vector is not None:
+            dp = None
+            vector = np.asarray(raw_vector, dtype=np.float64)
+        else:
+            codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
+            dp = None if derived else round_dp(self.path, cohort, final, codec.length, plan, self.planned_releases)
+            if dp is not None:  # member side: clip the whole group's update to the policy's norm
+                deltas = _clip(deltas, names, dp.dp.clipping_norm)  # type: ignore[arg-type]
+            vector = codec.encode(deltas, weights)  # type: ignore[arg-type]
+        level = self.path._applied_level(self.me, eff, dp is not None, derived)
+        authorize(
+            Release(
+                source=self.me, destination=destination, round=world_round, group=group,  # type: ignore[arg-type]
+                tensor_names=tuple(names), protocol=plan.protocol, dp_level=level,
+                dp_mechanism={"user": dp.dp.mechanism.name if dp else (plan.dp_mechanism if derived else None)}.get(level),
+                cohort_size=len(cohort), record_dp=bool(eff.differential_privacy.record_level) if derived else False,
+            ),
+            self.path.chain(self.me, final),
+        )
+        tracker = None
+        if dp is not None:  # refuse before anything is sent if even the worst case would exceed the budget
+            tracker = self._tracker(dp.dp)
+            dp.dp.check_before_round(tracker, dp.plan, plan.min_cohort)
+        return Prepared(vector, plan, dp, tracker, level, eff)
+
+    def record(self, world_round: int, group: str, destination: str, names: Sequence[str], prep: Prepared,
+               cohort: Sequence[str], invited: Sequence[str]) -> None:
+        """Charge and write the ledger entry of this release (before the input leaves)."""
+        charge = None
+        if prep.dp is not None:
+            if self.path.ledger_dir is not None and self.path._ledger(self.me).get(f"{world_round}:{group}:{destination}") is not None:
+                return  # already recorded before a restart: never charge or write twice
+            charge = prep.dp.dp.charge(prep.tracker, prep.dp.plan, len(cohort))
+        result = SumResult(np.zeros(0), tuple(sorted(cohort)), tuple(sorted(set(invited) - set(cohort))), ProtectionStats(prep.plan.protocol))
+        dp = _DP(prep.dp.dp, {self.me: prep.tracker}, prep.dp.plan) if prep.dp is not None else None
+        self.path._record(world_round, group, self.me, destination, names, prep.plan, result, prep.effective, prep.level, dp, charge)
+
+    def _tracker(self, dp: Any) -> Any:
+        if self.me not in self._trackers:
+            self._trackers[self.me] = dp.tracker(f"{self.me}/user", self.path.ledger_entries(self.me))
+        return self._trackers[self.me]
+
+    # ---- aggregator side ----
+    def finish_average(self, total: np.ndarray, cohort: Sequence[str], final: str, names: Sequence[str],
+                       shapes: Mapping[str, Any], *, derived: bool) -> dict[str, torch.Tensor]:
+        """Noise (central Gaussian, when the members' policies ask for user-level DP) and decode the average."""
+        codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
+        if not derived:
+            plan = self.plan(cohort, final)
+            dp = round_dp(self.path, sorted(cohort), final, codec.length, plan, self.planned_releases)
+            if dp is not None:
+                total = dp.dp.mechanism.add_noise(total, dp.plan)
+        return codec.decode_average(total)

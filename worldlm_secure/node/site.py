@@ -1,0 +1,218 @@
+"""A site: holds data, trains, and releases its key and shared deltas to its federation.
+
+It dials out to its federation (no open port), enrolls, and follows the federation's rounds:
+
+    key(r):    download the federation's key + shared layers (the broadcast of round r-1), evaluate if
+               due, train round r (the engine's `LocalTrainer`, same seed and generator as `simulate`),
+               release w*delta of the key layers (w = FedAtt attention weight computed on site)
+    shared(r): release the shared-layer delta, weighted by examples / n_max
+    final:     download the last broadcast, evaluate, write results.json, say done
+Local layers never leave. Training and the checkpoint that follows it happen once per round: a site
+restarted with kill -9 reloads its checkpoint and releases what it trained, without training again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from worldlm_secure.aggregation import client_weights
+from worldlm_secure.errors import SecAggError, TransportError, WorldLMError
+from worldlm_secure.identity import NodeIdentity
+from worldlm_secure.node.common import DONE_STATUS, EXAMPLES_STATUS, Heartbeat, Phase, masking_config, split_payload
+from worldlm_secure.node.config import NodeConfig
+from worldlm_secure.node.context import WorldContext
+from worldlm_secure.node.link import member_round
+from worldlm_secure.node.release import NodeRelease
+from worldlm_secure.node.state import NodeState, write_atomic
+from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
+from worldlm_secure.transport.client import RetryPolicy, SiteClient
+from worldlm_secure.transport.handler import Announcement
+from worldlm_secure.transport.refusal import Refused
+from worldlm_secure.transport.tls import NodeCredentials
+
+log = logging.getLogger("worldlm_secure.node")
+Event = Callable[..., None]
+
+
+class SiteNode:
+    def __init__(self, cfg: NodeConfig, ctx: WorldContext, identity: NodeIdentity, emit: Event) -> None:
+        assert cfg.parent is not None
+        self.cfg, self.ctx, self.identity, self.emit = cfg, ctx, identity, emit
+        self.name = cfg.name
+        self.fed = cfg.parent.name
+        s = ctx.settings
+        data = ctx.site_data(self.name)
+        self.train_seq = as_sequences(data.train, s.seq_len)
+        self.val_seq = as_sequences(data.val, s.seq_len)
+        self.examples = int(self.train_seq.shape[0])
+        self.device = pick_device(cfg.device)
+        self.model = ctx.new_model()
+        self.trainer = LocalTrainer(self.model, s.train, self.device, s.rounds * s.train.local_steps)
+        self.generator = torch.Generator().manual_seed(s.seed * 1_000_003 + ctx.site_index(self.name))
+        self.params = {n: t.clone() for n, t in ctx.init.items()}
+        self.server: dict[str, torch.Tensor] = {}
+        self.opt_state: dict | None = None
+        self.state = NodeState(cfg.state)
+        self.release = NodeRelease(ctx, identity, cfg.ledger_dir)
+        self.trained = 0
+        self.history: dict[str, Any] = self.state.get("history", {"losses": {}, "evals": {}})
+        self._restore()
+
+    # ---- durability ----
+    def _checkpoint(self) -> None:
+        arrays: dict[str, np.ndarray] = {f"p/{n}": t.numpy() for n, t in self.params.items()}
+        arrays.update({f"s/{n}": t.numpy() for n, t in self.server.items()})
+        arrays["generator"] = self.generator.get_state().numpy()
+        groups: list[Any] = []
+        if self.opt_state is not None:
+            for idx, st in self.opt_state["state"].items():
+                for k, v in st.items():
+                    arrays[f"o/{idx}/{k}"] = v.detach().cpu().numpy()
+            groups = self.opt_state["param_groups"]
+        self.state.save_tensors("site", arrays, {"param_groups": json.dumps(groups)})
+        # The checkpoint is in place before the state says so: a crash between them retrains, never skips.
+        self.state.put(trained_round=self.trained, history=self.history)
+
+    def _restore(self) -> None:
+        self.trained = int(self.state.get("trained_round", 0))
+        if not self.trained:
+            return
+        from safetensors import safe_open
+
+        arrays = self.state.load_tensors("site")
+        if arrays is None:
+            self.trained = 0
+            return
+        with safe_open(str(self.state.checkpoint_path("site")), framework="numpy") as f:
+            groups = json.loads((f.metadata() or {}).get("param_groups", "[]"))
+        self.params = {k[2:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("p/")}
+        self.server = {k[2:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("s/")}
+        self.generator.set_state(torch.from_numpy(arrays["generator"].copy()))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in arrays.items():
+            if k.startswith("o/"):
+                _, idx, key = k.split("/", 2)
+                state.setdefault(int(idx), {})[key] = torch.from_numpy(v.copy())
+        self.opt_state = {"state": state, "param_groups": groups} if groups else None
+        self.emit("restored", round=self.trained)
+
+    # ---- the round steps ----
+    def _train(self, r: int) -> None:
+        self.model.load_state_dict(self.params, strict=False)
+        opt = self.trainer.make_optimizer()
+        if self.opt_state is not None:
+            opt.load_state_dict(self.opt_state)
+        t0 = time.perf_counter()
+        loss = self.trainer.train_round(self.train_seq, opt, (r - 1) * self.ctx.settings.train.local_steps, self.generator)
+        self.params = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()}
+        self.opt_state = opt.state_dict()
+        self.trained = r
+        self.history["losses"][str(r)] = loss
+        self._checkpoint()
+        self.emit("trained", round=r, loss=loss, seconds=time.perf_counter() - t0)
+
+    def _evaluate(self, r: int) -> float:
+        self.model.load_state_dict(self.params, strict=False)
+        ppl = self.trainer.evaluate(self.val_seq)
+        self.history["evals"][str(r)] = ppl
+        self.state.put(history=self.history)
+        self.emit("evaluated", round=r, val_ppl=ppl)
+        return ppl
+
+    def _load_broadcast(self, client: SiteClient, ann: Announcement) -> None:
+        groups, _ = split_payload(client.download_model(ann.round_id))
+        self.server = {**groups.get("key", {}), **groups.get("shared", {})}
+        self.params.update({n: t.clone() for n, t in self.server.items()})
+
+    def _release(self, client: SiteClient, ann: Announcement, phase: Phase) -> None:
+        r, ctx = phase.world_round, self.ctx
+        if phase.phase == "key":
+            names = ctx.key_names
+            weights = client_weights(self.server, self.params, names, ctx.settings.attention)
+            final = self.fed
+        else:
+            names = ctx.shared_names
+            weights = np.full(len(names), self.examples / phase.n_max)
+            final = ctx.root
+        deltas = {n: self.params[n] - self.server[n] for n in names}
+        shapes = {n: self.server[n].shape for n in names}
+        group = phase.phase
+        prep = self.release.prepare(r, group, self.fed, final, ann.cohort, deltas, weights, names, shapes, derived=False)
+        if prep.plan.protocol != ann.protocol:
+            raise SecAggError(f"round {ann.round_id}: federation announced {ann.protocol!r} but the policies' round plan is {prep.plan.protocol!r}; refused")
+        member_round(
+            client, self.identity, ann, masking_config(prep.plan, ann), prep.vector,
+            before_input=lambda cohort: self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort),
+            timeout=self.cfg.timeouts.step,
+        )
+        self.emit("released", round=r, group=group, protocol=ann.protocol, cohort=len(ann.cohort))
+
+    def _results(self) -> dict[str, Any]:
+        evals = {int(k): v for k, v in self.history["evals"].items()}
+        losses = {int(k): v for k, v in self.history["losses"].items()}
+        last = max(evals) if evals else None
+        out = {
+            "site": self.name, "federation": self.fed, "val_ppl": evals[last] if last else None,
+            "rounds": [{"round": r, "val_ppl": evals[r], "train_loss": losses.get(r)} for r in sorted(evals)],
+            "losses": {str(k): v for k, v in sorted(losses.items())},
+        }
+        write_atomic(self.cfg.state / "results.json", (json.dumps(out, indent=2) + "\n").encode())
+        return out
+
+    # ---- the loop ----
+    def run(self) -> dict[str, Any]:
+        assert self.cfg.parent is not None
+        p = self.cfg.parent
+        client = SiteClient(
+            p.address, NodeCredentials.load(p.credentials), p.name, identity=self.identity,
+            retry=RetryPolicy(attempts=60, initial_backoff=0.2, max_backoff=2.0),
+        )
+        status = {"text": f"{EXAMPLES_STATUS}{self.examples}"}
+        enrollment = client.enroll()
+        client.heartbeat(status["text"])
+        beat = Heartbeat(lambda: client.heartbeat(status["text"]), self.cfg.timeouts.heartbeat)
+        beat.start()
+        self.emit("enrolled", federation=enrollment.federation, round=enrollment.current_round)
+        eval_every, rounds = self.ctx.settings.eval_every, self.ctx.settings.rounds
+        try:
+            for ann in client.watch_rounds(after_round=max(0, enrollment.current_round - 1)):
+                phase = Phase.from_announcement(ann)
+                r = phase.world_round
+                try:
+                    if phase.phase == "final":
+                        self._load_broadcast(client, ann)
+                        self._evaluate(rounds)
+                        status["text"] = f"{EXAMPLES_STATUS}{self.examples} {DONE_STATUS}"
+                        client.heartbeat(status["text"])
+                        return self._results()
+                    if self.name not in ann.cohort:
+                        self.emit("skipped", round=r, group=phase.phase, reason="not in the cohort")
+                        continue
+                    if phase.phase == "key":
+                        if r > self.trained:
+                            self._load_broadcast(client, ann)
+                            if r - 1 >= 1 and (r - 1) % eval_every == 0 and str(r - 1) not in self.history["evals"]:
+                                self._evaluate(r - 1)
+                            self._train(r)
+                        elif r < self.trained:
+                            continue
+                    elif r != self.trained:
+                        self.emit("skipped", round=r, group=phase.phase, reason=f"trained round {self.trained}")
+                        continue
+                    self._release(client, ann, phase)
+                except (Refused, SecAggError, TransportError) as exc:
+                    # The federation moved on or the round aborted: nothing of ours was released without a
+                    # ledger entry; wait for the next announcement.
+                    self.emit("round_failed", round=r, group=phase.phase, error=str(exc))
+        finally:
+            beat.stop()
+            client.close()
+            self.state.close()
+        raise WorldLMError(f"{self.name}: the federation's round stream ended before the final round")

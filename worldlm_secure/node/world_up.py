@@ -1,0 +1,247 @@
+"""`world up`: a whole world as separate OS processes on loopback, each a real `node start` over gRPC + mTLS.
+
+    STATE/ca/NAME/                 one CA per aggregator (root and each federation)
+    STATE/keys/NAME/{down,up}/     each node's credentials (`keys issue`); a federation's two certificates
+                                   bind one signing key
+    STATE/rosters/NAME.txt         each aggregator's children
+    STATE/nodes/NAME/              each node's state folder (state.sqlite, checkpoints, ledger/, results.json)
+    STATE/configs/NAME.yaml        the node.yaml each process ran (the example's, with ports and paths filled in)
+    STATE/logs/NAME.log            each process's stderr
+
+Nodes start top-down (the root, then federations, then sites), each after its parent wrote the address it
+listens on. Progress is read from every process's JSON-lines stdout. At the end, the sites' results are
+collected into the same results.json `simulate` writes (method "worldlm").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from worldlm_secure.errors import ConfigError, WorldLMError
+from worldlm_secure.federation.world import World, load_world
+from worldlm_secure.transport import keys
+
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    role: str
+    config: Path
+    policy: Path
+    log: Path
+    popen: subprocess.Popen | None = None
+    reader: threading.Thread | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _role(world: World, name: str) -> str:
+    return world.nodes[name].kind
+
+
+def issue_world_keys(world: World, state: Path) -> None:
+    """One CA per aggregator; every node's certificates and signing key; rosters. Idempotent."""
+    for agg in [world.root, *world.federations]:
+        ca = state / "ca" / agg.name
+        if not (ca / keys.CA_CERT).is_file():
+            keys.init_ca(agg.name, ca)
+        down = state / "keys" / agg.name / "down"
+        if not (down / keys.NODE_CERT).is_file():
+            keys.issue_node(ca, agg.name, down)
+        roster = state / "rosters" / f"{agg.name}.txt"
+        roster.parent.mkdir(parents=True, exist_ok=True)
+        roster.write_text("".join(f"{c}\n" for c in sorted(agg.children)))
+    for node in world.nodes.values():
+        if node.parent is None:
+            continue
+        up = state / "keys" / node.name / "up"
+        if (up / keys.NODE_CERT).is_file():
+            continue
+        signing = state / "keys" / node.name / "down" / keys.NODE_SIGNING_KEY
+        keys.issue_node(state / "ca" / node.parent, node.name, up, signing_key=signing if signing.is_file() else None)
+
+
+def _node_config(world: World, name: str, state: Path, template: dict[str, Any], parent_address: str | None) -> dict[str, Any]:
+    node = world.nodes[name]
+    cfg: dict[str, Any] = {k: v for k, v in template.items() if k in ("device", "timeouts")}
+    cfg.update(name=name, role=node.kind, world=str(world.path.resolve()), state=str(state / "nodes" / name))
+    if node.parent is not None:
+        cfg["parent"] = {"name": node.parent, "address": parent_address, "credentials": str(state / "keys" / name / "up")}
+    if node.kind != "site":
+        cfg["serve"] = {"listen": "127.0.0.1:0", "credentials": str(state / "keys" / name / "down"),
+                        "roster": str(state / "rosters" / f"{name}.txt")}
+    return cfg
+
+
+def _templates(world: World) -> dict[str, dict[str, Any]]:
+    """The example's own node configs (WORLD_DIR/nodes/NAME.yaml), for their timeouts and device."""
+    out = {}
+    for name in world.nodes:
+        p = world.path.parent / "nodes" / f"{name}.yaml"
+        out[name] = yaml.safe_load(p.read_text()) if p.is_file() else {}
+    return out
+
+
+def _read(proc: NodeProcess, on_event: OnEvent, lock: threading.Lock) -> None:
+    assert proc.popen is not None and proc.popen.stdout is not None
+    for line in proc.popen.stdout:
+        try:
+            ev = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        proc.events.append(ev)
+        with lock:
+            on_event(ev)
+
+
+def _wait_address(path: Path, proc: NodeProcess, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        if proc.popen is not None and proc.popen.poll() is not None:
+            raise WorldLMError(f"node {proc.name} exited with code {proc.popen.returncode} before listening; see {proc.log}")
+        time.sleep(0.1)
+    raise WorldLMError(f"node {proc.name} did not listen within {timeout:.0f} s; see {proc.log}")
+
+
+def launch(proc: NodeProcess, on_event: OnEvent, lock: threading.Lock) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc.log.parent.mkdir(parents=True, exist_ok=True)
+    err = open(proc.log, "ab")
+    proc.popen = subprocess.Popen(
+        [sys.executable, "-m", "worldlm_secure.cli", "node", "start", "--policy", str(proc.policy), "--config", str(proc.config)],
+        stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+    )
+    err.close()
+    proc.reader = threading.Thread(target=_read, args=(proc, on_event, lock), daemon=True)
+    proc.reader.start()
+
+
+def prepare(world_path: Path, state: Path) -> tuple[World, dict[str, NodeProcess]]:
+    """Keys, rosters and node configs for every node of the world (nothing started)."""
+    world = load_world(world_path)
+    if world.is_flat:
+        raise ConfigError(f"{world_path}: world up needs root -> federations -> sites")
+    state = state.resolve()
+    issue_world_keys(world, state)
+    templates = _templates(world)
+    procs = {}
+    for name, node in world.nodes.items():
+        procs[name] = NodeProcess(name, node.kind, state / "configs" / f"{name}.yaml", node.policy_path, state / "logs" / f"{name}.log")
+    return world, procs
+
+
+def write_config(world: World, state: Path, name: str, parent_address: str | None) -> None:
+    cfg = _node_config(world, name, state.resolve(), _templates(world)[name], parent_address)
+    path = state.resolve() / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def start_world(world: World, procs: dict[str, NodeProcess], state: Path, on_event: OnEvent,
+                only: set[str] | None = None, listen_timeout: float = 120.0) -> threading.Lock:
+    """Start the nodes top-down (``only``: a subset, e.g. to restart one)."""
+    lock = threading.Lock()
+    state = state.resolve()
+    order = [world.root.name] + sorted(f.name for f in world.federations) + sorted(s.name for s in world.sites)
+    for name in order:
+        if only is not None and name not in only:
+            continue
+        node = world.nodes[name]
+        parent_addr = None
+        if node.parent is not None:
+            parent_addr = _wait_address(state / "nodes" / node.parent / "address", procs[node.parent], listen_timeout)
+        write_config(world, state, name, parent_addr)
+        if node.kind != "site":
+            (state / "nodes" / name / "address").unlink(missing_ok=True)
+        launch(procs[name], on_event, lock)
+    return lock
+
+
+def wait_all(procs: dict[str, NodeProcess], timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    codes = {}
+    for name, p in procs.items():
+        assert p.popen is not None
+        try:
+            codes[name] = p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            codes[name] = p.popen.wait()
+        if p.reader is not None:
+            p.reader.join(timeout=5)
+    return codes
+
+
+def collect_results(world: World, state: Path, wall_s: float) -> dict[str, Any]:
+    """The sites' results.json files as one `simulate`-style results.json (method "worldlm")."""
+    from worldlm_secure.federation.settings import settings_for
+    from worldlm_secure.federation.simulate import load_world_data
+
+    settings = settings_for(world, device="cpu")
+    sites = sorted(s.name for s in world.sites)
+    per = {}
+    for s in sites:
+        p = state / "nodes" / s / "results.json"
+        if p.is_file():
+            per[s] = json.loads(p.read_text())
+    data, _ = load_world_data(world, settings) if settings.synthetic is not None else ({}, 0)
+    floors = {s: d.floor_ppl for s, d in data.items() if d.floor_ppl is not None}
+    rounds = sorted({r["round"] for v in per.values() for r in v["rounds"]})
+    recs = []
+    for r in rounds:
+        vals = [x["val_ppl"] for v in per.values() for x in v["rounds"] if x["round"] == r]
+        losses = [v["losses"].get(str(r)) for v in per.values() if v["losses"].get(str(r)) is not None]
+        recs.append({"round": r, "mean_val_ppl": float(np.mean(vals)), "train_loss": float(np.mean(losses)) if losses else None})
+    site_ppl = {s: {"val_ppl": v["val_ppl"]} for s, v in per.items() if v.get("val_ppl") is not None}
+    from dataclasses import asdict
+
+    return {
+        "world": world.name,
+        "entropy_floor_ppl": float(np.mean(list(floors.values()))) if floors else None,
+        "site_floors": dict(sorted(floors.items())),
+        "methods": {"worldlm": {
+            "mean_val_ppl": float(np.mean([v["val_ppl"] for v in site_ppl.values()])) if site_ppl else None,
+            "sites": site_ppl, "rounds": recs, "wall_s": wall_s, "deployment": "world up (gRPC + mTLS, one process per node)",
+            "missing_sites": [s for s in sites if s not in site_ppl],
+        }},
+        "settings": {"rounds": settings.rounds, "seq_len": settings.seq_len, "seed": settings.seed, "device": "cpu",
+                     "model": asdict(settings.model), "train": asdict(settings.train)},
+        "wall_s": wall_s,
+    }
+
+
+def world_up(world_path: str | Path, state: str | Path, *, on_event: OnEvent | None = None, timeout: float = 1800.0) -> dict[str, Any]:
+    """Issue keys, start every node as its own process, wait for the world to finish, collect results."""
+    start = time.perf_counter()
+    state = Path(state).resolve()
+    if (state / "nodes").exists() and any((state / "nodes").rglob("*.sqlite")):
+        raise ConfigError(f"{state}: a world already ran here (ledgers and round state exist); choose a new --state folder")
+    world, procs = prepare(Path(world_path), state)
+    try:
+        start_world(world, procs, state, on_event or (lambda ev: None))
+        codes = wait_all(procs, timeout)
+    finally:
+        for p in procs.values():
+            if p.popen is not None and p.popen.poll() is None:
+                p.popen.kill()
+    failed = {n: c for n, c in codes.items() if c != 0}
+    payload = collect_results(world, state, time.perf_counter() - start)
+    payload["exit_codes"] = codes
+    if failed:
+        payload["failed_nodes"] = failed
+    return payload
