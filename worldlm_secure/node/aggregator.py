@@ -43,7 +43,7 @@ class Aggregator:
             NodeCredentials.load(cfg.serve.credentials), roster, self.board,
             ServerConfig(bind=cfg.serve.listen, heartbeat_seconds=max(1, int(cfg.timeouts.heartbeat))),
         )
-        self.live = Liveness(self.board, silent_after=3 * cfg.timeouts.heartbeat + 2.0)
+        self.live = Liveness(self.board, silent_after=cfg.timeouts.silent_after)
 
     def start(self) -> None:
         self.server.start()

@@ -45,12 +45,18 @@ class TimeoutSection(_Strict):
     """Seconds. ``train``: how long a federation waits for members' first message of a round (it covers
     their local training, and for the root the federations' whole sub-rounds); ``step``: every later
     step of a secure-aggregation round; ``heartbeat``: how often members say they are alive;
-    ``enroll``: how long an aggregator waits for its roster to enroll before the first round."""
+    ``enroll``: how long an aggregator waits for its roster to enroll before the first round; ``dropout``:
+    heartbeat silence after which an aggregator stops waiting for a member (default 3 * heartbeat + 2)."""
 
     train: float = Field(600.0, gt=0)
     step: float = Field(60.0, gt=0)
     heartbeat: float = Field(5.0, gt=0)
     enroll: float = Field(300.0, gt=0)
+    dropout: float | None = Field(None, gt=0)  # heartbeat silence after which a member counts as dropped (default 3*heartbeat + 2)
+
+    @property
+    def silent_after(self) -> float:
+        return self.dropout if self.dropout is not None else 3 * self.heartbeat + 2.0
 
 
 class NodeConfig(_Strict):

@@ -74,14 +74,15 @@ def issue_world_keys(world: World, state: Path) -> None:
         keys.issue_node(state / "ca" / node.parent, node.name, up, signing_key=signing if signing.is_file() else None)
 
 
-def _node_config(world: World, name: str, state: Path, template: dict[str, Any], parent_address: str | None) -> dict[str, Any]:
+def _node_config(world: World, name: str, state: Path, template: dict[str, Any], parent_address: str | None,
+                 listen: str = "127.0.0.1:0") -> dict[str, Any]:
     node = world.nodes[name]
     cfg: dict[str, Any] = {k: v for k, v in template.items() if k in ("device", "timeouts")}
     cfg.update(name=name, role=node.kind, world=str(world.path.resolve()), state=str(state / "nodes" / name))
     if node.parent is not None:
         cfg["parent"] = {"name": node.parent, "address": parent_address, "credentials": str(state / "keys" / name / "up")}
     if node.kind != "site":
-        cfg["serve"] = {"listen": "127.0.0.1:0", "credentials": str(state / "keys" / name / "down"),
+        cfg["serve"] = {"listen": listen, "credentials": str(state / "keys" / name / "down"),
                         "roster": str(state / "rosters" / f"{name}.txt")}
     return cfg
 
@@ -145,8 +146,8 @@ def prepare(world_path: Path, state: Path) -> tuple[World, dict[str, NodeProcess
     return world, procs
 
 
-def write_config(world: World, state: Path, name: str, parent_address: str | None) -> None:
-    cfg = _node_config(world, name, state.resolve(), _templates(world)[name], parent_address)
+def write_config(world: World, state: Path, name: str, parent_address: str | None, listen: str = "127.0.0.1:0") -> None:
+    cfg = _node_config(world, name, state.resolve(), _templates(world)[name], parent_address, listen)
     path = state.resolve() / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -165,9 +166,13 @@ def start_world(world: World, procs: dict[str, NodeProcess], state: Path, on_eve
         parent_addr = None
         if node.parent is not None:
             parent_addr = _wait_address(state / "nodes" / node.parent / "address", procs[node.parent], listen_timeout)
-        write_config(world, state, name, parent_addr)
+        listen = "127.0.0.1:0"
         if node.kind != "site":
-            (state / "nodes" / name / "address").unlink(missing_ok=True)
+            addr = state / "nodes" / name / "address"
+            if addr.is_file() and addr.read_text().strip():
+                listen = addr.read_text().strip()  # a restarted node keeps its port: its children know only that
+            addr.unlink(missing_ok=True)
+        write_config(world, state, name, parent_addr, listen)
         launch(procs[name], on_event, lock)
     return lock
 
