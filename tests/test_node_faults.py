@@ -3,7 +3,11 @@
   * a slow site (SIGSTOP past the federation's dropout time, then SIGCONT): the round completes without it,
     its late messages are refused, and it rejoins the next round;
   * a federation killed with kill -9 mid-round 2 and restarted: it resumes from its checkpoint, the world
-    finishes, every ledger verifies, and no ledger entry is lost or duplicated.
+    finishes, every ledger verifies, and no ledger entry is lost or duplicated;
+  * a site killed with kill -9 right after training round 3 and restarted: it reloads its checkpoint and
+    releases what it trained without training again;
+  * intruders at a running federation (a name not on its roster; a certificate from another CA) are
+    refused with a logged reason while the world keeps training.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from nodeworld import ledger_ids, small_world
+from worldlm_secure.errors import TransportError
 from worldlm_secure.node.world_up import collect_results, prepare, start_world, wait_all
+from worldlm_secure.transport import keys
+from worldlm_secure.transport.client import RetryPolicy, SiteClient
+from worldlm_secure.transport.refusal import Refused
+from worldlm_secure.transport.tls import NodeCredentials
+from worldlm_secure.identity import NodeIdentity
 
 MASK = "../policies/masking-open.yaml"
 OPEN = "../../policies/research-open.yaml"
@@ -63,6 +73,8 @@ def test_site_killed_slow_site_and_federation_restarted(tmp_path: Path) -> None:
     (tmp_path / "w" / "nodes" / "world.yaml").write_text(
         "timeouts: {train: 240, step: 60, heartbeat: 1, dropout: 120}\n"
     )
+    # lab waits for its one site to come back after a restart
+    (tmp_path / "w" / "nodes" / "lab.yaml").write_text("timeouts: {train: 240, step: 60, heartbeat: 1, dropout: 90}\n")
     state = tmp_path / "state"
     events = Events()
     world, procs = prepare(world_path, state)
@@ -80,6 +92,12 @@ def test_site_killed_slow_site_and_federation_restarted(tmp_path: Path) -> None:
         os.kill(procs["us"].popen.pid, signal.SIGKILL)  # type: ignore[union-attr]
         procs["us"].popen.wait()  # type: ignore[union-attr]
         start_world(world, procs, state, events, only={"us"})
+
+        events.wait(240, node="lab-a", event="trained", round=3)
+        os.kill(procs["lab-a"].popen.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        procs["lab-a"].popen.wait()  # type: ignore[union-attr]
+        start_world(world, procs, state, events, only={"lab-a"})
+        _intruders(state)
         codes = wait_all(procs, timeout=600)
     finally:
         for p in procs.values():
@@ -97,6 +115,13 @@ def test_site_killed_slow_site_and_federation_restarted(tmp_path: Path) -> None:
     assert events.all(node="us", event="restored")
     assert len(events.all(node="us", event="announced", round=2, phase="key")) == 2
 
+    # the restarted site reloaded round 3's training instead of training again, and released it
+    assert len(events.all(node="lab-a", event="trained", round=3)) == 1
+    assert events.all(node="lab-a", event="restored", round=3)
+    assert (state / "nodes" / "lab-a" / "results.json").is_file()
+    # intruders were refused, logged by the running federation, and the world went on
+    assert "NOT_IN_ROSTER" in (state / "logs" / "eu.log").read_text()
+
     ids = ledger_ids(state)  # every ledger verifies (chain, signatures, policies)
     for node, entries in ids.items():
         assert len(entries) == len(set(entries)), f"{node}: duplicated entry"
@@ -106,7 +131,24 @@ def test_site_killed_slow_site_and_federation_restarted(tmp_path: Path) -> None:
     assert ids["us"] == [f"{r}:{g}:world" for r in rounds for g in ("shared", "residual")]
     assert ids["eu"] == [f"{r}:{g}:world" for r in rounds for g in ("shared", "residual")]
     assert "eu-e" not in ids or all(i.startswith("1:") for i in ids["eu-e"])  # killed in round 1
+    assert ids["lab-a"] == [f"{r}:{g}:lab" for r in rounds for g in ("key", "shared")]
 
     payload = collect_results(world, state, 0.0)
     sites = payload["methods"]["worldlm"]["sites"]
     assert set(sites) == {s.name for s in world.sites} - {"eu-e"}
+
+
+def _intruders(state: Path) -> None:
+    """A name the eu CA issued but eu's roster lacks, and us-a's certificate (the us CA) dialling eu."""
+    eu = (state / "nodes" / "eu" / "address").read_text().strip()
+    keys.issue_node(state / "ca" / "eu", "intruder", state / "keys" / "intruder")
+    creds = NodeCredentials.load(state / "keys" / "intruder")
+    ident = NodeIdentity.load("intruder", state / "keys" / "intruder" / keys.NODE_SIGNING_KEY)
+    with SiteClient(eu, creds, "eu", identity=ident, retry=RetryPolicy(attempts=1)) as c:
+        with pytest.raises(Refused) as err:
+            c.enroll()
+        assert err.value.reason_name == "NOT_IN_ROSTER"
+    other = NodeCredentials.load(state / "keys" / "us-a" / "up")
+    with SiteClient(eu, other, "eu", retry=RetryPolicy(attempts=1), timeout=5) as c:
+        with pytest.raises(TransportError):
+            c.heartbeat()
