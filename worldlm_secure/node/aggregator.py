@@ -54,13 +54,15 @@ class Aggregator:
         self.server.stop(grace=1.0) if hasattr(self.server, "stop") else None
 
     def wait_for_members(self) -> dict[str, int]:
-        """Every child enrolled and told us its example count (or the enroll timeout passed)."""
+        """Every child enrolled and told us its example count (or the enroll timeout passed). After a
+        restart members enroll again (their next call is refused NOT_ENROLLED, and they re-enroll)."""
         deadline = time.monotonic() + self.cfg.timeouts.enroll
+        ready = lambda m: m in self.board.examples and m in self.board.members  # noqa: E731
         while time.monotonic() < deadline:
-            if all(m in self.board.examples for m in self.members):
+            if all(ready(m) for m in self.members):
                 break
             time.sleep(0.2)
-        missing = [m for m in self.members if m not in self.board.examples]
+        missing = [m for m in self.members if not ready(m)]
         if missing:
             self.emit("members_missing", members=missing)
         return dict(self.board.examples)

@@ -55,6 +55,7 @@ class FederationNode:
         self.key: Tensors = {n: init[n].clone() for n in ctx.key_names}
         self.shared: Tensors = {n: init[n].clone() for n in ctx.shared_names}
         self.pending: dict[str, np.ndarray] | None = None  # own embedding and reference of the last residual release
+        self.released: Tensors = {}  # this round's aggregated shared layers, kept to re-release if the root restarts
         self.stage: list[Any] = self.state.get("stage", [0, "done"])
         self._restore()
 
@@ -62,6 +63,7 @@ class FederationNode:
     def _save(self, r: int, stage: str) -> None:
         arrays = {f"key/{n}": t.numpy() for n, t in self.key.items()}
         arrays.update({f"shared/{n}": t.numpy() for n, t in self.shared.items()})
+        arrays.update({f"released/{n}": t.numpy() for n, t in self.released.items()})
         if self.pending is not None:
             arrays.update({f"pending/{k}": v for k, v in self.pending.items()})
         self.state.save_tensors("federation", arrays)
@@ -75,6 +77,7 @@ class FederationNode:
             return
         self.key = {k[4:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("key/")}
         self.shared = {k[7:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("shared/")}
+        self.released = {k[9:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("released/")}
         pend = {k[8:]: v.copy() for k, v in arrays.items() if k.startswith("pending/")}
         self.pending = pend or None
         self.emit("restored", round=self.stage[0], stage=self.stage[1])
@@ -121,6 +124,7 @@ class FederationNode:
             new = self.agg.weighted(Phase(r, "shared", float(n_max)), None, ctx.root, self.shared, ctx.shared_names, derived=False)
             if new is not None:
                 self.shared = new
+        self.released = {n: t.clone() for n, t in self.shared.items()}
         self._save(r, "aggregated")
 
     def run(self) -> dict[str, Any]:
@@ -150,18 +154,19 @@ class FederationNode:
                         parent.heartbeat(status["text"])
                         return {"federation": self.name, "rounds": r}
                     if phase.phase == "shared":
-                        done_r, stage = self.stage
-                        if r <= done_r and stage in ("released", "done") or r < done_r:
-                            continue  # a round we already finished (re-announced after the root restarted)
-                        root_shared = None
-                        if not (r == done_r and stage == "aggregated"):
+                        done_r, _stage = self.stage
+                        if r < done_r:
+                            continue  # a round long finished
+                        if r > done_r:
                             root_shared = self._sync_from_root(ann, parent)
                             self._site_rounds(r)
                         else:
+                            # Our sites' round r is aggregated already (we restarted, or the root did and
+                            # re-announced): release the same aggregate again; the ledger keeps one entry.
                             groups, _ = split_payload(parent.download_model(ann.round_id))
                             root_shared = groups["shared"]
                         names = ctx.shared_names
-                        deltas = {n: self.shared[n] - root_shared[n] for n in names}
+                        deltas = {n: self.released[n] - root_shared[n] for n in names}
                         w = np.full(len(names), total_examples / phase.n_max)
                         self._up(parent, ann, phase, names, deltas=deltas, weights=w, shapes={n: root_shared[n].shape for n in names})
                         self._save(r, "released")
