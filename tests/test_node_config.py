@@ -56,3 +56,35 @@ def test_policy_must_be_the_one_the_world_names(tmp_path: Path) -> None:
     check_policy(cfg, world.nodes["eu-a"].policy_path, world.nodes["eu-a"].policy_path)
     with pytest.raises(ConfigError, match="differs from .*eu.yaml.*eu-a"):
         check_policy(cfg, world.nodes["us-a"].policy_path, world.nodes["eu-a"].policy_path)
+
+
+def test_world_keys_make_every_example_node_config_usable(tmp_path: Path) -> None:
+    """`world keys` issues exactly what examples/local-world/nodes/*.yaml point at (manual deployment)."""
+    import shutil
+
+    from worldlm_secure.cli import main
+    from worldlm_secure.node.runner import _identity
+    from worldlm_secure.transport.tls import NodeCredentials, Roster
+
+    shutil.copytree(LOCAL_WORLD.parent.parent / "policies", tmp_path / "policies")
+    local = tmp_path / "examples" / "local-world"
+    shutil.copytree(LOCAL_WORLD, local, ignore=shutil.ignore_patterns("state"))
+    assert main(["world", "keys", str(local / "world.yaml"), "--state", str(local / "state")]) == 0
+    world = load_world(local / "world.yaml")
+    for f in sorted((local / "nodes").glob("*.yaml")):
+        cfg = load_node_config(f)
+        assert _identity(cfg).name == cfg.name
+        if cfg.parent is not None:
+            assert NodeCredentials.load(cfg.parent.credentials).name == cfg.name
+        if cfg.serve is not None:
+            assert NodeCredentials.load(cfg.serve.credentials).name == cfg.name
+            assert all(c in Roster.load(cfg.serve.roster) for c in world.nodes[cfg.name].children)
+
+
+def test_node_start_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from worldlm_secure.cli import main
+
+    bad = _write(tmp_path, "name: a\nrole: site\nworld: world.yaml\nstate: s\n")
+    assert main(["node", "start", "--policy", "p.yaml", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "node.yaml parent: a site dials its federation" in err and "Traceback" not in err

@@ -65,3 +65,15 @@ def up(
         console.print(f"[red]nodes that failed:[/] {payload['failed_nodes']} (logs in {state / 'logs'})")
         raise typer.Exit(1)
     console.print(f"wrote {state / 'results.json'}; ledgers in {state / 'nodes'}/*/ledger/ in {payload['wall_s']:.0f} s")
+
+
+@world_app.command("keys")
+def world_keys(
+    world: Path = typer.Argument(..., help="World YAML."),
+    state: Path = typer.Option(..., "--state", help="Folder for ca/, keys/ and rosters/ (examples/local-world/state for its nodes/*.yaml)."),
+) -> None:
+    """Issue a CA per aggregator, every node's certificates and signing key, and the rosters (no node is started)."""
+    from worldlm_secure.node.world_up import prepare
+
+    w, _ = prepare(world, state)
+    console.print(f"issued keys for {len(w.nodes)} nodes into {state / 'keys'}; CAs in {state / 'ca'} (keep ca.key offline), rosters in {state / 'rosters'}")

@@ -16,7 +16,7 @@ import torch
 from worldlm_secure.secagg.masking import RoundConfig
 from worldlm_secure.transport.board import RoundBoard
 from worldlm_secure.transport.chunks import Payload
-from worldlm_secure.transport.handler import Announcement
+from worldlm_secure.transport.handler import Announcement, Inbound
 
 log = logging.getLogger("worldlm_secure.node")
 EXAMPLES_STATUS = "examples="
@@ -79,6 +79,14 @@ class NodeBoard(RoundBoard):
         super().__init__(name, start_round)
         self.examples: dict[str, int] = {}
         self.done: set[str] = set()
+
+    def on_update(self, message: Inbound) -> None:
+        super().on_update(message)
+        super().on_heartbeat(message.sender, "")  # a member that sends is alive
+
+    def on_secagg(self, message: Inbound) -> None:
+        super().on_secagg(message)
+        super().on_heartbeat(message.sender, "")
 
     def on_heartbeat(self, member: str, status: str) -> None:
         super().on_heartbeat(member, status)
