@@ -31,7 +31,7 @@ def _root() -> None:
 
 def _register() -> None:
     # Imported here so that `app` exists before the command modules attach to it.
-    from worldlm_secure.cli import simulate  # noqa: F401
+    from worldlm_secure.cli import compare, simulate  # noqa: F401
     from worldlm_secure.cli import policy
 
     app.add_typer(policy.app, name="policy")

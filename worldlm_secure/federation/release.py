@@ -46,6 +46,8 @@ class ReleaseStats:
     clipped_fraction_max: float = 0.0
     by_protocol: dict[str, int] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # stream -> cumulative ε
+    # float32 bytes of what members released (values x 4), the denominator of mask/ciphertext expansion
+    plain_bytes_up: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,7 @@ class ReleasePath:
         self.stats.bytes_up += result.stats.bytes_up_per_member * len(result.contributors)
         self.stats.bytes_down += result.stats.bytes_down_per_member * len(result.contributors)
         self.stats.releases += len(result.contributors)
+        self.stats.plain_bytes_up += 4.0 * float(np.asarray(result.total).size) * len(result.contributors)
         self.stats.clipped_fraction_max = max(self.stats.clipped_fraction_max, result.stats.clipped_fraction)
         self.stats.by_protocol[protocol] = self.stats.by_protocol.get(protocol, 0) + 1
 

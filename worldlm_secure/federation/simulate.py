@@ -61,6 +61,38 @@ def load_world_data(world: World, settings: Settings) -> tuple[dict[str, SiteDat
     return {s: SiteData(tr, va) for s, (tr, va) in streams.items()}, tok.vocab_size
 
 
+def method_ledger_dir(ledger_root: Path | None, method: str) -> Path | None:
+    """Where ``method``'s ledgers live: WorldLM's in ``ledger_root``, each baseline's in ``ledger_root/METHOD``."""
+    if ledger_root is None:
+        return None
+    return Path(ledger_root) if method == "worldlm" else Path(ledger_root) / method
+
+
+def run_method(
+    world: World,
+    settings: Settings,
+    data: dict[str, SiteData],
+    vocab: int,
+    method: Method,
+    *,
+    ledger_root: Path | None = None,
+    on_site: Callable[[str, int], None] | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> MethodResult:
+    """One method on a loaded world (what `simulate` does per method; the Ray backend runs it in a task)."""
+    engine = Engine(
+        world,
+        method,
+        data,
+        settings,
+        vocab_size=vocab,
+        on_site=on_site,
+        on_round=on_round,
+        ledger_dir=method_ledger_dir(ledger_root, method.name),
+    )
+    return engine.run()
+
+
 def simulate(
     world_path: str | Path,
     *,
@@ -92,19 +124,10 @@ def simulate(
     for method in methods:
         if on_method:
             on_method(method.name)
-        engine = Engine(
-            world,
-            method,
-            data,
-            settings,
-            vocab_size=vocab,
-            on_site=on_site,
+        results[method.name] = run_method(
+            world, settings, data, vocab, method, ledger_root=ledger_root, on_site=on_site,
             on_round=(lambda rec, m=method.name: on_round(m, rec)) if on_round else None,
-            ledger_dir=None if ledger_root is None else (
-                Path(ledger_root) if method.name == "worldlm" else Path(ledger_root) / method.name
-            ),
         )
-        results[method.name] = engine.run()
         if on_method_done:
             on_method_done(results[method.name])
     floors = {s: d.floor_ppl for s, d in data.items() if d.floor_ppl is not None}

@@ -1,0 +1,82 @@
+"""`worldlm-secure compare GRID.yaml --out DIR`: a PET trade-off study over a grid of policies."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from worldlm_secure.cli import app
+from worldlm_secure.errors import ConfigError
+
+console = Console()
+
+
+@app.command()
+def compare(
+    grid: Path = typer.Argument(..., help="Grid YAML: a base world and the variations to cross."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Study folder (re-running into it skips finished cells)."),
+    backend: str = typer.Option("inprocess", "--backend", help="inprocess (default) or ray (one Ray task per cell)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray backend; default: a local instance)."),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="CPUs Ray reserves for each cell (ray backend)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch in each cell (1 is faster on a busy machine)."),
+) -> None:
+    """Run every cell of a grid through simulate with the real protections; tabulate and plot utility, ε, bytes and time."""
+    from worldlm_secure.compare import load_grid, run_study
+    from worldlm_secure.train import set_threads
+
+    if backend not in ("inprocess", "ray"):
+        raise ConfigError(f"--backend: {backend!r} is not one of inprocess, ray")
+    set_threads(threads)
+    g = load_grid(grid)
+    console.print(f"[bold]{g.name}[/]: {len(g.cells)} cells on {g.world} ({g.rounds or 'world'} rounds), backend {backend}")
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+    ) as progress:
+        task = progress.add_task("cells", total=len(g.cells))
+
+        def done(rec: dict) -> None:
+            tag = "cached" if rec.get("cached") else rec["status"]
+            color = {"ok": "green", "cached": "cyan"}.get(tag, "red")
+            msg = f"[{color}]{tag}[/] {rec['cell']}"
+            if rec["status"] == "ok":
+                msg += f": ppl {rec['mean_val_ppl']:.2f}" + (f", ε {rec['epsilon_max']:.2f}" if rec.get("epsilon_max") else "")
+            else:
+                msg += f": {escape(rec['error'])}"
+            progress.console.print(msg, highlight=False)
+            progress.update(task, advance=1)
+
+        result = run_study(
+            g, out, backend=backend, address=address, threads=threads, cpus_per_cell=cpus_per_cell,
+            on_cell_start=lambda c: progress.update(task, description=f"cell {c}"),
+            on_cell_done=done,
+            on_round=lambda c, r, p: progress.update(task, description=f"cell {c} round {r}: ppl {p:.1f}"),
+            meta={"command": " ".join(["worldlm-secure", *sys.argv[1:]]) if sys.argv else "worldlm-secure compare"},
+        )
+    console.print(_table(result.cells))
+    console.print(f"wrote {', '.join(str(p) for p in result.files)} in {result.wall_s:.0f} s")
+    if result.failed:
+        console.print(f"[yellow]{len(result.failed)} cell(s) failed[/]; reasons in compare.csv and cells/*/error.txt")
+
+
+def _table(cells: list[dict]) -> Table:
+    t = Table(title="PET trade-offs per cell")
+    for col, just in (("cell", "left"), ("ppl", "right"), ("ε", "right"), ("MB up/round/site", "right"),
+                      ("expansion", "right"), ("train s", "right"), ("protect s", "right"), ("status", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for c in cells:
+        if c["status"] != "ok":
+            t.add_row(c["cell"], "–", "–", "–", "–", "–", "–", f"[red]failed[/] {escape(c['error'][:60])}")
+            continue
+        t.add_row(
+            c["cell"], f"{c['mean_val_ppl']:.2f}", f"{c['epsilon_max']:.2f}" if c.get("epsilon_max") else "–",
+            f"{c['bytes_up_per_round_per_site'] / 1e6:.2f}", f"{c['expansion']:.2f}×" if c.get("expansion") else "–",
+            f"{c['train_s']:.0f}", f"{c['protect_s']:.1f}", "cached" if c.get("cached") else "ok",
+        )
+    return t

@@ -1,0 +1,236 @@
+"""The grid file of `worldlm-secure compare`: a base world and the variations to cross.
+
+```yaml
+name: pet-study
+world: world.yaml            # relative to this file; omitted: the embedded default world
+rounds: 4                    # every cell (omitted: the world's schedule.rounds)
+protocol_params:             # merged into secure_aggregation.<protocol> of every cell using it
+  ckks: {value_bits: 32}
+axes:                        # a mapping is one cross product; a list of mappings is a union of them
+  protocol: [none, masking, ckks]
+  dp: [off, {epsilon: [2, 8], noise: central}, {level: record, epsilon: 8}]
+  residuals: [on, off]
+  method: [worldlm, fedavg]
+  seed: [0, 1]
+exclude:                     # drop cells matching every key given (keys: see `Cell.variation`)
+  - {protocol: ckks, dp_level: record}
+```
+
+An axis left out keeps what the base world's policies say (shown as `base`). Errors name the grid
+file and the field, e.g. ``study.yaml axes.dp[1].noise: Input should be 'central', ... (got 'local')``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from worldlm_secure.errors import ConfigError
+from worldlm_secure.federation.methods import METHODS
+
+Protocol = Literal["none", "masking", "ckks"]
+NOISE_MECHANISM = {
+    "central": "central_gaussian",
+    "distributed": "distributed_discrete_gaussian",
+    "skellam": "distributed_skellam",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DPVariant(_Strict):
+    """One DP setting of the `dp` axis; a list of ε expands to one cell per value."""
+
+    level: Literal["user", "record"] = "user"
+    epsilon: Union[float, list[float]] = Field(description="Total ε budget per site stream over the run, at δ.")
+    noise: Literal["central", "distributed", "skellam"] = "central"  # user level only
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clipping_norm: float = Field(1.0, gt=0, description="User level: L2 clip of a site's update per group and round.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Record level: L2 clip of one sequence's gradient.")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _positive(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values or any(x <= 0 for x in values):
+            raise ValueError(f"every ε must be > 0 (got {v!r})")
+        return v
+
+
+class Axes(_Strict):
+    protocol: list[Protocol] | None = Field(None, min_length=1)
+    dp: list[Union[Literal["off"], DPVariant]] | None = Field(None, min_length=1)
+    residuals: list[bool] | None = Field(None, min_length=1)
+    method: list[str] | None = Field(None, min_length=1)
+    seed: list[int] | None = Field(None, min_length=1)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        for m in v or []:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r} (valid: {', '.join(METHODS)})")
+        return v
+
+    @field_validator("dp", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False; it means "no DP" here.
+        return ["off" if x is False else x for x in v] if isinstance(v, list) else v
+
+
+class GridFile(_Strict):
+    name: str = Field(min_length=1)
+    world: str | None = None
+    rounds: int | None = Field(None, ge=1)
+    device: str = "auto"
+    description: str = ""
+    protocol_params: dict[Literal["masking", "ckks"], dict[str, Any]] = Field(default_factory=dict)
+    axes: Union[Axes, list[Axes]]
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DPSetting:
+    """One cell's DP: level, ε budget, noise placement (user level), δ and clipping."""
+
+    level: str
+    epsilon: float
+    noise: str
+    delta: float
+    clipping_norm: float
+    max_grad_norm: float
+
+    @property
+    def label(self) -> str:
+        eps = f"eps{self.epsilon:g}"
+        return f"record-{eps}" if self.level == "record" else f"user-{self.noise}-{eps}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid. ``None`` on an axis: what the base world's policies say."""
+
+    method: str
+    protocol: str | None
+    dp: DPSetting | None | Literal["off"]
+    residuals: bool | None
+    seed: int | None
+
+    @property
+    def variation(self) -> dict[str, Any]:
+        """The cell's coordinates, flat (the CSV's first columns and what `exclude` matches)."""
+        dp = self.dp
+        return {
+            "method": self.method,
+            "protocol": self.protocol or "base",
+            "dp": "base" if dp is None else ("off" if dp == "off" else dp.label),  # type: ignore[union-attr]
+            "dp_level": "base" if dp is None else ("none" if dp == "off" else dp.level),  # type: ignore[union-attr]
+            "noise": dp.noise if isinstance(dp, DPSetting) and dp.level == "user" else "",
+            "epsilon_target": dp.epsilon if isinstance(dp, DPSetting) else None,
+            "delta": dp.delta if isinstance(dp, DPSetting) else None,
+            "residuals": "base" if self.residuals is None else ("on" if self.residuals else "off"),
+            "seed": "base" if self.seed is None else self.seed,
+        }
+
+    @property
+    def cell_id(self) -> str:
+        """A readable, file-system-safe name, unique within a grid."""
+        v = self.variation
+        return "__".join(
+            str(x) for x in (v["method"], v["protocol"], v["dp"], f"res-{v['residuals']}", f"seed-{v['seed']}")
+        )
+
+
+@dataclass(frozen=True)
+class Grid:
+    path: Path
+    name: str
+    world: Path
+    rounds: int | None
+    device: str
+    description: str
+    protocol_params: dict[str, dict[str, Any]]
+    cells: tuple[Cell, ...]
+
+
+def default_world() -> Path:
+    """The embedded default world (examples/world.yaml, shipped inside the package)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "examples" / "world.yaml"
+
+
+def _dp_settings(values: list[Any] | None) -> list[DPSetting | None | Literal["off"]]:
+    if values is None:
+        return [None]
+    out: list[DPSetting | None | Literal["off"]] = []
+    for v in values:
+        if v == "off":
+            out.append("off")
+            continue
+        for eps in v.epsilon if isinstance(v.epsilon, list) else [v.epsilon]:
+            out.append(DPSetting(v.level, float(eps), v.noise, v.delta, v.clipping_norm, v.max_grad_norm))
+    return out
+
+
+def _cross(axes: Axes) -> list[Cell]:
+    return [
+        Cell(method, protocol, dp, residuals, seed)
+        for method, protocol, dp, residuals, seed in itertools.product(
+            axes.method or ["worldlm"],
+            axes.protocol or [None],
+            _dp_settings(axes.dp),
+            axes.residuals or [None],
+            axes.seed or [None],
+        )
+    ]
+
+
+def _matches(cell: Cell, rule: dict[str, Any]) -> bool:
+    v = cell.variation
+    return all(str(v[k]) == str("on" if val is True else "off" if val is False else val) for k, val in rule.items())
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Load and expand a grid file; every error names the file and the field and says what is valid."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: grid file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping with at least `name:` and `axes:`")
+    try:
+        spec = GridFile(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "DPVariant")))
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        raise ConfigError(f"{path} {loc}: {err['msg']}{got}") from None
+    keys = set(Cell("worldlm", None, None, None, None).variation)
+    for i, rule in enumerate(spec.exclude):
+        bad = set(rule) - keys
+        if bad:
+            raise ConfigError(f"{path} exclude[{i}]: unknown key {sorted(bad)[0]!r} (valid: {', '.join(sorted(keys))})")
+    world = default_world() if spec.world is None else (path.parent / spec.world).resolve()
+    if not world.is_file():
+        raise ConfigError(f"{path} world: world file {spec.world!r} not found (looked at {world})")
+    cells: dict[str, Cell] = {}
+    for axes in spec.axes if isinstance(spec.axes, list) else [spec.axes]:
+        for cell in _cross(axes):
+            if not any(_matches(cell, rule) for rule in spec.exclude):
+                cells.setdefault(cell.cell_id, cell)
+    if not cells:
+        raise ConfigError(f"{path} exclude: every cell of the grid is excluded; nothing to run")
+    return Grid(path, spec.name, world, spec.rounds, spec.device, spec.description,
+                dict(spec.protocol_params), tuple(cells.values()))
