@@ -192,9 +192,17 @@ def _cross(axes: Axes) -> list[Cell]:
     ]
 
 
+def _same(have: Any, want: Any) -> bool:
+    want = "on" if want is True else "off" if want is False else want  # YAML 1.1 on/off
+    try:
+        return float(have) == float(want)  # `epsilon_target: 2` matches 2.0
+    except (TypeError, ValueError):
+        return str(have) == str(want)
+
+
 def _matches(cell: Cell, rule: dict[str, Any]) -> bool:
     v = cell.variation
-    return all(str(v[k]) == str("on" if val is True else "off" if val is False else val) for k, val in rule.items())
+    return all(_same(v[k], val) for k, val in rule.items())
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -214,7 +222,12 @@ def load_grid(path: str | Path) -> Grid:
         spec = GridFile(**raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "DPVariant")))
+        loc = ""
+        for part in err["loc"]:
+            if isinstance(part, int):
+                loc += f"[{part}]"
+            elif not (part[:1].isupper() or "[" in part or part.startswith("function-")):  # union-member tags
+                loc += f".{part}" if loc else part
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         raise ConfigError(f"{path} {loc}: {err['msg']}{got}") from None
     keys = set(Cell("worldlm", None, None, None, None).variation)
