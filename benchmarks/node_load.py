@@ -60,7 +60,7 @@ def _federation(pki_root: str, names: list[str], dim: int, q: "mp.Queue", go: "m
     t0 = time.perf_counter()
     ann = Announcement(1, tuple(sorted(board.members)), "masking", b"{}", 0)
     board.announce(ann)
-    ann = board._announcements[1]
+    ann = board.announcement(1) or ann
     cfg = RoundConfig.build(params, 1, ann.cohort, dict(ann.peer_keys), min_cohort=max(1, len(names) // 2))
     out = aggregate_round(board, ann, cfg, cfg.min_cohort, first_timeout=300, step_timeout=120, live=live)
     round_s = time.perf_counter() - t0

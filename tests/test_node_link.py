@@ -36,7 +36,7 @@ def _run(tmp_path: Path, n: int, min_cohort: int, quitter: str | None, protocol:
         c.enroll()
     ann = Announcement(1, tuple(names), protocol, b"{}", 0)
     board.announce(ann)
-    ann = board._announcements[1]
+    ann = board.announcement(1) or ann
     cfg = RoundConfig.build(PARAMS, 1, names, dict(ann.peer_keys), min_cohort) if protocol == "masking" else None
     recorded: dict[str, tuple[str, ...]] = {}
     errors: dict[str, str] = {}

@@ -51,7 +51,7 @@ class Aggregator:
         self.emit("listening", address=self.server.target)
 
     def stop(self) -> None:
-        self.server.stop(grace=1.0) if hasattr(self.server, "stop") else None
+        self.server.stop(grace=1.0)
 
     def wait_for_members(self) -> dict[str, int]:
         """Every child enrolled and told us its example count (or the enroll timeout passed). After a
@@ -77,7 +77,7 @@ class Aggregator:
         deadline = int((time.time() + self.cfg.timeouts.train) * 1000)
         ann = Announcement(rid, tuple(cohort), protocol, phase.to_bytes(), deadline)
         self.board.announce(ann, model)
-        ann = self.board._announcements[rid]  # with the cohort's enrolled signing keys filled in
+        ann = self.board.announcement(rid) or ann  # with the cohort's enrolled signing keys filled in
         self.emit("announced", round=phase.world_round, phase=phase.phase, link_round=rid, cohort=len(cohort))
         return ann
 

@@ -54,6 +54,11 @@ class RoundBoard(FederationHandler):
                 self._models[announcement.round_id] = model
             self._cond.notify_all()
 
+    def announcement(self, round_id: int) -> Announcement | None:
+        """The announcement of ``round_id`` as members receive it (``peer_keys`` filled in), if any."""
+        with self._cond:
+            return self._announcements.get(round_id)
+
     def set_model(self, round_id: int, model: Payload) -> None:
         with self._cond:
             self._models[round_id] = model
