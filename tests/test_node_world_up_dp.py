@@ -1,0 +1,42 @@
+"""`world up` on the DP local world (eu.yaml, us.yaml: user-level DP, masking, min_cohort 3): over real
+gRPC/mTLS every node's ledger holds exactly the entries `simulate` writes for the same world: the
+same releases, protections, noise multipliers and ε (noise values differ: they come from a CSPRNG)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from nodeworld import small_world
+from worldlm_secure.federation.methods import METHODS
+from worldlm_secure.federation.simulate import simulate
+from worldlm_secure.ledger import verify
+from worldlm_secure.node.world_up import world_up
+
+FIELDS = (
+    "release_id", "round", "stream", "level", "source", "destination", "group", "tensor_names", "protocol",
+    "cohort_size", "dropouts", "dp_level", "mechanism", "clipping_norm", "noise_multiplier", "sample_rate",
+    "steps", "accountant", "delta", "epsilon", "epsilon_cumulative", "epsilon_budget", "policy_sha256",
+)
+
+
+@pytest.mark.slow
+def test_dp_world_up_ledgers_equal_simulate(tmp_path: Path) -> None:
+    world = small_world(tmp_path / "w", source="world.yaml", rounds=2)
+    payload = world_up(world, tmp_path / "state", timeout=600)
+    assert payload.get("failed_nodes") is None, payload["exit_codes"]
+    assert all(math.isfinite(v["val_ppl"]) for v in payload["methods"]["worldlm"]["sites"].values())
+    simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=tmp_path / "sim")
+    sim = {verify(p).node: verify(p) for p in (tmp_path / "sim").glob("*.sqlite")}
+    dep = {verify(p).node: verify(p) for p in (tmp_path / "state" / "nodes").glob("*/ledger/*.sqlite")}
+    assert set(dep) == set(sim)
+    for node, rep in dep.items():
+        assert rep.ok, (node, rep.problem)
+        got = [tuple(getattr(e, f) for f in FIELDS) for e in rep.entries]
+        want = [tuple(getattr(e, f) for f in FIELDS) for e in sim[node].entries]
+        assert got == want, node
+    eu_site = dep["eu-a"].entries
+    assert {e.mechanism for e in eu_site} == {"central_gaussian"} and eu_site[-1].epsilon_cumulative <= 8.0
+    assert dep["eu-a"].spent["eu-a/user"] > 0
