@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from worldlm_secure.cli import app
+from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.methods import parse_methods
 from worldlm_secure.federation.results import method_json, results_json, write_json_atomic, write_plots
 from worldlm_secure.federation.simulate import simulate as run_simulation
@@ -34,8 +35,13 @@ def simulate(
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma list: worldlm,fedavg,local,fedper,hierfavg (default all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the world's seed."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core; 1 is faster on a busy machine)."),
+    backend: str = typer.Option("inprocess", "--backend", help="inprocess (default) or ray (each method a Ray task; extra worldlm-secure[ray])."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray backend; default: a local instance)."),
+    cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", help="CPUs Ray reserves for each method's task (ray backend)."),
 ) -> None:
     """Train a whole world of federations of sites and tabulate per-site validation perplexity."""
+    if backend not in ("inprocess", "ray"):
+        raise ConfigError(f"--backend: {backend!r} is not one of inprocess, ray")
     set_threads(threads)
     world_path = world or default_world()
     chosen = parse_methods(methods)
@@ -53,22 +59,33 @@ def simulate(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("training", total=total)
-        result = run_simulation(
-            world_path,
-            methods=chosen,
-            rounds=rounds,
-            device=device,
-            seed=seed,
-            on_method=lambda name: progress.update(task, description=f"[cyan]{name}[/] round 1"),
-            on_site=lambda site, r: progress.update(task, advance=1, description=f"round {r} site {site}"),
-            on_round=lambda name, rec: progress.update(
-                task, description=f"[cyan]{name}[/] round {rec.round}: ppl {rec.mean_val_ppl:.2f}"
-            ),
-            # nothing lost on a crash: every finished method is on disk before the next starts
-            on_method_done=lambda m: _save_partial(out, partial, m),
-            ledger_root=out / "ledgers",
-        )
+        if backend == "ray":
+            from worldlm_secure.federation.ray_backend import simulate_on_ray
+
+            task = progress.add_task(f"methods on Ray ({len(chosen)} tasks)", total=len(chosen))
+            result = simulate_on_ray(
+                world_path, methods=chosen, rounds=rounds, device=device, seed=seed, ledger_root=out / "ledgers",
+                address=address, cpus_per_task=cpus_per_task,
+                on_method_done=lambda m: (_save_partial(out, partial, m), progress.update(
+                    task, advance=1, description=f"[cyan]{m.name}[/] done: ppl {m.mean_val_ppl:.2f}")),
+            )
+        else:
+            task = progress.add_task("training", total=total)
+            result = run_simulation(
+                world_path,
+                methods=chosen,
+                rounds=rounds,
+                device=device,
+                seed=seed,
+                on_method=lambda name: progress.update(task, description=f"[cyan]{name}[/] round 1"),
+                on_site=lambda site, r: progress.update(task, advance=1, description=f"round {r} site {site}"),
+                on_round=lambda name, rec: progress.update(
+                    task, description=f"[cyan]{name}[/] round {rec.round}: ppl {rec.mean_val_ppl:.2f}"
+                ),
+                # nothing lost on a crash: every finished method is on disk before the next starts
+                on_method_done=lambda m: _save_partial(out, partial, m),
+                ledger_root=out / "ledgers",
+            )
     payload = results_json(result)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", payload)
