@@ -43,3 +43,22 @@ def test_world_up_matches_simulate_and_ledgers_agree(tmp_path: Path) -> None:
         assert rep.ok
         assert ids.get(rep.node, []) == [e.release_id for e in rep.entries], rep.node
     assert json.loads((tmp_path / "state" / "nodes" / "eu-a" / "results.json").read_text())["val_ppl"] > 0
+
+
+def test_world_up_stops_when_a_node_cannot_start(tmp_path: Path) -> None:
+    """A world whose round plan picks CKKS (not run by node start yet): the root refuses with a one-line
+    reason in its log, and world up stops instead of waiting for the timeout."""
+    import yaml
+
+    from worldlm_secure.errors import WorldLMError
+
+    world = small_world(tmp_path / "w", rounds=1)
+    raw = yaml.safe_load(world.read_text())
+    for n in raw["nodes"]:
+        if n["name"][:2] in ("eu", "us"):
+            n["policy"] = n["policy"].replace("masking-open.yaml", "ckks-open.yaml")
+    world.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(WorldLMError, match="world exited with code 2 before listening"):
+        world_up(world, tmp_path / "state", timeout=120)
+    log = (tmp_path / "state" / "logs" / "world.log").read_text()
+    assert "CKKS, which node start does not run yet" in log and "Traceback" not in log

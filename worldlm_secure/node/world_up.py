@@ -192,6 +192,22 @@ def wait_all(procs: dict[str, NodeProcess], timeout: float) -> dict[str, int]:
     return codes
 
 
+def _wait_fail_fast(procs: dict[str, NodeProcess], timeout: float) -> dict[str, int]:
+    """Wait for every node; if one fails (non-zero exit) the world cannot finish: stop the others."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = {n: p.popen.poll() for n, p in procs.items() if p.popen is not None}
+        if all(c is not None for c in codes.values()):
+            break
+        if any(c not in (None, 0) for c in codes.values()):
+            for p in procs.values():
+                if p.popen is not None and p.popen.poll() is None:
+                    p.popen.terminate()
+            break
+        time.sleep(0.2)
+    return wait_all(procs, 10.0)
+
+
 def collect_results(world: World, state: Path, wall_s: float) -> dict[str, Any]:
     """The sites' results.json files as one `simulate`-style results.json (method "worldlm")."""
     from worldlm_secure.federation.settings import settings_for
@@ -239,7 +255,7 @@ def world_up(world_path: str | Path, state: str | Path, *, on_event: OnEvent | N
     world, procs = prepare(Path(world_path), state)
     try:
         start_world(world, procs, state, on_event or (lambda ev: None))
-        codes = wait_all(procs, timeout)
+        codes = _wait_fail_fast(procs, timeout)
     finally:
         for p in procs.values():
             if p.popen is not None and p.popen.poll() is None:
