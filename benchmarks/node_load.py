@@ -37,7 +37,7 @@ import numpy as np
 
 
 def _federation(pki_root: str, names: list[str], dim: int, q: "mp.Queue", go: "mp.Event") -> None:
-    from worldlm_secure.node.common import NodeBoard
+    from worldlm_secure.node.board import NodeBoard
     from worldlm_secure.node.link import Liveness, aggregate_round
     from worldlm_secure.secagg.masking import MaskingParams as MP, RoundConfig
     from worldlm_secure.transport.handler import Announcement
@@ -85,8 +85,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "node_load.json")
     args = ap.parse_args()
 
-    from worldlm_secure.identity import NodeIdentity  # noqa: F401
-    from worldlm_secure.node.common import Heartbeat
+    from worldlm_secure.node.heartbeat import Heartbeat
     from worldlm_secure.node.link import member_round
     from worldlm_secure.secagg.masking import MaskingParams as MP, RoundConfig
     from worldlm_secure.transport.client import RetryPolicy, SiteClient

@@ -7,10 +7,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from worldlm_secure.errors import SecAggError
-from worldlm_secure.node.common import NodeBoard
+from worldlm_secure.node.board import NodeBoard
 from worldlm_secure.node.link import Liveness, aggregate_round, member_round
 from worldlm_secure.secagg.masking import MaskingParams, RoundConfig
 from worldlm_secure.transport import federation_pb2 as pb
@@ -54,7 +53,7 @@ def _run(tmp_path: Path, n: int, min_cohort: int, quitter: str | None, protocol:
         except Exception as exc:  # collected: the abort test expects members to fail cleanly
             errors[m] = f"{type(exc).__name__}: {exc}"
 
-    from worldlm_secure.node.common import Heartbeat
+    from worldlm_secure.node.heartbeat import Heartbeat
 
     beats = [Heartbeat(lambda c=clients[m]: c.heartbeat("x"), 0.5) for m in names if m != quitter]
     for b in beats:

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from worldlm_secure.errors import SecAggError, TransportError
-from worldlm_secure.node.common import NodeBoard, Phase, masking_config
+from worldlm_secure.node.board import NodeBoard
+from worldlm_secure.node.rounds import Phase, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import LinkOutcome, Liveness, aggregate_round

@@ -17,7 +17,7 @@ with kill -9 and restarted resumes at the step it was in (a site round is re-ann
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,10 @@ from worldlm_secure.aggregation import blend_from_sum, embed, flatten, mix_in, u
 from worldlm_secure.errors import SecAggError, TransportError, WorldLMError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.aggregator import Aggregator
-from worldlm_secure.node.common import EXAMPLES_STATUS, DONE_STATUS, Heartbeat, Phase, masking_config, model_payload, split_payload
+from worldlm_secure.node.board import EXAMPLES_STATUS, DONE_STATUS
+from worldlm_secure.node.heartbeat import Heartbeat
+from worldlm_secure.node.payload import model_payload, split_payload
+from worldlm_secure.node.rounds import Phase, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import member_round

@@ -18,7 +18,8 @@ import torch
 from worldlm_secure.aggregation import flatten, unflatten
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.aggregator import Aggregator
-from worldlm_secure.node.common import Phase, model_payload
+from worldlm_secure.node.payload import model_payload
+from worldlm_secure.node.rounds import Phase
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.release import NodeRelease

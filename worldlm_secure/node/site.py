@@ -25,7 +25,10 @@ import torch
 from worldlm_secure.aggregation import client_weights
 from worldlm_secure.errors import SecAggError, TransportError, WorldLMError
 from worldlm_secure.identity import NodeIdentity
-from worldlm_secure.node.common import DONE_STATUS, EXAMPLES_STATUS, Heartbeat, Phase, masking_config, split_payload
+from worldlm_secure.node.board import DONE_STATUS, EXAMPLES_STATUS
+from worldlm_secure.node.heartbeat import Heartbeat
+from worldlm_secure.node.payload import split_payload
+from worldlm_secure.node.rounds import Phase, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import member_round

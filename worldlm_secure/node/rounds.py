@@ -1,0 +1,35 @@
+"""A link round's public description: its phase (announcement params) and, for masking, its RoundConfig."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from worldlm_secure.secagg.masking import RoundConfig
+from worldlm_secure.transport.handler import Announcement
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What a link round is for. ``phase``: key | shared | residual | final; ``n_max``: the largest member
+    example count (shared weights are examples / n_max, as in the engine)."""
+
+    world_round: int
+    phase: str
+    n_max: float = 1.0
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"world_round": self.world_round, "phase": self.phase, "n_max": self.n_max}, sort_keys=True).encode()
+
+    @classmethod
+    def from_announcement(cls, ann: Announcement) -> "Phase":
+        raw = json.loads(ann.params.decode() or "{}")
+        return cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)))
+
+
+def masking_config(plan: Any, ann: Announcement) -> RoundConfig | None:
+    """The public parameters of a masked round, identical at members and aggregator."""
+    if ann.protocol != "masking":
+        return None
+    return RoundConfig.build(plan.params, ann.round_id, ann.cohort, dict(ann.peer_keys), plan.min_cohort)
