@@ -48,16 +48,29 @@ def up(
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds before unfinished nodes are killed."),
 ) -> None:
     """Issue keys, start every node as its own OS process on loopback, stream progress, print the table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from worldlm_secure.cli.simulate import _table
     from worldlm_secure.federation.results import write_json_atomic
+    from worldlm_secure.federation.settings import settings_for
+    from worldlm_secure.federation.world import load_world
     from worldlm_secure.node.world_up import world_up
 
-    def show(ev: dict) -> None:
-        line = _describe(ev)
-        if line:
-            console.print(line, highlight=False)
+    w = load_world(world)
+    rounds = settings_for(w).rounds
+    console.print(f"[bold]{w.name}[/]: {len(w.nodes)} nodes as separate processes on loopback "
+                  f"({len(w.federations)} federations, {len(w.sites)} sites), {rounds} rounds; state in {state}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("starting nodes", total=rounds * len(w.sites))
 
-    payload = world_up(world, state, on_event=show, timeout=timeout)
+        def show(ev: dict) -> None:
+            if ev.get("event") == "trained":
+                progress.update(task, advance=1, description=f"round {ev['round']}: {ev['node']} trained")
+            line = _describe(ev)
+            if line:
+                progress.console.print(line, highlight=False)
+
+        payload = world_up(world, state, on_event=show, timeout=timeout)
     write_json_atomic(state / "results.json", payload)
     if payload["methods"]["worldlm"]["sites"]:
         console.print(_table(payload))
