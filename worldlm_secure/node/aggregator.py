@@ -82,16 +82,19 @@ class Aggregator:
         self.emit("announced", round=phase.world_round, phase=phase.phase, link_round=rid, cohort=len(cohort))
         return ann
 
-    def run_phase(self, phase: Phase, model: Payload | None, final: str) -> tuple[LinkOutcome, Any] | None:
-        """Announce ``phase`` to the live children and aggregate their releases; None if the round aborted."""
+    def run_phase(self, phase: Phase, model: Payload | None, final: str,
+                  noise_for: Callable[[Sequence[str]], Any] | None = None) -> tuple[LinkOutcome, Any] | None:
+        """Announce ``phase`` to the live children and aggregate their releases; None if the round aborted.
+        ``noise_for(cohort)``: the distributed DP noise the members add (sizes the quantizer), or None."""
         cohort = self.cohort()
         plan = self.release.plan(self.members, final)
         ann = self.announce(phase, model, plan.protocol, cohort)
         try:
             if len(cohort) < plan.min_cohort:
                 raise SecAggError(f"only {len(cohort)} live members, below min_cohort={plan.min_cohort}")
+            noise = noise_for(ann.cohort) if noise_for is not None else None
             out = aggregate_round(
-                self.board, ann, masking_config(plan, ann), plan.min_cohort,
+                self.board, ann, masking_config(plan, ann, noise), plan.min_cohort,
                 first_timeout=self.cfg.timeouts.train, step_timeout=self.cfg.timeouts.step, live=self.live,
             )
         except SecAggError as exc:
@@ -104,7 +107,9 @@ class Aggregator:
     def weighted(self, phase: Phase, model: Payload | None, final: str, server: dict[str, torch.Tensor],
                  names: list[str], *, derived: bool) -> dict[str, torch.Tensor] | None:
         """server + the members' weighted average delta (the engine's `_weighted_round`); None if aborted."""
-        got = self.run_phase(phase, model, final)
+        shapes = {n: server[n].shape for n in names}
+        noise_for = None if derived else (lambda cohort: self.release.member_noise(cohort, final, names, shapes))
+        got = self.run_phase(phase, model, final, noise_for)
         if got is None:
             return None
         out, ann = got

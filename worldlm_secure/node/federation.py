@@ -108,7 +108,7 @@ class FederationNode:
         prep = self.release.prepare(r, group, self.root, self.root, ann.cohort, deltas, weights, names,
                                     shapes or {}, derived=True, raw_vector=raw)
         member_round(
-            parent, self.identity, ann, masking_config(prep.plan, ann), prep.vector,
+            parent, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
             before_input=lambda cohort: self.release.record(r, group, self.root, names, prep, cohort, ann.cohort),
             timeout=self.cfg.timeouts.step,
         )

@@ -79,9 +79,11 @@ def member_round(
     *,
     before_input: Callable[[tuple[str, ...]], None],
     timeout: float,
+    noise: object | None = None,
 ) -> None:
     """Contribute ``vector`` to the sum of round ``ann.round_id``. ``before_input(cohort)`` runs right before
-    the (masked) input leaves: the caller writes its ledger entry there, so a release is never unrecorded."""
+    the (masked) input leaves: the caller writes its ledger entry there, so a release is never unrecorded.
+    ``noise``: this member's distributed DP share generator (`secagg.IntegerNoise`), added before masking."""
     rid = ann.round_id
     if ann.protocol == "none":
         before_input(ann.cohort)
@@ -89,7 +91,7 @@ def member_round(
         return
     if ann.protocol != "masking" or config is None:
         raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking or none)")
-    member = MaskingMember(identity, config)
+    member = MaskingMember(identity, config, noise=noise)  # type: ignore[arg-type]
     step = lambda: time.monotonic() + timeout  # noqa: E731
     client.send_secagg(pb.SECAGG_MASKING_ADVERTISE_KEYS, Payload.from_bytes(member.advertise().to_bytes()), round_id=rid)
     keys = NeighbourKeys.from_bytes(_poll(client, pb.SECAGG_MASKING_KEY_BUNDLE, rid, step()).payload.to_bytes())

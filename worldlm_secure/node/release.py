@@ -11,13 +11,19 @@ round), and `Ledger.append` is idempotent by id, so a restarted node never dupli
 The entry is written before the member's input leaves, with the cohort that got as far as key
 agreement (an upper bound on the contributors) and the charge for that cohort: never after the fact.
 
-Not wired over the network yet (refused by `check_supported`): CKKS, distributed noise, record-level DP.
+Distributed noise (`distributed_discrete_gaussian`, `distributed_skellam` with masking): each member
+adds its integer share inside `MaskingMember` and the aggregator adds nothing. Because the member's
+entry is written before it knows how many members will contribute, it is charged at the z_eff of the
+fewest contributors the round can release (`min_cohort`): never less than the truth (z_eff grows with
+the contributors), equal to simulate's charge when every invited member contributes at min_cohort.
+
+Not wired over the network yet (refused by `check_supported`): CKKS, record-level DP.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +40,12 @@ from worldlm_secure.secagg.protocol import ProtectionStats, SumResult
 
 @dataclass(frozen=True)
 class RoundDP:
-    """User-level DP of one release: the settings (``privacy.UserLevelDP``) and the round's noise plan."""
+    """User-level DP of one release: the settings (``privacy.UserLevelDP``), the round's noise plan, and
+    for distributed mechanisms the members' integer noise (``secagg.IntegerNoise``; None when central)."""
 
     dp: Any
     plan: Any
+    noise: Any = None
 
 
 @dataclass
@@ -50,6 +58,11 @@ class Prepared:
     tracker: Any
     level: str
     effective: Any
+
+    @property
+    def noise(self) -> Any:
+        """The distributed DP share generator this member adds before masking (None: central or no DP)."""
+        return self.dp.noise if self.dp is not None else None
 
 
 def round_dp(path: ReleasePath, cohort: Sequence[str], final: str, dim: int, plan: Any, planned_releases: int) -> RoundDP | None:
@@ -65,7 +78,18 @@ def round_dp(path: ReleasePath, cohort: Sequence[str], final: str, dim: int, pla
         eff.differential_privacy, planned_releases=planned_releases,
         max_dropout_fraction=eff.secure_aggregation.max_dropout_fraction, mechanism=plan.dp_mechanism,
     )
-    return RoundDP(dp, dp.plan(expected_members=len(cohort), dim=dim, w_max=1.0))
+    noise_plan = dp.plan(expected_members=len(cohort), dim=dim, w_max=1.0)
+    if not dp.mechanism.distributed:
+        return RoundDP(dp, noise_plan)
+    # As `ReleasePath._with_member_noise`: the shares, and the plan at the scale the masked round will use.
+    from worldlm_secure.privacy.distributed import integer_noise
+    from worldlm_secure.secagg.masking import round_quantization
+
+    if plan.protocol != "masking":
+        raise ConfigError(f"{dp.mechanism.name}: protocol {plan.protocol!r} cannot carry distributed noise; use masking")
+    noise = integer_noise(dp.mechanism, noise_plan, len(cohort))
+    scale = round_quantization(plan.params, len(cohort), noise).scale
+    return RoundDP(dp, replace(noise_plan, quant_step=1.0 / scale), noise)
 
 
 def check_supported(ctx: WorldContext) -> None:
@@ -78,8 +102,6 @@ def check_supported(ctx: WorldContext) -> None:
             where = f"{ctx.world.path}: aggregation at {final!r}"
             if plan.protocol == "ckks":
                 raise ConfigError(f"{where}: the round plan picks CKKS, which node start does not run yet; put masking first in the policies' secure_aggregation.protocol")
-            if plan.dp_mechanism and plan.dp_mechanism.startswith("distributed"):
-                raise ConfigError(f"{where}: distributed noise ({plan.dp_mechanism}) is not wired into node start yet; list central_gaussian first in differential_privacy.mechanism")
     for site in ctx.world.sites:
         if path.effective(site.name, ctx.root).differential_privacy.record_level:
             raise ConfigError(f"{site.policy_path}: record-level DP (DP-SGD) is not wired into node start yet; run it with `worldlm-secure simulate`")
@@ -145,7 +167,9 @@ class NodeRelease:
         if prep.dp is not None:
             if self.path.ledger_dir is not None and self.path._ledger(self.me).get(f"{world_round}:{group}:{destination}") is not None:
                 return  # already recorded before a restart: never charge or write twice
-            charge = prep.dp.dp.charge(prep.tracker, prep.dp.plan, len(cohort))
+            # Central: z does not depend on the contributors. Distributed: the fewest the round can release.
+            contributors = prep.plan.min_cohort if prep.dp.noise is not None else len(cohort)
+            charge = prep.dp.dp.charge(prep.tracker, prep.dp.plan, contributors)
         result = SumResult(np.zeros(0), tuple(sorted(cohort)), tuple(sorted(set(invited) - set(cohort))), ProtectionStats(prep.plan.protocol))
         dp = _DP(prep.dp.dp, {self.me: prep.tracker}, prep.dp.plan) if prep.dp is not None else None
         self.path._record(world_round, group, self.me, destination, names, prep.plan, result, prep.effective, prep.level, dp, charge)
@@ -163,6 +187,13 @@ class NodeRelease:
         if not derived:
             plan = self.plan(cohort, final)
             dp = round_dp(self.path, sorted(cohort), final, codec.length, plan, self.planned_releases)
-            if dp is not None:
+            if dp is not None and dp.noise is None:  # central; distributed shares are in the sum already
                 total = dp.dp.mechanism.add_noise(total, dp.plan)
         return codec.decode_average(total)
+
+    def member_noise(self, cohort: Sequence[str], final: str, names: Sequence[str], shapes: Mapping[str, Any]) -> Any:
+        """The integer noise members add in this round (distributed DP), for the aggregator's round config."""
+        codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
+        plan = self.plan(cohort, final)
+        dp = round_dp(self.path, sorted(cohort), final, codec.length, plan, self.planned_releases)
+        return dp.noise if dp is not None else None

@@ -28,8 +28,9 @@ class Phase:
         return cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)))
 
 
-def masking_config(plan: Any, ann: Announcement) -> RoundConfig | None:
-    """The public parameters of a masked round, identical at members and aggregator."""
+def masking_config(plan: Any, ann: Announcement, noise: Any = None) -> RoundConfig | None:
+    """The public parameters of a masked round, identical at members and aggregator (``noise``: the
+    distributed DP shares the quantizer leaves room for)."""
     if ann.protocol != "masking":
         return None
-    return RoundConfig.build(plan.params, ann.round_id, ann.cohort, dict(ann.peer_keys), plan.min_cohort)
+    return RoundConfig.build(plan.params, ann.round_id, ann.cohort, dict(ann.peer_keys), plan.min_cohort, noise)

@@ -151,9 +151,9 @@ class SiteNode:
         if prep.plan.protocol != ann.protocol:
             raise SecAggError(f"round {ann.round_id}: federation announced {ann.protocol!r} but the policies' round plan is {prep.plan.protocol!r}; refused")
         member_round(
-            client, self.identity, ann, masking_config(prep.plan, ann), prep.vector,
+            client, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
             before_input=lambda cohort: self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort),
-            timeout=self.cfg.timeouts.step,
+            timeout=self.cfg.timeouts.step, noise=prep.noise,
         )
         self.emit("released", round=r, group=group, protocol=ann.protocol, cohort=len(ann.cohort))
 
