@@ -26,14 +26,17 @@ def local_ray():
     ray.shutdown()
 
 
-def test_simulate_on_ray_matches_in_process(local_ray, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scope", ["sites", "methods"])
+def test_simulate_on_ray_matches_in_process(local_ray, tmp_path: Path, scope: str) -> None:
     from worldlm_secure.federation.ray_backend import simulate_on_ray
 
     world = write_world(tmp_path)
     methods = [METHODS["worldlm"], METHODS["fedavg"]]
     local = simulate(world, methods=methods, rounds=2, device="cpu", ledger_root=tmp_path / "a")
-    remote = simulate_on_ray(world, methods=methods, rounds=2, device="cpu", ledger_root=tmp_path / "b")
+    remote = simulate_on_ray(world, methods=methods, rounds=2, device="cpu", ledger_root=tmp_path / "b",
+                             scope=scope)
     assert list(remote.methods) == ["worldlm", "fedavg"]
+
     for name in ("worldlm", "fedavg"):
         a, b = local.methods[name].sites, remote.methods[name].sites
         assert set(a) == set(b) == {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}
@@ -44,6 +47,40 @@ def test_simulate_on_ray_matches_in_process(local_ray, tmp_path: Path) -> None:
     assert sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.sqlite")) == sorted(
         p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.sqlite")
     )
+
+
+def test_sites_train_in_their_tasks_and_record_dp_is_refused(local_ray, tmp_path: Path) -> None:
+    from worldlm_secure.errors import ConfigError
+    from worldlm_secure.federation.ray_sites import RayEngine
+    from worldlm_secure.federation.settings import settings_for
+    from worldlm_secure.federation.simulate import load_world_data
+    from worldlm_secure.federation.world import load_world
+
+    (tmp_path / "plain").mkdir()
+    world = load_world(write_world(tmp_path / "plain"))
+    settings = settings_for(world, rounds=1, device="cpu")
+    data, vocab = load_world_data(world, settings)
+    engine = RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab)
+    try:
+        engine.run()
+        assert set(engine.site_seconds) == {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}  # timed inside each site's task
+        assert all(t > 0 for t in engine.site_seconds.values())
+    finally:
+        engine.shutdown()
+
+    (tmp_path / "rec").mkdir()
+    rec_policy = tmp_path / "rec" / "policies"
+    world_path = write_world(tmp_path / "rec")
+    (rec_policy / "rdp.yaml").write_text(
+        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: rdp\nextends: research-open.yaml\n"
+        "differential_privacy: {level: record, epsilon_budget: 8.0, delta: 1.0e-5, record: {max_grad_norm: 1.0}}\n"
+    )
+    world_path.write_text(world_path.read_text().replace("policies/research-open.yaml", "policies/rdp.yaml"))
+    rec = load_world(world_path)
+    rs = settings_for(rec, rounds=1, device="cpu")
+    rdata, rvocab = load_world_data(rec, rs)
+    with pytest.raises(ConfigError, match="record-level DP-SGD sites .* do not run on Ray yet"):
+        RayEngine(rec, METHODS["worldlm"], rdata, rs, vocab_size=rvocab)
 
 
 def test_compare_cells_on_ray_match_in_process(local_ray, tmp_path: Path) -> None:

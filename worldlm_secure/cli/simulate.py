@@ -35,9 +35,11 @@ def simulate(
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma list: worldlm,fedavg,local,fedper,hierfavg (default all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the world's seed."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core; 1 is faster on a busy machine)."),
-    backend: str = typer.Option("inprocess", "--backend", help="inprocess (default) or ray (each method a Ray task; extra worldlm-secure[ray])."),
+    backend: str = typer.Option("inprocess", "--backend", help="inprocess (default) or ray (extra worldlm-secure[ray])."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray backend; default: a local instance)."),
-    cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", help="CPUs Ray reserves for each method's task (ray backend)."),
+    ray_scope: str = typer.Option("sites", "--ray-scope", help="ray backend: sites (each site's training a Ray task, in parallel) or methods (each method a Ray task)."),
+    cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", help="ray backend: CPUs reserved per site task (or per method task)."),
+    gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="ray backend: GPUs reserved per site task (or per method task)."),
 ) -> None:
     """Train a whole world of federations of sites and tabulate per-site validation perplexity."""
     if backend not in ("inprocess", "ray"):
@@ -62,10 +64,10 @@ def simulate(
         if backend == "ray":
             from worldlm_secure.federation.ray_backend import simulate_on_ray
 
-            task = progress.add_task(f"methods on Ray ({len(chosen)} tasks)", total=len(chosen))
+            task = progress.add_task(f"methods on Ray ({ray_scope} as tasks)", total=len(chosen))
             result = simulate_on_ray(
                 world_path, methods=chosen, rounds=rounds, device=device, seed=seed, ledger_root=out / "ledgers",
-                address=address, cpus_per_task=cpus_per_task,
+                address=address, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, scope=ray_scope,
                 on_method_done=lambda m: (_save_partial(out, partial, m), progress.update(
                     task, advance=1, description=f"[cyan]{m.name}[/] done: ppl {m.mean_val_ppl:.2f}")),
             )

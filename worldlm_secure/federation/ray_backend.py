@@ -1,13 +1,14 @@
-"""The Ray backend of `simulate` (optional extra `worldlm-secure[ray]`): methods run as Ray tasks.
+"""The Ray backend of `simulate` (optional extra `worldlm-secure[ray]`), at one of two scopes.
 
-Each method of a simulation is one Ray task with its own CPUs (``cpus_per_task``, and ``gpus_per_task``
-when the cluster has GPUs): the task loads the world and its data, builds the same initial model from
-the seed and runs the same `Engine` as the in-process backend, so per-site results are identical for
-a fixed seed (DP noise aside: it comes from a CSPRNG). Ledgers are written by the task, under
-``ledger_root`` as in-process (the workers must see that path: a local instance or a shared file system).
-
-Not (yet) distributed here: the sites *within* one method. They train one after the other inside the
-method's task, and every secure-aggregation member side runs in that task too, as in-process.
+- ``scope="sites"`` (the default): the methods run one after the other in this process, each with
+  every site as a Ray actor training in parallel on its own CPUs/GPU (`ray_sites.RayEngine`); the
+  release path (policies, DP, masking/CKKS, ledgers) and evaluation stay in this process.
+- ``scope="methods"``: each method is one Ray task with its own CPUs that runs the in-process
+  `Engine` (sites one after the other inside the task) — for many methods on few cores, or a cluster.
+Either way the engine, data, initial model and per-site generators are the in-process ones, so
+per-site results are identical for a fixed seed (DP noise aside: it comes from a CSPRNG). Ledgers go
+under ``ledger_root`` as in-process (Ray workers must see that path: a local instance or a shared
+file system).
 """
 
 from __future__ import annotations
@@ -66,9 +67,14 @@ def simulate_on_ray(
     address: str | None = None,
     cpus_per_task: float = 1.0,
     gpus_per_task: float = 0.0,
+    scope: str = "sites",
     on_method_done: Callable[[MethodResult], None] | None = None,
 ) -> Any:
-    """`simulate` with every method as one Ray task; returns the same `SimulationResult`."""
+    """`simulate` on Ray (see the module docstring for ``scope``); returns the same `SimulationResult`.
+
+    ``cpus_per_task`` / ``gpus_per_task`` are what Ray reserves for each site actor (scope ``sites``)
+    or each method task (scope ``methods``).
+    """
     from worldlm_secure.federation.settings import settings_for
     from worldlm_secure.federation.simulate import SimulationResult, load_world_data
     from worldlm_secure.federation.world import load_world
@@ -81,7 +87,12 @@ def simulate_on_ray(
         )
     world = load_world(world_path)  # fail here, in the driver, on a bad world: before any task starts
     settings = settings_for(world, rounds=rounds, device=device, seed=seed)
+    if scope not in ("sites", "methods"):
+        raise ConfigError(f"--ray-scope: {scope!r} is not one of sites, methods")
     ray = ensure_ray(address)
+    if scope == "sites":
+        return _sites_on_ray(world, settings, methods, ledger_root, cpus_per_task, gpus_per_task, start,
+                             on_method_done)
     task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task)(_run_method_task)
     threads = max(1, int(cpus_per_task))
     refs = {
@@ -101,3 +112,25 @@ def simulate_on_ray(
     floors = {s: d.floor_ppl for s, d in data.items() if d.floor_ppl is not None}
     ordered = {m.name: results[m.name] for m in methods}
     return SimulationResult(world.name, settings, floors, ordered, time.perf_counter() - start)
+
+
+def _sites_on_ray(
+    world: Any, settings: Any, methods: Sequence[Method], ledger_root: Path | None, cpus: float, gpus: float,
+    start: float, on_method_done: Callable[[MethodResult], None] | None,
+) -> Any:
+    from worldlm_secure.federation.ray_sites import RayEngine
+    from worldlm_secure.federation.simulate import SimulationResult, load_world_data, method_ledger_dir
+
+    data, vocab = load_world_data(world, settings)
+    results: dict[str, MethodResult] = {}
+    for method in methods:
+        engine = RayEngine(world, method, data, settings, vocab_size=vocab, cpus_per_site=cpus, gpus_per_site=gpus,
+                           ledger_dir=method_ledger_dir(ledger_root, method.name))
+        try:
+            results[method.name] = engine.run()
+        finally:
+            engine.shutdown()
+        if on_method_done:
+            on_method_done(results[method.name])
+    floors = {s: d.floor_ppl for s, d in data.items() if d.floor_ppl is not None}
+    return SimulationResult(world.name, settings, floors, results, time.perf_counter() - start)
