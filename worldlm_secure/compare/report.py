@@ -119,13 +119,18 @@ def write_plots(cells: list[dict[str, Any]], out: Path, *, title: str) -> list[P
             label="Pareto front (all cells)")
     ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=180, facecolors="none", edgecolors="k", zorder=4)
     # Number the points (coinciding ones share one label) and list the numbers beside the plot.
+    log_y = max(ys) / min(ys) > 5  # a diverged cell (e.g. DP noise) must not flatten the others
+    ty = [math.log(y) for y in ys] if log_y else ys
     spots: dict[tuple[float, float], list[int]] = {}
-    span = (max(ys) - min(ys)) or 1.0
+    span = (max(ty) - min(ty)) or 1.0
     for i in range(len(ok)):
-        spots.setdefault((round(math.log(xs[i]), 2), round((ys[i] - min(ys)) / span, 2)), []).append(i)
-    for members in spots.values():
+        spots.setdefault((round(math.log(xs[i]), 2), round((ty[i] - min(ty)) / span, 2)), []).append(i)
+    placed: list[tuple[float, float]] = []
+    for (lx, ly), members in spots.items():
         i = members[0]
-        ax.annotate(",".join(str(j + 1) for j in members), (xs[i], ys[i]), fontsize=8, xytext=(5, 5),
+        near = sum(abs(lx - px) < 0.1 and abs(ly - py) < 0.05 for px, py in placed)  # stack close labels downward
+        placed.append((lx, ly))
+        ax.annotate(",".join(str(j + 1) for j in members), (xs[i], ys[i]), fontsize=8, xytext=(5, 5 - 11 * near),
                     textcoords="offset points")
     key.axis("off")
     listing = "\n".join(
@@ -147,7 +152,9 @@ def write_plots(cells: list[dict[str, Any]], out: Path, *, title: str) -> list[P
     ax.minorticks_off()
     ax.set_xlim(lo / 1.6, x_inf * 1.6)
     ax.set_xlabel("ε spent (largest site stream, at the cell's δ; log scale)")
-    ax.set_ylabel("mean per-site validation perplexity (lower is better)")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_ylabel("mean per-site validation perplexity" + (" (log)" if log_y else "") + " — lower is better")
     ax.set_title(f"{title}: utility vs privacy (circled: Pareto front)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
