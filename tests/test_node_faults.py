@@ -152,3 +152,48 @@ def _intruders(state: Path) -> None:
     with SiteClient(eu, other, "eu", retry=RetryPolicy(attempts=1), timeout=5) as c:
         with pytest.raises(TransportError):
             c.heartbeat()
+
+
+@pytest.mark.slow
+def test_federation_restart_under_distributed_noise_charges_the_rerelease(tmp_path: Path) -> None:
+    """A federation killed after decoding its sites' noisy key sum and restarted re-runs that site round:
+    the sites release the same update with fresh distributed noise shares, which the aggregator may now
+    have seen twice, so each gets a second, charged `...:retryN` entry; every ledger still verifies."""
+    from conftest import write_world
+
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    (pol / "dist.yaml").write_text(
+        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: research-open.yaml\nname: dist\n"
+        "jurisdiction: test\nsecure_aggregation: {protocol: [masking], min_cohort: 2}\n"
+        "differential_privacy: {level: user, mechanism: [distributed_discrete_gaussian], epsilon_budget: 50.0,\n"
+        "  delta: 1.0e-5, clipping_norm: 1.0, noise_multiplier: auto}\nresiduals: {require_dp: true}\n"
+    )
+    world_path = write_world(tmp_path, policy="dist.yaml", feds=2, sites=2, rounds=2)
+    (tmp_path / "nodes").mkdir()
+    for name in ("world", "f0", "f1", "f0-s0", "f0-s1", "f1-s0", "f1-s1"):
+        (tmp_path / "nodes" / f"{name}.yaml").write_text("timeouts: {train: 240, step: 60, heartbeat: 1, dropout: 90}\n")
+    state = tmp_path / "state"
+    events = Events()
+    world, procs = prepare(world_path, state)
+    try:
+        start_world(world, procs, state, events)
+        events.wait(240, node="f0", event="aggregated", round=1, phase="key")
+        os.kill(procs["f0"].popen.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        procs["f0"].popen.wait()  # type: ignore[union-attr]
+        start_world(world, procs, state, events, only={"f0"})
+        codes = wait_all(procs, timeout=600)
+    finally:
+        for p in procs.values():
+            if p.popen is not None and p.popen.poll() is None:
+                p.popen.kill()
+    assert all(c == 0 for c in codes.values()), codes
+    ids = ledger_ids(state)
+    retry = [i for i in ids["f0-s0"] if ":retry" in i]
+    assert len(retry) == 1 and retry[0].startswith("1:key:f0:retry")
+    assert ids["f0-s0"] == ["1:key:f0", retry[0], "1:shared:f0", "2:key:f0", "2:shared:f0"]
+    assert ids["f1-s0"] == ["1:key:f1", "1:shared:f1", "2:key:f1", "2:shared:f1"]  # untouched federation
+    from worldlm_secure.ledger import verify
+
+    spent = {n: verify(p).spent for n, p in ((p.parent.parent.name, p) for p in (state / "nodes").glob("f*-s0/ledger/*.sqlite"))}
+    assert spent["f0-s0"]["f0-s0/user"] > spent["f1-s0"]["f1-s0/user"]  # the re-release was charged

@@ -52,7 +52,7 @@ class FederationNode:
         self.cfg, self.ctx, self.identity, self.emit = cfg, ctx, identity, emit
         self.name, self.root = cfg.name, cfg.parent.name
         self.state = NodeState(cfg.state)
-        self.release = NodeRelease(ctx, identity, cfg.ledger_dir)
+        self.release = NodeRelease(ctx, identity, cfg.ledger_dir, self.state)
         self.agg = Aggregator(cfg, ctx, self.release, self.state, emit)
         init = ctx.init
         self.key: Tensors = {n: init[n].clone() for n in ctx.key_names}
@@ -109,7 +109,7 @@ class FederationNode:
                                     shapes or {}, derived=True, raw_vector=raw)
         member_round(
             parent, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
-            before_input=lambda cohort: self.release.record(r, group, self.root, names, prep, cohort, ann.cohort),
+            before_input=lambda cohort: self.release.record(r, group, self.root, names, prep, cohort, ann.cohort, ann.round_id),
             timeout=self.cfg.timeouts.step,
         )
         self.emit("released", round=r, group=group, to=self.root, protocol=ann.protocol)

@@ -16,6 +16,8 @@ adds its integer share inside `MaskingMember` and the aggregator adds nothing. B
 entry is written before it knows how many members will contribute, it is charged at the z_eff of the
 fewest contributors the round can release (`min_cohort`): never less than the truth (z_eff grows with
 the contributors), equal to simulate's charge when every invited member contributes at min_cohort.
+A re-release with fresh shares in a new link round (the aggregator restarted) is its own, charged
+entry (``...:retryLINK``); see `NodeRelease.record`.
 
 Not wired over the network yet (refused by `check_supported`): CKKS, record-level DP.
 """
@@ -110,8 +112,10 @@ def check_supported(ctx: WorldContext) -> None:
 class NodeRelease:
     """One node's releases (as a member) and aggregations (as an aggregator), with its own ledger."""
 
-    def __init__(self, ctx: WorldContext, identity: NodeIdentity, ledger_dir: Path) -> None:
+    def __init__(self, ctx: WorldContext, identity: NodeIdentity, ledger_dir: Path, state: Any = None) -> None:
+        """``state``: the node's `NodeState` (remembers which link round each entry was written for)."""
         self.ctx = ctx
+        self.state = state
         self.me = identity.name
         rounds = ctx.settings.rounds
         key_released = bool(ctx.key_names)
@@ -161,18 +165,53 @@ class NodeRelease:
         return Prepared(vector, plan, dp, tracker, level, eff)
 
     def record(self, world_round: int, group: str, destination: str, names: Sequence[str], prep: Prepared,
-               cohort: Sequence[str], invited: Sequence[str]) -> None:
-        """Charge and write the ledger entry of this release (before the input leaves)."""
+               cohort: Sequence[str], invited: Sequence[str], link_round: int) -> None:
+        """Charge and write the ledger entry of this release (before the input leaves).
+
+        Once per world-round release (``ROUND:GROUP:DEST``), except that a release with fresh distributed
+        noise in a *new* link round (the aggregator restarted and re-ran the round) is a new release of the
+        same update with new noise: it gets its own entry ``ROUND:GROUP:DEST:retryLINK`` and is charged.
+        Which link round an entry belongs to is stored in the node's state before the entry is written.
+        """
+        rid = f"{world_round}:{group}:{destination}"
+        key = f"released:{rid}"
+        existing = self.path._ledger(self.me).get(rid) if self.path.ledger_dir is not None else None
+        retry = None
+        if existing is not None:
+            if prep.noise is None or self.state is None or self.state.get(key) == link_round:
+                return  # the same release again (no fresh noise): its entry stands, nothing charged twice
+            retry = f"{rid}:retry{link_round}"
+            if self.path._ledger(self.me).get(retry) is not None:
+                return
+        if self.state is not None and retry is None:
+            self.state.put(**{key: link_round})
         charge = None
         if prep.dp is not None:
-            if self.path.ledger_dir is not None and self.path._ledger(self.me).get(f"{world_round}:{group}:{destination}") is not None:
-                return  # already recorded before a restart: never charge or write twice
             # Central: z does not depend on the contributors. Distributed: the fewest the round can release.
             contributors = prep.plan.min_cohort if prep.dp.noise is not None else len(cohort)
             charge = prep.dp.dp.charge(prep.tracker, prep.dp.plan, contributors)
         result = SumResult(np.zeros(0), tuple(sorted(cohort)), tuple(sorted(set(invited) - set(cohort))), ProtectionStats(prep.plan.protocol))
+        if retry is not None:
+            self._append_retry(retry, world_round, group, destination, names, prep, result, charge)
+            return
         dp = _DP(prep.dp.dp, {self.me: prep.tracker}, prep.dp.plan) if prep.dp is not None else None
         self.path._record(world_round, group, self.me, destination, names, prep.plan, result, prep.effective, prep.level, dp, charge)
+
+    def _append_retry(self, release_id: str, world_round: int, group: str, destination: str, names: Sequence[str],
+                      prep: Prepared, result: SumResult, charge: Any) -> None:
+        """The entry `ReleasePath._record` writes, under the retry's own release id."""
+        from worldlm_secure.ledger import release_entry
+
+        assert prep.dp is not None
+        entry = release_entry(
+            release_id=release_id, round=world_round, level=self.ctx.world.nodes[self.me].kind, source=self.me,
+            destination=destination, group=group, tensor_names=names, protocol=prep.plan.protocol,
+            cohort_size=len(result.contributors), dropouts=len(result.dropped), dp_level=prep.level,
+            mechanism=prep.dp.dp.mechanism.name, clipping_norm=prep.dp.dp.clipping_norm,
+            policy_sha256=prep.effective.sha256, charge=charge, stream=f"{self.me}/{prep.level}",
+            delta=float(prep.effective.differential_privacy.delta or 0.0), key_id="",
+        )
+        self.path._ledger(self.me).append(entry, policy_document=prep.effective.canonical_json())
 
     def _tracker(self, dp: Any) -> Any:
         if self.me not in self._trackers:

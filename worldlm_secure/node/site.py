@@ -63,7 +63,7 @@ class SiteNode:
         self.server: dict[str, torch.Tensor] = {}
         self.opt_state: dict | None = None
         self.state = NodeState(cfg.state)
-        self.release = NodeRelease(ctx, identity, cfg.ledger_dir)
+        self.release = NodeRelease(ctx, identity, cfg.ledger_dir, self.state)
         self.trained = 0
         self.history: dict[str, Any] = self.state.get("history", {"losses": {}, "evals": {}})
         self._restore()
@@ -152,7 +152,7 @@ class SiteNode:
             raise SecAggError(f"round {ann.round_id}: federation announced {ann.protocol!r} but the policies' round plan is {prep.plan.protocol!r}; refused")
         member_round(
             client, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
-            before_input=lambda cohort: self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort),
+            before_input=lambda cohort: self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort, ann.round_id),
             timeout=self.cfg.timeouts.step, noise=prep.noise,
         )
         self.emit("released", round=r, group=group, protocol=ann.protocol, cohort=len(ann.cohort))
