@@ -9,13 +9,15 @@ Each configuration runs in its own fresh Python process, so its peak RSS (``ru_m
   configurations, one round each.
 Round time is split into local training, protection (masking member + aggregator side) and the rest
 (evaluation, bookkeeping); "setup" is building the engine (model copies, optimizer state per site).
-With ``--ray`` the site configurations also run through ``simulate --backend ray`` (the method as one
-Ray task on a fresh local instance with 2 CPUs), to show the backend's overhead; its peak RSS is the
-task's worker process.
+With ``--ray`` the ``--ray-sites`` configurations also run on a fresh local Ray instance with 2 CPUs,
+at both scopes of ``simulate --backend ray``: ``ray-sites`` (every site's local training a Ray task of
+1 CPU, the release path in the driver; peak RSS is the driver's, the two worker processes come on
+top) and ``ray-methods`` (the whole method as one Ray task; peak RSS is that worker's).
 
 Run: python benchmarks/scale.py [--sites 8,32,128,512] [--models tiny,small,gpt2-124m] [--ray]
-     [--timeout 900] [--out benchmarks/results/scale.json]
-Prints a table and writes the JSON (with the command line) after every configuration.
+     [--ray-sites 8,32,128] [--timeout 900] [--merge] [--out benchmarks/results/scale.json]
+Prints a table and writes the JSON (with the command line) after every configuration; ``--merge``
+keeps the configurations of an earlier run in the JSON that this run does not repeat.
 """
 
 from __future__ import annotations
@@ -79,7 +81,28 @@ def run_one(sites: int, model: str, backend: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_world(Path(tmp), sites, model)
         t0 = time.perf_counter()
-        if backend == "ray":
+        if backend == "ray-sites":
+            import ray
+
+            from worldlm_secure.federation.ray_sites import RayEngine
+
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            world = load_world(path)
+            settings = settings_for(world, device="cpu")
+            data, vocab = load_world_data(world, settings)
+            t1 = time.perf_counter()
+            engine = RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab)
+            # Warm both worker processes (import torch, build the model: ~10 s each, once per worker) so the
+            # round below is a steady-state round; this counts as setup. Results are discarded.
+            warm = [engine._task.remote(engine._config, s.params, None, s.generator.get_state(),
+                                        engine._train_refs[s.name], 0) for s in engine.sites[:2]]
+            ray.get(warm)
+            setup_s = time.perf_counter() - t1
+            res = engine.run()
+            engine.shutdown()
+            ray.shutdown()
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        elif backend == "ray-methods":
             import ray
 
             from worldlm_secure.federation.ray_backend import _run_method_task
@@ -144,7 +167,8 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,small,gpt2-124m")
     ap.add_argument("--model-sites", type=int, default=4)
     ap.add_argument("--ray", action="store_true", help="also run the site configurations on Ray")
-    ap.add_argument("--ray-sites", default="8,32", help="site counts to run on Ray")
+    ap.add_argument("--ray-sites", default="8,32,128", help="site counts to run on Ray")
+    ap.add_argument("--merge", action="store_true", help="keep an earlier run's other configurations in --out")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration before it is skipped")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "scale.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -157,7 +181,7 @@ def main() -> None:
     configs = [(int(n), "tiny", "inprocess") for n in args.sites.split(",") if n]
     configs += [(args.model_sites, m, "inprocess") for m in args.models.split(",") if m]
     if args.ray:
-        configs += [(int(n), "tiny", "ray") for n in args.ray_sites.split(",") if n]
+        configs += [(int(n), "tiny", b) for b in ("ray-sites", "ray-methods") for n in args.ray_sites.split(",") if n]
     doc = {
         "benchmark": "scale",
         "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
@@ -173,7 +197,13 @@ def main() -> None:
         "skipped": [],
     }
     seen: set[tuple] = set()
-    print(f"{'sites':>6} {'model':>10} {'backend':>9} {'params':>11} {'setup s':>8} {'round s':>8} {'train s':>8} "
+    if args.merge and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        keys = set(configs)
+        doc["results"] = [r for r in old.get("results", []) if (r["sites"], r["model"], r["backend"]) not in keys]
+        doc["merged_from"] = {"command": old.get("command"), "date_utc": old.get("date_utc"),
+                              "load_average_at_start": old.get("load_average_at_start")}
+    print(f"{'sites':>6} {'model':>10} {'backend':>11} {'params':>11} {'setup s':>8} {'round s':>8} {'train s':>8} "
           f"{'protect s':>9} {'other s':>8} {'peak MiB':>9} {'MB up/site':>10}")
     for sites, model, backend in configs:
         if (sites, model, backend) in seen:
@@ -187,17 +217,17 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             doc["skipped"].append({"sites": sites, "model": model, "backend": backend,
                                    "why": f"did not finish within --timeout {args.timeout:g} s"})
-            print(f"{sites:>6} {model:>10} {backend:>9}  skipped: over {args.timeout:g} s")
+            print(f"{sites:>6} {model:>10} {backend:>11}  skipped: over {args.timeout:g} s")
             continue
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             doc["skipped"].append({"sites": sites, "model": model, "backend": backend, "why": why})
-            print(f"{sites:>6} {model:>10} {backend:>9}  failed: {why}")
+            print(f"{sites:>6} {model:>10} {backend:>11}  failed: {why}")
             continue
         r = json.loads(line[len("RESULT "):])
         doc["results"].append(r)
-        print(f"{sites:>6} {model:>10} {backend:>9} {r['params']:>11,} {r['setup_s']:>8.1f} {r['round_s']:>8.1f} "
+        print(f"{sites:>6} {model:>10} {backend:>11} {r['params']:>11,} {r['setup_s']:>8.1f} {r['round_s']:>8.1f} "
               f"{r['train_s']:>8.1f} {r['protect_s']:>9.1f} {r['other_s']:>8.1f} {r['peak_rss_mib']:>9.0f} "
               f"{r['bytes_up_per_site'] / 1e6:>10.2f}", flush=True)
         site_counts = {int(n) for n in args.sites.split(",") if n}
