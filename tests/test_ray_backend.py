@@ -101,3 +101,21 @@ def test_compare_cells_on_ray_match_in_process(local_ray, tmp_path: Path) -> Non
         assert r["site_val_ppl"] == pytest.approx(c["site_val_ppl"], rel=tol)
         assert r["bytes_up"] == c["bytes_up"]
     assert (tmp_path / "ray" / "compare.csv").exists()
+
+
+def test_cli_simulate_backend_ray(local_ray, tmp_path: Path) -> None:
+    import json
+
+    from worldlm_secure.cli import main
+
+    world = write_world(tmp_path)
+    out = tmp_path / "out"
+    assert main(["simulate", str(world), "--out", str(out), "--rounds", "1", "--methods", "worldlm",
+                 "--backend", "ray"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    local = simulate(world, methods=[METHODS["worldlm"]], rounds=1, device="auto")
+    for site, v in res["methods"]["worldlm"]["sites"].items():
+        assert v["val_ppl"] == pytest.approx(local.methods["worldlm"].sites[site], rel=1e-9)
+    assert list((out / "ledgers").glob("*.sqlite"))
+    assert main(["simulate", str(world), "--out", str(tmp_path / "o2"), "--backend", "ray",
+                 "--ray-scope", "cells"]) == 2

@@ -44,7 +44,14 @@ def run_cells_on_ray(
         refs[task.remote(run, key)] = run.cell_id
         if on_cell_start:
             on_cell_start(run.cell_id)
+    runs = {run.cell_id: (run, key) for run, key in todo}
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        done({**ray.get(ready[0]), "cached": False})
+        try:
+            rec = ray.get(ready[0])
+        except Exception as exc:  # noqa: BLE001 - the worker itself died (e.g. out of memory): record, go on
+            run, key = runs[refs[ready[0]]]
+            rec = {"cell": run.cell_id, "variation": run.variation, "key": key, "status": "failed",
+                   "error": f"Ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        done({**rec, "cached": False})

@@ -257,7 +257,8 @@ def write_summary(cells: list[dict[str, Any]], path: Path, *, header: dict[str, 
         "",
         f"Grid `{header['grid']}` on world `{header['world']}`, {header['rounds'] or 'the world’s'} rounds, "
         f"{len(cells)} cells ({len(ok)} ok, {len(cells) - len(ok)} failed), backend {header['backend']}, "
-        f"code {header['code_version']}, {header['wall_s']:.0f} s.",
+        f"code {header['code_version']}, {header['wall_s']:.0f} s "
+        f"({sum(not c.get('cached') for c in cells)} cells computed in this run, the rest from the cache).",
         "",
         *summary_lines(cells),
         "",
