@@ -171,3 +171,20 @@ def test_cli_compare(tmp_path: Path) -> None:
     assert main(["compare", str(grid), "--out", str(tmp_path / "o"), "--threads", "1"]) == 0
     assert (tmp_path / "o" / "compare.csv").exists()
     assert main(["compare", str(grid), "--out", str(tmp_path / "o"), "--backend", "spark"]) == 2
+
+
+def test_a_cell_cannot_loosen_what_a_base_policy_requires(tmp_path: Path) -> None:
+    from worldlm_secure.errors import PolicyError
+
+    write_world(tmp_path, policy="eu.yaml", sites=3)  # eu.yaml requires DP on egress
+    g = load_grid(_grid(tmp_path, "axes: {protocol: [masking], dp: [off, {epsilon: 4, noise: distributed}]}\n"))
+    off, dp = g.cells
+    with pytest.raises(PolicyError, match=r"policies/eu.yaml:\d+ differential_privacy.level: must be user or record"):
+        load_world(write_cell_world(g.world, off, g.protocol_params, tmp_path / "off"))
+    # the DP cell's derived policy is valid (eu.yaml's own destinations then name eu/world, not f0: the
+    # world refuses that at load, as it would refuse eu.yaml itself in this tree)
+    from worldlm_secure.policy import load_policy
+
+    write_cell_world(g.world, dp, g.protocol_params, tmp_path / "dp")
+    pol = load_policy(tmp_path / "dp" / "policies" / "eu.yaml")
+    assert pol.differential_privacy.epsilon_budget == 4.0 and pol.secure_aggregation.protocol == ("masking",)
