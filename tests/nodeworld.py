@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,29 @@ def ledger_ids(state: Path) -> dict[str, list[str]]:
         assert rep.ok, f"{path}: {rep.problem}"
         out[rep.node] = [e.release_id for e in rep.entries]
     return out
+
+
+class Events:
+    """Progress events of every node process (the `world up` callback), searchable from the test thread."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, ev: dict) -> None:
+        with self.lock:
+            self.items.append(ev)
+
+    def wait(self, timeout: float, **match: object) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for ev in self.items:
+                    if all(ev.get(k) == v for k, v in match.items()):
+                        return ev
+            time.sleep(0.05)
+        raise AssertionError(f"no event {match} within {timeout} s")
+
+    def all(self, **match: object) -> list[dict]:
+        with self.lock:
+            return [ev for ev in self.items if all(ev.get(k) == v for k, v in match.items())]

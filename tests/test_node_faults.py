@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from nodeworld import ledger_ids, small_world
+from nodeworld import Events, ledger_ids, small_world
 from worldlm_secure.errors import TransportError
 from worldlm_secure.node.world_up import collect_results, prepare, start_world, wait_all
 from worldlm_secure.transport import keys
@@ -39,30 +37,6 @@ def _nodes() -> list[dict]:
         nodes.append({"name": fed, "parent": "world", "policy": pol})
         nodes += [{"name": f"{fed}-{c}", "parent": fed, "policy": pol} for c in "abcde"[:n]]
     return nodes
-
-
-class Events:
-    def __init__(self) -> None:
-        self.items: list[dict] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, ev: dict) -> None:
-        with self.lock:
-            self.items.append(ev)
-
-    def wait(self, timeout: float, **match: object) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                for ev in self.items:
-                    if all(ev.get(k) == v for k, v in match.items()):
-                        return ev
-            time.sleep(0.05)
-        raise AssertionError(f"no event {match} within {timeout} s")
-
-    def all(self, **match: object) -> list[dict]:
-        with self.lock:
-            return [ev for ev in self.items if all(ev.get(k) == v for k, v in match.items())]
 
 
 @pytest.mark.slow

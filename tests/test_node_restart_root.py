@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeworld import ledger_ids, small_world
-from test_node_faults import Events
+from nodeworld import Events, ledger_ids, small_world
 from worldlm_secure.federation.methods import METHODS
 from worldlm_secure.federation.simulate import simulate
 from worldlm_secure.node.world_up import collect_results, prepare, start_world, wait_all

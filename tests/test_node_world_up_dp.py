@@ -69,3 +69,27 @@ def test_distributed_noise_world_up_ledgers_equal_simulate(tmp_path: Path) -> No
             [tuple(getattr(e, f) for f in FIELDS) for e in sim[node].entries], node
     assert {e.mechanism for e in dep["f0-s0"].entries} == {"distributed_discrete_gaussian"}
     assert all(math.isfinite(v["val_ppl"]) for v in payload["methods"]["worldlm"]["sites"].values())
+
+
+@pytest.mark.slow
+def test_record_level_dp_world_up_ledgers_equal_simulate(tmp_path: Path) -> None:
+    """Sites under a record-level policy train with DP-SGD in their own processes; every node's ledger
+    equals simulate's (DP-SGD entries on SITE/record with the steps, q, z and ε), and verifies."""
+    rec = "../policies/record-dp.yaml"
+    nodes = [{"name": "world", "policy": rec}]
+    for fed in ("f0", "f1"):
+        nodes.append({"name": fed, "parent": "world", "policy": rec})
+        nodes += [{"name": f"{fed}-s{i}", "parent": fed, "policy": rec} for i in range(2)]
+    world = small_world(tmp_path / "w", rounds=2, nodes=nodes)
+    payload = world_up(world, tmp_path / "state", timeout=600)
+    assert payload.get("failed_nodes") is None, payload["exit_codes"]
+    simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=tmp_path / "sim")
+    sim = {verify(p).node: verify(p) for p in (tmp_path / "sim").glob("*.sqlite")}
+    dep = {verify(p).node: verify(p) for p in (tmp_path / "state" / "nodes").glob("*/ledger/*.sqlite")}
+    assert set(dep) == set(sim)
+    for node, rep in dep.items():
+        assert rep.ok, (node, rep.problem)
+        assert [tuple(getattr(e, f) for f in FIELDS) for e in rep.entries] == \
+            [tuple(getattr(e, f) for f in FIELDS) for e in sim[node].entries], node
+    site = dep["f0-s0"].entries
+    assert {e.mechanism for e in site} == {"dp_sgd"} and [e.steps for e in site] == [8, 0, 8, 0]

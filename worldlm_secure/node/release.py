@@ -19,7 +19,10 @@ the contributors), equal to simulate's charge when every invited member contribu
 A re-release with fresh shares in a new link round (the aggregator restarted) is its own, charged
 entry (``...:retryLINK``); see `NodeRelease.record`.
 
-Not wired over the network yet (refused by `check_supported`): CKKS, record-level DP.
+Record-level DP: a site whose composed policy is record-level trains with DP-SGD (`train.private`,
+as the engine) and its first release after training charges those steps on its `SITE/record` stream.
+
+Not wired over the network yet (refused by `check_supported`): CKKS.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from worldlm_secure.aggregation.weighted import DeltaCodec
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.release import ReleasePath, _clip, _DP  # the engine's own clip and DP record
+from worldlm_secure.ledger.entry import DP_SGD
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.secagg.protocol import ProtectionStats, SumResult
@@ -60,6 +64,7 @@ class Prepared:
     tracker: Any
     level: str
     effective: Any
+    derived: bool = False
 
     @property
     def noise(self) -> Any:
@@ -104,9 +109,6 @@ def check_supported(ctx: WorldContext) -> None:
             where = f"{ctx.world.path}: aggregation at {final!r}"
             if plan.protocol == "ckks":
                 raise ConfigError(f"{where}: the round plan picks CKKS, which node start does not run yet; put masking first in the policies' secure_aggregation.protocol")
-    for site in ctx.world.sites:
-        if path.effective(site.name, ctx.root).differential_privacy.record_level:
-            raise ConfigError(f"{site.policy_path}: record-level DP (DP-SGD) is not wired into node start yet; run it with `worldlm-secure simulate`")
 
 
 class NodeRelease:
@@ -149,12 +151,13 @@ class NodeRelease:
                 deltas = _clip(deltas, names, dp.dp.clipping_norm)  # type: ignore[arg-type]
             vector = codec.encode(deltas, weights)  # type: ignore[arg-type]
         level = self.path._applied_level(self.me, eff, dp is not None, derived)
+        mechanism = dp.dp.mechanism.name if dp else (plan.dp_mechanism if derived else None)
         authorize(
             Release(
                 source=self.me, destination=destination, round=world_round, group=group,  # type: ignore[arg-type]
                 tensor_names=tuple(names), protocol=plan.protocol, dp_level=level,
-                dp_mechanism={"user": dp.dp.mechanism.name if dp else (plan.dp_mechanism if derived else None)}.get(level),
-                cohort_size=len(cohort), record_dp=bool(eff.differential_privacy.record_level) if derived else False,
+                dp_mechanism={"user": mechanism, "record": DP_SGD}.get(level),
+                cohort_size=len(cohort), record_dp=self.path._trained_with_dp_sgd(self.me, eff, derived),
             ),
             self.path.chain(self.me, final),
         )
@@ -162,7 +165,7 @@ class NodeRelease:
         if dp is not None:  # refuse before anything is sent if even the worst case would exceed the budget
             tracker = self._tracker(dp.dp)
             dp.dp.check_before_round(tracker, dp.plan, plan.min_cohort)
-        return Prepared(vector, plan, dp, tracker, level, eff)
+        return Prepared(vector, plan, dp, tracker, level, eff, derived)
 
     def record(self, world_round: int, group: str, destination: str, names: Sequence[str], prep: Prepared,
                cohort: Sequence[str], invited: Sequence[str], link_round: int) -> None:
@@ -186,6 +189,9 @@ class NodeRelease:
         if self.state is not None and retry is None:
             self.state.put(**{key: link_round})
         charge = None
+        stream = None if prep.derived else self.path.record_streams.get(self.me)
+        # Record level: the DP-SGD steps since the last release are charged on this one (0 on the next).
+        record_charge = stream.charge_release() if stream is not None else None
         if prep.dp is not None:
             # Central: z does not depend on the contributors. Distributed: the fewest the round can release.
             contributors = prep.plan.min_cohort if prep.dp.noise is not None else len(cohort)
@@ -195,7 +201,11 @@ class NodeRelease:
             self._append_retry(retry, world_round, group, destination, names, prep, result, charge)
             return
         dp = _DP(prep.dp.dp, {self.me: prep.tracker}, prep.dp.plan) if prep.dp is not None else None
-        self.path._record(world_round, group, self.me, destination, names, prep.plan, result, prep.effective, prep.level, dp, charge)
+        if record_charge is None or prep.level != "record":  # a record-only release has just its DP-SGD entry
+            self.path._record(world_round, group, self.me, destination, names, prep.plan, result, prep.effective, prep.level, dp, charge)
+        if record_charge is not None:
+            self.path._record_dp_sgd(world_round, group, self.me, destination, names, prep.plan, result, prep.effective,
+                                     record_charge, second=prep.level != "record")
 
     def _append_retry(self, release_id: str, world_round: int, group: str, destination: str, names: Sequence[str],
                       prep: Prepared, result: SumResult, charge: Any) -> None:

@@ -66,7 +66,24 @@ class SiteNode:
         self.release = NodeRelease(ctx, identity, cfg.ledger_dir, self.state)
         self.trained = 0
         self.history: dict[str, Any] = self.state.get("history", {"losses": {}, "evals": {}})
+        self.record, self.private = self._plan_record_dp()
         self._restore()
+
+    def _plan_record_dp(self) -> tuple[Any, Any]:
+        """DP-SGD when this site's composed policy (site -> root) is record-level, as the engine's
+        `_plan_record_dp`: the `SITE/record` stream rebuilt from the ledger, shared with the release path."""
+        eff = self.release.path.effective(self.name, self.ctx.root)
+        if not eff.differential_privacy.record_level:
+            return None, None
+        from worldlm_secure.privacy.record_stream import RecordStream
+        from worldlm_secure.train.private import PrivateTrainer, record_dp_params
+
+        s = self.ctx.settings
+        params = record_dp_params(eff, records=self.examples, expected_batch=s.train.batch_size * s.train.grad_accum,
+                                  planned_steps=s.rounds * s.train.local_steps)
+        stream = RecordStream(self.name, params, self.release.path.ledger_entries(self.name))
+        self.release.path.record_streams[self.name] = stream
+        return stream, PrivateTrainer(self.trainer)
 
     # ---- durability ----
     def _checkpoint(self) -> None:
@@ -104,6 +121,11 @@ class SiteNode:
                 _, idx, key = k.split("/", 2)
                 state.setdefault(int(idx), {})[key] = torch.from_numpy(v.copy())
         self.opt_state = {"state": state, "param_groups": groups} if groups else None
+        if self.record is not None:
+            entries = self.release.path.ledger_entries(self.name)
+            if not any(e.round == self.trained and e.stream == f"{self.name}/record" for e in entries):
+                # DP-SGD steps of the checkpointed round not charged to any release yet: the next one charges them.
+                self.record.add_steps(int(self.history.get("dp_steps", {}).get(str(self.trained), 0)))
         self.emit("restored", round=self.trained)
 
     # ---- the round steps ----
@@ -113,7 +135,14 @@ class SiteNode:
         if self.opt_state is not None:
             opt.load_state_dict(self.opt_state)
         t0 = time.perf_counter()
-        loss = self.trainer.train_round(self.train_seq, opt, (r - 1) * self.ctx.settings.train.local_steps, self.generator)
+        start = (r - 1) * self.ctx.settings.train.local_steps
+        if self.record is not None:
+            self.record.check_round(self.ctx.settings.train.local_steps)  # refuse before training (BudgetExceeded)
+            loss, taken = self.private.train_round(self.train_seq, opt, start, self.record.params)
+            self.record.add_steps(taken)
+            self.history.setdefault("dp_steps", {})[str(r)] = taken
+        else:
+            loss = self.trainer.train_round(self.train_seq, opt, start, self.generator)
         self.params = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()}
         self.opt_state = opt.state_dict()
         self.trained = r
