@@ -37,9 +37,9 @@ def simulate(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: one per core; 1 is faster on a busy machine)."),
     backend: str = typer.Option("inprocess", "--backend", help="inprocess (default) or ray (extra worldlm-secure[ray])."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray backend; default: a local instance)."),
-    ray_scope: str = typer.Option("sites", "--ray-scope", help="ray backend: sites (each site's training a Ray task, in parallel) or methods (each method a Ray task)."),
-    cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", help="ray backend: CPUs reserved per site task (or per method task)."),
-    gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="ray backend: GPUs reserved per site task (or per method task)."),
+    ray_scope: str = typer.Option("sites", "--ray-scope", help="ray backend: sites (each site a Ray actor: trains and protects its own updates) or methods (each method a Ray task)."),
+    cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", help="ray backend: CPUs reserved per site actor (or per method task)."),
+    gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="ray backend: GPUs reserved per site actor (or per method task)."),
 ) -> None:
     """Train a whole world of federations of sites and tabulate per-site validation perplexity."""
     if backend not in ("inprocess", "ray"):

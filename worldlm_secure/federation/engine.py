@@ -264,20 +264,33 @@ class Engine:
         )
         return {n: server[n] + avg[n] for n in names}
 
+    def _sites_round(
+        self, round_id: int, group: str, fed: str, server: Tensors, sites: list[_Site], names: list[str], final: str,
+        weighting: str,
+    ) -> Tensors:
+        """One release of ``fed``'s sites: server + weighted average of (site - server).
+
+        ``weighting``: "attention" (FedAtt weights each site computes from its own parameters) or
+        "examples" (examples / the federation's largest site). `RayEngine` runs this in the sites' actors.
+        """
+        n_max = max(s.examples for s in sites)
+        members = {}
+        for s in sites:
+            if weighting == "attention":
+                w = client_weights(server, s.params, names, self.settings.attention)
+            else:
+                w = np.full(len(names), s.examples / n_max)
+            members[s.name] = (s.params, w)
+        return self._weighted_round(round_id, group, fed, server, members, names, final)
+
     def _aggregate_key(self, round_id: int) -> None:
         if not self.key_names:
             return
         cfg = self.settings.attention
+        weighting = "attention" if self.method.attentive_key else "examples"
         for fed, sites in self.members.items():
             server = self.fed_key[fed]
-            members = {}
-            for s in sites:
-                if self.method.attentive_key:
-                    w = client_weights(server, s.params, self.key_names, cfg)
-                else:
-                    w = np.full(len(self.key_names), s.examples / max(x.examples for x in sites))
-                members[s.name] = (s.params, w)
-            new = self._weighted_round(round_id, "key", fed, server, members, self.key_names, fed)
+            new = self._sites_round(round_id, "key", fed, server, sites, self.key_names, fed, weighting)
             step = cfg.step if self.method.attentive_key else 1.0
             self.fed_key[fed] = {n: server[n] + step * (new[n] - server[n]) for n in self.key_names}
 
@@ -286,10 +299,8 @@ class Engine:
             return
         examples: dict[str, int] = {}
         for fed, sites in self.members.items():
-            n_max = max(s.examples for s in sites)
-            members = {s.name: (s.params, np.full(len(self.shared_names), s.examples / n_max)) for s in sites}
-            self.fed_shared[fed] = self._weighted_round(
-                round_id, "shared", fed, self.fed_shared[fed], members, self.shared_names, self.root
+            self.fed_shared[fed] = self._sites_round(
+                round_id, "shared", fed, self.fed_shared[fed], sites, self.shared_names, self.root, "examples"
             )
             examples[fed] = sum(s.examples for s in sites)
         root_every = self.settings.hierfavg_root_every if self.method.root_every_from_world else 1
@@ -372,7 +383,8 @@ class Engine:
                 if self.on_round:
                     self.on_round(rec)
         g = self.groups[self.sites[0].name]
-        counts = {k: sum(self.sites[0].params[n].numel() for n in g.of(k)) for k in ("local", "key", "shared")}
+        sizes = {n: p.numel() for n, p in self.model.named_parameters()}  # shapes only (sites may hold theirs elsewhere)
+        counts = {k: sum(sizes[n] for n in g.of(k)) for k in ("local", "key", "shared")}
         return MethodResult(
             name=self.method.name,
             sites=site_ppl,

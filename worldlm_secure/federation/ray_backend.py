@@ -1,8 +1,9 @@
 """The Ray backend of `simulate` (optional extra `worldlm-secure[ray]`), at one of two scopes.
 
 - ``scope="sites"`` (the default): the methods run one after the other in this process, each with
-  every site as a Ray actor training in parallel on its own CPUs/GPU (`ray_sites.RayEngine`); the
-  release path (policies, DP, masking/CKKS, ledgers) and evaluation stay in this process.
+  every site as a Ray actor on its own CPUs/GPU (`ray_sites.RayEngine`) that trains, evaluates and runs
+  its member side (clip, encode, SecAgg+ masking, distributed noise share); policies, the aggregator
+  side, CKKS, central noise and ledgers stay in this process.
 - ``scope="methods"``: each method is one Ray task with its own CPUs that runs the in-process
   `Engine` (sites one after the other inside the task) — for many methods on few cores, or a cluster.
 Either way the engine, data, initial model and per-site generators are the in-process ones, so

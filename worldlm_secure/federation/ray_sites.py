@@ -1,67 +1,45 @@
-"""Sites as Ray tasks: every site of a world trains in its own Ray task, with its own CPUs (or GPU).
+"""Sites as Ray actors: every site of a world is a long-lived Ray actor with its own CPUs (or GPU).
 
-`RayEngine` is the in-process `Engine` with one step replaced: local training. Each round, each site
-is one Ray task (``cpus_per_site`` / ``gpus_per_site`` reserved), so the sites of a round train in
-parallel on as many cores as the cluster has and queue when there are more sites than cores. A task
-trains the site's model from the parameters its federation sent down, with the site's optimizer state
-and sampling generator, and returns the trained parameters and that state. The release path runs
-unchanged in the driver (policy authorization, clipping, DP noise, masking / CKKS member and
-aggregator sides, ledgers), and so does evaluation. Same seed, same initial model, same per-site
-generators: results equal the in-process engine's (tests/test_ray_backend.py).
+`RayEngine` is the in-process `Engine` with the sites moved out of the driver. Each site is one actor
+(`site_actor.SiteActor`, ``cpus_per_site`` / ``gpus_per_site`` reserved) that holds its parameters,
+optimizer state, sampling generator, data and its own `NodeIdentity`. Per round the driver asks every
+actor to train (in parallel), then for each release of a federation's sites:
 
-Not yet at its real boundary here: the member side of each protection (clip, quantize, mask or
-encrypt, distributed noise) runs in the driver, not in the site's task, and trained parameters and
-optimizer state cross Ray's object store in plaintext: a simulation harness trusted like the
-in-process engine. Record-level DP-SGD (Opacus) is not distributed yet: such worlds are refused.
+  driver (policies, aggregator): plan -> authorize -> budget check -> ask each site to prepare
+  site actor (member):           weights -> w * delta -> clip to the DP norm -> encode -> protect
+  driver (aggregator):           secure sum over serialized messages -> central noise -> charge -> ledgers
+
+Under masking the actor runs `MaskingMember` itself (and adds its distributed DP share) and the driver
+runs `MaskingAggregator`, routing bytes (`ray_masking`). The aggregates go back down to the actors;
+evaluation runs in the actors and only perplexities come back. Same seed, same initial model, same
+per-site generators: per-site results equal the in-process engine's (bit-identical for plain sums;
+masked sums differ by masking's random rounding only; tests/test_ray_backend.py).
+
+Not yet at the real boundary: CKKS encryption (the actor hands its encoded vector to the driver's
+`CkksSecureSum`); the sites' authorization, budget trackers and signed ledgers (kept by the driver's
+`ReleasePath` with the sites' keys); the federations' own releases (residuals, federation -> root) run
+in the driver as before. Record-level DP-SGD (Opacus) is not distributed yet: such worlds are refused.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 import torch
 
 from worldlm_secure.errors import ConfigError
-from worldlm_secure.federation.engine import Engine
-
-_TRAINERS: dict[str, Any] = {}  # per worker process: one model + trainer per configuration, reused
-
-
-def train_site(
-    config: tuple, params: dict[str, torch.Tensor], opt_state: dict | None, generator_state: torch.Tensor,
-    train: torch.Tensor, start_step: int,
-) -> tuple[float, dict[str, torch.Tensor], dict, torch.Tensor, float]:
-    """One site's local training round (the body of its Ray task).
-
-    ``config`` = (model spec, train config, total steps, device, threads, seed). Returns (mean loss,
-    trained parameters on CPU, optimizer state, generator state, seconds spent in this task).
-    """
-    t0 = time.perf_counter()
-    key = repr(config)  # the dataclasses' repr is their content
-    if key not in _TRAINERS:
-        from worldlm_secure.model import build_model
-        from worldlm_secure.train import LocalTrainer, pick_device, set_threads
-
-        spec, cfg, total_steps, device, threads, seed = config
-        set_threads(threads)
-        model = build_model(spec, seed=seed)  # weights are replaced by the federation's every round
-        _TRAINERS[key] = LocalTrainer(model, cfg, pick_device(device), total_steps)
-    trainer = _TRAINERS[key]
-    trainer.model.load_state_dict(params, strict=False)
-    opt = trainer.make_optimizer()
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    gen = torch.Generator()
-    gen.set_state(generator_state)
-    loss = trainer.train_round(train, opt, start_step, gen)
-    out = {n: p.detach().to("cpu").clone() for n, p in trainer.model.named_parameters()}
-    return loss, out, opt.state_dict(), gen.get_state(), time.perf_counter() - t0
+from worldlm_secure.federation.engine import Engine, Tensors, _Site
+from worldlm_secure.federation.site_actor import ReleaseSpec, SiteActor
 
 
 class RayEngine(Engine):
-    """`Engine` whose sites train as parallel Ray tasks (``cpus_per_site`` / ``gpus_per_site`` each)."""
+    """`Engine` whose sites are Ray actors (``cpus_per_site`` / ``gpus_per_site`` each) doing their member side.
+
+    When the cluster has fewer CPUs than ``len(sites) * cpus_per_site``, each actor reserves an equal share
+    of the cluster's CPUs instead (actors hold their reservation for their lifetime; a full reservation
+    would leave some sites unscheduled forever); torch still gets ``int(cpus_per_site)`` threads.
+    """
 
     def __init__(self, *args: Any, cpus_per_site: float = 1.0, gpus_per_site: float = 0.0,
                  address: str | None = None, **kwargs: Any) -> None:
@@ -76,32 +54,92 @@ class RayEngine(Engine):
         from worldlm_secure.federation.ray_backend import ensure_ray
 
         self._ray = ensure_ray(address)
-        self._task = self._ray.remote(num_cpus=cpus_per_site, num_gpus=gpus_per_site)(train_site)
         spec = replace(self.settings.model, vocab_size=self.model.get_input_embeddings().num_embeddings)
-        self._config = (spec, self.settings.train, self.trainer.total_steps, self.settings.device,
-                        max(1, int(cpus_per_site)), self.settings.seed)
-        self._train_refs = {s.name: self._ray.put(s.train) for s in self.sites}  # shipped once, not per round
+        config = (spec, self.settings.train, self.trainer.total_steps, self.settings.device,
+                  max(1, int(cpus_per_site)), self.settings.seed)
+        cluster = float(self._ray.cluster_resources().get("CPU", 0.0))
+        cpus = min(cpus_per_site, cluster / len(self.sites)) if cluster > 0 else cpus_per_site
+        actor = self._ray.remote(num_cpus=cpus, num_gpus=gpus_per_site)(SiteActor)
+        self.actors: dict[str, Any] = {}
+        for s in self.sites:
+            self.actors[s.name] = actor.remote(s.name, config, s.params, s.train, s.val, s.generator.get_state())
+            s.params = {}  # the driver keeps no copy of a site's model: the actor holds it
+        # Public keys of the identities the actors generated for secure aggregation (keys stay in the actors).
+        names = list(self.actors)
+        self.secagg_keys: dict[str, bytes] = dict(zip(names, self._get([self.actors[n].public_key.remote() for n in names])))
         self.site_seconds: dict[str, float] = {}
+
+    def _get(self, refs: Any) -> Any:
+        """Every result the driver takes from a site actor comes through here (tests instrument it)."""
+        return self._ray.get(refs)
 
     def _train_sites(self, round_id: int) -> float:
         steps = self.settings.train.local_steps
         start_step = (round_id - 1) * steps
-        refs = {
-            s.name: self._task.remote(self._config, s.params, s.opt_state, s.generator.get_state(),
-                                      self._train_refs[s.name], start_step)
-            for s in self.sites
-        }
+        refs = {s.name: self.actors[s.name].train.remote(start_step) for s in self.sites}
         losses = []
-        for s in self.sites:  # sites finish in any order; results are applied in the engine's site order
-            loss, params, s.opt_state, gen_state, seconds = self._ray.get(refs[s.name])
-            s.params = params
-            s.generator.set_state(gen_state)
+        for s in self.sites:  # sites finish in any order; results are taken in the engine's site order
+            loss, seconds = self._get(refs[s.name])
             self.site_seconds[s.name] = self.site_seconds.get(s.name, 0.0) + seconds
             losses.append(loss)
             if self.on_site:
                 self.on_site(s.name, round_id)
         return float(np.nanmean(losses)) if not np.all(np.isnan(losses)) else float("nan")
 
+    def _sites_round(
+        self, round_id: int, group: str, fed: str, server: Tensors, sites: list[_Site], names: list[str], final: str,
+        weighting: str,
+    ) -> Tensors:
+        n_max = float(max(s.examples for s in sites))
+        actors = {s.name: self.actors[s.name] for s in sites}
+
+        def remote(rid: int, secure: Any, plan: Any, noise: Any, clip: float | None, dim: int) -> Any:
+            # Runs after the driver authorized the release and checked the budgets: now the sites compute it.
+            spec = ReleaseSpec(tuple(names), weighting, n_max, self.settings.attention, clip)
+            lengths = self._get([a.prepare.remote(spec) for a in actors.values()])
+            if set(lengths) != {dim}:
+                raise ConfigError(f"{fed}: sites prepared vectors of lengths {sorted(set(lengths))}, expected {dim}")
+            if plan.protocol == "masking":
+                from worldlm_secure.federation import ray_masking
+
+                keys = {n: self.secagg_keys[n] for n in actors}
+                return ray_masking.masked_sum(_Tap(self), actors, keys, plan.params, rid, plan.min_cohort, noise, dim)
+            # none: the plain vector is what the network carries; ckks: encrypted here (no member split yet)
+            from worldlm_secure.secagg import MemberInput
+
+            vectors = dict(zip(actors, self._get([a.plain.remote() for a in actors.values()])))
+            inputs = [MemberInput(n, vectors[n]) for n in sorted(vectors)]
+            if noise is not None:
+                return secure.run_round(rid, inputs, min_cohort=plan.min_cohort, noise=noise)
+            return secure.run_round(rid, inputs, min_cohort=plan.min_cohort)
+
+        shapes = {n: server[n].shape for n in names}
+        avg = self.release.average_remote(round_id, group, fed, list(actors), names, shapes, remote, final_destination=final)
+        return {n: server[n] + avg[n] for n in names}
+
+    def _broadcast(self) -> None:
+        refs = []
+        for s in self.sites:
+            down: dict[str, torch.Tensor] = {**self.fed_key[s.aggregator], **self.fed_shared[s.aggregator]}
+            refs.append(self.actors[s.name].receive.remote(down))
+        self._get(refs)
+
+    def evaluate(self) -> dict[str, float]:
+        ppl = self._get([self.actors[s.name].evaluate.remote() for s in self.sites])
+        return {s.name: float(p) for s, p in zip(self.sites, ppl)}
+
     def shutdown(self) -> None:
-        """Drop the references to the sites' data in Ray's object store."""
-        self._train_refs = {}
+        """End this engine's site actors (their models and data leave Ray's memory with them)."""
+        for a in self.actors.values():
+            self._ray.kill(a)
+        self.actors = {}
+
+
+class _Tap:
+    """The `ray` module as `ray_masking` uses it (``get``), routed through `RayEngine._get`."""
+
+    def __init__(self, engine: RayEngine) -> None:
+        self._engine = engine
+
+    def get(self, refs: Any) -> Any:
+        return self._engine._get(refs)

@@ -5,15 +5,17 @@ For every member of an aggregation round, left to right:
   -> noise (central Gaussian) -> charge the budget -> ledger entry -> release.
 Every aggregation the engine does goes through `ReleasePath`; nothing sums member vectors on its own.
 A release the budget cannot afford is refused before any member sends (`BudgetExceeded`).
+Members that run elsewhere (Ray site actors) clip, encode and protect their own vectors: `average_remote`
+keeps every other step here and takes the protocol's sum from them (`RemoteSum`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -145,7 +147,39 @@ class ReleasePath:
             if dp is not None:  # member side: clip the whole group's update to the policy's norm
                 deltas = _clip(deltas, names, dp.dp.clipping_norm)
             vectors[member] = codec.encode(deltas, upd.weights)
-        total = self._release(round_id, group, destination, vectors, names, final, plan, dp, derived).total
+        total = self._release(round_id, group, destination, sorted(vectors), _in_process(round_id, plan, vectors),
+                              names, final, plan, dp, derived).total
+        return codec.decode_average(total)
+
+    def average_remote(
+        self,
+        round_id: int,
+        group: str,
+        destination: str,
+        members: Sequence[str],
+        names: Sequence[str],
+        shapes: Mapping[str, torch.Size],
+        remote: "RemoteSum",
+        *,
+        final_destination: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`average_deltas` for members that clip, encode and protect their own updates elsewhere (Ray actors).
+
+        Authorization, the round plan, the budget check, central noise, charges and ledger entries stay
+        here; ``remote`` runs the members' side (with the clipping norm of this round's DP, if any) and
+        returns the protocol's sum. Never derived: members are sites releasing their own training.
+        """
+        codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
+        final = final_destination or destination
+        cohort = sorted(members)
+        plan = self._plan(cohort, final)
+        dp = self._dp_for(cohort, final, codec.length, plan)
+        clip = dp.dp.clipping_norm if dp is not None else None
+
+        def run(secure: SecureSum, noise: IntegerNoise | None) -> SumResult:
+            return remote(round_id, secure, plan, noise, clip, codec.length)
+
+        total = self._release(round_id, group, destination, cohort, run, names, final, plan, dp, False).total
         return codec.decode_average(total)
 
     def secure_sum(
@@ -165,7 +199,8 @@ class ReleasePath:
                 if self.effective(m, destination).differential_privacy.level != "none":
                     raise PolicyError(f"{group} release of {m!r}: raw vectors cannot be released under a DP policy")
         plan = self._plan(sorted(vectors), destination)
-        return self._release(round_id, group, destination, dict(vectors), names, destination, plan, None, derived).total
+        run = _in_process(round_id, plan, vectors)
+        return self._release(round_id, group, destination, sorted(vectors), run, names, destination, plan, None, derived).total
 
     # --- the pipeline ------------------------------------------------------------------------------
     def _release(
@@ -173,16 +208,18 @@ class ReleasePath:
         round_id: int,
         group: str,
         destination: str,
-        vectors: Mapping[str, np.ndarray],
+        members: Sequence[str],
+        run: "_SumStep",
         names: Sequence[str],
         final: str,
         plan: Any,
         dp: _DP | None,
         derived: bool,
     ) -> SumResult:
+        """``run(secure, noise)``: the members' protect step and the protocol's sum (in process, or remote)."""
         from worldlm_secure.policy import Release, authorize
 
-        members = sorted(vectors)
+        members = sorted(members)
         effective = [self.effective(m, final) for m in members]
         # What is actually applied, per member: noise on the sum protects every member of a noised round;
         # a derived release is DP by post-processing exactly when its member's own inputs were noised.
@@ -212,11 +249,7 @@ class ReleasePath:
             for member in members:
                 dp.dp.check_before_round(dp.trackers[member], dp.plan, plan.min_cohort)
         start = time.perf_counter()
-        inputs = [MemberInput(m, vectors[m]) for m in members]
-        if noise is not None:
-            result = secure.run_round(round_id, inputs, min_cohort=plan.min_cohort, noise=noise)  # type: ignore[call-arg]
-        else:
-            result = secure.run_round(round_id, inputs, min_cohort=plan.min_cohort)
+        result = run(secure, noise)
         total = result.total
         charges: dict[str, Any] = {}
         if dp is not None:
@@ -385,6 +418,32 @@ class ReleasePath:
         self.stats.plain_bytes_up += 4.0 * float(np.asarray(result.total).size) * len(result.contributors)
         self.stats.clipped_fraction_max = max(self.stats.clipped_fraction_max, result.stats.clipped_fraction)
         self.stats.by_protocol[protocol] = self.stats.by_protocol.get(protocol, 0) + 1
+
+
+class RemoteSum(Protocol):
+    """The members' side of one release run elsewhere: ``(round_id, secure, plan, noise, clip, dim)`` -> the sum.
+
+    ``clip``: the DP clipping norm each member applies to its whole update (None: no user-level DP);
+    ``dim``: the encoded vector's length; ``noise``: the distributed DP shares members add (or None).
+    """
+
+    def __call__(self, round_id: int, secure: SecureSum, plan: Any, noise: IntegerNoise | None,
+                 clip: float | None, dim: int) -> SumResult: ...
+
+
+_SumStep = Callable[[SecureSum, "IntegerNoise | None"], SumResult]
+
+
+def _in_process(round_id: int, plan: Any, vectors: Mapping[str, np.ndarray]) -> _SumStep:
+    """The protect + sum step when the members' vectors are in this process (the in-process engine)."""
+
+    def run(secure: SecureSum, noise: IntegerNoise | None) -> SumResult:
+        inputs = [MemberInput(m, vectors[m]) for m in sorted(vectors)]
+        if noise is not None:
+            return secure.run_round(round_id, inputs, min_cohort=plan.min_cohort, noise=noise)  # type: ignore[call-arg]
+        return secure.run_round(round_id, inputs, min_cohort=plan.min_cohort)
+
+    return run
 
 
 def _wants_dp(effective: Sequence[Any]) -> bool:

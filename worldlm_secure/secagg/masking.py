@@ -682,33 +682,41 @@ class MaskingSum(SecureSum):
         )
         members = {n: MaskingMember(ids[n], cfg, entropy=self._entropy, noise=noise) for n in names}
         trace = drive_round(members, MaskingAggregator(cfg), {m.member: m.vector for m in inputs}, dropouts)
-        outcome, up, down = trace.outcome, trace.bytes_up, trace.bytes_down
-        d = next(iter(sizes))[0]
-        contributors = outcome.contributors
-        stats = ProtectionStats(
-            protocol=self.name,
-            # what one contributing member sends and receives, averaged over the contributors
-            bytes_up_per_member=sum(up[n] for n in contributors) / len(contributors),
-            bytes_down_per_member=sum(down[n] for n in contributors) / len(contributors),
-            expansion=cfg.quant.wire_bytes * (d + 1) / (4.0 * max(1, d)),
-            clipped_fraction=outcome.clipped_fraction,
-            member_seconds=trace.member_seconds,
-            server_seconds=trace.server_seconds,
-            extra={
-                "neighbours": float(cfg.neighbours),
-                "threshold": float(cfg.threshold),
-                "bits": float(cfg.quant.bits),
-                "clip_range": cfg.quant.clip_range,
-                "scale": cfg.quant.scale,
-                "quantization_error_bound": cfg.quant.sum_error_bound(len(outcome.contributors)),
-                "recovered_mask_keys": float(outcome.recovered_mask_keys),
-                "bytes_up_total": float(sum(up.values())),  # including members that dropped
-                "bytes_down_total": float(sum(down.values())),
-            },
-        )
-        return SumResult(
-            total=outcome.total,
-            contributors=tuple(n for n in names if n in outcome.contributors),
-            dropped=tuple(n for n in names if n not in outcome.contributors),
-            stats=stats,
-        )
+        return round_result(cfg, names, next(iter(sizes))[0], trace)
+
+
+def round_result(cfg: RoundConfig, names: Sequence[str], dim: int, trace: RoundTrace) -> SumResult:
+    """A masked round's `SumResult`: the sum, who is in it, and its costs (bytes from the serialized messages).
+
+    ``names``: the invited members in order; ``dim``: the input vector's length (before the clip-report word).
+    Shared by `MaskingSum` and the members-elsewhere router (`federation.ray_masking`).
+    """
+    outcome, up, down = trace.outcome, trace.bytes_up, trace.bytes_down
+    contributors = outcome.contributors
+    stats = ProtectionStats(
+        protocol=MaskingSum.name,
+        # what one contributing member sends and receives, averaged over the contributors
+        bytes_up_per_member=sum(up[n] for n in contributors) / len(contributors),
+        bytes_down_per_member=sum(down[n] for n in contributors) / len(contributors),
+        expansion=cfg.quant.wire_bytes * (dim + 1) / (4.0 * max(1, dim)),
+        clipped_fraction=outcome.clipped_fraction,
+        member_seconds=trace.member_seconds,
+        server_seconds=trace.server_seconds,
+        extra={
+            "neighbours": float(cfg.neighbours),
+            "threshold": float(cfg.threshold),
+            "bits": float(cfg.quant.bits),
+            "clip_range": cfg.quant.clip_range,
+            "scale": cfg.quant.scale,
+            "quantization_error_bound": cfg.quant.sum_error_bound(len(outcome.contributors)),
+            "recovered_mask_keys": float(outcome.recovered_mask_keys),
+            "bytes_up_total": float(sum(up.values())),  # including members that dropped
+            "bytes_down_total": float(sum(down.values())),
+        },
+    )
+    return SumResult(
+        total=outcome.total,
+        contributors=tuple(n for n in names if n in outcome.contributors),
+        dropped=tuple(n for n in names if n not in outcome.contributors),
+        stats=stats,
+    )

@@ -1,0 +1,175 @@
+"""Sites as Ray actors doing their own member side: same results as in process, and the driver (the
+aggregator) only ever receives what would cross the network.
+
+Needs the `ray` extra; skipped, saying so, where Ray is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_world
+from worldlm_secure.federation.methods import METHODS
+
+ray = pytest.importorskip("ray", reason="Ray backend test needs the ray extra: pip install -e '.[test,ray]'")
+
+pytestmark = pytest.mark.slow
+
+MASKED = (
+    "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: masked\nextends: research-open.yaml\n"
+    "secure_aggregation: {protocol: [masking], min_cohort: 1, max_dropout_fraction: 0.5, masking: {threshold: 0.5}}\n"
+)
+DISTRIBUTED = (
+    "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: dist\nextends: research-open.yaml\n"
+    "secure_aggregation: {protocol: [masking], min_cohort: 1, max_dropout_fraction: 0.5, masking: {threshold: 0.5}}\n"
+    "differential_privacy: {level: user, epsilon_budget: 50.0, delta: 1.0e-5, clipping_norm: 1.0,\n"
+    "  mechanism: [distributed_discrete_gaussian]}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _world(folder: Path, policy_text: str | None, rounds: int = 2) -> Any:
+    from worldlm_secure.federation.settings import settings_for
+    from worldlm_secure.federation.simulate import load_world_data
+    from worldlm_secure.federation.world import load_world
+
+    folder.mkdir()
+    path = write_world(folder, rounds=rounds)
+    if policy_text is not None:
+        (folder / "policies" / "custom.yaml").write_text(policy_text)
+        path.write_text(path.read_text().replace("policies/research-open.yaml", "policies/custom.yaml"))
+    world = load_world(path)
+    settings = settings_for(world, rounds=rounds, device="cpu")
+    data, vocab = load_world_data(world, settings)
+    return world, settings, data, vocab
+
+
+def _run(engine: Any) -> Any:
+    try:
+        return engine.run()
+    finally:
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
+
+
+def test_masked_world_same_per_site_ppl_as_in_process(local_ray, tmp_path: Path) -> None:
+    from worldlm_secure.federation.engine import Engine
+    from worldlm_secure.federation.ray_sites import RayEngine
+
+    world, settings, data, vocab = _world(tmp_path / "w", MASKED)
+    local = _run(Engine(world, METHODS["worldlm"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "a"))
+    remote = _run(RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "b"))
+    assert set(remote.sites) == set(local.sites) == {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}
+    for site, ppl in local.sites.items():
+        # masking's stochastic rounding draws from a CSPRNG: two masked runs differ by quantization error only
+        assert remote.sites[site] == pytest.approx(ppl, rel=1e-5), site
+    assert remote.stats.by_protocol == local.stats.by_protocol and "masking" in remote.stats.by_protocol
+    assert remote.stats.bytes_up == local.stats.bytes_up  # the same messages, serialized to the same sizes
+    assert remote.stats.bytes_down == local.stats.bytes_down
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.sqlite")) == sorted(p.name for p in (tmp_path / "a").glob("*.sqlite"))
+
+
+def _leaks(value: Any) -> list[str]:
+    """Float arrays or tensors anywhere in ``value`` (what a member vector or model would look like)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return [f"{type(value).__name__}{tuple(value.shape)}"]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaks(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _leaks(v)]
+    return []
+
+
+def _instrumented_run(monkeypatch: pytest.MonkeyPatch, world: Any, settings: Any, data: Any, vocab: int) -> tuple[list, list, list]:
+    from worldlm_secure.federation import ray_masking
+    from worldlm_secure.federation.ray_sites import RayEngine
+    from worldlm_secure.secagg.masking import MaskingAggregator
+
+    received: list[Any] = []  # everything the driver took from a site actor
+    wire: list[tuple[str, str, type]] = []  # (member, step, type of what arrived) at the aggregator's entry point
+    masked_seen: list[type] = []  # what the aggregator's collect_masked was given
+    real_get, real_receive, real_collect = RayEngine._get, ray_masking.receive, MaskingAggregator.collect_masked
+
+    def get(self: Any, refs: Any) -> Any:
+        out = real_get(self, refs)
+        received.append(out)
+        return out
+
+    def receive(member: str, step: str, data: object) -> Any:
+        wire.append((member, step, type(data)))
+        return real_receive(member, step, data)
+
+    def collect(self: Any, inputs: Any) -> Any:
+        masked_seen.extend(type(m) for m in inputs)
+        return real_collect(self, inputs)
+
+    monkeypatch.setattr(RayEngine, "_get", get)
+    monkeypatch.setattr(ray_masking, "receive", receive)
+    monkeypatch.setattr(MaskingAggregator, "collect_masked", collect)
+    _run(RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab))
+    return received, wire, masked_seen
+
+
+def test_driver_never_receives_an_unprotected_member_vector(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worldlm_secure.secagg.masking_messages import MaskedInput
+
+    world, settings, data, vocab = _world(tmp_path / "masked", MASKED, rounds=1)
+    received, wire, masked_seen = _instrumented_run(monkeypatch, world, settings, data, vocab)
+    assert received and not [x for r in received for x in _leaks(r)]  # no vector, no tensor: bytes and numbers
+    sites = {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}
+    inputs = [(m, t) for m, step, t in wire if step == "masked_input"]
+    assert {m for m, _ in inputs} == sites and all(t is bytes for _, t in inputs)
+    assert all(t is bytes for _, _, t in wire)
+    assert masked_seen and set(masked_seen) == {MaskedInput}  # the aggregator saw masked inputs only
+    assert len(inputs) == 2 * len(sites)  # key and shared, one masked input per site per release
+
+    # The same instrument on a plain (protocol none) world sees the sites' vectors: it would catch a leak.
+    world, settings, data, vocab = _world(tmp_path / "plain", None, rounds=1)
+    received, wire, _ = _instrumented_run(monkeypatch, world, settings, data, vocab)
+    assert not wire and [x for r in received for x in _leaks(r)]
+
+
+def test_distributed_noise_is_added_in_the_site_actor(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worldlm_secure.federation import ray_masking
+    from worldlm_secure.federation.ray_sites import RayEngine
+    from worldlm_secure.ledger import Ledger
+    from worldlm_secure.secagg.masking import MaskingSum
+
+    world, settings, data, vocab = _world(tmp_path / "dist", DISTRIBUTED, rounds=1)
+    sites = {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}
+    routed: list[tuple[frozenset, bool]] = []  # (members, noise handed to the actors) per site release
+    in_driver: list[set] = []  # members of masked rounds run entirely in the driver
+    real_masked, real_round = ray_masking.masked_sum, MaskingSum.run_round
+
+    def masked(ray_: Any, actors: Any, *args: Any) -> Any:
+        routed.append((frozenset(actors), args[4] is not None))
+        return real_masked(ray_, actors, *args)
+
+    def run_round(self: Any, round_id: int, inputs: Any, **kw: Any) -> Any:
+        in_driver.append({m.member for m in inputs})
+        return real_round(self, round_id, inputs, **kw)
+
+    monkeypatch.setattr(ray_masking, "masked_sum", masked)
+    monkeypatch.setattr(MaskingSum, "run_round", run_round)
+    engine = RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "led")
+    res = _run(engine)
+    # every site release (key, shared; 2 federations) went to the actors with the noise shares to add there
+    assert sorted(sorted(m) for m, _ in routed) == sorted([["f0-s0", "f0-s1"], ["f1-s0", "f1-s1"]] * 2)
+    assert all(noised for _, noised in routed)
+    assert not any(m & sites for m in in_driver)  # only the federations' own (derived) releases run in the driver
+    assert np.isfinite(res.mean_val_ppl)
+    for site in sorted(sites):
+        entries = Ledger(tmp_path / "led" / f"{site}.sqlite", engine.release.identities[site]).entries()
+        assert len(entries) == 2 and {e.mechanism for e in entries} == {"distributed_discrete_gaussian"}
+        assert all(e.protocol == "masking" for e in entries)

@@ -1,0 +1,171 @@
+"""One site as a long-lived Ray actor: it holds its model, optimizer state and keys, and releases only
+what would cross the network.
+
+The actor trains, evaluates, and for every release computes its own update on site: the weights (FedAtt
+attention on its own parameters, or examples / n_max), w * (params - last broadcast), clipped to the
+round's DP norm, encoded (`DeltaCodec`). It then runs its side of the round's protocol:
+
+  masking: `MaskingMember` with the site's own `NodeIdentity`, one method per step, taking and returning
+           serialized protocol messages (bytes); the distributed DP share is added inside `masked_input`;
+  none:    the encoded vector itself (a plain sum: what the network would carry under that policy);
+  ckks:    the encoded vector, encrypted in the driver (`CkksSecureSum` has no member/aggregator split
+           with its key ceremony outside one process yet).
+
+What comes back to the driver is: losses, seconds, perplexities, protocol messages, and plain vectors
+only under the `none` and `ckks` protocols. Parameters go down (the aggregates' broadcast), never up.
+
+The member-side computation (weights, deltas, clip, encode) is the one `node.site.SiteNode._release` and
+`node.release.NodeRelease.prepare` do; `member_vector` is its transport-free form (to unify later).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from worldlm_secure.aggregation import client_weights
+from worldlm_secure.aggregation.weighted import DeltaCodec
+from worldlm_secure.errors import SecAggError
+from worldlm_secure.federation.release import _clip
+from worldlm_secure.identity import NodeIdentity
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """What a site needs to compute its own update for one release (all public to the federation).
+
+    ``weighting``: "attention" (FedAtt weights, computed on site) or "examples" (examples / ``n_max``);
+    ``clip``: the round's user-level DP clipping norm (L2, over the whole group; None: no DP).
+    """
+
+    names: tuple[str, ...]
+    weighting: str
+    n_max: float
+    attention: Any  # aggregation.AttentionConfig
+    clip: float | None
+
+
+def member_vector(params: Mapping[str, torch.Tensor], server: Mapping[str, torch.Tensor], examples: int,
+                  spec: ReleaseSpec) -> np.ndarray:
+    """A site's encoded release: weights, w * (params - server) per tensor, clipped, as one float64 vector."""
+    names = list(spec.names)
+    if spec.weighting == "attention":
+        weights = client_weights(server, params, names, spec.attention)
+    elif spec.weighting == "examples":
+        weights = np.full(len(names), examples / spec.n_max)
+    else:
+        raise ValueError(f"unknown weighting {spec.weighting!r}")
+    deltas: Mapping[str, torch.Tensor] = {n: params[n] - server[n] for n in names}
+    if spec.clip is not None:  # user-level DP: clip the whole group's update to the policy's norm
+        deltas = _clip(deltas, names, spec.clip)
+    codec = DeltaCodec(tuple(names), tuple(tuple(server[n].shape) for n in names))
+    return codec.encode(deltas, weights)
+
+
+class SiteActor:
+    """A site's state and member side (the body of its Ray actor); see the module docstring."""
+
+    def __init__(self, name: str, config: tuple, init: Tensors, train: torch.Tensor, val: torch.Tensor,
+                 generator_state: torch.Tensor) -> None:
+        """``config`` = (model spec, train config, total steps, device, threads, seed), as `RayEngine` builds it.
+
+        The site's Ed25519 identity for secure aggregation is generated here and never leaves the actor
+        (`NodeIdentity` does not serialize its key); the driver learns its public key (`public_key`).
+        """
+        from worldlm_secure.model import build_model
+        from worldlm_secure.train import LocalTrainer, pick_device, set_threads
+
+        spec, cfg, total_steps, device, threads, seed = config
+        set_threads(threads)
+        self.name = name
+        model = build_model(spec, seed=seed)  # weights are replaced by `init` and the broadcasts
+        self.trainer = LocalTrainer(model, cfg, pick_device(device), total_steps)
+        self.params = {n: t.clone() for n, t in init.items()}
+        self.server = {n: t.clone() for n, t in init.items()}  # the last broadcast: what deltas are taken from
+        self.train_seq, self.val_seq = train, val
+        self.examples = int(train.shape[0])
+        self.generator = torch.Generator()
+        self.generator.set_state(generator_state)
+        self.opt_state: dict | None = None
+        self.identity = NodeIdentity.generate(name)
+        self._vector: np.ndarray | None = None
+        self._member: Any = None  # secagg.masking.MaskingMember of the round in progress
+
+    def public_key(self) -> bytes:
+        """The raw Ed25519 public key that signs this site's key adverts."""
+        return self.identity.public_bytes
+
+    # ---- training and evaluation ----
+    def train(self, start_step: int) -> tuple[float, float]:
+        """One local round from ``start_step``; returns (mean loss, seconds spent in this actor)."""
+        t0 = time.perf_counter()
+        model = self.trainer.model
+        model.load_state_dict(self.params, strict=False)
+        opt = self.trainer.make_optimizer()
+        if self.opt_state is not None:
+            opt.load_state_dict(self.opt_state)
+        loss = self.trainer.train_round(self.train_seq, opt, start_step, self.generator)
+        self.params = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters()}
+        self.opt_state = opt.state_dict()
+        return float(loss), time.perf_counter() - t0
+
+    def receive(self, tensors: Tensors) -> None:
+        """The federation's broadcast (aggregated key and shared layers): becomes the site's and the new base."""
+        for n, t in tensors.items():
+            self.params[n] = t.clone()
+            self.server[n] = t.clone()
+
+    def evaluate(self) -> float:
+        """Validation perplexity of the site's current model (only this number leaves)."""
+        self.trainer.model.load_state_dict(self.params, strict=False)
+        return float(self.trainer.evaluate(self.val_seq))
+
+    # ---- one release ----
+    def prepare(self, spec: ReleaseSpec) -> int:
+        """Compute and keep this release's encoded vector; returns its length (public: the codec's)."""
+        self._vector = member_vector(self.params, self.server, self.examples, spec)
+        self._member = None
+        return int(self._vector.size)
+
+    def plain(self) -> np.ndarray:
+        """The encoded vector itself: only for protocols that send it as is (none) or encrypt in the driver (ckks)."""
+        return self._take()
+
+    def _take(self) -> np.ndarray:
+        if self._vector is None:
+            raise SecAggError(f"{self.name}: no prepared release")
+        v, self._vector = self._vector, None  # one release, one use
+        return v
+
+    # ---- masking (SecAgg+) member steps: bytes in, bytes out ----
+    def advertise(self, config: Any, noise: Any) -> bytes:
+        """Step 0 of a masked round (``config``: its public `RoundConfig`; ``noise``: distributed DP shares or None)."""
+        from worldlm_secure.secagg.masking import MaskingMember
+
+        self._member = MaskingMember(self.identity, config, noise=noise)
+        return self._member.advertise().to_bytes()
+
+    def share_keys(self, data: bytes) -> bytes:
+        from worldlm_secure.secagg.masking_messages import NeighbourKeys
+
+        return self._member.share_keys(NeighbourKeys.from_bytes(data)).to_bytes()
+
+    def masked_input(self, data: bytes) -> bytes:
+        from worldlm_secure.secagg.masking_messages import ShareDelivery
+
+        return self._member.masked_input(ShareDelivery.from_bytes(data), self._take()).to_bytes()
+
+    def unmask(self, data: bytes) -> bytes:
+        from worldlm_secure.secagg.masking_messages import UnmaskRequest
+
+        out = self._member.unmask(UnmaskRequest.from_bytes(data)).to_bytes()
+        self._member = None
+        return out
+
