@@ -133,17 +133,9 @@ def test_federation_restart_under_distributed_noise_charges_the_rerelease(tmp_pa
     """A federation killed after decoding its sites' noisy key sum and restarted re-runs that site round:
     the sites release the same update with fresh distributed noise shares, which the aggregator may now
     have seen twice, so each gets a second, charged `...:retryN` entry; every ledger still verifies."""
-    from conftest import write_world
+    from conftest import write_distributed_world
 
-    pol = tmp_path / "policies"
-    pol.mkdir()
-    (pol / "dist.yaml").write_text(
-        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: research-open.yaml\nname: dist\n"
-        "jurisdiction: test\nsecure_aggregation: {protocol: [masking], min_cohort: 2}\n"
-        "differential_privacy: {level: user, mechanism: [distributed_discrete_gaussian], epsilon_budget: 50.0,\n"
-        "  delta: 1.0e-5, clipping_norm: 1.0, noise_multiplier: auto}\nresiduals: {require_dp: true}\n"
-    )
-    world_path = write_world(tmp_path, policy="dist.yaml", feds=2, sites=2, rounds=2)
+    world_path = write_distributed_world(tmp_path)
     (tmp_path / "nodes").mkdir()
     for name in ("world", "f0", "f1", "f0-s0", "f0-s1", "f1-s0", "f1-s1"):
         (tmp_path / "nodes" / f"{name}.yaml").write_text("timeouts: {train: 240, step: 60, heartbeat: 1, dropout: 90}\n")

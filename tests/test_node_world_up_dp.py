@@ -22,9 +22,9 @@ FIELDS = (
 )
 
 
-@pytest.mark.slow
-def test_dp_world_up_ledgers_equal_simulate(tmp_path: Path) -> None:
-    world = small_world(tmp_path / "w", source="world.yaml", rounds=2)
+def deployed_ledgers_equal_simulated(world: Path, tmp_path: Path) -> dict:
+    """Run `world up` and `simulate` on ``world``; every node's deployed ledger verifies and equals the
+    simulated one in FIELDS, entry for entry. Returns the deployed VerifyReports by node."""
     payload = world_up(world, tmp_path / "state", timeout=600)
     assert payload.get("failed_nodes") is None, payload["exit_codes"]
     assert all(math.isfinite(v["val_ppl"]) for v in payload["methods"]["worldlm"]["sites"].values())
@@ -37,6 +37,13 @@ def test_dp_world_up_ledgers_equal_simulate(tmp_path: Path) -> None:
         got = [tuple(getattr(e, f) for f in FIELDS) for e in rep.entries]
         want = [tuple(getattr(e, f) for f in FIELDS) for e in sim[node].entries]
         assert got == want, node
+    return dep
+
+
+@pytest.mark.slow
+def test_dp_world_up_ledgers_equal_simulate(tmp_path: Path) -> None:
+    world = small_world(tmp_path / "w", source="world.yaml", rounds=2)
+    dep = deployed_ledgers_equal_simulated(world, tmp_path)
     eu_site = dep["eu-a"].entries
     assert {e.mechanism for e in eu_site} == {"central_gaussian"} and eu_site[-1].epsilon_cumulative <= 8.0
     assert dep["eu-a"].spent["eu-a/user"] > 0
@@ -46,29 +53,11 @@ def test_distributed_noise_world_up_ledgers_equal_simulate(tmp_path: Path) -> No
     """Distributed discrete Gaussian noise added by each site inside SecAgg+ over the network: the
     aggregator decodes a noisy sum only; the ledgers match simulate's (every invited member contributes,
     so the conservative min_cohort charge equals simulate's z_eff charge)."""
-    from conftest import write_world
+    from conftest import write_distributed_world
 
-    pol = tmp_path / "policies"
-    pol.mkdir()
-    (pol / "dist.yaml").write_text(
-        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: research-open.yaml\nname: dist\n"
-        "jurisdiction: test\nsecure_aggregation: {protocol: [masking], min_cohort: 2}\n"
-        "differential_privacy: {level: user, mechanism: [distributed_discrete_gaussian], epsilon_budget: 50.0,\n"
-        "  delta: 1.0e-5, clipping_norm: 1.0, noise_multiplier: auto}\nresiduals: {require_dp: true}\n"
-    )
-    world = write_world(tmp_path, policy="dist.yaml", feds=2, sites=2, rounds=2)
-    payload = world_up(world, tmp_path / "state", timeout=600)
-    assert payload.get("failed_nodes") is None, payload["exit_codes"]
-    simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=tmp_path / "sim")
-    sim = {verify(p).node: verify(p) for p in (tmp_path / "sim").glob("*.sqlite")}
-    dep = {verify(p).node: verify(p) for p in (tmp_path / "state" / "nodes").glob("*/ledger/*.sqlite")}
-    assert set(dep) == set(sim)
-    for node, rep in dep.items():
-        assert rep.ok, (node, rep.problem)
-        assert [tuple(getattr(e, f) for f in FIELDS) for e in rep.entries] == \
-            [tuple(getattr(e, f) for f in FIELDS) for e in sim[node].entries], node
+    world = write_distributed_world(tmp_path)
+    dep = deployed_ledgers_equal_simulated(world, tmp_path)
     assert {e.mechanism for e in dep["f0-s0"].entries} == {"distributed_discrete_gaussian"}
-    assert all(math.isfinite(v["val_ppl"]) for v in payload["methods"]["worldlm"]["sites"].values())
 
 
 @pytest.mark.slow
@@ -81,15 +70,6 @@ def test_record_level_dp_world_up_ledgers_equal_simulate(tmp_path: Path) -> None
         nodes.append({"name": fed, "parent": "world", "policy": rec})
         nodes += [{"name": f"{fed}-s{i}", "parent": fed, "policy": rec} for i in range(2)]
     world = small_world(tmp_path / "w", rounds=2, nodes=nodes)
-    payload = world_up(world, tmp_path / "state", timeout=600)
-    assert payload.get("failed_nodes") is None, payload["exit_codes"]
-    simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=tmp_path / "sim")
-    sim = {verify(p).node: verify(p) for p in (tmp_path / "sim").glob("*.sqlite")}
-    dep = {verify(p).node: verify(p) for p in (tmp_path / "state" / "nodes").glob("*/ledger/*.sqlite")}
-    assert set(dep) == set(sim)
-    for node, rep in dep.items():
-        assert rep.ok, (node, rep.problem)
-        assert [tuple(getattr(e, f) for f in FIELDS) for e in rep.entries] == \
-            [tuple(getattr(e, f) for f in FIELDS) for e in sim[node].entries], node
+    dep = deployed_ledgers_equal_simulated(world, tmp_path)
     site = dep["f0-s0"].entries
     assert {e.mechanism for e in site} == {"dp_sgd"} and [e.steps for e in site] == [8, 0, 8, 0]

@@ -23,7 +23,7 @@ from worldlm_secure.secagg import DropoutPlan, MemberInput
 from worldlm_secure.secagg.masking import MaskingParams, MaskingSum
 from worldlm_secure.secagg.quantize import QuantizationSpec
 
-from conftest import write_world
+from conftest import write_distributed_world
 
 MECHANISMS = ("distributed_discrete_gaussian", "distributed_skellam")
 
@@ -103,24 +103,10 @@ def test_the_quantizer_reserves_room_and_caps_the_scale() -> None:
         QuantizationSpec(8, 1.0, 3, reserve_units=200.0)
 
 
-def _distributed_world(tmp_path: Path, protocol: str = "masking", drop_key: bool = False) -> Path:
-    pol = tmp_path / "policies"
-    pol.mkdir()
-    (pol / "dist.yaml").write_text(
-        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: research-open.yaml\nname: dist\n"
-        "jurisdiction: test\n"
-        f"secure_aggregation: {{protocol: [{protocol}], min_cohort: 2}}\n"
-        "differential_privacy: {level: user, mechanism: [distributed_discrete_gaussian], epsilon_budget: 50.0,\n"
-        "  delta: 1.0e-5, clipping_norm: 1.0, noise_multiplier: auto}\n"
-        "residuals: {require_dp: true}\n"
-    )
-    return write_world(tmp_path, policy="dist.yaml", feds=2, sites=2, rounds=2)
-
-
 @pytest.mark.slow
 def test_engine_releases_under_distributed_noise_and_records_z_eff(tmp_path: Path) -> None:
     out = tmp_path / "ledgers"
-    result = simulate(_distributed_world(tmp_path), methods=[METHODS["worldlm"]], device="cpu", ledger_root=out)
+    result = simulate(write_distributed_world(tmp_path), methods=[METHODS["worldlm"]], device="cpu", ledger_root=out)
     site = read_entries(out / "f0-s0.sqlite")
     assert len(site) == 4 and {e.group for e in site} == {"key", "shared"}
     assert all(e.protocol == "masking" and e.mechanism == "distributed_discrete_gaussian" for e in site)
@@ -133,4 +119,4 @@ def test_engine_releases_under_distributed_noise_and_records_z_eff(tmp_path: Pat
 
 def test_distributed_noise_with_a_protocol_that_cannot_carry_it_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="need protocol masking"):
-        simulate(_distributed_world(tmp_path, protocol="ckks"), methods=[METHODS["worldlm"]], device="cpu")
+        simulate(write_distributed_world(tmp_path, protocol="ckks"), methods=[METHODS["worldlm"]], device="cpu")
