@@ -91,7 +91,7 @@ def _leaks(value: Any) -> list[str]:
     return []
 
 
-def _instrumented_run(monkeypatch: pytest.MonkeyPatch, world: Any, settings: Any, data: Any, vocab: int) -> tuple[list, list, list]:
+def _instrumented_run(monkeypatch: pytest.MonkeyPatch, world: Any, settings: Any, data: Any, vocab: int) -> tuple[list, list, list, Any]:
     from worldlm_secure.federation import ray_masking
     from worldlm_secure.federation.ray_sites import RayEngine
     from worldlm_secure.secagg.masking import MaskingAggregator
@@ -117,15 +117,15 @@ def _instrumented_run(monkeypatch: pytest.MonkeyPatch, world: Any, settings: Any
     monkeypatch.setattr(RayEngine, "_get", get)
     monkeypatch.setattr(ray_masking, "receive", receive)
     monkeypatch.setattr(MaskingAggregator, "collect_masked", collect)
-    _run(RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab))
-    return received, wire, masked_seen
+    result = _run(RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab))
+    return received, wire, masked_seen, result
 
 
 def test_driver_never_receives_an_unprotected_member_vector(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from worldlm_secure.secagg.masking_messages import MaskedInput
 
     world, settings, data, vocab = _world(tmp_path / "masked", MASKED, rounds=1)
-    received, wire, masked_seen = _instrumented_run(monkeypatch, world, settings, data, vocab)
+    received, wire, masked_seen, _ = _instrumented_run(monkeypatch, world, settings, data, vocab)
     assert received and not [x for r in received for x in _leaks(r)]  # no vector, no tensor: bytes and numbers
     sites = {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}
     inputs = [(m, t) for m, step, t in wire if step == "masked_input"]
@@ -136,7 +136,7 @@ def test_driver_never_receives_an_unprotected_member_vector(local_ray, tmp_path:
 
     # The same instrument on a plain (protocol none) world sees the sites' vectors: it would catch a leak.
     world, settings, data, vocab = _world(tmp_path / "plain", None, rounds=1)
-    received, wire, _ = _instrumented_run(monkeypatch, world, settings, data, vocab)
+    received, wire, _, _ = _instrumented_run(monkeypatch, world, settings, data, vocab)
     assert not wire and [x for r in received for x in _leaks(r)]
 
 
@@ -173,3 +173,22 @@ def test_distributed_noise_is_added_in_the_site_actor(local_ray, tmp_path: Path,
         entries = Ledger(tmp_path / "led" / f"{site}.sqlite", engine.release.identities[site]).entries()
         assert len(entries) == 2 and {e.mechanism for e in entries} == {"distributed_discrete_gaussian"}
         assert all(e.protocol == "masking" for e in entries)
+
+
+CKKS = (
+    "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: ckks\nextends: research-open.yaml\n"
+    "secure_aggregation: {protocol: [ckks], min_cohort: 1, max_dropout_fraction: 0.5}\n"
+)
+
+
+def test_ckks_world_still_encrypts_in_the_driver(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CKKS has no member/aggregator split on Ray yet: the actors hand over their encoded vectors (documented)."""
+    from worldlm_secure.federation.engine import Engine
+
+    world, settings, data, vocab = _world(tmp_path / "ckks", CKKS, rounds=1)
+    local = _run(Engine(world, METHODS["worldlm"], data, settings, vocab_size=vocab))
+    received, wire, _, remote = _instrumented_run(monkeypatch, world, settings, data, vocab)
+    assert not wire and [x for r in received for x in _leaks(r)]  # the gap the README states
+    assert "ckks" in remote.stats.by_protocol
+    for site, ppl in local.sites.items():
+        assert remote.sites[site] == pytest.approx(ppl, rel=1e-3), site  # CKKS is approximate arithmetic

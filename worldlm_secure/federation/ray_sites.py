@@ -104,14 +104,9 @@ class RayEngine(Engine):
 
                 keys = {n: self.secagg_keys[n] for n in actors}
                 return ray_masking.masked_sum(_Tap(self), actors, keys, plan.params, rid, plan.min_cohort, noise, dim)
-            # none: the plain vector is what the network carries; ckks: encrypted here (no member split yet)
-            from worldlm_secure.secagg import MemberInput
-
-            vectors = dict(zip(actors, self._get([a.plain.remote() for a in actors.values()])))
-            inputs = [MemberInput(n, vectors[n]) for n in sorted(vectors)]
-            if noise is not None:
-                return secure.run_round(rid, inputs, min_cohort=plan.min_cohort, noise=noise)
-            return secure.run_round(rid, inputs, min_cohort=plan.min_cohort)
+            # none: the plain vector is what the network carries; ckks: the release path encrypts it in the
+            # driver (no member/aggregator split of CkksSecureSum yet)
+            return dict(zip(actors, self._get([a.plain.remote() for a in actors.values()])))
 
         shapes = {n: server[n].shape for n in names}
         avg = self.release.average_remote(round_id, group, fed, list(actors), names, shapes, remote, final_destination=final)

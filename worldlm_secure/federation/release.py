@@ -177,7 +177,11 @@ class ReleasePath:
         clip = dp.dp.clipping_norm if dp is not None else None
 
         def run(secure: SecureSum, noise: IntegerNoise | None) -> SumResult:
-            return remote(round_id, secure, plan, noise, clip, codec.length)
+            out = remote(round_id, secure, plan, noise, clip, codec.length)
+            if isinstance(out, SumResult):
+                return out
+            # the members sent their encoded vectors as such: protocol none, or CKKS (encrypted here)
+            return _in_process(round_id, plan, out)(secure, noise)
 
         total = self._release(round_id, group, destination, cohort, run, names, final, plan, dp, False).total
         return codec.decode_average(total)
@@ -421,14 +425,16 @@ class ReleasePath:
 
 
 class RemoteSum(Protocol):
-    """The members' side of one release run elsewhere: ``(round_id, secure, plan, noise, clip, dim)`` -> the sum.
+    """The members' side of one release run elsewhere: ``(round_id, secure, plan, noise, clip, dim)`` -> the
+    protocol's sum (`SumResult`, e.g. a masked round routed to the members), or the members' encoded
+    vectors by name when the plan sends them as such (protocol none; CKKS, which encrypts in this process).
 
     ``clip``: the DP clipping norm each member applies to its whole update (None: no user-level DP);
     ``dim``: the encoded vector's length; ``noise``: the distributed DP shares members add (or None).
     """
 
     def __call__(self, round_id: int, secure: SecureSum, plan: Any, noise: IntegerNoise | None,
-                 clip: float | None, dim: int) -> SumResult: ...
+                 clip: float | None, dim: int) -> SumResult | Mapping[str, np.ndarray]: ...
 
 
 _SumStep = Callable[[SecureSum, "IntegerNoise | None"], SumResult]
