@@ -1,8 +1,9 @@
 """The Ray backend vs the in-process engine on the embedded default world, same seed.
 
 Runs WorldLM (and any --methods) on examples/world.yaml twice: in process, and with
-`simulate_on_ray(scope=...)` on a fresh local Ray instance (every site's local training a Ray task
-with 1 CPU, protections and aggregation in the driver). Reports per-site validation perplexity of
+`simulate_on_ray(scope=...)` on a fresh local Ray instance (scope `sites`: every site a Ray actor
+that trains, weights, clips, encodes and runs its own side of the protection; the aggregators, the
+budgets and the ledgers in the driver; see README "Scale-out on Ray"). Reports per-site validation perplexity of
 both, the largest relative difference (the issue asks for <= 1%), and wall times.
 
 Run: python benchmarks/ray_equivalence.py [--rounds 20] [--methods worldlm] [--scope sites] [--cpus 2]
