@@ -46,19 +46,36 @@ def test_world_up_matches_simulate_and_ledgers_agree(tmp_path: Path) -> None:
 
 
 def test_world_up_stops_when_a_node_cannot_start(tmp_path: Path) -> None:
-    """A world whose round plan picks CKKS (not run by node start yet): the root refuses with a one-line
-    reason in its log, and world up stops instead of waiting for the timeout."""
+    """A world whose CKKS policies name a key holder that is not a member of every link (eu-a: the US
+    federation's sites would have to send their sums to a site of another federation): the root refuses
+    with a one-line reason in its log, and world up stops instead of waiting for the timeout."""
+    import os
+
     import yaml
 
+    from nodeworld import REPO
     from worldlm_secure.errors import WorldLMError
 
+    def derived(name: str, base: Path) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "worldlm-secure/v1", "kind": "JurisdictionPolicy", "name": name,
+            "extends": os.path.relpath(base, tmp_path), "description": f"{base.stem} with key holder eu-a",
+            "secure_aggregation": {"ckks": {"key_holders": ["eu-a"]}},
+        }))
+        return path
+
+    ckks = derived("ckks-eu-a", REPO / "examples" / "policies" / "ckks-open.yaml")
+    lab = derived("open-eu-a", REPO / "policies" / "research-open.yaml")
     world = small_world(tmp_path / "w", rounds=1)
     raw = yaml.safe_load(world.read_text())
     for n in raw["nodes"]:
         if n["name"][:2] in ("eu", "us"):
-            n["policy"] = n["policy"].replace("masking-open.yaml", "ckks-open.yaml")
+            n["policy"] = str(ckks)
+        elif n["name"] == "lab":
+            n["policy"] = str(lab)
     world.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(WorldLMError, match="world exited with code 2 before listening"):
         world_up(world, tmp_path / "state", timeout=120)
     log = (tmp_path / "state" / "logs" / "world.log").read_text()
-    assert "CKKS, which node start does not run yet" in log and "Traceback" not in log
+    assert "CKKS key_holders ['eu-a'] are not members of this link" in log and "Traceback" not in log

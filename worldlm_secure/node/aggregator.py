@@ -12,7 +12,7 @@ import torch
 
 from worldlm_secure.errors import SecAggError, TransportError
 from worldlm_secure.node.board import NodeBoard
-from worldlm_secure.node.rounds import Phase, masking_config
+from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import LinkOutcome, Liveness, aggregate_round
@@ -96,12 +96,13 @@ class Aggregator:
             out = aggregate_round(
                 self.board, ann, masking_config(plan, ann, noise), plan.min_cohort,
                 first_timeout=self.cfg.timeouts.train, step_timeout=self.cfg.timeouts.step, live=self.live,
+                ckks=ckks_round(plan, ann),
             )
         except SecAggError as exc:
             self.emit("aborted", round=phase.world_round, phase=phase.phase, error=str(exc))
             return None
         self.emit("aggregated", round=phase.world_round, phase=phase.phase, contributors=len(out.contributors),
-                  dropped=list(out.dropped), bytes_up=out.bytes_up)
+                  dropped=list(out.dropped), bytes_up=out.bytes_up, rejected=list(out.rejected))
         return out, ann
 
     def weighted(self, phase: Phase, model: Payload | None, final: str, server: dict[str, torch.Tensor],

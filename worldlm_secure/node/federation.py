@@ -30,7 +30,7 @@ from worldlm_secure.node.aggregator import Aggregator
 from worldlm_secure.node.board import EXAMPLES_STATUS, DONE_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
 from worldlm_secure.node.payload import model_payload, split_payload
-from worldlm_secure.node.rounds import Phase, masking_config
+from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import member_round
@@ -111,6 +111,7 @@ class FederationNode:
             parent, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
             before_input=lambda cohort: self.release.record(r, group, self.root, names, prep, cohort, ann.cohort, ann.round_id),
             timeout=self.cfg.timeouts.step,
+            ckks=ckks_round(prep.plan, ann), wait_timeout=self.cfg.timeouts.train,
         )
         self.emit("released", round=r, group=group, to=self.root, protocol=ann.protocol)
 

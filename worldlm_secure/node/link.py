@@ -9,8 +9,10 @@ The order of steps is `masking.drive_round`'s, message for message (protocols/fe
     aggregator: wait for each step's messages from the members still expected, until all arrived, the
             step's timeout passed, or the member's heartbeat went silent (a dropout); then the next step.
 
-Protocol "none" is one `UploadUpdate(UPDATE_PLAIN)` per member, summed by the aggregator. Dropouts are
-SecAgg+'s to recover; fewer than min_cohort survivors abort the round (`SecAggError`), nothing released.
+Protocol "ckks" runs `node.ckks_link` (key epoch among the member key holders, ciphertexts added by
+the aggregator, decrypted and confirmed by the holders). Protocol "none" is one
+`UploadUpdate(UPDATE_PLAIN)` per member, summed by the aggregator. Dropouts are SecAgg+'s to recover;
+fewer than min_cohort survivors abort the round (`SecAggError`), nothing released.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import numpy as np
 
 from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
+from worldlm_secure.node import ckks_link
+from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg.masking import MaskingAggregator, MaskingMember, RoundConfig
 from worldlm_secure.secagg.masking_messages import (
     KeyAdvert,
@@ -52,6 +56,7 @@ class LinkOutcome:
     contributors: tuple[str, ...]
     dropped: tuple[str, ...]
     bytes_up: int
+    rejected: tuple[str, ...] = ()  # why a member's input was refused (CKKS: each reason names the member)
 
 
 # ---- member side ------------------------------------------------------------------------------------
@@ -80,17 +85,25 @@ def member_round(
     before_input: Callable[[tuple[str, ...]], None],
     timeout: float,
     noise: object | None = None,
+    ckks: CkksRound | None = None,
+    wait_timeout: float | None = None,
 ) -> None:
     """Contribute ``vector`` to the sum of round ``ann.round_id``. ``before_input(cohort)`` runs right before
     the (masked) input leaves: the caller writes its ledger entry there, so a release is never unrecorded.
-    ``noise``: this member's distributed DP share generator (`secagg.IntegerNoise`), added before masking."""
+    ``noise``: this member's distributed DP share generator (`secagg.IntegerNoise`), added before masking.
+    ``ckks``: the round's CKKS parameters when ``ann.protocol`` is ckks; ``wait_timeout`` bounds its waits
+    for steps that follow other members' training (default ``timeout``)."""
     rid = ann.round_id
+    if ann.protocol == "ckks" and ckks is not None:
+        ckks_link.member_round(client, identity, ann, ckks, vector, before_input=before_input,
+                               wait_timeout=max(timeout, wait_timeout or 0.0))
+        return
     if ann.protocol == "none":
         before_input(ann.cohort)
         client.upload_update(Payload.from_tensors({"vector": np.ascontiguousarray(vector, dtype=np.float64)}), round_id=rid)
         return
     if ann.protocol != "masking" or config is None:
-        raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking or none)")
+        raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking, ckks or none)")
     member = MaskingMember(identity, config, noise=noise)  # type: ignore[arg-type]
     step = lambda: time.monotonic() + timeout  # noqa: E731
     client.send_secagg(pb.SECAGG_MASKING_ADVERTISE_KEYS, Payload.from_bytes(member.advertise().to_bytes()), round_id=rid)
@@ -164,9 +177,17 @@ def aggregate_round(
     first_timeout: float,
     step_timeout: float,
     live: Liveness,
+    ckks: CkksRound | None = None,
 ) -> LinkOutcome:
     """Run the aggregator's side of round ``ann.round_id`` (already announced on ``board``)."""
     rid, cohort = ann.round_id, ann.cohort
+    if ann.protocol == "ckks" and ckks is not None:
+        out = ckks_link.aggregate_round(
+            board, ann, ckks, lambda expected, t: _wait_updates(board, rid, expected, t, live),
+            first_timeout=first_timeout, step_timeout=step_timeout, alive=live.alive,
+        )
+        return LinkOutcome(out.total, out.contributors, tuple(m for m in cohort if m not in out.contributors),
+                           out.bytes_up, out.rejected)
     if ann.protocol == "none":
         ups = _wait_updates(board, rid, cohort, first_timeout, live)
         if len(ups) < min_cohort:
@@ -175,7 +196,7 @@ def aggregate_round(
         total = np.sum([np.asarray(ups[m].payload.as_tensors()["vector"], dtype=np.float64) for m in names], axis=0)
         return LinkOutcome(total, tuple(names), tuple(m for m in cohort if m not in ups), sum(ups[m].payload.nbytes for m in names))
     if ann.protocol != "masking" or config is None:
-        raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking or none)")
+        raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking, ckks or none)")
     agg = MaskingAggregator(config)
     sent = 0
 

@@ -22,7 +22,8 @@ entry (``...:retryLINK``); see `NodeRelease.record`.
 Record-level DP: a site whose composed policy is record-level trains with DP-SGD (`train.private`,
 as the engine) and its first release after training charges those steps on its `SITE/record` stream.
 
-Not wired over the network yet (refused by `check_supported`): CKKS.
+CKKS: members encrypt and the member key holders decrypt (`node.ckks_link`); `check_supported` refuses a
+CKKS link whose policy names key holders none of whom is a member of that link.
 """
 
 from __future__ import annotations
@@ -100,15 +101,21 @@ def round_dp(path: ReleasePath, cohort: Sequence[str], final: str, dim: int, pla
 
 
 def check_supported(ctx: WorldContext) -> None:
-    """Refuse, before any key or port is used, what the networked release path cannot do yet."""
+    """Refuse, before any key or port is used, what the networked release path cannot run."""
+    from worldlm_secure.node.ckks_link import CkksRound
+
     path = ReleasePath(ctx.world, {})
     for fed in ctx.world.federations:
         links = [(ctx.members(fed.name), fed.name), (ctx.members(ctx.root), ctx.root)]
         for members, final in links:
             plan = path._plan(members, final)
             where = f"{ctx.world.path}: aggregation at {final!r}"
-            if plan.protocol == "ckks":
-                raise ConfigError(f"{where}: the round plan picks CKKS, which node start does not run yet; put masking first in the policies' secure_aggregation.protocol")
+            ckks = CkksRound.from_plan(plan) if plan.protocol == "ckks" else None
+            if ckks is not None and not ckks.holders(members):
+                raise ConfigError(
+                    f"{where}: CKKS key_holders {list(ckks.params.key_holders)} are not members of this link "
+                    f"({', '.join(members)}); name members, 'members', or leave key_holders empty"
+                )
 
 
 class NodeRelease:

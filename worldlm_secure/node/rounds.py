@@ -1,4 +1,5 @@
-"""A link round's public description: its phase (announcement params) and, for masking, its RoundConfig."""
+"""A link round's public description: its phase (announcement params) and, for masking, its RoundConfig
+(for CKKS, its `CkksRound`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg.masking import RoundConfig
 from worldlm_secure.transport.handler import Announcement
 
@@ -34,3 +36,10 @@ def masking_config(plan: Any, ann: Announcement, noise: Any = None) -> RoundConf
     if ann.protocol != "masking":
         return None
     return RoundConfig.build(plan.params, ann.round_id, ann.cohort, dict(ann.peer_keys), plan.min_cohort, noise)
+
+
+def ckks_round(plan: Any, ann: Announcement) -> CkksRound | None:
+    """The public parameters of a CKKS round (None for other protocols), identical at members and aggregator."""
+    if ann.protocol != "ckks":
+        return None
+    return CkksRound.from_plan(plan)

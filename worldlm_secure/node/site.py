@@ -28,7 +28,7 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.board import DONE_STATUS, EXAMPLES_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
 from worldlm_secure.node.payload import split_payload
-from worldlm_secure.node.rounds import Phase, masking_config
+from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import member_round
@@ -183,6 +183,7 @@ class SiteNode:
             client, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
             before_input=lambda cohort: self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort, ann.round_id),
             timeout=self.cfg.timeouts.step, noise=prep.noise,
+            ckks=ckks_round(prep.plan, ann), wait_timeout=self.cfg.timeouts.train,
         )
         self.emit("released", round=r, group=group, protocol=ann.protocol, cohort=len(ann.cohort))
 

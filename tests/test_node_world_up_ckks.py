@@ -1,0 +1,60 @@
+"""`world up` of a local world whose federations require CKKS (examples/policies/ckks-open.yaml): every
+site-to-federation and federation-to-root sum runs encrypted over gRPC + mTLS, and per-site perplexity
+matches the in-process `simulate` of the same world (which runs `CkksSecureSum`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nodeworld import ledger_ids, small_world
+from worldlm_secure.federation.methods import METHODS
+from worldlm_secure.federation.simulate import simulate
+from worldlm_secure.node.world_up import world_up
+
+
+def ckks_world(folder: Path, rounds: int) -> Path:
+    """examples/local-world/world-nodp.yaml with the EU and US nodes under ckks-open instead of masking-open."""
+    world = small_world(folder, rounds=rounds)
+    raw = yaml.safe_load(world.read_text())
+    for n in raw["nodes"]:
+        n["policy"] = n["policy"].replace("masking-open.yaml", "ckks-open.yaml")
+    world.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return world
+
+
+@pytest.mark.slow
+def test_ckks_world_up_matches_simulate(tmp_path: Path) -> None:
+    world = ckks_world(tmp_path / "w", rounds=2)
+    events: list[dict] = []
+    payload = world_up(world, tmp_path / "state", on_event=events.append, timeout=600)
+    assert payload.get("failed_nodes") is None, payload["exit_codes"]
+    deployed = payload["methods"]["worldlm"]
+    released = [e for e in events if e["event"] == "released"]
+    # every release of the EU and US sites, and every federation's release to the root, was encrypted
+    assert {e["node"] for e in released if e.get("protocol") == "ckks"} >= {"eu-a", "eu-b", "eu-c", "us-a", "us-b", "us-c", "eu", "us", "lab"}
+    agg = [e for e in events if e["event"] == "aggregated"]
+    assert {(e["node"], e["phase"]) for e in agg} >= {("eu", "key"), ("us", "shared"), ("world", "shared"), ("world", "residual")}
+    assert all(not e["dropped"] and not e.get("rejected") for e in agg)
+
+    sim = simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=tmp_path / "sim-ledgers")
+    for site, ppl in sim.methods["worldlm"].sites.items():
+        got = deployed["sites"][site]["val_ppl"]
+        assert abs(got - ppl) / ppl < 0.01, (site, got, ppl)
+        # the holders' integer sums are exact and both sides quantize identically (measured: 0.0 relative)
+        assert abs(got - ppl) / ppl < 1e-6, "a gap beyond float rounding is a logic difference"
+
+    # the same releases, recorded in the same places, as simulate's ledgers; every ledger verifies
+    from worldlm_secure.ledger import verify
+
+    ids = ledger_ids(tmp_path / "state")
+    for path in (tmp_path / "sim-ledgers").glob("*.sqlite"):
+        rep = verify(path)
+        assert rep.ok
+        assert ids.get(rep.node, []) == [e.release_id for e in rep.entries], rep.node
+    for path in (tmp_path / "state" / "nodes").glob("*/ledger/*.sqlite"):
+        rep = verify(path)
+        if rep.node[:2] in ("eu", "us"):  # every release of the CKKS-only nodes is recorded as CKKS
+            assert rep.entries and {e.protocol for e in rep.entries} == {"ckks"}, rep.node
