@@ -57,10 +57,10 @@ def _run(tmp_path: Path, n: int, setup: CkksRound, bad: str | None = None, size:
         try:
             if m == bad:
                 ckks_link.member_round(clients[m], pki.identity(m), ann, setup, vectors[m], wait_timeout=20,
-                                       before_input=lambda cohort: None, encrypt=_garbled)
+                                       before_input=lambda cohort, key_id: None, encrypt=_garbled)
                 return
             member_round(clients[m], pki.identity(m), ann, None, vectors[m], ckks=setup, wait_timeout=20,
-                         before_input=lambda cohort, m=m: recorded.__setitem__(m, cohort), timeout=8)
+                         before_input=lambda cohort, key_id, m=m: recorded.__setitem__(m, (cohort, key_id)), timeout=8)
         except Exception as exc:  # collected: the abort test expects members to fail cleanly
             errors[m] = f"{type(exc).__name__}: {exc}"
 
@@ -95,7 +95,8 @@ def test_ckks_round_over_mtls_equals_plain_sum_and_only_holders_get_the_key(tmp_
     assert sorted(out.contributors) == sorted(vectors) and not out.dropped and not out.rejected
     # exact integer sums; the only error is quantization (clip_range / 2^32 per value and member)
     assert np.max(np.abs(out.total - sum(vectors.values()))) < 4 * 2.0**-31
-    assert all(set(c) == set(vectors) for c in recorded.values())  # ledger hook ran before each input left
+    # the ledger hook ran before each input left, with the cohort and the key id the aggregator summed under
+    assert all(set(c) == set(vectors) and k == out.key_id and len(k) == 32 for c, k in recorded.values())
     # the generator was site-1 (first holder); each holder got only its own sealed key, the others none
     assert {m: sorted(e.wrapped) for m, e in epochs.items()} == {"site-0": [], "site-1": ["site-1"], "site-2": [], "site-3": ["site-3"]}
     assert {e.generator for e in epochs.values()} == {"site-1"}

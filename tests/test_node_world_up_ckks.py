@@ -58,3 +58,4 @@ def test_ckks_world_up_matches_simulate(tmp_path: Path) -> None:
         rep = verify(path)
         if rep.node[:2] in ("eu", "us"):  # every release of the CKKS-only nodes is recorded as CKKS
             assert rep.entries and {e.protocol for e in rep.entries} == {"ckks"}, rep.node
+            assert all(len(e.key_id) == 32 for e in rep.entries), rep.node  # the epoch each input was encrypted under

@@ -113,13 +113,14 @@ def member_round(
     setup: CkksRound,
     vector: np.ndarray,
     *,
-    before_input: Callable[[tuple[str, ...]], None],
+    before_input: Callable[..., None],
     wait_timeout: float,
     encrypt: Callable[[CkksMember, RoundSpec, np.ndarray], bytes] | None = None,
 ) -> None:
     """Contribute ``vector`` to the CKKS sum of round ``ann.round_id``; key holders also generate (the
     first), receive the sealed secret key and decrypt. ``wait_timeout`` bounds each wait for the
-    aggregator (it covers the other members' training). ``encrypt``: replaces the honest encoding of the
+    aggregator (it covers the other members' training). ``before_input(cohort, key_id=KEY_ID)`` runs right
+    before the ciphertexts leave (the caller's ledger entry records the epoch's key id). ``encrypt``: replaces the honest encoding of the
     contribution (fault-injection tests only)."""
     rid, me = ann.round_id, identity.name
     peers = dict(ann.peer_keys)
@@ -154,7 +155,7 @@ def member_round(
         holder.install(epoch, gen_pub)
     spec = setup.spec(rid, epoch.key_id, int(np.asarray(vector).size), tuple(ann.cohort))
     body = (encrypt or (lambda m, s, v: wire.contribution_bytes(m.protect(s, v))))(member, spec, np.asarray(vector, dtype=np.float64))
-    before_input(tuple(ann.cohort))
+    before_input(tuple(ann.cohort), key_id=epoch.key_id)
     client.upload_update(Payload.from_bytes(body), secagg_kind=pb.SECAGG_CKKS_CIPHERTEXT, round_id=rid)
     if holder is None:
         return

@@ -109,7 +109,8 @@ class FederationNode:
                                     shapes or {}, derived=True, raw_vector=raw)
         member_round(
             parent, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
-            before_input=lambda cohort: self.release.record(r, group, self.root, names, prep, cohort, ann.cohort, ann.round_id),
+            before_input=lambda cohort, key_id="": self.release.record(r, group, self.root, names, prep, cohort, ann.cohort,
+                                                                     ann.round_id, key_id=key_id),
             timeout=self.cfg.timeouts.step,
             ckks=ckks_round(prep.plan, ann), wait_timeout=self.cfg.timeouts.train,
         )

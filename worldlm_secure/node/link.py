@@ -57,6 +57,7 @@ class LinkOutcome:
     dropped: tuple[str, ...]
     bytes_up: int
     rejected: tuple[str, ...] = ()  # why a member's input was refused (CKKS: each reason names the member)
+    key_id: str = ""  # CKKS: the key epoch the inputs were encrypted under
 
 
 # ---- member side ------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def member_round(
     config: RoundConfig | None,
     vector: np.ndarray,
     *,
-    before_input: Callable[[tuple[str, ...]], None],
+    before_input: Callable[..., None],
     timeout: float,
     noise: object | None = None,
     ckks: CkksRound | None = None,
@@ -91,7 +92,8 @@ def member_round(
     """Contribute ``vector`` to the sum of round ``ann.round_id``. ``before_input(cohort)`` runs right before
     the (masked) input leaves: the caller writes its ledger entry there, so a release is never unrecorded.
     ``noise``: this member's distributed DP share generator (`secagg.IntegerNoise`), added before masking.
-    ``ckks``: the round's CKKS parameters when ``ann.protocol`` is ckks; ``wait_timeout`` bounds its waits
+    ``ckks``: the round's CKKS parameters when ``ann.protocol`` is ckks (``before_input`` then also gets
+    ``key_id=``, the epoch's key id); ``wait_timeout`` bounds its waits
     for steps that follow other members' training (default ``timeout``)."""
     rid = ann.round_id
     if ann.protocol == "ckks" and ckks is not None:
@@ -187,7 +189,7 @@ def aggregate_round(
             first_timeout=first_timeout, step_timeout=step_timeout, alive=live.alive,
         )
         return LinkOutcome(out.total, out.contributors, tuple(m for m in cohort if m not in out.contributors),
-                           out.bytes_up, out.rejected)
+                           out.bytes_up, out.rejected, out.key_id)
     if ann.protocol == "none":
         ups = _wait_updates(board, rid, cohort, first_timeout, live)
         if len(ups) < min_cohort:

@@ -175,13 +175,14 @@ class NodeRelease:
         return Prepared(vector, plan, dp, tracker, level, eff, derived)
 
     def record(self, world_round: int, group: str, destination: str, names: Sequence[str], prep: Prepared,
-               cohort: Sequence[str], invited: Sequence[str], link_round: int) -> None:
+               cohort: Sequence[str], invited: Sequence[str], link_round: int, key_id: str = "") -> None:
         """Charge and write the ledger entry of this release (before the input leaves).
 
         Once per world-round release (``ROUND:GROUP:DEST``), except that a release with fresh distributed
         noise in a *new* link round (the aggregator restarted and re-ran the round) is a new release of the
         same update with new noise: it gets its own entry ``ROUND:GROUP:DEST:retryLINK`` and is charged.
         Which link round an entry belongs to is stored in the node's state before the entry is written.
+        ``key_id``: the CKKS key epoch the input is encrypted under ("" for other protocols).
         """
         rid = f"{world_round}:{group}:{destination}"
         key = f"released:{rid}"
@@ -203,7 +204,8 @@ class NodeRelease:
             # Central: z does not depend on the contributors. Distributed: the fewest the round can release.
             contributors = prep.plan.min_cohort if prep.dp.noise is not None else len(cohort)
             charge = prep.dp.dp.charge(prep.tracker, prep.dp.plan, contributors)
-        result = SumResult(np.zeros(0), tuple(sorted(cohort)), tuple(sorted(set(invited) - set(cohort))), ProtectionStats(prep.plan.protocol))
+        stats = ProtectionStats(prep.plan.protocol, extra={"key_id": key_id} if key_id else {})
+        result = SumResult(np.zeros(0), tuple(sorted(cohort)), tuple(sorted(set(invited) - set(cohort))), stats)
         if retry is not None:
             self._append_retry(retry, world_round, group, destination, names, prep, result, charge)
             return

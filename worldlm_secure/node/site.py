@@ -181,7 +181,8 @@ class SiteNode:
             raise SecAggError(f"round {ann.round_id}: federation announced {ann.protocol!r} but the policies' round plan is {prep.plan.protocol!r}; refused")
         member_round(
             client, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
-            before_input=lambda cohort: self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort, ann.round_id),
+            before_input=lambda cohort, key_id="": self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort,
+                                                                     ann.round_id, key_id=key_id),
             timeout=self.cfg.timeouts.step, noise=prep.noise,
             ckks=ckks_round(prep.plan, ann), wait_timeout=self.cfg.timeouts.train,
         )
