@@ -12,7 +12,7 @@ import numpy as np
 
 from worldlm_secure.errors import SecAggError
 from worldlm_secure.node import ckks_link
-from worldlm_secure.node import ckks_wire as wire
+from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.node.board import NodeBoard
 from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.node.heartbeat import Heartbeat

@@ -181,14 +181,102 @@ CKKS = (
 )
 
 
-def test_ckks_world_still_encrypts_in_the_driver(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CKKS has no member/aggregator split on Ray yet: the actors hand over their encoded vectors (documented)."""
-    from worldlm_secure.federation.engine import Engine
+def _ckks_message(x: Any) -> Any:
+    from worldlm_secure.errors import SecAggError
+    from worldlm_secure.secagg import ckks_messages as wire
 
-    world, settings, data, vocab = _world(tmp_path / "ckks", CKKS, rounds=1)
-    local = _run(Engine(world, METHODS["worldlm"], data, settings, vocab_size=vocab))
-    received, wire, _, remote = _instrumented_run(monkeypatch, world, settings, data, vocab)
-    assert not wire and [x for r in received for x in _leaks(r)]  # the gap the README states
-    assert "ckks" in remote.stats.by_protocol
+    if not isinstance(x, bytes):
+        return None
+    try:
+        return wire.decode(x)
+    except SecAggError:  # other bytes: e.g. the identity public keys
+        return None
+
+
+def test_ckks_world_encrypts_in_the_site_actors(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members encrypt in their actors, key holders decrypt in theirs, the driver only adds ciphertexts."""
+    import tenseal as ts
+
+    from worldlm_secure.federation.engine import Engine
+    from worldlm_secure.secagg import ckks_messages as wire
+
+    world, settings, data, vocab = _world(tmp_path / "ckks", CKKS, rounds=2)
+    local = _run(Engine(world, METHODS["worldlm"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "a"))
+    received, wire_log, _, remote = _instrumented_run(monkeypatch, world, settings, data, vocab)
+    assert received and not [x for r in received for x in _leaks(r)]  # bytes and numbers only, never a vector
+    assert not wire_log  # no masking messages: this world is CKKS only
+    assert remote.stats.by_protocol == local.stats.by_protocol and set(local.stats.by_protocol) == {"ckks"}
     for site, ppl in local.sites.items():
-        assert remote.sites[site] == pytest.approx(ppl, rel=1e-3), site  # CKKS is approximate arithmetic
+        # the holders decrypt exact integer sums: same quantized sum as in process, so the same model
+        assert remote.sites[site] == pytest.approx(ppl, rel=1e-12), site
+    assert remote.stats.bytes_up == pytest.approx(local.stats.bytes_up, rel=1e-3)  # ciphertext sizes vary slightly
+
+    # What the driver received of the key epochs: the public context (no secret key) and sealed keys only.
+    messages = [m for r in received for x in (r if isinstance(r, list) else [r]) if (m := _ckks_message(x)) is not None]
+    epochs = [wire.epoch_from(m) for m in messages if m.tag == wire.EPOCH_KEYS]
+    assert epochs and all(not ts.context_from(k.public_context).is_private() for k in epochs)
+    contributions = [m for m in messages if m.tag == wire.CONTRIBUTION]
+    assert len(contributions) == 2 * 2 * 4  # 2 rounds x (key, shared) x 4 sites, each a signed ciphertext message
+
+
+def test_ckks_on_ray_keeps_key_epochs_and_ledgers(local_ray, tmp_path: Path) -> None:
+    from worldlm_secure.federation.ray_sites import RayEngine
+    from worldlm_secure.ledger import Ledger
+
+    rotate = CKKS.replace("max_dropout_fraction: 0.5}", "max_dropout_fraction: 0.5, ckks: {rotate_every_rounds: 2}}")
+    world, settings, data, vocab = _world(tmp_path / "rot", rotate, rounds=3)
+    engine = RayEngine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "led")
+    _run(engine)
+    for site in ("f0-s0", "f0-s1", "f1-s0", "f1-s1"):
+        entries = Ledger(tmp_path / "led" / f"{site}.sqlite", engine.release.identities[site]).entries()
+        assert [e.protocol for e in entries] == ["ckks"] * 3
+        ids = [e.key_id for e in entries]
+        # rounds 1 | 2, 3: a key epoch is round // rotate_every_rounds, as in process
+        assert ids[0] != ids[1] and ids[1] == ids[2] and all(ids), (site, ids)
+
+
+def _forge(monkeypatch: pytest.MonkeyPatch, module: Any, step: str, victim: str, once: list[bool], answer: bool) -> None:
+    """Once, at ``step``: replace what the aggregator sends ``victim`` by garbage (its step then fails), or
+    (``answer``) flip one byte in the middle of what ``victim`` sends back (a message tampered in transit)."""
+    real = module.run_step
+
+    def run_step(ray_: Any, actors: Any, name: str, args: Any, log_: Any, round_id: int) -> Any:
+        hit = name == step and victim in args and not once
+        if hit and not answer:
+            once.append(True)
+            args = {**args, victim: tuple(b"\x00forged" if isinstance(a, bytes) else None for a in args[victim])}
+        out = real(ray_, actors, name, args, log_, round_id)
+        if hit and answer:
+            once.append(True)
+            data = bytearray(out[victim])
+            data[len(data) // 2] ^= 0x01
+            out[victim] = bytes(data)
+        return out
+
+    monkeypatch.setattr(module, "run_step", run_step)
+
+
+@pytest.mark.parametrize("protocol, step, answer", [
+    ("masking", "masked_input", False),  # a forged share delivery: the member fails after key sharing
+    ("ckks", "ckks_protect", False),  # a forged round spec: the member cannot encrypt
+    ("ckks", "ckks_protect", True),  # a ciphertext tampered in transit: its signature fails, rejected by name
+])
+def test_a_member_that_fails_its_step_drops_out_and_the_round_goes_on(
+    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, step: str, answer: bool
+) -> None:
+    from worldlm_secure.federation import ray_ckks, ray_masking
+    from worldlm_secure.federation.ray_sites import RayEngine
+    from worldlm_secure.ledger import Ledger
+
+    policy = MASKED if protocol == "masking" else CKKS
+    world, settings, data, vocab = _world(tmp_path / protocol, policy, rounds=1)
+    fired: list[bool] = []
+    _forge(monkeypatch, ray_masking if protocol == "masking" else ray_ckks, step, "f0-s1", fired, answer)
+    engine = RayEngine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "led")
+    res = _run(engine)
+    assert fired and np.isfinite(res.mean_val_ppl)
+    ledger = lambda s: Ledger(tmp_path / "led" / f"{s}.sqlite", engine.release.identities[s]).entries()  # noqa: E731
+    # FedAvg's one flat cohort of 4: the forged round released the other 3 updates, each recording the dropout
+    assert ledger("f0-s1") == []
+    for site in ("f0-s0", "f1-s0", "f1-s1"):
+        assert [(e.cohort_size, e.dropouts) for e in ledger(site)] == [(3, 1)], site

@@ -5,11 +5,14 @@ site's actor (`site_actor.SiteActor`) and what comes back is the serialized mess
 member sends enters the aggregator through `receive` (bytes -> the expected message type, from the
 expected member): the driver never holds a member's vector, only its `MaskedInput`.
 Costs are counted from the serialized sizes, as `MaskingSum` does, so bytes_up/bytes_down match it.
-No dropouts are simulated here (every actor answers every step, or the round raises).
+A member whose step fails (its actor raised or died: `ray_steps.run_step`) or that answers with something
+other than the step's message has dropped out from that step on; SecAgg+ recovers its masks from the
+others' shares, and the round aborts (nothing released) only when fewer than the threshold remain.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from worldlm_secure.errors import SecAggError
+from worldlm_secure.federation.ray_steps import StepLog, run_step
 from worldlm_secure.secagg.masking import MaskingAggregator, RoundConfig, RoundTrace, round_result
 from worldlm_secure.secagg.masking_messages import (
     KeyAdvert,
@@ -27,6 +31,8 @@ from worldlm_secure.secagg.masking_messages import (
     decode,
 )
 from worldlm_secure.secagg.protocol import IntegerNoise, SumResult
+
+log = logging.getLogger("worldlm_secure.ray")
 
 # member step -> the message type it must answer with
 EXPECTED: dict[str, type[Message]] = {
@@ -57,33 +63,30 @@ def masked_sum(ray: Any, actors: Mapping[str, Any], identity_keys: Mapping[str, 
 
     ``identity_keys``: the members' raw Ed25519 public keys; ``params``: the policy's masking section;
     ``noise``: the distributed DP shares each member adds before masking (None: no member noise).
+    The result's ``dropped`` names every member that left the round, `stats.extra["dropped"]` says why.
     """
     names = sorted(actors)
     cfg = RoundConfig.build(params, round_id, names, identity_keys, min_cohort, noise)
     server = MaskingAggregator(cfg)
-    up = dict.fromkeys(names, 0)
-    down = dict.fromkeys(names, 0)
-    clock = {"member": 0.0, "server": 0.0}
+    steps = StepLog()
+    server_seconds = 0.0
 
-    def members(step: str, args: Mapping[str, tuple]) -> list[Any]:
-        start = time.perf_counter()
-        refs = {n: getattr(actors[n], step).remote(*a) for n, a in args.items()}  # the members run in parallel
+    def members(step: str, args: Mapping[str, tuple]) -> list[Message]:
         out = []
-        for n, ref in refs.items():
-            data = ray.get(ref)
-            up[n] += len(data) if isinstance(data, bytes) else 0
-            out.append(receive(n, step, data))
-        clock["member"] += time.perf_counter() - start  # wall time of the step (parallel members), not a sum
+        for m, data in run_step(ray, actors, step, args, steps, round_id).items():
+            try:
+                out.append(receive(m, step, data))
+            except SecAggError as exc:  # a malformed or misattributed message: that member is out of the round
+                steps.dropped[m] = f"{step}: {exc}"
+                log.warning("round %d: %s", round_id, exc)
         return out
 
     def serve(fn: Any) -> dict[str, tuple[bytes]]:
+        nonlocal server_seconds
         start = time.perf_counter()
         msgs: Mapping[str, Message] = fn()
-        out = {n: (m.to_bytes(),) for n, m in msgs.items()}
-        clock["server"] += time.perf_counter() - start
-        for n, (data,) in out.items():
-            down[n] += len(data)
-        return out
+        server_seconds += time.perf_counter() - start
+        return {n: (m.to_bytes(),) for n, m in msgs.items() if n not in steps.dropped}
 
     adverts = members("advertise", {n: (cfg, noise) for n in names})
     keys = serve(lambda: server.collect_adverts(adverts))
@@ -94,8 +97,13 @@ def masked_sum(ray: Any, actors: Mapping[str, Any], identity_keys: Mapping[str, 
     responses = members("unmask", requests)
     start = time.perf_counter()
     outcome = server.finish(responses)
-    clock["server"] += time.perf_counter() - start
-    trace = RoundTrace(outcome, up, down, clock["member"], clock["server"])
+    server_seconds += time.perf_counter() - start
+    up = {n: steps.up.get(n, 0) for n in names}
+    down = {n: steps.down.get(n, 0) for n in names}
+    trace = RoundTrace(outcome, up, down, steps.member_seconds, server_seconds)
     if np.asarray(outcome.total).size != dim:
         raise SecAggError(f"round {round_id}: unmasked sum has {np.asarray(outcome.total).size} values, expected {dim}")
-    return round_result(cfg, names, dim, trace)
+    result = round_result(cfg, names, dim, trace)
+    if steps.dropped:
+        result.stats.extra["dropped"] = " | ".join(f"{m}: {why}" for m, why in sorted(steps.dropped.items()))
+    return result

@@ -10,13 +10,15 @@ actor to train (in parallel), then for each release of a federation's sites:
   driver (aggregator):           secure sum over serialized messages -> central noise -> charge -> ledgers
 
 Under masking the actor runs `MaskingMember` itself (and adds its distributed DP share) and the driver
-runs `MaskingAggregator`, routing bytes (`ray_masking`). The aggregates go back down to the actors;
+runs `MaskingAggregator`, routing bytes (`ray_masking`). Under CKKS the actor encrypts and signs its own
+contribution, key-holder actors make the key epoch and decrypt, and the driver runs `CkksAggregator`
+with the public context only (`ray_ckks`). A member whose step fails has dropped out of that round
+(`ray_steps`). The aggregates go back down to the actors;
 evaluation runs in the actors and only perplexities come back. Same seed, same initial model, same
 per-site generators: per-site results equal the in-process engine's (bit-identical for plain sums;
 masked sums differ by masking's random rounding only; tests/test_ray_backend.py).
 
-Not yet at the real boundary: CKKS encryption (the actor hands its encoded vector to the driver's
-`CkksSecureSum`); the sites' authorization, budget trackers and signed ledgers (kept by the driver's
+Not at the real boundary: the sites' authorization, budget trackers and signed ledgers (kept by the driver's
 `ReleasePath` with the sites' keys); the federations' own releases (residuals, federation -> root) run
 in the driver as before. Record-level DP-SGD (Opacus) is not distributed yet: such worlds are refused.
 """
@@ -67,6 +69,9 @@ class RayEngine(Engine):
         # Public keys of the identities the actors generated for secure aggregation (keys stay in the actors).
         names = list(self.actors)
         self.secagg_keys: dict[str, bytes] = dict(zip(names, self._get([self.actors[n].public_key.remote() for n in names])))
+        from worldlm_secure.federation.ray_ckks import RayCkks
+
+        self._ckks = RayCkks(_Tap(self), self.secagg_keys)  # CKKS key epochs, one per federation
         self.site_seconds: dict[str, float] = {}
 
     def _get(self, refs: Any) -> Any:
@@ -104,8 +109,9 @@ class RayEngine(Engine):
 
                 keys = {n: self.secagg_keys[n] for n in actors}
                 return ray_masking.masked_sum(_Tap(self), actors, keys, plan.params, rid, plan.min_cohort, noise, dim)
-            # none: the plain vector is what the network carries; ckks: the release path encrypts it in the
-            # driver (no member/aggregator split of CkksSecureSum yet)
+            if plan.protocol == "ckks":
+                return self._ckks.secure_sum(fed, secure, actors, rid, plan.min_cohort, dim)
+            # none: the plain vector is what the network carries under that policy
             return dict(zip(actors, self._get([a.plain.remote() for a in actors.values()])))
 
         shapes = {n: server[n].shape for n in names}

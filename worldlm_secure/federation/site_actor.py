@@ -7,12 +7,13 @@ round's DP norm, encoded (`DeltaCodec`). It then runs its side of the round's pr
 
   masking: `MaskingMember` with the site's own `NodeIdentity`, one method per step, taking and returning
            serialized protocol messages (bytes); the distributed DP share is added inside `masked_input`;
-  none:    the encoded vector itself (a plain sum: what the network would carry under that policy);
-  ckks:    the encoded vector, encrypted in the driver (`CkksSecureSum` has no member/aggregator split
-           with its key ceremony outside one process yet).
+  ckks:    `CkksMember` (encrypts and signs its own contribution under the epoch's verified public
+           context); a key holder also makes its X25519 transport key, generates the epoch's keys when it
+           is the generator, unwraps its sealed secret key and decrypts the sum (`CkksKeyHolder`);
+  none:    the encoded vector itself (a plain sum: what the network would carry under that policy).
 
-What comes back to the driver is: losses, seconds, perplexities, protocol messages, and plain vectors
-only under the `none` and `ckks` protocols. Parameters go down (the aggregates' broadcast), never up.
+What comes back to the driver is: losses, seconds, perplexities, serialized protocol messages (bytes),
+and plain vectors only under protocol `none`. Parameters go down (the aggregates' broadcast), never up.
 
 The member-side computation (weights, deltas, clip, encode) is the one `node.site.SiteNode._release` and
 `node.release.NodeRelease.prepare` do; `member_vector` is its transport-free form (to unify later).
@@ -97,6 +98,9 @@ class SiteActor:
         self.identity = NodeIdentity.generate(name)
         self._vector: np.ndarray | None = None
         self._member: Any = None  # secagg.masking.MaskingMember of the round in progress
+        self._ckks: Any = None  # secagg.ckks.CkksMember of the current key epoch
+        self._holder: Any = None  # secagg.ckks.CkksKeyHolder of the current key epoch (key holders only)
+        self._next_holder: Any = None  # the holder whose transport key is out for the next epoch
 
     def public_key(self) -> bytes:
         """The raw Ed25519 public key that signs this site's key adverts."""
@@ -135,7 +139,7 @@ class SiteActor:
         return int(self._vector.size)
 
     def plain(self) -> np.ndarray:
-        """The encoded vector itself: only for protocols that send it as is (none) or encrypt in the driver (ckks)."""
+        """The encoded vector itself: only for protocol none, which sends it as is."""
         return self._take()
 
     def _take(self) -> np.ndarray:
@@ -169,3 +173,55 @@ class SiteActor:
         self._member = None
         return out
 
+
+    # ---- CKKS member and key-holder steps: bytes in, bytes out (messages: secagg.ckks_messages) ----
+    def ckks_transport_key(self) -> bytes:
+        """As a key holder of the next key epoch: a fresh X25519 transport key, signed by this site's identity."""
+        from worldlm_secure.secagg import ckks_messages as wire
+        from worldlm_secure.secagg.ckks import CkksKeyHolder
+
+        self._next_holder = CkksKeyHolder(self.identity)
+        return wire.cert_bytes(self._next_holder.transport.cert)
+
+    def ckks_generate(self, params: Any, epoch: int, certs: bytes, identity_keys: dict[str, bytes]) -> bytes:
+        """As the epoch's generator: a new CKKS key, its public context signed, the secret context sealed to
+        each holder's verified transport key (``certs``); returns the epoch's keys message."""
+        from worldlm_secure.secagg import ckks_messages as wire
+        from worldlm_secure.secagg.ckks_keys import generate_epoch_keys
+
+        keys = generate_epoch_keys(self.identity, params, epoch, wire.certs_from(wire.decode(certs)), identity_keys)
+        return wire.epoch_bytes(keys)
+
+    def ckks_install(self, epoch_keys: bytes, generator_public: bytes) -> None:
+        """Join a key epoch: verify the generator's signature over the public context; a key holder also
+        unwraps the secret key sealed to its transport key (only its own is in ``epoch_keys``)."""
+        from worldlm_secure.secagg import ckks_messages as wire
+        from worldlm_secure.secagg.ckks import CkksMember
+
+        keys = wire.epoch_from(wire.decode(epoch_keys))
+        member = CkksMember(self.identity)
+        member.install(keys, generator_public)
+        self._ckks, self._holder = member, None
+        if self.name in keys.wrapped:
+            if self._next_holder is None:
+                raise SecAggError(f"{self.name}: a secret key was sealed to it without its transport key; refused")
+            self._next_holder.install(keys, generator_public)
+            self._holder, self._next_holder = self._next_holder, None
+
+    def ckks_protect(self, spec: Any) -> bytes:
+        """Encrypt and sign this release's vector under the epoch's public context (``spec``: the `RoundSpec`)."""
+        from worldlm_secure.secagg import ckks_messages as wire
+
+        if self._ckks is None:
+            raise SecAggError(f"{self.name}: no CKKS key epoch joined")
+        return wire.contribution_bytes(self._ckks.protect(spec, self._take()))
+
+    def ckks_decrypt(self, summed: bytes, spec: Any) -> bytes:
+        """As a key holder: decrypt the aggregator's sum, check it, and sign a confirmation of its digest."""
+        from worldlm_secure.secagg import ckks_messages as wire
+
+        if self._holder is None:
+            raise SecAggError(f"{self.name}: holds no secret key of this epoch")
+        total, _ = wire.summed_from(wire.decode(summed))
+        sums, conf = self._holder.decrypt(total, spec)
+        return wire.decrypted_bytes(sums, conf)

@@ -31,7 +31,7 @@ import numpy as np
 
 from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
-from worldlm_secure.node import ckks_wire as wire
+from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg import ckks_packing as packing
 from worldlm_secure.secagg.ckks import (
     CkksAggregator,

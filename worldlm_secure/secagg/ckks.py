@@ -480,45 +480,71 @@ class CkksSecureSum(SecureSum):
             round_id, keys.key_id, summed.contributors, releaser_sums, online[0], tuple(c for _, c in results)
         )
         verify_aggregate(aggregate, {h: self._identity(h).public_bytes for h in holders}, online)
-        total = packing.dequantize_sum(releaser_sums, len(summed.contributors), self.params.clip_range, self.params.value_bits)
+        trace = CkksRoundTrace(spec, keys.key_id, keys.public_context, epoch, new_epoch, tuple(holders), tuple(online),
+                               aggregate, rejected, agg.clipped, tuple(up_bytes), member_seconds, server_seconds,
+                               holder_seconds)
+        return round_result(self.params, names, trace)
 
-        n_sent = max(len(up_bytes), 1)
-        stats = ProtectionStats(
-            protocol=self.name,
-            bytes_up_per_member=float(np.mean(up_bytes)) if up_bytes else 0.0,
-            bytes_down_per_member=float(len(keys.public_context)) if new_epoch else 0.0,
-            expansion=(float(np.mean(up_bytes)) / (4.0 * n_values)) if up_bytes and n_values else 0.0,
-            clipped_fraction=agg.clipped / max(n_values * len(agg.contributors), 1),
-            member_seconds=member_seconds,
-            server_seconds=server_seconds,
-            extra={
-                "key_id": keys.key_id,
-                "epoch": float(epoch),
-                "key_holders": ",".join(holders),
-                "releaser": online[0],
-                "confirmed_by": ",".join(online),
-                "values_per_slot": layout.values_per_slot,
-                "slot_bits": float(layout.slot_bits),
-                "headroom_bits": float(layout.headroom),
-                "clip_range": self.params.clip_range,
-                "precision_per_value": self.params.precision,
-                "quantization_error_bound": self.params.precision * len(summed.contributors),
-                "holder_seconds": holder_seconds,
-                "rejected": " | ".join(rejected),
-                "members_sent": float(n_sent),
-            },
-        )
-        contributors = summed.contributors
-        dropped = tuple(n for n in names if n not in contributors)
-        return CkksSumResult(
-            total=total,
-            contributors=contributors,
-            dropped=dropped,
-            stats=stats,
-            key_id=keys.key_id,
-            rejected=rejected,
-            aggregate=aggregate,
-        )
+
+@dataclass(frozen=True)
+class CkksRoundTrace:
+    """What one CKKS round produced and measured, wherever its roles ran (one process, or Ray site actors
+    around a driver). ``online``: the key holders that decrypted and confirmed, the first one releasing;
+    ``up_bytes``: each contribution's ciphertext bytes; seconds are wall time of each role's steps."""
+
+    spec: RoundSpec
+    key_id: str
+    public_context: bytes
+    epoch: int
+    new_epoch: bool
+    holders: tuple[str, ...]
+    online: tuple[str, ...]
+    aggregate: DecryptedAggregate
+    rejected: tuple[str, ...]
+    clipped: int
+    up_bytes: tuple[int, ...]
+    member_seconds: float
+    server_seconds: float
+    holder_seconds: float
+
+
+def round_result(params: CkksParams, names: Sequence[str], t: CkksRoundTrace) -> CkksSumResult:
+    """The `CkksSumResult` of a verified round: the dequantized sum and its costs (bytes: serialized sizes;
+    expansion: ciphertext bytes per float32 of the vector)."""
+    spec, layout, contributors = t.spec, t.spec.layout, t.aggregate.contributors
+    n_values = spec.n_values
+    total = packing.dequantize_sum(t.aggregate.integer_sums, len(contributors), params.clip_range, params.value_bits)
+    up = t.up_bytes
+    stats = ProtectionStats(
+        protocol=CkksSecureSum.name,
+        bytes_up_per_member=float(np.mean(up)) if up else 0.0,
+        bytes_down_per_member=float(len(t.public_context)) if t.new_epoch else 0.0,
+        expansion=(float(np.mean(up)) / (4.0 * n_values)) if up and n_values else 0.0,
+        clipped_fraction=t.clipped / max(n_values * len(contributors), 1),
+        member_seconds=t.member_seconds,
+        server_seconds=t.server_seconds,
+        extra={
+            "key_id": t.key_id,
+            "epoch": float(t.epoch),
+            "key_holders": ",".join(t.holders),
+            "releaser": t.online[0],
+            "confirmed_by": ",".join(t.online),
+            "values_per_slot": layout.values_per_slot,
+            "slot_bits": float(layout.slot_bits),
+            "headroom_bits": float(layout.headroom),
+            "clip_range": params.clip_range,
+            "precision_per_value": params.precision,
+            "quantization_error_bound": params.precision * len(contributors),
+            "holder_seconds": t.holder_seconds,
+            "rejected": " | ".join(t.rejected),
+            "members_sent": float(max(len(up), 1)),
+        },
+    )
+    dropped = tuple(n for n in names if n not in contributors)
+    return CkksSumResult(
+        total=total, contributors=contributors, dropped=dropped, stats=stats, key_id=t.key_id, rejected=t.rejected,
+        aggregate=t.aggregate,
+    )
 
 
 def make_ckks(

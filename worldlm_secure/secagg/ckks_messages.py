@@ -1,4 +1,5 @@
-"""Byte encodings of the CKKS messages of `secagg.ckks` / `secagg.ckks_keys` for a node link.
+"""Byte encodings of the CKKS messages of `secagg.ckks` / `secagg.ckks_keys`: what crosses a node link
+(`node.ckks_link`) or travels between a Ray site actor and the driver (`federation.ray_ckks`).
 
 Every message is ``u32 header length | header JSON | blob | blob ...``: the header names the message
 (``tag``), carries its scalar fields and the byte length of each blob (ciphertexts, contexts, keys,
