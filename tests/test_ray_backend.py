@@ -49,38 +49,49 @@ def test_simulate_on_ray_matches_in_process(local_ray, tmp_path: Path, scope: st
     )
 
 
-def test_sites_train_in_their_tasks_and_record_dp_is_refused(local_ray, tmp_path: Path) -> None:
-    from worldlm_secure.errors import ConfigError
+def test_sites_train_in_their_actors_with_record_level_dp_sgd(local_ray, tmp_path: Path) -> None:
+    from worldlm_secure.federation.engine import Engine
     from worldlm_secure.federation.ray_sites import RayEngine
     from worldlm_secure.federation.settings import settings_for
     from worldlm_secure.federation.simulate import load_world_data
     from worldlm_secure.federation.world import load_world
-
-    (tmp_path / "plain").mkdir()
-    world = load_world(write_world(tmp_path / "plain"))
-    settings = settings_for(world, rounds=1, device="cpu")
-    data, vocab = load_world_data(world, settings)
-    engine = RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab)
-    try:
-        engine.run()
-        assert set(engine.site_seconds) == {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}  # timed inside each site's task
-        assert all(t > 0 for t in engine.site_seconds.values())
-    finally:
-        engine.shutdown()
+    from worldlm_secure.ledger import Ledger
+    from worldlm_secure.ledger.entry import DP_SGD
 
     (tmp_path / "rec").mkdir()
-    rec_policy = tmp_path / "rec" / "policies"
     world_path = write_world(tmp_path / "rec")
-    (rec_policy / "rdp.yaml").write_text(
+    (tmp_path / "rec" / "policies" / "rdp.yaml").write_text(
         "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: rdp\nextends: research-open.yaml\n"
         "differential_privacy: {level: record, epsilon_budget: 8.0, delta: 1.0e-5, record: {max_grad_norm: 1.0}}\n"
     )
     world_path.write_text(world_path.read_text().replace("policies/research-open.yaml", "policies/rdp.yaml"))
-    rec = load_world(world_path)
-    rs = settings_for(rec, rounds=1, device="cpu")
-    rdata, rvocab = load_world_data(rec, rs)
-    with pytest.raises(ConfigError, match="record-level DP-SGD sites .* do not run on Ray yet"):
-        RayEngine(rec, METHODS["worldlm"], rdata, rs, vocab_size=rvocab)
+    world = load_world(world_path)
+    settings = settings_for(world, rounds=2, device="cpu")
+    data, vocab = load_world_data(world, settings)
+    local = Engine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "a")
+    local_res = local.run()
+    engine = RayEngine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "b")
+    try:
+        res = engine.run()
+        assert set(engine.site_seconds) == {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}  # timed inside each site's actor
+        assert all(t > 0 for t in engine.site_seconds.values())
+    finally:
+        engine.shutdown()
+    assert res.stopped is None and all(p == p for p in res.sites.values())  # finite: DP-SGD trained in the actors
+
+    def charges(folder: str, eng: Engine, site: str) -> list[tuple]:
+        entries = Ledger(tmp_path / folder / f"{site}.sqlite", eng.release.identities[site]).entries()
+        return [(e.release_id, e.mechanism, e.stream, e.steps, e.sample_rate, e.noise_multiplier, e.epsilon_cumulative)
+                for e in entries]
+
+    for site in ("f0-s0", "f0-s1", "f1-s0", "f1-s1"):
+        mine = charges("b", engine, site)
+        # the steps the actor took are charged on its SITE/record stream exactly as in process
+        assert mine == charges("a", local, site), site
+        assert [m[1] for m in mine] == [DP_SGD, DP_SGD] and mine[0][3] == settings.train.local_steps
+        assert mine[1][6] > mine[0][6] > 0
+    # DP-SGD's sampling and noise come from each actor's CSPRNG: a different draw than in process
+    assert any(res.sites[s] != local_res.sites[s] for s in res.sites)
 
 
 def test_compare_cells_on_ray_match_in_process(local_ray, tmp_path: Path) -> None:

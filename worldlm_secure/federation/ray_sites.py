@@ -20,7 +20,8 @@ masked sums differ by masking's random rounding only; tests/test_ray_backend.py)
 
 Not at the real boundary: the sites' authorization, budget trackers and signed ledgers (kept by the driver's
 `ReleasePath` with the sites' keys); the federations' own releases (residuals, federation -> root) run
-in the driver as before. Record-level DP-SGD (Opacus) is not distributed yet: such worlds are refused.
+in the driver as before. Record-level DP-SGD (Opacus, `train.private`) runs in the site's actor; its
+steps are accounted on the site's SITE/record stream by the driver, as the other budgets.
 """
 
 from __future__ import annotations
@@ -45,12 +46,9 @@ class RayEngine(Engine):
 
     def __init__(self, *args: Any, cpus_per_site: float = 1.0, gpus_per_site: float = 0.0,
                  address: str | None = None, **kwargs: Any) -> None:
+        # The in-process constructor also refuses, before any actor starts, a model Opacus cannot handle
+        # when a site's policy asks for record-level DP-SGD; the actors then run DP-SGD themselves.
         super().__init__(*args, **kwargs)
-        if self.record:
-            raise ConfigError(
-                f"{self.world.path}: record-level DP-SGD sites ({', '.join(sorted(self.record))}) do not run on "
-                "Ray yet; use the in-process backend (drop --backend ray)"
-            )
         from dataclasses import replace
 
         from worldlm_secure.federation.ray_backend import ensure_ray
@@ -81,10 +79,17 @@ class RayEngine(Engine):
     def _train_sites(self, round_id: int) -> float:
         steps = self.settings.train.local_steps
         start_step = (round_id - 1) * steps
-        refs = {s.name: self.actors[s.name].train.remote(start_step) for s in self.sites}
+        for stream in self.record.values():  # refuse the whole round before any site trains (BudgetExceeded)
+            stream.check_round(steps)
+        refs = {}
+        for s in self.sites:
+            stream = self.record.get(s.name)
+            refs[s.name] = self.actors[s.name].train.remote(start_step, stream.params if stream is not None else None)
         losses = []
         for s in self.sites:  # sites finish in any order; results are taken in the engine's site order
-            loss, seconds = self._get(refs[s.name])
+            loss, seconds, taken = self._get(refs[s.name])
+            if s.name in self.record:  # the site's DP-SGD steps, charged on its next release (driver's accounting)
+                self.record[s.name].add_steps(taken)
             self.site_seconds[s.name] = self.site_seconds.get(s.name, 0.0) + seconds
             losses.append(loss)
             if self.on_site:

@@ -95,6 +95,7 @@ class SiteActor:
         self.generator = torch.Generator()
         self.generator.set_state(generator_state)
         self.opt_state: dict | None = None
+        self._private: Any = None  # train.private.PrivateTrainer, made on the first record-level DP round
         self.identity = NodeIdentity.generate(name)
         self._vector: np.ndarray | None = None
         self._member: Any = None  # secagg.masking.MaskingMember of the round in progress
@@ -107,18 +108,30 @@ class SiteActor:
         return self.identity.public_bytes
 
     # ---- training and evaluation ----
-    def train(self, start_step: int) -> tuple[float, float]:
-        """One local round from ``start_step``; returns (mean loss, seconds spent in this actor)."""
+    def train(self, start_step: int, record: Any = None) -> tuple[float, float, int]:
+        """One local round from ``start_step``; returns (mean loss, seconds spent in this actor, DP-SGD steps).
+
+        ``record``: the site's `RecordDPParams` when its policy asks for record-level DP (Opacus DP-SGD,
+        Poisson sampling and noise from the CSPRNG, in this actor); None: plain training (0 DP-SGD steps).
+        """
         t0 = time.perf_counter()
         model = self.trainer.model
         model.load_state_dict(self.params, strict=False)
         opt = self.trainer.make_optimizer()
         if self.opt_state is not None:
             opt.load_state_dict(self.opt_state)
-        loss = self.trainer.train_round(self.train_seq, opt, start_step, self.generator)
+        taken = 0
+        if record is not None:
+            if self._private is None:
+                from worldlm_secure.train.private import PrivateTrainer
+
+                self._private = PrivateTrainer(self.trainer)  # wraps the module once for per-sample gradients
+            loss, taken = self._private.train_round(self.train_seq, opt, start_step, record)
+        else:
+            loss = self.trainer.train_round(self.train_seq, opt, start_step, self.generator)
         self.params = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters()}
         self.opt_state = opt.state_dict()
-        return float(loss), time.perf_counter() - t0
+        return float(loss), time.perf_counter() - t0, int(taken)
 
     def receive(self, tensors: Tensors) -> None:
         """The federation's broadcast (aggregated key and shared layers): becomes the site's and the new base."""
