@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldlm_secure.aggregation import blend_from_sum, client_weights, embed, flatten, mix_in, unflatten
+from worldlm_secure.aggregation import blend_from_sum, embed, flatten, mix_in, unflatten
+from worldlm_secure.aggregation.member import member_weights
 from worldlm_secure.errors import BudgetExceeded, ConfigError
 from worldlm_secure.federation.methods import Method
 from worldlm_secure.federation.release import MemberUpdate, ReleasePath, ReleaseStats
@@ -274,13 +275,11 @@ class Engine:
         "examples" (examples / the federation's largest site). `RayEngine` runs this in the sites' actors.
         """
         n_max = max(s.examples for s in sites)
-        members = {}
-        for s in sites:
-            if weighting == "attention":
-                w = client_weights(server, s.params, names, self.settings.attention)
-            else:
-                w = np.full(len(names), s.examples / n_max)
-            members[s.name] = (s.params, w)
+        members = {
+            s.name: (s.params, member_weights(server, s.params, names, weighting, examples=s.examples, n_max=n_max,
+                                              attention=self.settings.attention))
+            for s in sites
+        }
         return self._weighted_round(round_id, group, fed, server, members, names, final)
 
     def _aggregate_key(self, round_id: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from worldlm_secure.aggregation.member import encode_update
 from worldlm_secure.aggregation.weighted import DeltaCodec
 from worldlm_secure.errors import ConfigError, PolicyError
 from worldlm_secure.federation.world import World
@@ -141,12 +142,8 @@ class ReleasePath:
         final = final_destination or destination
         plan = self._plan(sorted(updates), final)
         dp = None if derived else self._dp_for(sorted(updates), final, codec.length, plan)
-        vectors = {}
-        for member, upd in updates.items():
-            deltas = upd.deltas
-            if dp is not None:  # member side: clip the whole group's update to the policy's norm
-                deltas = _clip(deltas, names, dp.dp.clipping_norm)
-            vectors[member] = codec.encode(deltas, upd.weights)
+        clip = dp.dp.clipping_norm if dp is not None else None  # member side: clip the group's update
+        vectors = {member: encode_update(codec, upd.deltas, upd.weights, clip) for member, upd in updates.items()}
         total = self._release(round_id, group, destination, sorted(vectors), _in_process(round_id, plan, vectors),
                               names, final, plan, dp, derived).total
         return codec.decode_average(total)
@@ -465,10 +462,3 @@ def _with_member_noise(dp: _DP, secure: SecureSum, roster: int) -> tuple[_DP, In
     noise = integer_noise(dp.dp.mechanism, dp.plan, roster)  # type: ignore[arg-type]
     scale = secure.quantization(roster, noise).scale  # type: ignore[attr-defined]
     return replace(dp, plan=replace(dp.plan, quant_step=1.0 / scale)), noise
-
-
-def _clip(deltas: Mapping[str, torch.Tensor], names: Sequence[str], max_norm: float) -> dict[str, torch.Tensor]:
-    """Scale the group's update so its L2 norm over all tensors is at most ``max_norm``."""
-    norm = float(torch.sqrt(sum((deltas[n].double() ** 2).sum() for n in names)))
-    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    return {n: deltas[n] * scale for n in names}

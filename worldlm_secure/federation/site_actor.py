@@ -15,24 +15,23 @@ round's DP norm, encoded (`DeltaCodec`). It then runs its side of the round's pr
 What comes back to the driver is: losses, seconds, perplexities, serialized protocol messages (bytes),
 and plain vectors only under protocol `none`. Parameters go down (the aggregates' broadcast), never up.
 
-The member-side computation (weights, deltas, clip, encode) is the one `node.site.SiteNode._release` and
-`node.release.NodeRelease.prepare` do; `member_vector` is its transport-free form (to unify later).
+The member-side computation (weights, deltas, clip, encode) is `aggregation.member`'s, the same the
+in-process engine and a site node (`node.site`) use.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from worldlm_secure.aggregation import client_weights
+from worldlm_secure.aggregation.member import encode_update, member_weights
 from worldlm_secure.aggregation.weighted import DeltaCodec
 from worldlm_secure.errors import SecAggError
-from worldlm_secure.federation.release import _clip
 from worldlm_secure.identity import NodeIdentity
 
 Tensors = dict[str, torch.Tensor]
@@ -57,17 +56,10 @@ def member_vector(params: Mapping[str, torch.Tensor], server: Mapping[str, torch
                   spec: ReleaseSpec) -> np.ndarray:
     """A site's encoded release: weights, w * (params - server) per tensor, clipped, as one float64 vector."""
     names = list(spec.names)
-    if spec.weighting == "attention":
-        weights = client_weights(server, params, names, spec.attention)
-    elif spec.weighting == "examples":
-        weights = np.full(len(names), examples / spec.n_max)
-    else:
-        raise ValueError(f"unknown weighting {spec.weighting!r}")
-    deltas: Mapping[str, torch.Tensor] = {n: params[n] - server[n] for n in names}
-    if spec.clip is not None:  # user-level DP: clip the whole group's update to the policy's norm
-        deltas = _clip(deltas, names, spec.clip)
-    codec = DeltaCodec(tuple(names), tuple(tuple(server[n].shape) for n in names))
-    return codec.encode(deltas, weights)
+    weights = member_weights(server, params, names, spec.weighting, examples=examples, n_max=spec.n_max,
+                             attention=spec.attention)
+    deltas = {n: params[n] - server[n] for n in names}
+    return encode_update(DeltaCodec.for_tensors(server, names), deltas, weights, spec.clip)
 
 
 class SiteActor:

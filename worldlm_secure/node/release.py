@@ -38,7 +38,8 @@ import torch
 
 from worldlm_secure.aggregation.weighted import DeltaCodec
 from worldlm_secure.errors import ConfigError
-from worldlm_secure.federation.release import ReleasePath, _clip, _DP  # the engine's own clip and DP record
+from worldlm_secure.aggregation.member import encode_update
+from worldlm_secure.federation.release import ReleasePath, _DP  # the engine's own DP record
 from worldlm_secure.ledger.entry import DP_SGD
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.context import WorldContext
@@ -154,9 +155,8 @@ class NodeRelease:
         else:
             codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
             dp = None if derived else round_dp(self.path, cohort, final, codec.length, plan, self.planned_releases)
-            if dp is not None:  # member side: clip the whole group's update to the policy's norm
-                deltas = _clip(deltas, names, dp.dp.clipping_norm)  # type: ignore[arg-type]
-            vector = codec.encode(deltas, weights)  # type: ignore[arg-type]
+            clip = dp.dp.clipping_norm if dp is not None else None  # member side: clip the group's update
+            vector = encode_update(codec, deltas, weights, clip)  # type: ignore[arg-type]
         level = self.path._applied_level(self.me, eff, dp is not None, derived)
         mechanism = dp.dp.mechanism.name if dp else (plan.dp_mechanism if derived else None)
         authorize(

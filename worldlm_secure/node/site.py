@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worldlm_secure.aggregation import client_weights
+from worldlm_secure.aggregation.member import member_weights
 from worldlm_secure.errors import SecAggError, TransportError, WorldLMError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.board import DONE_STATUS, EXAMPLES_STATUS
@@ -165,14 +165,11 @@ class SiteNode:
 
     def _release(self, client: SiteClient, ann: Announcement, phase: Phase) -> None:
         r, ctx = phase.world_round, self.ctx
-        if phase.phase == "key":
-            names = ctx.key_names
-            weights = client_weights(self.server, self.params, names, ctx.settings.attention)
-            final = self.fed
-        else:
-            names = ctx.shared_names
-            weights = np.full(len(names), self.examples / phase.n_max)
-            final = ctx.root
+        key = phase.phase == "key"
+        names, final = (ctx.key_names, self.fed) if key else (ctx.shared_names, ctx.root)
+        weights = member_weights(self.server, self.params, names, "attention" if key else "examples",
+                                 examples=self.examples, n_max=phase.n_max if not key else 1.0,
+                                 attention=ctx.settings.attention)
         deltas = {n: self.params[n] - self.server[n] for n in names}
         shapes = {n: self.server[n].shape for n in names}
         group = phase.phase
