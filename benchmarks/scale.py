@@ -10,9 +10,10 @@ Each configuration runs in its own fresh Python process, so its peak RSS (``ru_m
 Round time is split into local training, protection (masking member + aggregator side) and the rest
 (evaluation, bookkeeping); "setup" is building the engine (model copies, optimizer state per site).
 With ``--ray`` the ``--ray-sites`` configurations also run on a fresh local Ray instance with 2 CPUs,
-at both scopes of ``simulate --backend ray``: ``ray-sites`` (every site's local training a Ray task of
-1 CPU, the release path in the driver; peak RSS is the driver's, the two worker processes come on
-top) and ``ray-methods`` (the whole method as one Ray task; peak RSS is that worker's).
+at both scopes of ``simulate --backend ray``: ``ray-sites`` (every site a Ray actor, its own worker
+process, doing its training and its member side; the aggregators and the release path in the driver;
+peak RSS is the driver's plus every actor's) and ``ray-methods`` (the whole method as one Ray task;
+peak RSS is that worker's).
 
 Run: python benchmarks/scale.py [--sites 8,32,128,512] [--models tiny,small,gpt2-124m] [--ray]
      [--ray-sites 8,32,128] [--timeout 900] [--merge] [--out benchmarks/results/scale.json]
@@ -78,6 +79,7 @@ def run_one(sites: int, model: str, backend: str) -> dict:
     from worldlm_secure.federation.simulate import load_world_data
     from worldlm_secure.federation.world import load_world
 
+    extra: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_world(Path(tmp), sites, model)
         t0 = time.perf_counter()
@@ -91,17 +93,19 @@ def run_one(sites: int, model: str, backend: str) -> dict:
             settings = settings_for(world, device="cpu")
             data, vocab = load_world_data(world, settings)
             t1 = time.perf_counter()
+            # Starting the engine starts one actor per site (each imports torch and builds its model) and
+            # waits for their public keys: that is setup. The round below is a steady-state round.
             engine = RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab)
-            # Warm both worker processes (import torch, build the model: ~10 s each, once per worker) so the
-            # round below is a steady-state round; this counts as setup. Results are discarded.
-            warm = [engine._task.remote(engine._config, s.params, None, s.generator.get_state(),
-                                        engine._train_refs[s.name], 0) for s in engine.sites[:2]]
-            ray.get(warm)
             setup_s = time.perf_counter() - t1
             res = engine.run()
+            # every actor's own peak RSS (each site is its own worker process), on top of the driver's
+            actor_kib = ray.get([a.__ray_call__.remote(lambda _self: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                                 for a in engine.actors.values()])
             engine.shutdown()
             ray.shutdown()
             peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            extra = {"driver_rss_mib": peak_kib / 1024.0, "actor_rss_mib_mean": sum(actor_kib) / len(actor_kib) / 1024.0}
+            peak_kib += sum(actor_kib)
         elif backend == "ray-methods":
             import ray
 
@@ -146,6 +150,7 @@ def run_one(sites: int, model: str, backend: str) -> dict:
             "protocols": dict(res.stats.by_protocol),
             "mean_val_ppl": res.mean_val_ppl,
             "total_s": time.perf_counter() - t0,
+            **extra,
         }
 
 

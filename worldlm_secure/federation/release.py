@@ -54,7 +54,7 @@ class ReleaseStats:
 
 
 @dataclass(frozen=True)
-class _DP:
+class ReleaseDP:
     """User-level DP for one round: the shared settings and each member's budget tracker."""
 
     dp: Any  # privacy.UserLevelDP
@@ -140,7 +140,7 @@ class ReleasePath:
         """
         codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
         final = final_destination or destination
-        plan = self._plan(sorted(updates), final)
+        plan = self.plan(sorted(updates), final)
         dp = None if derived else self._dp_for(sorted(updates), final, codec.length, plan)
         clip = dp.dp.clipping_norm if dp is not None else None  # member side: clip the group's update
         vectors = {member: encode_update(codec, upd.deltas, upd.weights, clip) for member, upd in updates.items()}
@@ -169,7 +169,7 @@ class ReleasePath:
         codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
         final = final_destination or destination
         cohort = sorted(members)
-        plan = self._plan(cohort, final)
+        plan = self.plan(cohort, final)
         dp = self._dp_for(cohort, final, codec.length, plan)
         clip = dp.dp.clipping_norm if dp is not None else None
 
@@ -199,7 +199,7 @@ class ReleasePath:
             for m in vectors:
                 if self.effective(m, destination).differential_privacy.level != "none":
                     raise PolicyError(f"{group} release of {m!r}: raw vectors cannot be released under a DP policy")
-        plan = self._plan(sorted(vectors), destination)
+        plan = self.plan(sorted(vectors), destination)
         run = _in_process(round_id, plan, vectors)
         return self._release(round_id, group, destination, sorted(vectors), run, names, destination, plan, None, derived).total
 
@@ -214,7 +214,7 @@ class ReleasePath:
         names: Sequence[str],
         final: str,
         plan: Any,
-        dp: _DP | None,
+        dp: ReleaseDP | None,
         derived: bool,
     ) -> SumResult:
         """``run(secure, noise)``: the members' protect step and the protocol's sum (in process, or remote)."""
@@ -224,7 +224,7 @@ class ReleasePath:
         effective = [self.effective(m, final) for m in members]
         # What is actually applied, per member: noise on the sum protects every member of a noised round;
         # a derived release is DP by post-processing exactly when its member's own inputs were noised.
-        levels = {m: self._applied_level(m, e, dp is not None, derived) for m, e in zip(members, effective)}
+        levels = {m: self.applied_level(m, e, dp is not None, derived) for m, e in zip(members, effective)}
         mechanism = dp.dp.mechanism.name if dp is not None else (plan.dp_mechanism if derived else None)
         for member in members:
             authorize(
@@ -238,7 +238,7 @@ class ReleasePath:
                     dp_level=levels[member],
                     dp_mechanism={"user": mechanism, "record": DP_SGD}.get(levels[member]),
                     cohort_size=len(members),
-                    record_dp=self._trained_with_dp_sgd(member, effective[members.index(member)], derived),
+                    record_dp=self.trained_with_dp_sgd(member, effective[members.index(member)], derived),
                 ),
                 self.chain(member, final),
             )
@@ -266,21 +266,21 @@ class ReleasePath:
         for member in result.contributors:
             rc = record_charges.get(member)
             if rc is None or levels[member] != "record":  # a record-only release has just its DP-SGD entry
-                self._record(round_id, group, member, destination, names, plan, result,
+                self.record_release(round_id, group, member, destination, names, plan, result,
                              effective[members.index(member)], levels[member], dp, charges.get(member))
             if rc is not None:
-                self._record_dp_sgd(round_id, group, member, destination, names, plan, result,
+                self.record_dp_sgd(round_id, group, member, destination, names, plan, result,
                                     effective[members.index(member)], rc, second=levels[member] != "record")
         self._count(plan.protocol, result)
         return SumResult(total, result.contributors, result.dropped, result.stats)
 
-    def _plan(self, members: Sequence[str], final: str) -> Any:
+    def plan(self, members: Sequence[str], final: str) -> Any:
         """The round plan every member follows: protocol, its parameters, the DP mechanism (policy.plan_round)."""
         from worldlm_secure.policy import plan_round
 
         return plan_round({m: self.effective(m, final) for m in members})
 
-    def _dp_for(self, members: list[str], final: str, dim: int, plan: Any) -> _DP | None:
+    def _dp_for(self, members: list[str], final: str, dim: int, plan: Any) -> ReleaseDP | None:
         """User-level DP settings for a round whose members' policies ask for it (None otherwise)."""
         from worldlm_secure.privacy import UserLevelDP
 
@@ -300,19 +300,19 @@ class ReleasePath:
             mechanism=plan.dp_mechanism,
         )
         trackers = {m: self._tracker(m, dp) for m in members}
-        return _DP(dp, trackers, dp.plan(expected_members=len(members), dim=dim, w_max=1.0))
+        return ReleaseDP(dp, trackers, dp.plan(expected_members=len(members), dim=dim, w_max=1.0))
 
     def _tracker(self, member: str, dp: Any) -> Any:
         if member not in self._trackers:
-            entries = self._ledger(member).entries() if self.ledger_dir is not None else ()
+            entries = self.ledger(member).entries() if self.ledger_dir is not None else ()
             self._trackers[member] = dp.tracker(f"{member}/user", entries)
         return self._trackers[member]
 
     def ledger_entries(self, node: str) -> list[Any]:
         """``node``'s ledger entries so far (empty without a ledger), e.g. to rebuild a budget stream."""
-        return self._ledger(node).entries() if self.ledger_dir is not None else []
+        return self.ledger(node).entries() if self.ledger_dir is not None else []
 
-    def _applied_level(self, member: str, eff: Any, noised: bool, derived: bool) -> str:
+    def applied_level(self, member: str, eff: Any, noised: bool, derived: bool) -> str:
         """The DP level a release of ``member`` actually has: user when noise is added to the sum; record
         when the member trained with DP-SGD; a derived release inherits its (DP-protected) inputs' level."""
         if noised:
@@ -321,12 +321,13 @@ class ReleasePath:
             return str(eff.differential_privacy.level)
         return "record" if member in self.record_streams else "none"
 
-    def _trained_with_dp_sgd(self, member: str, eff: Any, derived: bool) -> bool:
+    def trained_with_dp_sgd(self, member: str, eff: Any, derived: bool) -> bool:
         # A derived release's inputs come from the sites below it, whose paths include its policy: if that
         # is record-level, every one of them trained with DP-SGD (the engine refuses otherwise).
         return bool(eff.differential_privacy.record_level) if derived else member in self.record_streams
 
-    def _ledger(self, node: str) -> Any:
+    def ledger(self, node: str) -> Any:
+        """``node``'s signed ledger (opened on first use; needs a ``ledger_dir``)."""
         from worldlm_secure.ledger import Ledger
 
         if node not in self._ledgers:
@@ -334,10 +335,11 @@ class ReleasePath:
             self._ledgers[node] = Ledger(self.ledger_dir / f"{node}.sqlite", self.identities[node])
         return self._ledgers[node]
 
-    def _record(
+    def record_release(
         self, round_id: int, group: str, member: str, destination: str, names: Sequence[str], plan: Any,
-        result: SumResult, eff: Any, dp_level: str, dp: _DP | None, charge: Any,
+        result: SumResult, eff: Any, dp_level: str, dp: ReleaseDP | None, charge: Any,
     ) -> None:
+        """Write ``member``'s ledger entry of one release (``charge``: its user-level charge, or None)."""
         if charge is not None:
             self.stats.epsilon[charge.stream] = charge.epsilon_cumulative
         if self.ledger_dir is None:
@@ -365,9 +367,9 @@ class ReleasePath:
             delta=float(eff.differential_privacy.delta or 0.0),
             key_id=str(result.stats.extra.get("key_id", "")),
         )
-        self._ledger(member).append(entry, policy_document=eff.canonical_json())
+        self.ledger(member).append(entry, policy_document=eff.canonical_json())
 
-    def _record_dp_sgd(
+    def record_dp_sgd(
         self, round_id: int, group: str, member: str, destination: str, names: Sequence[str], plan: Any,
         result: SumResult, eff: Any, charge: Any, *, second: bool,
     ) -> None:
@@ -400,7 +402,7 @@ class ReleasePath:
             key_id=str(result.stats.extra.get("key_id", "")),
             extra={"expected_batch": params.expected_batch},
         )
-        self._ledger(member).append(entry, policy_document=eff.canonical_json())
+        self.ledger(member).append(entry, policy_document=eff.canonical_json())
 
     def _protocol(self, destination: str, protocol: str, plan: Any, members: Sequence[str]) -> SecureSum:
         key = (destination, protocol)
@@ -453,7 +455,7 @@ def _wants_dp(effective: Sequence[Any]) -> bool:
     return any(e.differential_privacy.level != "none" for e in effective)
 
 
-def _with_member_noise(dp: _DP, secure: SecureSum, roster: int) -> tuple[_DP, IntegerNoise]:
+def _with_member_noise(dp: ReleaseDP, secure: SecureSum, roster: int) -> tuple[ReleaseDP, IntegerNoise]:
     """Distributed noise: the round's integer noise shares and the plan at the scale the protocol will use."""
     from worldlm_secure.privacy.distributed import integer_noise
 

@@ -39,7 +39,7 @@ import torch
 from worldlm_secure.aggregation.weighted import DeltaCodec
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.aggregation.member import encode_update
-from worldlm_secure.federation.release import ReleasePath, _DP  # the engine's own DP record
+from worldlm_secure.federation.release import ReleaseDP, ReleasePath
 from worldlm_secure.ledger.entry import DP_SGD
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.context import WorldContext
@@ -109,7 +109,7 @@ def check_supported(ctx: WorldContext) -> None:
     for fed in ctx.world.federations:
         links = [(ctx.members(fed.name), fed.name), (ctx.members(ctx.root), ctx.root)]
         for members, final in links:
-            plan = path._plan(members, final)
+            plan = path.plan(members, final)
             where = f"{ctx.world.path}: aggregation at {final!r}"
             ckks = CkksRound.from_plan(plan) if plan.protocol == "ckks" else None
             if ckks is not None and not ckks.holders(members):
@@ -135,7 +135,7 @@ class NodeRelease:
         self._trackers: dict[str, Any] = {}
 
     def plan(self, cohort: Sequence[str], final: str) -> Any:
-        return self.path._plan(sorted(cohort), final)
+        return self.path.plan(sorted(cohort), final)
 
     # ---- member side ----
     def prepare(
@@ -157,14 +157,14 @@ class NodeRelease:
             dp = None if derived else round_dp(self.path, cohort, final, codec.length, plan, self.planned_releases)
             clip = dp.dp.clipping_norm if dp is not None else None  # member side: clip the group's update
             vector = encode_update(codec, deltas, weights, clip)  # type: ignore[arg-type]
-        level = self.path._applied_level(self.me, eff, dp is not None, derived)
+        level = self.path.applied_level(self.me, eff, dp is not None, derived)
         mechanism = dp.dp.mechanism.name if dp else (plan.dp_mechanism if derived else None)
         authorize(
             Release(
                 source=self.me, destination=destination, round=world_round, group=group,  # type: ignore[arg-type]
                 tensor_names=tuple(names), protocol=plan.protocol, dp_level=level,
                 dp_mechanism={"user": mechanism, "record": DP_SGD}.get(level),
-                cohort_size=len(cohort), record_dp=self.path._trained_with_dp_sgd(self.me, eff, derived),
+                cohort_size=len(cohort), record_dp=self.path.trained_with_dp_sgd(self.me, eff, derived),
             ),
             self.path.chain(self.me, final),
         )
@@ -186,13 +186,13 @@ class NodeRelease:
         """
         rid = f"{world_round}:{group}:{destination}"
         key = f"released:{rid}"
-        existing = self.path._ledger(self.me).get(rid) if self.path.ledger_dir is not None else None
+        existing = self.path.ledger(self.me).get(rid) if self.path.ledger_dir is not None else None
         retry = None
         if existing is not None:
             if prep.noise is None or self.state is None or self.state.get(key) == link_round:
                 return  # the same release again (no fresh noise): its entry stands, nothing charged twice
             retry = f"{rid}:retry{link_round}"
-            if self.path._ledger(self.me).get(retry) is not None:
+            if self.path.ledger(self.me).get(retry) is not None:
                 return
         if self.state is not None and retry is None:
             self.state.put(**{key: link_round})
@@ -209,11 +209,11 @@ class NodeRelease:
         if retry is not None:
             self._append_retry(retry, world_round, group, destination, names, prep, result, charge)
             return
-        dp = _DP(prep.dp.dp, {self.me: prep.tracker}, prep.dp.plan) if prep.dp is not None else None
+        dp = ReleaseDP(prep.dp.dp, {self.me: prep.tracker}, prep.dp.plan) if prep.dp is not None else None
         if record_charge is None or prep.level != "record":  # a record-only release has just its DP-SGD entry
-            self.path._record(world_round, group, self.me, destination, names, prep.plan, result, prep.effective, prep.level, dp, charge)
+            self.path.record_release(world_round, group, self.me, destination, names, prep.plan, result, prep.effective, prep.level, dp, charge)
         if record_charge is not None:
-            self.path._record_dp_sgd(world_round, group, self.me, destination, names, prep.plan, result, prep.effective,
+            self.path.record_dp_sgd(world_round, group, self.me, destination, names, prep.plan, result, prep.effective,
                                      record_charge, second=prep.level != "record")
 
     def _append_retry(self, release_id: str, world_round: int, group: str, destination: str, names: Sequence[str],
@@ -230,7 +230,7 @@ class NodeRelease:
             policy_sha256=prep.effective.sha256, charge=charge, stream=f"{self.me}/{prep.level}",
             delta=float(prep.effective.differential_privacy.delta or 0.0), key_id="",
         )
-        self.path._ledger(self.me).append(entry, policy_document=prep.effective.canonical_json())
+        self.path.ledger(self.me).append(entry, policy_document=prep.effective.canonical_json())
 
     def _tracker(self, dp: Any) -> Any:
         if self.me not in self._trackers:
