@@ -70,3 +70,53 @@ class Events:
     def all(self, **match: object) -> list[dict]:
         with self.lock:
             return [ev for ev in self.items if all(ev.get(k) == v for k, v in match.items())]
+
+
+def kill9(procs: dict, node: str) -> None:
+    """kill -9 one node process and reap it."""
+    import os
+    import signal
+
+    os.kill(procs[node].popen.pid, signal.SIGKILL)
+    procs[node].popen.wait()
+
+
+def run_with_one_restart(world_path: Path, state: Path, events: Events, node: str, after: dict[str, object], *,
+                         wait: float = 300, timeout: float = 600) -> tuple[Any, dict, dict[str, int]]:
+    """`world up` the world, kill -9 ``node`` once ``events`` shows an event matching ``after`` (within
+    ``wait`` s), restart it, and wait for every node to exit; returns (world, processes, exit codes).
+    Every process still running at the end (a failed test) is killed."""
+    from worldlm_secure.node.world_up import prepare, start_world, wait_all
+
+    world, procs = prepare(world_path, state)
+    try:
+        start_world(world, procs, state, events)
+        events.wait(wait, **after)
+        kill9(procs, node)
+        start_world(world, procs, state, events, only={node})
+        codes = wait_all(procs, timeout=timeout)
+    finally:
+        for p in procs.values():
+            if p.popen is not None and p.popen.poll() is None:
+                p.popen.kill()
+    return world, procs, codes
+
+
+def assert_like_simulate(world_path: Path, deployed_sites: dict[str, dict], state: Path, sim_ledgers: Path,
+                         rel: float, why: str) -> None:
+    """The deployed world ended where the in-process `simulate` of the same world and seed ends: every
+    site's validation perplexity within ``rel`` (``why``: what a larger gap would mean), and every node's
+    ledger holds the same release ids as simulate's, all verifying."""
+    from worldlm_secure.federation.methods import METHODS
+    from worldlm_secure.federation.simulate import simulate
+    from worldlm_secure.ledger import verify
+
+    sim = simulate(world_path, methods=[METHODS["worldlm"]], device="cpu", ledger_root=sim_ledgers)
+    for site, ppl in sim.methods["worldlm"].sites.items():
+        got = deployed_sites[site]["val_ppl"]
+        assert abs(got - ppl) / ppl < rel, (site, got, ppl, why)
+    ids = ledger_ids(state)
+    for path in sim_ledgers.glob("*.sqlite"):
+        rep = verify(path)
+        assert rep.ok, f"{path}: {rep.problem}"
+        assert ids.get(rep.node, []) == [e.release_id for e in rep.entries], rep.node

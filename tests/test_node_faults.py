@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeworld import Events, ledger_ids, small_world
+from nodeworld import Events, kill9, ledger_ids, run_with_one_restart, small_world
 from worldlm_secure.errors import TransportError
 from worldlm_secure.node.world_up import collect_results, prepare, start_world, wait_all
 from worldlm_secure.transport import keys
@@ -63,13 +63,11 @@ def test_site_killed_slow_site_and_federation_restarted(tmp_path: Path) -> None:
         assert key1["contributors"] == 3 and set(key1["dropped"]) == {"eu-d", "eu-e"}
 
         events.wait(240, node="us", event="aggregated", round=2, phase="key")
-        os.kill(procs["us"].popen.pid, signal.SIGKILL)  # type: ignore[union-attr]
-        procs["us"].popen.wait()  # type: ignore[union-attr]
+        kill9(procs, "us")
         start_world(world, procs, state, events, only={"us"})
 
         events.wait(240, node="lab-a", event="trained", round=3)
-        os.kill(procs["lab-a"].popen.pid, signal.SIGKILL)  # type: ignore[union-attr]
-        procs["lab-a"].popen.wait()  # type: ignore[union-attr]
+        kill9(procs, "lab-a")
         start_world(world, procs, state, events, only={"lab-a"})
         _intruders(state)
         codes = wait_all(procs, timeout=600)
@@ -140,19 +138,8 @@ def test_federation_restart_under_distributed_noise_charges_the_rerelease(tmp_pa
     for name in ("world", "f0", "f1", "f0-s0", "f0-s1", "f1-s0", "f1-s1"):
         (tmp_path / "nodes" / f"{name}.yaml").write_text("timeouts: {train: 240, step: 60, heartbeat: 1, dropout: 90}\n")
     state = tmp_path / "state"
-    events = Events()
-    world, procs = prepare(world_path, state)
-    try:
-        start_world(world, procs, state, events)
-        events.wait(240, node="f0", event="aggregated", round=1, phase="key")
-        os.kill(procs["f0"].popen.pid, signal.SIGKILL)  # type: ignore[union-attr]
-        procs["f0"].popen.wait()  # type: ignore[union-attr]
-        start_world(world, procs, state, events, only={"f0"})
-        codes = wait_all(procs, timeout=600)
-    finally:
-        for p in procs.values():
-            if p.popen is not None and p.popen.poll() is None:
-                p.popen.kill()
+    _, _, codes = run_with_one_restart(world_path, state, Events(), "f0",
+                                       {"node": "f0", "event": "aggregated", "round": 1, "phase": "key"}, wait=240)
     assert all(c == 0 for c in codes.values()), codes
     ids = ledger_ids(state)
     retry = [i for i in ids["f0-s0"] if ":retry" in i]

@@ -26,7 +26,6 @@ from typing import Any
 from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.federation.ray_steps import StepLog, run_step
 from worldlm_secure.secagg import ckks_messages as wire
-from worldlm_secure.secagg import ckks_packing as packing
 from worldlm_secure.secagg.ckks import (
     CkksAggregator,
     CkksRoundTrace,
@@ -82,9 +81,7 @@ class RayCkks:
         if new_epoch:
             epoch = self._epochs[destination] = self._ceremony(params, number, holders, actors, steps, round_id)
         assert epoch is not None
-        layout = packing.plan_layout(params.slot_bits, params.value_bits, packing.headroom_for(len(names)))
-        spec = RoundSpec(round_id, epoch.keys.key_id, dim, tuple(names), layout, params.clip_range,
-                         params.slot_count, max(min_cohort, 1))
+        spec = RoundSpec.plan(params, round_id, epoch.keys.key_id, dim, names, min_cohort)
         agg = epoch.aggregator
         agg.open_round(spec)
         sent = run_step(self._ray, actors, "ckks_protect", {m: (spec,) for m in names if m not in steps.dropped},

@@ -74,8 +74,7 @@ class CkksRound:
         return tuple(h for h in named if h in cohort)
 
     def spec(self, round_id: int, key_id: str, n_values: int, cohort: tuple[str, ...]) -> RoundSpec:
-        layout = packing.plan_layout(self.params.slot_bits, self.params.value_bits, packing.headroom_for(len(cohort)))
-        return RoundSpec(round_id, key_id, n_values, cohort, layout, self.params.clip_range, self.params.slot_count, self.min_cohort)
+        return RoundSpec.plan(self.params, round_id, key_id, n_values, cohort, self.min_cohort)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,14 @@ class RoundSpec:
     def n_chunks(self) -> int:
         return -(-self.layout.slots_for(self.n_values) // self.slot_count)
 
+    @classmethod
+    def plan(cls, params: CkksParams, round_id: int, key_id: str, n_values: int, cohort: Sequence[str],
+             min_cohort: int) -> "RoundSpec":
+        """The spec of a round of ``cohort`` under ``params``: the packing leaves headroom for the cohort's sum."""
+        layout = packing.plan_layout(params.slot_bits, params.value_bits, packing.headroom_for(len(cohort)))
+        return cls(round_id, key_id, n_values, tuple(cohort), layout, params.clip_range, params.slot_count,
+                   max(min_cohort, 1))
+
 
 @dataclass(frozen=True)
 class Contribution:
@@ -425,11 +433,7 @@ class CkksSecureSum(SecureSum):
 
         lengths = Counter(int(np.asarray(m.vector).size) for m in inputs)
         n_values = max(sorted(lengths), key=lambda n: lengths[n]) if lengths else 0
-        layout = packing.plan_layout(self.params.slot_bits, self.params.value_bits, packing.headroom_for(len(inputs)))
-        spec = RoundSpec(
-            round_id, keys.key_id, n_values, tuple(names), layout, self.params.clip_range, self.params.slot_count,
-            max(min_cohort, 1),
-        )
+        spec = RoundSpec.plan(self.params, round_id, keys.key_id, n_values, names, min_cohort)
 
         self.last_spec = spec
         agg = self._aggregator
