@@ -29,12 +29,9 @@ at most C. Their ratio says how much of each step is noise.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +40,8 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from provenance import run_info
 
 from worldlm_secure.federation.methods import METHODS
 from worldlm_secure.federation.simulate import SimulationResult, simulate
@@ -169,11 +168,6 @@ def summarize(world_label: str, world: Path, result: SimulationResult, ledgers: 
     return rows
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def render(results: dict[str, dict[str, dict[str, Any]]], floor: float | None, console: Console) -> None:
@@ -222,13 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 160)
     meta: dict[str, Any] = {
-        "benchmark": "dp_utility",
-        "command": "python benchmarks/dp_utility.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "python": platform.python_version(),
+        **run_info("dp_utility", argv),
         "torch": torch.__version__,
-        "cpus": os.cpu_count(),
         "torch_threads": args.threads,
         "methods": list(METHOD_NAMES),
         "worlds": {k: str(v.relative_to(REPO)) for k, v in worlds.items()},

@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from provenance import run_info
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,14 +64,8 @@ def main() -> None:
             rows.setdefault(m.name, {})[site] = {"inprocess": a[site], "ray": b[site], "rel_diff": rel}
             print(f"{m.name:>8} {site:>7} {a[site]:>11.4f} {b[site]:>11.4f} {rel:>9.2e}")
     doc = {
-        "benchmark": "ray_equivalence",
-        "command": "python benchmarks/ray_equivalence.py " + " ".join(sys.argv[1:]),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
-        "python": platform.python_version(),
+        **run_info("ray_equivalence"),
         "ray": ray.__version__,
-        "cpus": os.cpu_count(),
         "ray_cpus": args.cpus,
         "scope": args.scope,
         "rounds": args.rounds,

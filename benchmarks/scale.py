@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from provenance import run_info
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = """\
@@ -82,6 +82,12 @@ def run_one(sites: int, model: str, backend: str) -> dict:
     extra: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_world(Path(tmp), sites, model)
+
+        def load() -> tuple:
+            world = load_world(path)
+            settings = settings_for(world, device="cpu")
+            return (world, settings, *load_world_data(world, settings))
+
         t0 = time.perf_counter()
         if backend == "ray-sites":
             import ray
@@ -89,9 +95,7 @@ def run_one(sites: int, model: str, backend: str) -> dict:
             from worldlm_secure.federation.ray_sites import RayEngine
 
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            world = load_world(path)
-            settings = settings_for(world, device="cpu")
-            data, vocab = load_world_data(world, settings)
+            world, settings, data, vocab = load()
             t1 = time.perf_counter()
             # Starting the engine starts one actor per site (each imports torch and builds its model) and
             # waits for their public keys: that is setup. The round below is a steady-state round.
@@ -125,9 +129,7 @@ def run_one(sites: int, model: str, backend: str) -> dict:
             setup_s = e2e - res.wall_s  # task scheduling, worker start, world/data load, engine build
             peak_kib = worker_rss
         else:
-            world = load_world(path)
-            settings = settings_for(world, device="cpu")
-            data, vocab = load_world_data(world, settings)
+            world, settings, data, vocab = load()
             t1 = time.perf_counter()
             engine = Engine(world, METHODS["worldlm"], data, settings, vocab_size=vocab)
             setup_s = time.perf_counter() - t1
@@ -188,13 +190,7 @@ def main() -> None:
     if args.ray:
         configs += [(int(n), "tiny", b) for b in ("ray-sites", "ray-methods") for n in args.ray_sites.split(",") if n]
     doc = {
-        "benchmark": "scale",
-        "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
+        **run_info("scale"),
         "torch_threads": 1,
         "load_average_at_start": list(os.getloadavg()),
         "note": "",

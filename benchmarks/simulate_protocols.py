@@ -22,11 +22,8 @@ the largest clipped fraction. Prints a table and writes benchmarks/results/simul
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +33,8 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from provenance import git, run_info
 
 from worldlm_secure.federation.methods import METHODS
 from worldlm_secure.federation.simulate import SimulationResult, simulate
@@ -129,11 +128,6 @@ def compare(row: Row, plain: Row | None) -> dict[str, Any]:
     return out
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def render(rows: list[dict[str, Any]], console: Console) -> None:
@@ -176,15 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 150)
     meta = {
-        "benchmark": "simulate_protocols",
-        "command": "python benchmarks/simulate_protocols.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        **run_info("simulate_protocols", argv),
         # uncommitted changes to the library or the example worlds at run time (the commit alone does not say what ran)
-        "git_dirty": (_git("status", "--porcelain", "--", "worldlm_secure", "examples") or "").splitlines(),
-        "python": platform.python_version(),
+        "git_dirty": (git("status", "--porcelain", "--", "worldlm_secure", "examples") or "").splitlines(),
         "torch": torch.__version__,
-        "cpus": os.cpu_count(),
         "torch_threads": args.threads,
         "tolerance": TOLERANCE,
         "note": "machine shared with other processes; ratios matter, absolute seconds are noisy",

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.methods import METHODS
+from worldlm_secure.federation.world import read_yaml
 
 Protocol = Literal["none", "masking", "ckks"]
 NOISE_MECHANISM = {
@@ -208,14 +208,7 @@ def _matches(cell: Cell, rule: dict[str, Any]) -> bool:
 def load_grid(path: str | Path) -> Grid:
     """Load and expand a grid file; every error names the file and the field and says what is valid."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: grid file not found") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = read_yaml(path, "grid file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping with at least `name:` and `axes:`")
     try:

@@ -84,6 +84,16 @@ def _short(c: dict[str, Any]) -> str:
     return " / ".join(str(p) for p in parts)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_plots(cells: list[dict[str, Any]], out: Path, *, title: str) -> list[Path]:
     """ppl_vs_epsilon.png, bytes_per_round.png and time_breakdown.png from the cells that ran."""
     import matplotlib
@@ -158,10 +168,7 @@ def write_plots(cells: list[dict[str, Any]], out: Path, *, title: str) -> list[P
     ax.set_title(f"{title}: utility vs privacy (circled: Pareto front)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    paths.append(out / "ppl_vs_epsilon.png")
-    fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(_save(fig, out / "ppl_vs_epsilon.png"))
 
     # 2. bytes per round per site, per protocol (median over that protocol's cells)
     protos = sorted({c["variation"]["protocol"] for c in ok}, key=lambda p: list(PROTOCOL_COLORS).index(p)
@@ -195,10 +202,7 @@ def write_plots(cells: list[dict[str, Any]], out: Path, *, title: str) -> list[P
     ax.set_title(f"{title}: communication per round per site")
     ax.grid(alpha=0.3, axis="y", which="both")
     ax.legend(handles=handles, fontsize=8, loc="upper left")
-    fig.tight_layout()
-    paths.append(out / "bytes_per_round.png")
-    fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(_save(fig, out / "bytes_per_round.png"))
 
     # 3. time breakdown per cell
     fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(ok) + 1.6))
@@ -216,10 +220,7 @@ def write_plots(cells: list[dict[str, Any]], out: Path, *, title: str) -> list[P
     ax.set_title(f"{title}: where the time goes")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    paths.append(out / "time_breakdown.png")
-    fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(_save(fig, out / "time_breakdown.png"))
     return paths
 
 

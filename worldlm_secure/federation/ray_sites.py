@@ -33,6 +33,7 @@ import torch
 
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.engine import Engine, Tensors, _Site
+from worldlm_secure.federation.ray_ckks import RayCkks
 from worldlm_secure.federation.site_actor import ReleaseSpec, SiteActor
 
 
@@ -67,8 +68,6 @@ class RayEngine(Engine):
         # Public keys of the identities the actors generated for secure aggregation (keys stay in the actors).
         names = list(self.actors)
         self.secagg_keys: dict[str, bytes] = dict(zip(names, self._get([self.actors[n].public_key.remote() for n in names])))
-        from worldlm_secure.federation.ray_ckks import RayCkks
-
         self._ckks = RayCkks(_Tap(self), self.secagg_keys)  # CKKS key epochs, one per federation
         self.site_seconds: dict[str, float] = {}
 

@@ -93,6 +93,19 @@ def _fail(path: Path, where: str, msg: str) -> ConfigError:
     return ConfigError(f"{path} {where}: {msg}")
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document at ``path`` (``what``: "world file", "grid file", ... for the error); a missing
+    file or invalid YAML is a ConfigError naming the file and, where YAML knows it, the line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
 def load_world(path: str | Path, *, check_policies: bool = True) -> World:
     """Load and validate a world YAML; every error names the file and the field.
 
@@ -100,14 +113,7 @@ def load_world(path: str | Path, *, check_policies: bool = True) -> World:
     whose policies cannot be met together refuses to start here, not at round 57.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: world file not found") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = read_yaml(path, "world file")
     if not isinstance(raw, dict):
         raise _fail(path, "(top level)", "must be a mapping with at least `nodes:`")
     unknown = set(raw) - _TOP_KEYS

@@ -168,7 +168,7 @@ class SiteNode:
         key = phase.phase == "key"
         names, final = (ctx.key_names, self.fed) if key else (ctx.shared_names, ctx.root)
         weights = member_weights(self.server, self.params, names, "attention" if key else "examples",
-                                 examples=self.examples, n_max=phase.n_max if not key else 1.0,
+                                 examples=self.examples, n_max=phase.n_max,
                                  attention=ctx.settings.attention)
         deltas = {n: self.params[n] - self.server[n] for n in names}
         shapes = {n: self.server[n].shape for n in names}
