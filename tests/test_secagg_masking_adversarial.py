@@ -21,30 +21,45 @@ from worldlm_secure.secagg.masking import (
     RoundConfig,
     drive_round,
 )
-from worldlm_secure.secagg.masking_messages import MaskedInput, ShareDelivery, UnmaskRequest
+from worldlm_secure.secagg.masking_messages import AggregatorMessage, MaskedInput, ShareDelivery, SurvivorList, UnmaskRequest
 from worldlm_secure.secagg.masking_vectors import DeterministicEntropy
 from worldlm_secure.secagg.quantize import quantize
 from worldlm_secure.secagg.shamir import PRIME, Share
 
 NAMES = ("alice", "bob", "carol", "dave", "erin")
+AGGREGATOR = NodeIdentity.generate("federation")
+
+
+def signed(msg: AggregatorMessage, by: NodeIdentity = AGGREGATOR) -> AggregatorMessage:
+    """``msg`` signed as the aggregator signs what it sends (a malicious aggregator signs its lies too)."""
+    return dataclasses.replace(msg, signature=by.sign(msg.signed_payload()))
 
 
 def _setup(round_id: int = 7, names: tuple[str, ...] = NAMES, *, min_cohort: int = 3, label: str = "x", **kw: object):
     params = MaskingParams(clip_range=1.0, **kw)  # type: ignore[arg-type]
     ids = {n: NodeIdentity.generate(n) for n in names}
-    cfg = RoundConfig.build(params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort)
+    cfg = RoundConfig.build(
+        params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort,
+        aggregator_key=AGGREGATOR.public_bytes,
+    )
 
     def entropy(n: str) -> DeterministicEntropy:
         return DeterministicEntropy(hashlib.sha256(f"{label}/{round_id}/{n}".encode()).digest())
 
     members = {n: MaskingMember(ids[n], cfg, entropy=entropy(n)) for n in names}
-    return cfg, ids, members, MaskingAggregator(cfg)
+    return cfg, ids, members, MaskingAggregator(cfg, AGGREGATOR)
 
 
 def _to_masking(members, server):  # -> (neighbour keys, deliveries)
     keys = server.collect_adverts([m.advertise() for m in members.values()])
     deliveries = server.collect_shares([members[n].share_keys(keys[n]) for n in keys])
     return keys, deliveries
+
+
+def _responses(members, server, masked, names):  # survivor list, signatures, unmask: the members' answers
+    lists = server.collect_masked(masked)
+    requests = server.collect_signatures([members[n].confirm(lists[n]) for n in names])
+    return [members[n].unmask(requests[n]) for n in names]
 
 
 # ---- forged and swapped keys ----
@@ -66,7 +81,7 @@ def test_aggregator_swapping_a_key_is_caught_by_the_member(field: str) -> None:
     bundle = keys["bob"]
     victim = bundle.adverts[0]
     swapped = dataclasses.replace(victim, **{field: hashlib.sha256(b"aggregator's own key").digest()})
-    evil = dataclasses.replace(bundle, adverts=(swapped,) + bundle.adverts[1:])
+    evil = signed(dataclasses.replace(bundle, adverts=(swapped,) + bundle.adverts[1:]))
     with pytest.raises(SecAggError, match=f"key advert of '{victim.member}' has a bad signature"):
         members["bob"].share_keys(evil)
 
@@ -74,7 +89,7 @@ def test_aggregator_swapping_a_key_is_caught_by_the_member(field: str) -> None:
 def test_aggregator_dropping_a_neighbours_key_is_caught() -> None:
     _, _, members, server = _setup()
     keys = server.collect_adverts([m.advertise() for m in members.values()])
-    evil = dataclasses.replace(keys["bob"], adverts=keys["bob"].adverts[1:])
+    evil = signed(dataclasses.replace(keys["bob"], adverts=keys["bob"].adverts[1:]))
     with pytest.raises(SecAggError, match="key advert of neighbour .* is missing"):
         members["bob"].share_keys(evil)
 
@@ -89,20 +104,20 @@ def test_advert_from_another_round_is_refused() -> None:
     # Same identities in both rounds: rebuild round 7 with the identities of round 6.
     cfg = dataclasses.replace(cfg, identity_keys={n: i.public_bytes for n, i in ids.items()})
     members = {n: MaskingMember(ids[n], cfg) for n in NAMES}
-    server = MaskingAggregator(cfg)
+    server = MaskingAggregator(cfg, AGGREGATOR)
     fresh = [m.advertise() for n, m in members.items() if n != "alice"]
     with pytest.raises(SecAggError, match="from 'alice' belongs to round 6; replayed or stale"):
         server.collect_adverts([old] + fresh)
     relabelled = dataclasses.replace(old, round_id=7)  # the signature binds the round: relabelling fails
     with pytest.raises(SecAggError, match="key advert of 'alice' has a bad signature"):
-        MaskingAggregator(cfg).collect_adverts([relabelled] + fresh)
+        MaskingAggregator(cfg, AGGREGATOR).collect_adverts([relabelled] + fresh)
 
 
 def test_member_refuses_messages_from_another_round_and_out_of_order_steps() -> None:
     _, _, members, server = _setup()
     keys = server.collect_adverts([m.advertise() for m in members.values()])
     with pytest.raises(SecAggError, match="belongs to round 8"):
-        members["bob"].share_keys(dataclasses.replace(keys["bob"], round_id=8))
+        members["bob"].share_keys(signed(dataclasses.replace(keys["bob"], round_id=8)))
     with pytest.raises(SecAggError, match="out-of-order or repeated"):
         members["bob"].advertise()
 
@@ -122,11 +137,12 @@ def test_a_member_answers_one_unmask_request_only_so_never_reveals_both_secrets(
     _, _, members, server = _setup()
     _, deliveries = _to_masking(members, server)
     masked = [members[n].masked_input(deliveries[n], np.zeros(3)) for n in NAMES]
-    requests = server.collect_masked(masked)
+    lists = server.collect_masked(masked)
+    requests = server.collect_signatures([members[n].confirm(lists[n]) for n in NAMES])
     first = members["bob"].unmask(requests["bob"])
     assert {o for o, _ in first.self_mask_shares} and not first.mask_key_shares
     # A second request that now claims 'alice' dropped (to get her mask key as well) is refused.
-    second = UnmaskRequest(7, "bob", tuple(n for n in NAMES if n != "alice"))
+    second = signed(UnmaskRequest(7, "bob", tuple(n for n in NAMES if n != "alice"), requests["bob"].confirmations))
     with pytest.raises(SecAggError, match="out-of-order or repeated"):
         members["bob"].unmask(second)
 
@@ -144,7 +160,7 @@ def test_member_refuses_bad_survivor_lists(survivors: tuple[str, ...], error: st
     _, deliveries = _to_masking(members, server)
     members["bob"].masked_input(deliveries["bob"], np.zeros(3))
     with pytest.raises(SecAggError, match=error):
-        members["bob"].unmask(UnmaskRequest(7, "bob", survivors))
+        members["bob"].confirm(signed(SurvivorList(7, "bob", survivors)))
 
 
 def test_member_refuses_a_survivor_list_whose_graph_splits() -> None:
@@ -156,7 +172,7 @@ def test_member_refuses_a_survivor_list_whose_graph_splits() -> None:
     members[me].masked_input(deliveries[me], np.zeros(3))
     far = next(n for n in names if n != me and n not in g[me])  # not adjacent: {me, far} is disconnected
     with pytest.raises(SecAggError, match="splits into 2 parts"):
-        members[me].unmask(UnmaskRequest(cfg.round_id, me, (me, far)))
+        members[me].confirm(signed(SurvivorList(cfg.round_id, me, (me, far))))
 
 
 # ---- tampering ----
@@ -180,7 +196,7 @@ def test_tampered_share_ciphertext_is_detected_naming_the_sender(where: str, pos
         raw[position % len(raw)] ^= 1 << (position % 8)
         tampered = dataclasses.replace(enc, **{where: bytes(raw)})
         sender = enc.sender
-    evil = ShareDelivery(d.round_id, "carol", tuple(tampered if s.sender == sender else s for s in d.shares))
+    evil = signed(ShareDelivery(d.round_id, "carol", tuple(tampered if s.sender == sender else s for s in d.shares)))
     with pytest.raises(SecAggError, match=f"share ciphertext from '{sender}' to 'carol' failed AES-GCM authentication"):
         members["carol"].masked_input(evil, np.zeros(3))
 
@@ -188,8 +204,7 @@ def test_tampered_share_ciphertext_is_detected_naming_the_sender(where: str, pos
 def test_tampered_shamir_share_in_unmask_response_is_detected() -> None:
     _, _, members, server = _setup(threshold=1.0)
     _, deliveries = _to_masking(members, server)
-    requests = server.collect_masked([members[n].masked_input(deliveries[n], np.zeros(3)) for n in NAMES])
-    responses = [members[n].unmask(requests[n]) for n in NAMES]
+    responses = _responses(members, server, [members[n].masked_input(deliveries[n], np.zeros(3)) for n in NAMES], NAMES)
     owner, raw = responses[0].self_mask_shares[0]
     s = Share.from_bytes(raw)
     bad = Share(s.x, (s.y + 1) % PRIME).to_bytes()
@@ -201,8 +216,7 @@ def test_tampered_shamir_share_in_unmask_response_is_detected() -> None:
 def test_response_with_share_of_the_wrong_kind_is_refused() -> None:
     _, _, members, server = _setup()
     _, deliveries = _to_masking(members, server)
-    requests = server.collect_masked([members[n].masked_input(deliveries[n], np.zeros(3)) for n in NAMES])
-    responses = [members[n].unmask(requests[n]) for n in NAMES]
+    responses = _responses(members, server, [members[n].masked_input(deliveries[n], np.zeros(3)) for n in NAMES], NAMES)
     r = responses[1]
     wrong = dataclasses.replace(r, self_mask_shares=r.self_mask_shares[1:], mask_key_shares=r.self_mask_shares[:1])
     with pytest.raises(SecAggError, match=f"'{r.sender}' returned a share of .* wrong kind"):
@@ -236,8 +250,7 @@ def test_tampered_mask_key_share_of_a_dropped_member_is_detected() -> None:
     _, _, members, server = _setup(threshold=0.75, label="mask-key")
     _, deliveries = _to_masking(members, server)
     alive = [n for n in NAMES if n != "erin"]  # erin drops after sharing keys
-    requests = server.collect_masked([members[n].masked_input(deliveries[n], np.zeros(3)) for n in alive])
-    responses = [members[n].unmask(requests[n]) for n in alive]
+    responses = _responses(members, server, [members[n].masked_input(deliveries[n], np.zeros(3)) for n in alive], alive)
     i = next(i for i, r in enumerate(responses) if r.mask_key_shares)
     owner, raw = responses[i].mask_key_shares[0]
     s = Share.from_bytes(raw)

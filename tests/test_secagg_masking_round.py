@@ -30,6 +30,8 @@ def _expected_survivors(cfg: RoundConfig, stage: dict[str, str]) -> frozenset[st
     if len(u3) < cfg.min_cohort or len(components(u3, g)) > 1:
         return None
     responders = frozenset(m for m in u3 if stage[m] == "stay")
+    if len(responders) < cfg.consistency_threshold(len(u1)):  # too few sign the survivor list
+        return None
     for u in u1:
         needs_recovery = u in u3 or bool(g[u] & u3)
         if needs_recovery and len(g[u] & responders) < cfg.threshold:
@@ -51,7 +53,7 @@ class Policyish:
 @given(
     n=st.integers(1, 10),
     k=st.one_of(st.just("auto"), st.integers(1, 7)),
-    threshold=st.sampled_from([0.25, 0.5, 0.67, 1.0]),
+    threshold=st.sampled_from([0.51, 0.67, 1.0]),
     bits=st.sampled_from([16, 32, 48]),
     dim=st.integers(1, 40),
     min_cohort=st.integers(1, 4),
@@ -68,7 +70,10 @@ def test_round_releases_survivor_sum_or_aborts(
     params = Policyish(k, threshold, bits, 1.0)
     proto = make_secure_sum("masking", params=params, identities=None, round_seed=seed)
     ids = {m: proto.identities.setdefault(m, NodeIdentity.generate(m)) for m in names}  # type: ignore[attr-defined]
-    cfg = RoundConfig.build(params, 11, names, {m: i.public_bytes for m, i in ids.items()}, min_cohort)
+    cfg = RoundConfig.build(
+        params, 11, names, {m: i.public_bytes for m, i in ids.items()}, min_cohort,
+        aggregator_key=proto.aggregator.public_bytes,  # type: ignore[attr-defined]
+    )
     plan = DropoutPlan(*(frozenset(m for m in names if stage[m] == s) for s in STAGES[1:]))
     expected = _expected_survivors(cfg, stage)
     inputs = [MemberInput(m, vectors[m]) for m in names]
@@ -90,13 +95,13 @@ def test_no_dropouts_many_members_with_policy_section() -> None:
     names = [f"m{i:02d}" for i in range(30)]
     rng = np.random.default_rng(1)
     vectors = {m: rng.normal(0, 0.3, 257) for m in names}
-    proto = make_secure_sum("masking", params=Policyish("auto", 0.5, 32, 2.0), identities=None)
+    proto = make_secure_sum("masking", params=Policyish("auto", 0.51, 32, 2.0), identities=None)
     plan = DropoutPlan(after_keys=frozenset(names[0:30:10]), after_input=frozenset(names[5:30:10]))
     res = proto.run_round(1, [MemberInput(m, v) for m, v in vectors.items()], min_cohort=20, dropouts=plan)
     survivors = [m for m in names if m not in plan.after_keys]
     assert res.contributors == tuple(survivors)
     assert np.allclose(res.total, sum(vectors[m] for m in survivors), atol=res.stats.extra["quantization_error_bound"])
-    assert res.stats.extra["neighbours"] == 10 and res.stats.extra["threshold"] == 5
+    assert res.stats.extra["neighbours"] == 10 and res.stats.extra["threshold"] == 6
     assert res.stats.extra["recovered_mask_keys"] == 3
     assert res.stats.bytes_up_per_member > 4 * 258 and res.stats.server_seconds > 0  # 257 values + clip word
     assert res.stats.bytes_up_per_member * len(res.contributors) < res.stats.extra["bytes_up_total"]  # + dropped
@@ -128,9 +133,10 @@ def test_identities_are_used_and_missing_ones_are_a_config_error() -> None:
 @pytest.mark.parametrize(
     ("params", "field"),
     [
-        (Policyish(0, 0.5, 32, 1.0), "neighbours"),
+        (Policyish(0, 0.67, 32, 1.0), "neighbours"),
         (Policyish("auto", 1.5, 32, 1.0), "threshold"),
-        (Policyish("auto", 0.5, 70, 1.0), "bits"),
+        (Policyish("auto", 0.5, 32, 1.0), "threshold"),
+        (Policyish("auto", 0.67, 70, 1.0), "bits"),
     ],
 )
 def test_bad_parameters_name_the_policy_field(params: Policyish, field: str) -> None:

@@ -27,9 +27,11 @@ from worldlm_secure.secagg.masking_messages import (
     MaskedInput,
     Message,
     ShareKeys,
+    SurvivorSignature,
     UnmaskResponse,
     decode,
 )
+from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg.protocol import IntegerNoise, SumResult
 
 log = logging.getLogger("worldlm_secure.ray")
@@ -39,6 +41,7 @@ EXPECTED: dict[str, type[Message]] = {
     "advertise": KeyAdvert,
     "share_keys": ShareKeys,
     "masked_input": MaskedInput,
+    "confirm": SurvivorSignature,
     "unmask": UnmaskResponse,
 }
 
@@ -58,16 +61,18 @@ def receive(member: str, step: str, data: object) -> Message:
 
 
 def masked_sum(ray: Any, actors: Mapping[str, Any], identity_keys: Mapping[str, bytes], params: object,
-               round_id: int, min_cohort: int, noise: IntegerNoise | None, dim: int) -> SumResult:
+               round_id: int, min_cohort: int, noise: IntegerNoise | None, dim: int,
+               aggregator: NodeIdentity) -> SumResult:
     """One masked round among ``actors`` (site name -> actor handle, each with a prepared vector of ``dim``).
 
-    ``identity_keys``: the members' raw Ed25519 public keys; ``params``: the policy's masking section;
+    ``identity_keys``: the members' raw Ed25519 public keys; ``aggregator``: the driver's identity, which
+    signs every aggregator message (members check it); ``params``: the policy's masking section;
     ``noise``: the distributed DP shares each member adds before masking (None: no member noise).
     The result's ``dropped`` names every member that left the round, `stats.extra["dropped"]` says why.
     """
     names = sorted(actors)
-    cfg = RoundConfig.build(params, round_id, names, identity_keys, min_cohort, noise)
-    server = MaskingAggregator(cfg)
+    cfg = RoundConfig.build(params, round_id, names, identity_keys, min_cohort, noise, aggregator_key=aggregator.public_bytes)
+    server = MaskingAggregator(cfg, aggregator)
     steps = StepLog()
     server_seconds = 0.0
 
@@ -93,7 +98,9 @@ def masked_sum(ray: Any, actors: Mapping[str, Any], identity_keys: Mapping[str, 
     shares = members("share_keys", keys)
     deliveries = serve(lambda: server.collect_shares(shares))
     masked = members("masked_input", deliveries)
-    requests = serve(lambda: server.collect_masked(masked))
+    lists = serve(lambda: server.collect_masked(masked))
+    confirmations = members("confirm", lists)
+    requests = serve(lambda: server.collect_signatures(confirmations))
     responses = members("unmask", requests)
     start = time.perf_counter()
     outcome = server.finish(responses)

@@ -35,6 +35,7 @@ from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.engine import Engine, Tensors, _Site
 from worldlm_secure.federation.ray_ckks import RayCkks
 from worldlm_secure.federation.site_actor import ReleaseSpec, SiteActor
+from worldlm_secure.identity import NodeIdentity
 
 
 class RayEngine(Engine):
@@ -70,6 +71,11 @@ class RayEngine(Engine):
         self.secagg_keys: dict[str, bytes] = dict(zip(names, self._get([self.actors[n].public_key.remote() for n in names])))
         self._ckks = RayCkks(_Tap(self), self.secagg_keys)  # CKKS key epochs, one per federation
         self.site_seconds: dict[str, float] = {}
+        self._aggregators: dict[str, NodeIdentity] = {}  # the driver plays each federation's aggregator
+
+    def aggregator_identity(self, federation: str) -> NodeIdentity:
+        """The identity that signs ``federation``'s aggregator messages (the driver plays that aggregator)."""
+        return self._aggregators.setdefault(federation, NodeIdentity.generate(federation))
 
     def _get(self, refs: Any) -> Any:
         """Every result the driver takes from a site actor comes through here (tests instrument it)."""
@@ -112,7 +118,8 @@ class RayEngine(Engine):
                 from worldlm_secure.federation import ray_masking
 
                 keys = {n: self.secagg_keys[n] for n in actors}
-                return ray_masking.masked_sum(_Tap(self), actors, keys, plan.params, rid, plan.min_cohort, noise, dim)
+                return ray_masking.masked_sum(_Tap(self), actors, keys, plan.params, rid, plan.min_cohort, noise, dim,
+                                              self.aggregator_identity(fed))
             if plan.protocol == "ckks":
                 return self._ckks.secure_sum(fed, secure, actors, rid, plan.min_cohort, dim)
             # none: the plain vector is what the network carries under that policy

@@ -171,6 +171,11 @@ class SiteActor:
 
         return self._member.masked_input(ShareDelivery.from_bytes(data), self._take()).to_bytes()
 
+    def confirm(self, data: bytes) -> bytes:
+        from worldlm_secure.secagg.masking_messages import SurvivorList
+
+        return self._member.confirm(SurvivorList.from_bytes(data)).to_bytes()
+
     def unmask(self, data: bytes) -> bytes:
         from worldlm_secure.secagg.masking_messages import UnmaskRequest
 

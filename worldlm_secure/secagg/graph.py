@@ -21,6 +21,17 @@ def auto_degree(n: int) -> int:
     return min(n - 1, max(2, 2 * math.ceil(math.log2(n))))
 
 
+def ring_degree(n: int, k: int) -> int:
+    """The real degree of `neighbour_graph` over ``n`` members for a requested ``k``: k rounded up to even,
+    or n - 1 when that covers everyone. Thresholds must come from this number, never from ``k``."""
+    if n <= 1:
+        return 0
+    half = (k + 1) // 2
+    if k >= n - 1 or n <= 2 or 2 * half >= n - 1:
+        return n - 1
+    return 2 * half
+
+
 def _position(round_id: int, name: str) -> bytes:
     return hashlib.sha256(b"worldlm-secagg+/graph/v1" + struct.pack(">Q", round_id) + name.encode()).digest()
 

@@ -7,8 +7,16 @@ One round, per member u (its own keys; the aggregator only routes and adds):
      u's neighbours in the public k-regular graph (`ShareKeys`).
   2. masked input: y_u = q_u + PRG(b_u) + sum_v +-PRG(s_uv) mod 2^b over neighbours v that shared keys,
      s_uv = HKDF(X25519(mask_u, mask_v)) (`MaskedInput`).
-  3. unmask: for each survivor the neighbours reveal self-mask shares, for each member that dropped after
+     A member sends it only after it received at least t shares (`ShareDelivery`).
+  3. consistency check: the aggregator names the survivors U3 (`SurvivorList`); each survivor signs its
+     whole view of the round (roster, advertised U1, U3) with its identity (`SurvivorSignature`).
+  4. unmask: with the survivor list the aggregator forwards the signatures (`UnmaskRequest`); a member
+     reveals only after it checked enough signatures over exactly its own view (`consistency_threshold`).
+     Then for each survivor the neighbours reveal self-mask shares, for each member that dropped after
      sharing they reveal mask-key shares; never both for one member (`UnmaskResponse`).
+Every aggregator -> member message is signed with the aggregator's identity and checked by the member
+(`RoundConfig.aggregator_key`), so another member cannot forge one. t is taken from the real degree of
+the neighbour graph and is always more than half of it.
 The aggregator adds the y_u, removes the reconstructed self-masks and the dropped members' pairwise
 masks, and decodes the fixed-point sum. It aborts (`SecAggError`, nothing released) when fewer than
 min_cohort members survive, a secret has fewer than t shares, or the survivors' graph is disconnected.
@@ -37,8 +45,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.identity import NodeIdentity, verify_signature
 from worldlm_secure.secagg import prg, shamir
-from worldlm_secure.secagg.graph import auto_degree, components, neighbour_graph
+from worldlm_secure.secagg.graph import auto_degree, components, neighbour_graph, ring_degree
 from worldlm_secure.secagg.masking_messages import (
+    AggregatorMessage,
     EncryptedShare,
     KeyAdvert,
     MaskedInput,
@@ -46,6 +55,8 @@ from worldlm_secure.secagg.masking_messages import (
     NeighbourKeys,
     ShareDelivery,
     ShareKeys,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
     pack_words,
@@ -70,14 +81,15 @@ logger = logging.getLogger(__name__)
 
 Entropy = Callable[[int], bytes]
 M = TypeVar("M", bound=Message)
+AM = TypeVar("AM", bound=AggregatorMessage)
 
 
 @dataclass(frozen=True)
 class MaskingParams:
     """The policy's `secure_aggregation.masking` section (any object with these attributes works too).
 
-    neighbours: k, or "auto" (2 * ceil(log2 n)); threshold: fraction of k whose shares recover a secret
-    (t = ceil(threshold * k)); bits: b, masks and sums live in Z_2^b; clip_range: inputs are quantized
+    neighbours: k, or "auto" (2 * ceil(log2 n)); threshold: fraction of the real degree d whose shares
+    recover a secret (t = max(floor(d/2) + 1, ceil(threshold * d)); must be > 0.5); bits: b, masks and sums live in Z_2^b; clip_range: inputs are quantized
     within [-clip_range, clip_range].
     """
 
@@ -93,11 +105,18 @@ class RoundConfig:
 
     round_id: int
     roster: tuple[str, ...]  # sorted names of everyone invited to the round
-    neighbours: int  # k
-    threshold: int  # t: shares needed to reconstruct one secret
+    neighbours: int  # d: the real degree of the neighbour graph over the roster
+    threshold: int  # t: shares needed to reconstruct one secret, > d/2
     min_cohort: int
     quant: QuantizationSpec
     identity_keys: Mapping[str, bytes] = field(repr=False)  # raw Ed25519 public keys of the roster
+    aggregator_key: bytes = field(default=b"", repr=False)  # raw Ed25519 key that signs aggregator messages
+
+    def consistency_threshold(self, n_advertised: int) -> int:
+        """How many distinct survivors must sign the same view before a member reveals any share: a strict
+        majority of the members that advertised keys (so two different views cannot both gather enough
+        honest signatures), and never fewer than t or min_cohort."""
+        return max(self.threshold, self.min_cohort, n_advertised // 2 + 1)
 
     @classmethod
     def build(
@@ -108,8 +127,13 @@ class RoundConfig:
         identity_keys: Mapping[str, bytes],
         min_cohort: int,
         noise: IntegerNoise | None = None,
+        *,
+        aggregator_key: bytes,
     ) -> "RoundConfig":
-        """Resolve k, t and the quantization spec from a masking policy section for this roster."""
+        """Resolve k, t and the quantization spec from a masking policy section for this roster.
+
+        ``identity_keys`` and ``aggregator_key`` are raw Ed25519 public keys the caller trusts: a member must
+        take them from certificates it verified, never from the aggregator's say-so."""
         names = tuple(sorted(roster))
         n = len(names)
         if len(set(names)) != n:
@@ -125,11 +149,17 @@ class RoundConfig:
         else:
             raise ConfigError(f"secure_aggregation.masking.neighbours: must be a positive int or 'auto' (got {raw_k!r})")
         frac = float(getattr(params, "threshold", MaskingParams.threshold))
-        if not 0.0 < frac <= 1.0:
-            raise ConfigError(f"secure_aggregation.masking.threshold: must be in (0, 1] (got {frac})")
-        t = max(1, math.ceil(frac * k))
+        if not 0.5 < frac <= 1.0:
+            raise ConfigError(
+                f"secure_aggregation.masking.threshold: must be in (0.5, 1] (got {frac}); at or below one half an "
+                "aggregator that equivocates can collect both secrets of one member: raise it (default 0.67)"
+            )
+        if len(aggregator_key) != 32:
+            raise ConfigError("secagg masking: the aggregator's Ed25519 public key is missing; members could not check its messages")
+        d = ring_degree(n, k)  # an odd k becomes k + 1 real neighbours: t must come from those
+        t = min(d, max(d // 2 + 1, math.ceil(frac * d))) if d else 1
         quant = round_quantization(params, n, noise)
-        return cls(round_id, names, k, t, max(1, int(min_cohort)), quant, dict(identity_keys))
+        return cls(round_id, names, d, t, max(1, int(min_cohort)), quant, dict(identity_keys), bytes(aggregator_key))
 
     def share_point(self, member: str) -> int:
         """The Shamir x-coordinate of ``member``'s shares: its 1-based index in the sorted roster."""
@@ -188,6 +218,14 @@ def self_mask_commitment(round_id: int, member: str, seed: bytes) -> bytes:
     return hashlib.sha256(_ctx(b"worldlm-secagg+/self-mask-commit/v1", round_id, member) + seed).digest()
 
 
+def view_statement(cfg: RoundConfig, advertised: Sequence[str], survivors: Sequence[str]) -> bytes:
+    """What a survivor signs in the consistency check: the round, its roster, U1 and U3 (sorted)."""
+    w = [_ctx(b"worldlm-secagg+/survivor-view/v1", cfg.round_id)]
+    for names in (cfg.roster, sorted(advertised), sorted(survivors)):
+        w.append(_ctx(b"|", len(names), *names))
+    return b"".join(w)
+
+
 def mask_sign(owner: str, peer: str) -> int:
     """+1 if ``owner`` adds PRG(s_owner,peer), -1 if it subtracts it (the lexicographically larger name)."""
     return 1 if owner < peer else -1
@@ -200,6 +238,14 @@ def _raw_private(key: X25519PrivateKey) -> bytes:
 def x25519_public_bytes(key: X25519PrivateKey) -> bytes:
     """The raw 32-byte X25519 public key of ``key``."""
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _check_aggregator(cfg: RoundConfig, msg: AggregatorMessage, member: str) -> None:
+    if not verify_signature(cfg.aggregator_key, msg.signature, msg.signed_payload()):
+        raise SecAggError(
+            f"round {cfg.round_id}: {type(msg).__name__} for {member!r} is not signed by the aggregator "
+            "(forged by someone else, or tampered with in transit); refused"
+        )
 
 
 def _check_round(cfg: RoundConfig, msg: Message, who: str) -> None:
@@ -243,9 +289,10 @@ class MaskingMember:
         self._stage = "new"
         self.clipped_fraction = 0.0
 
-    def _enter(self, expected: str, nxt: str, msg: Message | None = None) -> None:
+    def _enter(self, expected: str, nxt: str, msg: AggregatorMessage | None = None) -> None:
         if msg is not None:
             _check_round(self.cfg, msg, "the aggregator")
+            _check_aggregator(self.cfg, msg, self.name)
         if self._stage != expected:
             raise SecAggError(
                 f"round {self.cfg.round_id}: member {self.name!r} got a {nxt} step while at stage "
@@ -279,6 +326,7 @@ class MaskingMember:
                 f"round {cfg.round_id}: only {len(advertised)} members advertised keys, below "
                 f"min_cohort={cfg.min_cohort}; {self.name!r} stops"
             )
+        self._advertised = tuple(sorted(advertised))
         self._graph = neighbour_graph(advertised, cfg.neighbours, cfg.round_id)
         self.neighbours = self._graph[self.name]
         self._peers: dict[str, KeyAdvert] = {}
@@ -329,6 +377,13 @@ class MaskingMember:
             if any(s.x != cfg.share_point(self.name) for s in pair):
                 raise SecAggError(f"round {cfg.round_id}: shares from {enc.sender!r} are for another holder; refused")
             self._held[enc.sender] = pair
+        if len(self._held) < cfg.threshold:
+            # Fewer than t holders of our secrets: the aggregator could be isolating us (an empty delivery
+            # leaves only the self-mask, whose shares it then collects). Bell et al. 2020: abort.
+            raise SecAggError(
+                f"round {cfg.round_id}: {self.name!r} received shares from only {len(self._held)} neighbours, fewer "
+                f"than the threshold t={cfg.threshold}; it sends no masked input"
+            )
         x = np.asarray(vector, dtype=np.float64)
         if x.ndim != 1 or not np.all(np.isfinite(x)):
             raise SecAggError(f"round {cfg.round_id}: member {self.name!r} input must be a finite 1-D vector")
@@ -351,11 +406,12 @@ class MaskingMember:
         prg.apply_masks(words, masks)
         return MaskedInput(cfg.round_id, self.name, cfg.quant.bits, words.size, pack_words(words, cfg.quant.bits))
 
-    def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
-        self._enter("masked", "done", msg)
+    def confirm(self, msg: SurvivorList) -> SurvivorSignature:
+        """Check the survivor list and sign this member's whole view of the round (consistency check)."""
+        self._enter("masked", "confirmed", msg)
         cfg = self.cfg
         survivors = set(msg.survivors)
-        if msg.recipient != self.name or self.name not in survivors or not survivors <= set(self._graph):
+        if len(survivors) != len(msg.survivors) or msg.recipient != self.name or self.name not in survivors or not survivors <= set(self._graph):
             raise SecAggError(f"round {cfg.round_id}: member {self.name!r} got an inconsistent survivor list; refused")
         if len(survivors) < cfg.min_cohort:
             raise SecAggError(
@@ -365,6 +421,33 @@ class MaskingMember:
         if any(v not in self._held for v in self.neighbours & survivors):
             raise SecAggError(f"round {cfg.round_id}: survivor list names a neighbour that never shared keys; refused")
         _survivor_split(cfg, tuple(survivors), self._graph)
+        self._survivors = tuple(sorted(survivors))
+        statement = view_statement(cfg, self._advertised, self._survivors)
+        return SurvivorSignature(cfg.round_id, self.name, self._identity.sign(statement))
+
+    def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
+        """Reveal shares, after checking that enough survivors signed exactly the view this member signed."""
+        self._enter("confirmed", "done", msg)
+        cfg = self.cfg
+        if msg.recipient != self.name or tuple(sorted(set(msg.survivors))) != self._survivors or len(msg.survivors) != len(self._survivors):
+            raise SecAggError(
+                f"round {cfg.round_id}: the unmask request to {self.name!r} names other survivors than the list "
+                "it signed (equivocation); it reveals nothing"
+            )
+        statement = view_statement(cfg, self._advertised, self._survivors)
+        signers = {
+            signer
+            for signer, sig in msg.confirmations
+            if signer in self._survivors and verify_signature(cfg.identity_keys[signer], sig, statement)
+        }
+        need = cfg.consistency_threshold(len(self._advertised))
+        if len(signers) < need:
+            raise SecAggError(
+                f"round {cfg.round_id}: only {len(signers)} survivors signed the view {self.name!r} was shown, "
+                f"fewer than the {need} required (a majority of the {len(self._advertised)} that advertised keys); "
+                "the aggregator may be telling members different survivor lists, so it reveals nothing"
+            )
+        survivors = set(self._survivors)
         seeds = tuple((v, s.to_bytes()) for v, (s, _) in sorted(self._held.items()) if v in survivors)
         keys = tuple((v, k.to_bytes()) for v, (_, k) in sorted(self._held.items()) if v not in survivors)
         return UnmaskResponse(cfg.round_id, self.name, seeds, keys)
@@ -398,11 +481,19 @@ class MaskingOutcome:
 
 
 class MaskingAggregator:
-    """The aggregator's side of one round: routes messages, checks them, and unmasks the sum."""
+    """The aggregator's side of one round: routes messages, checks them, signs what it sends to members,
+    and unmasks the sum. ``identity`` is the aggregator's node identity (its key is the config's
+    ``aggregator_key``)."""
 
-    def __init__(self, config: RoundConfig) -> None:
+    def __init__(self, config: RoundConfig, identity: NodeIdentity) -> None:
+        if identity.public_bytes != config.aggregator_key:
+            raise ConfigError("secagg masking: the aggregator's identity is not the one the round config names")
         self.cfg = config
+        self._identity = identity
         self._stage = "adverts"
+
+    def _sign(self, messages: dict[str, AM]) -> dict[str, AM]:
+        return {m: dataclasses.replace(msg, signature=self._identity.sign(msg.signed_payload())) for m, msg in messages.items()}
 
     def _enter(self, expected: str, nxt: str) -> None:
         if self._stage != expected:
@@ -434,10 +525,10 @@ class MaskingAggregator:
                 f"fewer than the threshold t={cfg.threshold}; round aborted, nothing released"
             )
         advertised = tuple(sorted(self.adverts))
-        return {
+        return self._sign({
             m: NeighbourKeys(cfg.round_id, m, advertised, tuple(self.adverts[v] for v in sorted(self.graph[m])))
             for m in advertised
-        }
+        })
 
     def collect_shares(self, messages: Sequence[ShareKeys]) -> dict[str, ShareDelivery]:
         self._enter("shares", "masked")
@@ -458,9 +549,11 @@ class MaskingAggregator:
                 inbox.setdefault(s.recipient, []).append(s)
         self._enough(len(senders), "shared keys")
         self.shared = frozenset(senders)  # U2
-        return {m: ShareDelivery(cfg.round_id, m, tuple(s for s in inbox.get(m, []) if s.sender in senders)) for m in sorted(senders)}
+        return self._sign(
+            {m: ShareDelivery(cfg.round_id, m, tuple(s for s in inbox.get(m, []) if s.sender in senders)) for m in sorted(senders)}
+        )
 
-    def collect_masked(self, inputs: Sequence[MaskedInput]) -> dict[str, UnmaskRequest]:
+    def collect_masked(self, inputs: Sequence[MaskedInput]) -> dict[str, SurvivorList]:
         self._enter("masked", "unmask")
         cfg = self.cfg
         self.masked: dict[str, np.ndarray] = {}
@@ -479,10 +572,34 @@ class MaskingAggregator:
         self._enough(len(self.masked), "sent masked input")
         survivors = tuple(sorted(self.masked))  # U3
         _survivor_split(cfg, survivors, self.graph)
-        return {m: UnmaskRequest(cfg.round_id, m, survivors) for m in survivors}
+        self.survivors = survivors
+        return self._sign({m: SurvivorList(cfg.round_id, m, survivors) for m in survivors})
+
+    def collect_signatures(self, signatures: Sequence[SurvivorSignature]) -> dict[str, UnmaskRequest]:
+        """Keep the survivors' valid signatures over the one view all were shown; forward them to every survivor."""
+        self._enter("unmask", "confirmed")
+        cfg = self.cfg
+        statement = view_statement(cfg, tuple(self.adverts), self.survivors)
+        valid: dict[str, bytes] = {}
+        for msg in signatures:
+            _check_round(cfg, msg, msg.sender)
+            if msg.sender in self.survivors and msg.sender not in valid and verify_signature(
+                cfg.identity_keys[msg.sender], msg.signature, statement
+            ):
+                valid[msg.sender] = msg.signature
+            else:
+                logger.warning("round %d: survivor-list signature from %r does not verify; not counted", cfg.round_id, msg.sender)
+        need = cfg.consistency_threshold(len(self.adverts))
+        if len(valid) < need:
+            raise SecAggError(
+                f"round {cfg.round_id}: only {len(valid)} survivors signed the survivor list, below the {need} the "
+                "consistency check needs; round aborted, nothing released"
+            )
+        confirmations = tuple(sorted(valid.items()))
+        return self._sign({m: UnmaskRequest(cfg.round_id, m, self.survivors, confirmations) for m in self.survivors})
 
     def finish(self, responses: Sequence[UnmaskResponse]) -> MaskingOutcome:
-        self._enter("unmask", "done")
+        self._enter("confirmed", "done")
         cfg = self.cfg
         survivors = set(self.masked)
         dropped = self.shared - survivors
@@ -579,7 +696,7 @@ def drive_round(
     """Run one round among in-process members; every message goes through `to_bytes` and `from_bytes`.
 
     Members in ``dropouts`` vanish at their stage: before advertising keys, after sharing keys, or after
-    sending their masked input (they then never answer the unmask request).
+    sending their masked input (they then never sign the survivor list nor answer the unmask request).
     """
     names = list(members)
     up = dict.fromkeys(names, 0)
@@ -617,7 +734,9 @@ def drive_round(
         for n in deliveries
         if n not in dropouts.after_keys
     ]
-    requests = server_step(lambda: server.collect_masked(masked))
+    lists = server_step(lambda: server.collect_masked(masked))
+    confirmations = [member_step(n, lambda n=n: members[n].confirm(lists[n])) for n in lists if n not in dropouts.after_input]
+    requests = server_step(lambda: server.collect_signatures(confirmations))
     responses = [member_step(n, lambda n=n: members[n].unmask(requests[n])) for n in requests if n not in dropouts.after_input]
     start = time.perf_counter()
     outcome = server.finish(responses)
@@ -650,6 +769,7 @@ class MaskingSum(SecureSum):
         self._generate = identities is None
         self.identities: dict[str, NodeIdentity] = dict(identities or {})
         self._entropy = entropy
+        self.aggregator = NodeIdentity.generate("aggregator")  # signs what the in-process aggregator sends
 
     def quantization(self, n_members: int, noise: IntegerNoise | None = None) -> QuantizationSpec:
         """The fixed-point spec a round of ``n_members`` uses (its scale sizes distributed DP noise)."""
@@ -678,10 +798,11 @@ class MaskingSum(SecureSum):
             raise SecAggError(f"round {round_id}: members must submit 1-D vectors of one length (got shapes {sorted(sizes)})")
         ids = {n: self._identity(n) for n in names}
         cfg = RoundConfig.build(
-            self.params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort, noise
+            self.params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort, noise,
+            aggregator_key=self.aggregator.public_bytes,
         )
         members = {n: MaskingMember(ids[n], cfg, entropy=self._entropy, noise=noise) for n in names}
-        trace = drive_round(members, MaskingAggregator(cfg), {m.member: m.vector for m in inputs}, dropouts)
+        trace = drive_round(members, MaskingAggregator(cfg, self.aggregator), {m.member: m.vector for m in inputs}, dropouts)
         return round_result(cfg, names, next(iter(sizes))[0], trace)
 
 

@@ -9,6 +9,7 @@ Bytes-sent figures in `ProtectionStats` are the lengths of these encodings.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
@@ -140,6 +141,19 @@ class Message:
         return msg
 
 
+AGGREGATOR_LABEL = b"worldlm-secagg+/aggregator/v1"
+
+
+class AggregatorMessage(Message):
+    """An aggregator -> member message. It carries the aggregator's Ed25519 signature over its encoding
+    (with an empty signature field), so a member can tell it from anything another member forged."""
+
+    signature: bytes
+
+    def signed_payload(self) -> bytes:
+        return AGGREGATOR_LABEL + dataclasses.replace(self, signature=b"").to_bytes()  # type: ignore[type-var]
+
+
 def _nested(cls: type[M], blobs: tuple[bytes, ...], round_id: int) -> tuple[M, ...]:
     items = tuple(cls.from_bytes(b) for b in blobs)
     for it in items:
@@ -181,7 +195,7 @@ class KeyAdvert(Message):
 
 
 @dataclass(frozen=True)
-class NeighbourKeys(Message):
+class NeighbourKeys(AggregatorMessage):
     """Round 0 reply, aggregator -> member: who advertised keys, and the signed adverts of its neighbours."""
 
     TAG: ClassVar[int] = 2
@@ -189,15 +203,17 @@ class NeighbourKeys(Message):
     recipient: str
     advertised: tuple[str, ...]
     adverts: tuple[KeyAdvert, ...]
+    signature: bytes = b""
 
     def _write(self, w: _Writer) -> None:
         w.str(self.recipient)
         w.strs(self.advertised)
         w.blobs(tuple(a.to_bytes() for a in self.adverts))
+        w.bytes(self.signature)
 
     @classmethod
     def _read(cls, r: _Reader) -> "NeighbourKeys":
-        return cls(r.round_id, r.str(), r.strs(), _nested(KeyAdvert, r.blobs(), r.round_id))
+        return cls(r.round_id, r.str(), r.strs(), _nested(KeyAdvert, r.blobs(), r.round_id), r.bytes())
 
 
 @dataclass(frozen=True)
@@ -241,21 +257,23 @@ class ShareKeys(Message):
 
 
 @dataclass(frozen=True)
-class ShareDelivery(Message):
+class ShareDelivery(AggregatorMessage):
     """Round 1 reply, aggregator -> member: the EncryptedShares addressed to it (their senders are U2)."""
 
     TAG: ClassVar[int] = 5
     round_id: int
     recipient: str
     shares: tuple[EncryptedShare, ...]
+    signature: bytes = b""
 
     def _write(self, w: _Writer) -> None:
         w.str(self.recipient)
         w.blobs(tuple(s.to_bytes() for s in self.shares))
+        w.bytes(self.signature)
 
     @classmethod
     def _read(cls, r: _Reader) -> "ShareDelivery":
-        return cls(r.round_id, r.str(), _nested(EncryptedShare, r.blobs(), r.round_id))
+        return cls(r.round_id, r.str(), _nested(EncryptedShare, r.blobs(), r.round_id), r.bytes())
 
 
 @dataclass(frozen=True)
@@ -285,21 +303,65 @@ class MaskedInput(Message):
 
 
 @dataclass(frozen=True)
-class UnmaskRequest(Message):
-    """Round 3, aggregator -> member: the members whose masked input arrived (U3)."""
+class SurvivorList(AggregatorMessage):
+    """Round 3 (consistency check), aggregator -> member: the members whose masked input arrived (U3)."""
+
+    TAG: ClassVar[int] = 9
+    round_id: int
+    recipient: str
+    survivors: tuple[str, ...]
+    signature: bytes = b""
+
+    def _write(self, w: _Writer) -> None:
+        w.str(self.recipient)
+        w.strs(self.survivors)
+        w.bytes(self.signature)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> "SurvivorList":
+        return cls(r.round_id, r.str(), r.strs(), r.bytes())
+
+
+@dataclass(frozen=True)
+class SurvivorSignature(Message):
+    """Round 3 reply, member -> aggregator: the member's Ed25519 signature over its view of the round
+    (`masking.view_statement`: roster, advertised members U1, survivors U3)."""
+
+    TAG: ClassVar[int] = 10
+    round_id: int
+    sender: str
+    signature: bytes
+
+    def _write(self, w: _Writer) -> None:
+        w.str(self.sender)
+        w.bytes(self.signature)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> "SurvivorSignature":
+        return cls(r.round_id, r.str(), r.bytes())
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(AggregatorMessage):
+    """Round 4, aggregator -> member: the survivors (U3) and the members' signatures over that same view,
+    which the member checks before it reveals any share (the consistency check of Bonawitz et al. 2017)."""
 
     TAG: ClassVar[int] = 7
     round_id: int
     recipient: str
     survivors: tuple[str, ...]
+    confirmations: tuple[tuple[str, bytes], ...] = ()  # (signer, its SurvivorSignature.signature)
+    signature: bytes = b""
 
     def _write(self, w: _Writer) -> None:
         w.str(self.recipient)
         w.strs(self.survivors)
+        w.pairs(self.confirmations)
+        w.bytes(self.signature)
 
     @classmethod
     def _read(cls, r: _Reader) -> "UnmaskRequest":
-        return cls(r.round_id, r.str(), r.strs())
+        return cls(r.round_id, r.str(), r.strs(), r.pairs(), r.bytes())
 
 
 @dataclass(frozen=True)
@@ -324,7 +386,18 @@ class UnmaskResponse(Message):
 
 _BY_TAG: dict[int, type[Message]] = {
     c.TAG: c
-    for c in (KeyAdvert, NeighbourKeys, EncryptedShare, ShareKeys, ShareDelivery, MaskedInput, UnmaskRequest, UnmaskResponse)
+    for c in (
+        KeyAdvert,
+        NeighbourKeys,
+        EncryptedShare,
+        ShareKeys,
+        ShareDelivery,
+        MaskedInput,
+        UnmaskRequest,
+        UnmaskResponse,
+        SurvivorList,
+        SurvivorSignature,
+    )
 }
 
 

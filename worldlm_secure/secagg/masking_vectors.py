@@ -96,15 +96,19 @@ def build_vectors() -> dict[str, Any]:
 
 
 def _round_vector() -> dict[str, Any]:
-    names = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
     round_id = 7
-    params = MaskingParams(clip_range=2.0, neighbours=4, threshold=0.5, bits=16)
+    params = MaskingParams(clip_range=2.0, neighbours=6, threshold=0.51, bits=16)
     ids = {n: NodeIdentity(n, Ed25519PrivateKey.from_private_bytes(_seed(f"identity-{n}"))) for n in names}
-    cfg = RoundConfig.build(params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort=3)
+    aggregator = NodeIdentity("aggregator", Ed25519PrivateKey.from_private_bytes(_seed("identity-aggregator")))
+    cfg = RoundConfig.build(
+        params, round_id, names, {n: i.public_bytes for n, i in ids.items()}, min_cohort=3,
+        aggregator_key=aggregator.public_bytes,
+    )
     members = {n: MaskingMember(ids[n], cfg, entropy=DeterministicEntropy(_seed(f"entropy-{n}"))) for n in names}
     vectors = {n: np.round(np.sin(np.arange(5) + 1.7 * i) * 1.5 + (2.0 if n == "carol" else 0.0), 6) for i, n in enumerate(names)}
     dropouts = DropoutPlan(after_keys=frozenset({"frank"}), after_input=frozenset({"erin"}))
-    trace = drive_round(members, MaskingAggregator(cfg), vectors, dropouts, record=True)
+    trace = drive_round(members, MaskingAggregator(cfg, aggregator), vectors, dropouts, record=True)
     graph = neighbour_graph(names, cfg.neighbours, round_id)
     held = {
         holder: {owner: {"self_mask": s.to_bytes().hex(), "mask_key": k.to_bytes().hex()} for owner, (s, k) in sorted(m._held.items())}
@@ -119,9 +123,15 @@ def _round_vector() -> dict[str, Any]:
     }
     return {
         "round_id": round_id,
-        "params": {"neighbours": 4, "threshold": 0.5, "bits": 16, "clip_range": 2.0, "min_cohort": 3},
-        "derived": {"k": cfg.neighbours, "t": cfg.threshold, "scale": cfg.quant.scale},
+        "params": {"neighbours": 6, "threshold": 0.51, "bits": 16, "clip_range": 2.0, "min_cohort": 3},
+        "derived": {
+            "k": cfg.neighbours,
+            "t": cfg.threshold,
+            "consistency_signatures": cfg.consistency_threshold(len(names)),
+            "scale": cfg.quant.scale,
+        },
         "identity_private_keys": {n: _seed(f"identity-{n}").hex() for n in names},
+        "aggregator_private_key": _seed("identity-aggregator").hex(),
         "entropy_seeds": {n: _seed(f"entropy-{n}").hex() for n in names},
         "vectors": {n: v.tolist() for n, v in vectors.items()},
         "dropouts": {"before_keys": [], "after_keys": ["frank"], "after_input": ["erin"]},
