@@ -161,3 +161,29 @@ def test_no_aggregator_strategy_unmasks_one_honest_input(n: int, k: int | str, t
     views = {m: data.draw(st.sampled_from(lists), label=f"view of {m}") for m in names}
     loot = probe.run(Strategy(target, deliver_to_target=deliver, views=views, corrupted=corrupted))
     assert not probe.leaks(loot, target), (loot.refusals, corrupted, views)
+
+
+def test_a_malicious_member_moves_the_sum_far_beyond_clip_range_and_nothing_flags_it() -> None:
+    """The stated non-guarantee (SECURITY.md): no input validation, so one member adds what it likes to its
+    masked words; the sum moves by up to about n * clip_range per coordinate and the clipped fraction stays 0."""
+    from worldlm_secure.secagg.masking import MaskingAggregator, drive_round
+    from worldlm_secure.secagg.masking_messages import MaskedInput, pack_words
+    from worldlm_secure.secagg.protocol import DropoutPlan
+
+    attack = Attack(NAMES, min_cohort=3)
+    cfg = attack.cfg
+    evil = NAMES[3]
+    honest_masked_input = attack.members[evil].masked_input
+
+    def tampered(delivery: ShareDelivery, vector: np.ndarray) -> MaskedInput:
+        msg = honest_masked_input(delivery, vector)
+        words = msg.words().copy()
+        words[:-1] += np.asarray(2 ** (cfg.quant.bits - 2), dtype=words.dtype)  # a quarter of the ring
+        return dataclasses.replace(msg, payload=pack_words(words, cfg.quant.bits))
+
+    attack.members[evil].masked_input = tampered  # type: ignore[method-assign]
+    zeros = {n: np.zeros(8) for n in NAMES}
+    out = drive_round(attack.members, MaskingAggregator(cfg, attack.aggregator), zeros, DropoutPlan()).outcome
+    shift = float(np.min(np.abs(out.total)))
+    assert shift > 0.2 * len(NAMES) * cfg.quant.clip_range  # far beyond one member's +-clip_range
+    assert out.clipped_fraction == 0.0
