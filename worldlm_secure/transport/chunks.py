@@ -227,5 +227,7 @@ def _check_layout(t: TensorLayout) -> None:
         raise Refused(R.REFUSAL_MALFORMED, "tensor name must be 1..1024 characters")
     if t.dtype not in _ALLOWED_DTYPES:
         raise Refused(R.REFUSAL_MALFORMED, f"tensor {t.name[:80]!r}: dtype {t.dtype[:16]!r} not allowed")
-    if len(t.shape) > 32 or any(s > (1 << 40) for s in t.shape):
+    # numpy refuses a shape whose dimensions, zeros aside, multiply past its index range (even when
+    # another dimension is 0, so the tensor holds no bytes): bound that product, not each dimension.
+    if len(t.shape) > 32 or math.prod(max(s, 1) for s in t.shape) > (1 << 40):
         raise Refused(R.REFUSAL_MALFORMED, f"tensor {t.name[:80]!r}: shape out of range")

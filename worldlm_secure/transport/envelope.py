@@ -44,6 +44,10 @@ def enroll_message(envelope: pb.Envelope, federation: str, cert_fingerprint: byt
     i64 sent_unix_ms | fingerprint(32)``, integers big-endian.
     """
     fed, snd = federation.encode(), envelope.sender.encode()
+    if len(fed) >= 1 << 16 or len(snd) >= 1 << 16:
+        raise Refused(R.REFUSAL_MALFORMED, f"federation and sender names are limited to 65535 bytes (got {len(fed)} and {len(snd)})")
+    if len(envelope.nonce) != NONCE_BYTES:  # fixed width, or the signed layout would be ambiguous
+        raise Refused(R.REFUSAL_MALFORMED, f"nonce must be {NONCE_BYTES} bytes (got {len(envelope.nonce)})")
     return b"".join(
         (
             b"worldlm.v1 enroll\0",
