@@ -6,6 +6,7 @@ Needs the `ray` extra; skipped, saying so, where Ray is missing.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ pytestmark = pytest.mark.slow
 
 MASKED = (
     "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: masked\nextends: research-open.yaml\n"
-    "secure_aggregation: {protocol: [masking], min_cohort: 1, max_dropout_fraction: 0.5, masking: {threshold: 0.5}}\n"
+    "secure_aggregation: {protocol: [masking], min_cohort: 1, max_dropout_fraction: 0.49, masking: {threshold: 0.51}}\n"
 )
 DISTRIBUTED = (
     "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: dist\nextends: research-open.yaml\n"
-    "secure_aggregation: {protocol: [masking], min_cohort: 1, max_dropout_fraction: 0.5, masking: {threshold: 0.5}}\n"
+    "secure_aggregation: {protocol: [masking], min_cohort: 1, max_dropout_fraction: 0.49, masking: {threshold: 0.51}}\n"
     "differential_privacy: {level: user, epsilon_budget: 50.0, delta: 1.0e-5, clipping_norm: 1.0,\n"
     "  mechanism: [distributed_discrete_gaussian]}\n"
 )
@@ -235,18 +236,29 @@ def test_ckks_on_ray_keeps_key_epochs_and_ledgers(local_ray, tmp_path: Path) -> 
         assert ids[0] != ids[1] and ids[1] == ids[2] and all(ids), (site, ids)
 
 
-def _forge(monkeypatch: pytest.MonkeyPatch, module: Any, step: str, victim: str, once: list[bool], answer: bool) -> None:
+def _forge(monkeypatch: pytest.MonkeyPatch, module: Any, step: str, victim: str, once: list[bool], answer: bool | str,
+           engine: dict[str, Any] | None = None) -> None:
     """Once, at ``step``: replace what the aggregator sends ``victim`` by garbage (its step then fails), or
-    (``answer``) flip one byte in the middle of what ``victim`` sends back (a message tampered in transit)."""
+    (``answer``) flip one byte in the middle of what ``victim`` sends back (a message tampered in transit), or
+    (``answer="empty"``) act as a malicious driver: send ``victim`` a share delivery with no shares, validly
+    signed with the aggregator identity the driver holds (``engine["engine"]``)."""
     real = module.run_step
 
     def run_step(ray_: Any, actors: Any, name: str, args: Any, log_: Any, round_id: int) -> Any:
         hit = name == step and victim in args and not once
-        if hit and not answer:
+        if hit and answer == "empty":
+            from worldlm_secure.secagg.masking_messages import ShareDelivery
+
+            once.append(True)
+            (identity,) = engine["engine"]._aggregators.values()  # type: ignore[index]
+            empty = dataclasses.replace(ShareDelivery.from_bytes(args[victim][0]), shares=(), signature=b"")
+            empty = dataclasses.replace(empty, signature=identity.sign(empty.signed_payload()))
+            args = {**args, victim: (empty.to_bytes(),)}
+        elif hit and not answer:
             once.append(True)
             args = {**args, victim: tuple(b"\x00forged" if isinstance(a, bytes) else None for a in args[victim])}
         out = real(ray_, actors, name, args, log_, round_id)
-        if hit and answer:
+        if hit and answer is True:
             once.append(True)
             data = bytearray(out[victim])
             data[len(data) // 2] ^= 0x01
@@ -258,11 +270,13 @@ def _forge(monkeypatch: pytest.MonkeyPatch, module: Any, step: str, victim: str,
 
 @pytest.mark.parametrize("protocol, step, answer", [
     ("masking", "masked_input", False),  # a forged share delivery: the member fails after key sharing
+    ("masking", "masked_input", "empty"),  # a malicious driver withholds every share: the member refuses (< t)
     ("ckks", "ckks_protect", False),  # a forged round spec: the member cannot encrypt
     ("ckks", "ckks_protect", True),  # a ciphertext tampered in transit: its signature fails, rejected by name
 ])
 def test_a_member_that_fails_its_step_drops_out_and_the_round_goes_on(
-    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, step: str, answer: bool
+    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, protocol: str,
+    step: str, answer: bool | str,
 ) -> None:
     from worldlm_secure.federation import ray_ckks, ray_masking
     from worldlm_secure.federation.ray_sites import RayEngine
@@ -271,10 +285,14 @@ def test_a_member_that_fails_its_step_drops_out_and_the_round_goes_on(
     policy = MASKED if protocol == "masking" else CKKS
     world, settings, data, vocab = _world(tmp_path / protocol, policy, rounds=1)
     fired: list[bool] = []
-    _forge(monkeypatch, ray_masking if protocol == "masking" else ray_ckks, step, "f0-s1", fired, answer)
+    holder: dict[str, Any] = {}
+    _forge(monkeypatch, ray_masking if protocol == "masking" else ray_ckks, step, "f0-s1", fired, answer, holder)
     engine = RayEngine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "led")
+    holder["engine"] = engine
     res = _run(engine)
     assert fired and np.isfinite(res.mean_val_ppl)
+    if answer == "empty":
+        assert "received shares from only 0 neighbours, fewer than the threshold" in caplog.text
     ledger = lambda s: Ledger(tmp_path / "led" / f"{s}.sqlite", engine.release.identities[s]).entries()  # noqa: E731
     # FedAvg's one flat cohort of 4: the forged round released the other 3 updates, each recording the dropout
     assert ledger("f0-s1") == []
