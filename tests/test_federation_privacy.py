@@ -85,7 +85,12 @@ def test_training_stops_releasing_at_the_budget(tmp_path: Path) -> None:
     assert len(m.rounds) < 6  # it stopped releasing before the planned end
     for site in ("eu-a", "eu-b", "eu-c"):
         entries = read_entries(out / f"{site}.sqlite")
-        assert entries and entries[-1].epsilon_cumulative <= 3.0
+        charged = [e for e in entries if e.epsilon is not None]
+        assert charged and charged[-1].epsilon_cumulative <= 3.0
+        # The refused release left a signed refusal entry (nothing released, no ε), and the ledger verifies.
+        refused = entries[-1]
+        assert refused.mechanism == "refused" and refused.release_id.endswith(":refused")
+        assert refused.epsilon is None and refused.noise_multiplier == 0.0 and "budget" in refused.extra["refused"]
         assert verify(out / f"{site}.sqlite").ok
 
 

@@ -32,7 +32,7 @@ def _round(mechanism: str, vectors: list[np.ndarray], *, z: float = 1.0, sens: f
            bits: int = 32, clip: float = 1.0):
     mech = make_mechanism(mechanism)
     plan = NoisePlan(sensitivity=sens, noise_multiplier=z, expected_members=len(vectors), dim=vectors[0].size)
-    secure = MaskingSum(MaskingParams(clip_range=clip, bits=bits, threshold=0.5))  # t=3 of k=5 at n=6
+    secure = MaskingSum(MaskingParams(clip_range=clip, bits=bits, threshold=0.6))  # t=3 of k=5 at n=6 (threshold must be > 1/2)
     noise = integer_noise(mech, plan, len(vectors))  # type: ignore[arg-type]
     spec = secure.quantization(len(vectors), noise)
     names = [f"m{i}" for i in range(len(vectors))]

@@ -29,14 +29,17 @@ def _loader(n: int = 16, batch: int = 4) -> DataLoader:
     return DataLoader(TensorDataset(torch.randint(0, 64, (n, 12), generator=g)), batch_size=batch)
 
 
-def _train(pt, epochs: int = 1) -> None:  # type: ignore[no-untyped-def]
+def _train(pt, epochs: int = 1) -> int:  # type: ignore[no-untyped-def]
+    taken = 0
     for _ in range(epochs):
         for (x,) in pt.data_loader:
-            if len(x) == 0:
+            if len(x) == 0:  # an empty Poisson draw (p ≈ 1% per batch here): no step
                 continue
             pt.optimizer.zero_grad()
             pt.model(input_ids=x, labels=x).loss.backward()
             pt.optimizer.step()
+            taken += 1
+    return taken
 
 
 def test_tiny_llama_trains_with_dp_sgd_and_accounts_every_step() -> None:
@@ -45,10 +48,10 @@ def test_tiny_llama_trains_with_dp_sgd_and_accounts_every_step() -> None:
     pt = make_private_training(model, torch.optim.SGD(model.parameters(), lr=0.05), _loader(),
                                noise_multiplier=1.0, max_grad_norm=1.0)
     assert not pt.position_ids_fix and pt.sample_rate == pytest.approx(0.25)
-    _train(pt)
-    assert pt.steps == 4
-    assert pt.take_uncharged_steps() == 4 and pt.take_uncharged_steps() == 0
-    assert pt.epsilon(1e-5) == pytest.approx(epsilon(1.0, 0.25, 4, 1e-5, "rdp"), rel=1e-9)
+    taken = _train(pt)
+    assert pt.steps == taken >= 1
+    assert pt.take_uncharged_steps() == taken and pt.take_uncharged_steps() == 0
+    assert pt.epsilon(1e-5) == pytest.approx(epsilon(1.0, 0.25, taken, 1e-5, "rdp"), rel=1e-9)
     after = pt.unwrap().state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

@@ -43,8 +43,8 @@ def test_the_eu_policy_configures_user_level_dp_and_its_hash_is_checked_by_verif
             t = tracker if r == 0 else BudgetTracker(
                 budget=dp.budget, delta=delta, accountant=dp.accountant, stream="site/user2")
             led.append(release_entry(
-                release_id=str(r), round=r, level="site", source="site", destination="fed", group="shared",
-                tensor_names=("w",), protocol=eff.secure_aggregation.protocol, cohort_size=5, dropouts=0,
+                release_id=str(r), round=r, level="site", source="site", destination="eu", group="shared",
+                tensor_names=("model.layers.0.self_attn.q_proj.weight",), protocol=eff.secure_aggregation.protocol, cohort_size=5, dropouts=0,
                 dp_level="user", mechanism=dp.mechanism.name, clipping_norm=dp.clipping_norm,
                 policy_sha256=eff.sha256, charge=dp.charge(t, plan, 5),
             ), policy_document=eff.canonical_json())

@@ -73,9 +73,11 @@ def _small_model(world: Path) -> Path:
 
 
 def _opacus_epsilon(z: float, q: float, steps: int, delta: float) -> float:
+    from worldlm_secure.privacy.accountant import RDP_ORDERS  # integer orders (protocols/dp.md §4)
+
     acc = RDPAccountant()
     acc.history = [(z, q, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
 
 
 def test_record_level_world_trains_with_dp_sgd_and_its_ledgers_verify(tmp_path: Path) -> None:

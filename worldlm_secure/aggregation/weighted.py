@@ -51,6 +51,21 @@ class DeltaCodec:
         out[offset:] = weights / np.sqrt(len(self.names))
         return out
 
+    def decode_mean(self, total: np.ndarray, count: int) -> dict[str, torch.Tensor]:
+        """From a summed vector, the sum of weighted deltas per tensor divided by the public ``count``
+        (user-level DP: the weight words are zero and the denominator is never a noisy sum)."""
+        if total.shape != (self.length,):
+            raise ValueError(f"summed vector has {total.shape} entries, expected ({self.length},)")
+        if count < 1:
+            raise ValueError(f"count must be >= 1 (got {count})")
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            chunk = total[offset : offset + size] / float(count)
+            out[name] = torch.from_numpy(chunk.astype(np.float32)).reshape(shape)
+            offset += size
+        return out
+
     def decode_average(self, total: np.ndarray) -> dict[str, torch.Tensor]:
         """From a summed vector, the weighted average delta per tensor (float32)."""
         if total.shape != (self.length,):

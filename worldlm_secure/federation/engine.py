@@ -63,6 +63,12 @@ class MethodResult:
     groups: dict[str, int]  # parameter count per group
     residual_gains: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None  # why training stopped before the last round (e.g. a DP budget)
+    # privacy.feasibility.Feasibility of every DP release planned (expected signal-to-noise, warnings)
+    feasibility: list = field(default_factory=list)
+
+    @property
+    def dp_warnings(self) -> list[str]:
+        return [w for f in self.feasibility for w in f.warnings]
 
     @property
     def mean_val_ppl(self) -> float:
@@ -82,6 +88,11 @@ class _Site:
     @property
     def examples(self) -> int:
         return int(self.train.shape[0])
+
+
+def planned_site_releases(rounds: int, key_released: bool, shared_released: bool) -> int:
+    """Releases one site makes over the run (what ``noise_multiplier: auto`` plans its one loss over)."""
+    return max(1, rounds * (int(key_released) + int(shared_released)))
 
 
 def _all_of(names: list[str], group: str) -> ParameterGroups:
@@ -154,9 +165,11 @@ class Engine:
             ids.setdefault(n, NodeIdentity.generate(n))
         override = _layer_override(method, world)
         key_released = any(self.groups[s].key for s in self.groups)
+        shared_released = any(self.groups[s].shared for s in self.groups)
         self.release = ReleasePath(
             world, ids, layer_override=override, ledger_dir=ledger_dir,
-            planned_releases=settings.rounds * (2 if key_released else 1),  # key + shared per round per site
+            # every release of a site composes into its one loss: key + shared per round per site
+            planned_releases=planned_site_releases(settings.rounds, key_released, shared_released),
         )
         self.sites: list[_Site] = []
         for i, node in enumerate(sorted(world.sites, key=lambda n: n.name)):
@@ -182,6 +195,12 @@ class Engine:
         self.trainer = LocalTrainer(self.model, settings.train, self.device, settings.rounds * settings.train.local_steps)
         self.residual_gains: dict[str, float] = {}
         self.private, self.record = self._plan_record_dp()
+        # Under any DP every weight and denominator is public (protocols/dp.md §2): no example counts.
+        self.public_weights = any(
+            self.release.effective(s.name, self.root).differential_privacy.level != "none" for s in self.sites
+        )
+        self.momentum: dict[tuple[str, str], Tensors] = {}  # DP-FedAvgM server momentum per (group, aggregator)
+        self.feasibility = self._feasibility()
 
     def _plan_record_dp(self) -> tuple[object | None, dict[str, RecordStream]]:
         """DP-SGD for every site whose effective policy (site -> root) is record-level, fixed before training.
@@ -209,6 +228,39 @@ class Engine:
         private = PrivateTrainer(self.trainer)
         self.release.record_streams.update(streams)
         return private, streams
+
+    def _feasibility(self) -> list[object]:
+        """The expected signal-to-noise of every DP release this run plans (privacy.feasibility), before any
+        site trains; each warning is logged and kept in the result (results.json, via MethodResult)."""
+        import logging
+
+        from worldlm_secure.aggregation.weighted import DeltaCodec
+        from worldlm_secure.federation.release import round_user_dp
+        from worldlm_secure.privacy.feasibility import feasibility
+
+        sizes = {n: p.numel() for n, p in self.model.named_parameters()}
+        out = []
+        for agg, sites in sorted(self.members.items()):
+            cohort = sorted(s.name for s in sites)
+            for group, names, final in (("key", self.key_names, agg), ("shared", self.shared_names, self.root)):
+                if not names:
+                    continue
+                dp = round_user_dp(self.release, cohort, final, self.release.plan(cohort, final))
+                if dp is None:
+                    continue
+                dim = DeltaCodec(tuple(names), tuple((sizes[n],) for n in names)).length
+                out.append(feasibility(f"{group} at {agg}", contributors=len(cohort), clipping_norm=dp.clipping_norm,
+                                       noise_multiplier=dp.noise_multiplier, dim=dim))
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        for site, stream in sorted(self.record.items()):
+            prm = stream.params
+            out.append(feasibility(f"DP-SGD at {site}", contributors=prm.expected_batch, clipping_norm=prm.max_grad_norm,
+                                   noise_multiplier=prm.noise_multiplier, dim=trained, level="record"))
+        log = logging.getLogger("worldlm_secure.dp")
+        for f in out:
+            for w in f.warnings:
+                log.warning("%s: %s", self.method.name, w)
+        return out
 
     def _common_groups(self) -> tuple[list[str], list[str]]:
         """Key and shared names must agree within an aggregator (they are summed together)."""
@@ -274,13 +326,36 @@ class Engine:
         ``weighting``: "attention" (FedAtt weights each site computes from its own parameters) or
         "examples" (examples / the federation's largest site). `RayEngine` runs this in the sites' actors.
         """
-        n_max = max(s.examples for s in sites)
+        n_max = self.example_scale(sites)
         members = {
             s.name: (s.params, member_weights(server, s.params, names, weighting, examples=s.examples, n_max=n_max,
                                               attention=self.settings.attention))
             for s in sites
         }
         return self._weighted_round(round_id, group, fed, server, members, names, final)
+
+    def example_scale(self, sites: list[_Site]) -> float:
+        """``n_max`` of example weighting ``min(n, n_max) / n_max``: the cohort's largest count without DP; under
+        DP a public number (`aggregation.dp_weight_cap`, else 1: uniform weights), so that no member's weight
+        depends on another member's data. The Ray backend and nodes must use the same rule."""
+        if self.public_weights:
+            return float(self.settings.dp_weight_cap or 1)
+        return float(max(s.examples for s in sites))
+
+    def _server_step(self, group: str, aggregator: str, server: Tensors, new: Tensors, names: list[str],
+                     lr: float) -> Tensors:
+        """DP-FedAvgM on the released mean ``new - server``: m <- beta*m + mean; server + lr * m.
+        lr = 1 and beta = 0 (the defaults) is plain FedAvg: exactly ``new``."""
+        beta = self.settings.server_momentum
+        if lr == 1.0 and beta == 0.0:
+            return new
+        mean = {n: new[n] - server[n] for n in names}
+        if beta > 0.0:
+            prev = self.momentum.get((group, aggregator))
+            if prev is not None:
+                mean = {n: beta * prev[n] + mean[n] for n in names}
+            self.momentum[(group, aggregator)] = mean
+        return {n: server[n] + lr * mean[n] for n in names}
 
     def _aggregate_key(self, round_id: int) -> None:
         if not self.key_names:
@@ -291,24 +366,29 @@ class Engine:
             server = self.fed_key[fed]
             new = self._sites_round(round_id, "key", fed, server, sites, self.key_names, fed, weighting)
             step = cfg.step if self.method.attentive_key else 1.0
-            self.fed_key[fed] = {n: server[n] + step * (new[n] - server[n]) for n in self.key_names}
+            self.fed_key[fed] = self._server_step("key", fed, server, new, self.key_names, step * self.settings.server_lr)
 
     def _aggregate_shared(self, round_id: int) -> None:
         if not self.shared_names:
             return
         examples: dict[str, int] = {}
         for fed, sites in self.members.items():
-            self.fed_shared[fed] = self._sites_round(
-                round_id, "shared", fed, self.fed_shared[fed], sites, self.shared_names, self.root, "examples"
-            )
+            server = self.fed_shared[fed]
+            new = self._sites_round(round_id, "shared", fed, server, sites, self.shared_names, self.root, "examples")
+            self.fed_shared[fed] = self._server_step("shared", fed, server, new, self.shared_names, self.settings.server_lr)
             examples[fed] = sum(s.examples for s in sites)
         root_every = self.settings.hierfavg_root_every if self.method.root_every_from_world else 1
         if self.flat or round_id % root_every:
             if self.flat:
                 self.root_shared = self.fed_shared[self.root]
             return
-        n_max = max(examples.values())
-        members = {f: (self.fed_shared[f], np.full(len(self.shared_names), examples[f] / n_max)) for f in self.members}
+        # Under DP the root's weights are public (uniform over federations): the federations' example counts
+        # are raw data statistics, and the root's release must be post-processing of noised sums only.
+        n_max = 1 if self.public_weights else max(examples.values())
+        members = {
+            f: (self.fed_shared[f], np.full(len(self.shared_names), 1.0 if self.public_weights else examples[f] / n_max))
+            for f in self.members
+        }
         # A federation's shared layers are computed only from its (DP-protected) round aggregate.
         self.root_shared = self._weighted_round(
             round_id, "shared", self.root, self.root_shared, members, self.shared_names, self.root, derived=True
@@ -394,4 +474,5 @@ class Engine:
             groups=counts,
             residual_gains=dict(self.residual_gains),
             stopped=stopped,
+            feasibility=list(self.feasibility),
         )

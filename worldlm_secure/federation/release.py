@@ -22,7 +22,7 @@ import torch
 
 from worldlm_secure.aggregation.member import encode_update
 from worldlm_secure.aggregation.weighted import DeltaCodec
-from worldlm_secure.errors import ConfigError, PolicyError
+from worldlm_secure.errors import BudgetExceeded, ConfigError, PolicyError
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING
@@ -47,6 +47,7 @@ class ReleaseStats:
     protect_seconds: float = 0.0
     releases: int = 0
     clipped_fraction_max: float = 0.0
+    refusals: int = 0  # releases refused for budget (each left a signed `refused` entry per member)
     by_protocol: dict[str, int] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # stream -> cumulative ε
     # float32 bytes of what members released (values x 4), the denominator of mask/ciphertext expansion
@@ -120,6 +121,50 @@ class ReleasePath:
             self._effective[key] = compose(self.chain(member, final_destination))
         return self._effective[key]
 
+    def member_dp(self, member: str, level: str = "user") -> Any:
+        """The DP section ``member``'s one privacy loss (at ``level``) is checked against, from its first release.
+
+        A member's releases of every group to every destination are releases of the same data, so they compose
+        into one loss. Each is checked against the strictest budget and δ of *every* effective policy the
+        member's releases can fall under (its chain up to each ancestor), not only the one of the release at
+        hand: a key release to the federation spends what the root's stricter budget also counts. Composition
+        is monotone along a chain, so this is the DP section of the longest chain at that level, with the
+        smallest budget and δ of any prefix at that level (None: no policy on the member's paths asks for it).
+        """
+        key = (member, f"dp:{level}")
+        if key not in self._effective:
+            ancestors = [n.name for n in self.world.chain(member)][1:]
+            sections = [self.effective(member, a).differential_privacy for a in ancestors]
+            if level == "user":
+                sections = [d for d in sections if d.level == "user"]
+            else:
+                sections = [d for d in sections if d.record_level]
+            best = None
+            if sections:
+                if level == "user":
+                    best = min(sections, key=lambda d: (d.epsilon_budget, d.delta))
+                    best = best.model_copy(update={
+                        "delta": min(d.delta for d in sections),
+                        "clipping_norm": min(d.clipping_norm for d in sections),
+                    })
+                else:
+                    best = sections[-1]  # the full chain: record_dp_params takes the smallest record budget
+            self._effective[key] = best
+        return self._effective[key]
+
+    def accounting_policy(self, member: str, final_destination: str, level: str = "user") -> Any:
+        """The policy a charged release of ``member`` is checked against and recorded with in the ledger: the
+        release's effective policy (authorization: layers, protocol, egress) with the DP section its one loss
+        is held to (`member_dp`), so the stored document's budget and δ are the ones of the check."""
+        return self.held_to(member, self.effective(member, final_destination), level)
+
+    def held_to(self, member: str, eff: Any, level: str = "user") -> Any:
+        """``eff`` with the DP section ``member``'s one loss at ``level`` is held to (see `accounting_policy`)."""
+        dp = self.member_dp(member, level)
+        if dp is None or dp == eff.differential_privacy:
+            return eff
+        return eff.model_copy(update={"differential_privacy": dp})
+
     # --- the two entry points --------------------------------------------------------------------
     def average_deltas(
         self,
@@ -146,7 +191,7 @@ class ReleasePath:
         vectors = {member: encode_update(codec, upd.deltas, upd.weights, clip) for member, upd in updates.items()}
         total = self._release(round_id, group, destination, sorted(vectors), _in_process(round_id, plan, vectors),
                               names, final, plan, dp, derived).total
-        return codec.decode_average(total)
+        return decode(codec, total, len(vectors) if dp is not None else None)
 
     def average_remote(
         self,
@@ -181,7 +226,7 @@ class ReleasePath:
             return _in_process(round_id, plan, out)(secure, noise)
 
         total = self._release(round_id, group, destination, cohort, run, names, final, plan, dp, False).total
-        return codec.decode_average(total)
+        return decode(codec, total, len(cohort) if dp is not None else None)
 
     def secure_sum(
         self,
@@ -247,8 +292,13 @@ class ReleasePath:
         if dp is not None and dp.dp.mechanism.distributed:  # members noise their own quantized vectors
             dp, noise = _with_member_noise(dp, secure, len(members))
         if dp is not None:  # refuse before anyone sends if even the worst case would exceed a budget
-            for member in members:
-                dp.dp.check_before_round(dp.trackers[member], dp.plan, plan.min_cohort)
+            _check_quantizer_range(plan, dp)
+            try:
+                for member in members:
+                    dp.dp.check_before_round(dp.trackers[member], dp.plan, plan.min_cohort)
+            except BudgetExceeded as exc:
+                self.record_refusal(round_id, group, members, destination, names, plan, final, str(exc))
+                raise
         start = time.perf_counter()
         result = run(secure, noise)
         total = result.total
@@ -256,7 +306,17 @@ class ReleasePath:
         if dp is not None:
             if noise is None:  # central Gaussian at the aggregator, after unmasking / decryption
                 total = dp.dp.mechanism.add_noise(total, dp.plan)
-            # z_eff of what was released: distributed shares of dropped members are missing from the sum
+            # z_eff of what was released: distributed shares of dropped members are missing from the sum.
+            # Every contributor's charge is checked before any is recorded: a refusal charges nobody.
+            z_eff = dp.dp.effective_noise_multiplier(dp.plan, len(result.contributors))
+            for m in result.contributors:
+                c = dp.trackers[m].preview(z_eff, dp.dp.sample_rate)
+                if c.epsilon_cumulative > dp.trackers[m].budget:
+                    msg = (f"release refused after the sum on stream {c.stream!r}: cumulative ε would be "
+                           f"{c.epsilon_cumulative:.4g} > budget ε={c.epsilon_budget:.4g} at δ={c.delta:g} with "
+                           f"{len(result.contributors)} contributors; the sum is discarded")
+                    self.record_refusal(round_id, group, members, destination, names, plan, final, msg)
+                    raise BudgetExceeded(msg)
             charges = {m: dp.dp.charge(dp.trackers[m], dp.plan, len(result.contributors)) for m in result.contributors}
         # Record level: DP-SGD steps are charged on the site's first release after them, 0 steps after that.
         record_charges = {
@@ -274,6 +334,28 @@ class ReleasePath:
         self._count(plan.protocol, result)
         return SumResult(total, result.contributors, result.dropped, result.stats)
 
+    def record_refusal(self, round_id: int, group: str, members: Sequence[str], destination: str,
+                       names: Sequence[str], plan: Any, final: str, reason: str) -> None:
+        """A signed refusal entry (mechanism ``refused``, nothing released, no ε) in every member's ledger:
+        the budget could not afford the release, so none of the members' inputs left (protocols/dp.md §5)."""
+        self.stats.refusals += 1
+        if self.ledger_dir is None:
+            return
+        from worldlm_secure.ledger import release_entry
+        from worldlm_secure.ledger.entry import REFUSED
+
+        for member in sorted(members):
+            eff = self.accounting_policy(member, final)
+            entry = release_entry(
+                release_id=f"{round_id}:{group}:{destination}:refused", round=round_id,
+                level=self.world.nodes[member].kind, source=member, destination=destination, group=group,
+                tensor_names=names, protocol=getattr(plan, "protocol", "none"), cohort_size=len(members),
+                dropouts=len(members), dp_level="none", mechanism=REFUSED, clipping_norm=0.0,
+                policy_sha256=eff.sha256, charge=None, stream=f"{member}/user",
+                delta=float(eff.differential_privacy.delta or 0.0), extra={"refused": reason[:1000]},
+            )
+            self.ledger(member).append(entry, policy_document=eff.canonical_json())
+
     def plan(self, members: Sequence[str], final: str) -> Any:
         """The round plan every member follows: protocol, its parameters, the DP mechanism (policy.plan_round)."""
         from worldlm_secure.policy import plan_round
@@ -282,30 +364,31 @@ class ReleasePath:
 
     def _dp_for(self, members: list[str], final: str, dim: int, plan: Any) -> ReleaseDP | None:
         """User-level DP settings for a round whose members' policies ask for it (None otherwise)."""
-        from worldlm_secure.privacy import UserLevelDP
-
-        effs = [self.effective(m, final) for m in members]
-        if not _wants_dp(effs):
+        dp = round_user_dp(self, members, final, plan)
+        if dp is None:
             return None
-        # Record-level-only members are protected by DP-SGD inside their sites; noise on the sum is user level.
-        effs = [e for e in effs if e.differential_privacy.level == "user"]
-        if not effs:
-            return None
-        # One noise level for the round, from the strictest member (smallest budget); conservative for the rest.
-        eff = min(effs, key=lambda e: e.differential_privacy.epsilon_budget or float("inf"))
-        dp = UserLevelDP.from_policy(
-            eff.differential_privacy,
-            planned_releases=self.planned_releases,
-            max_dropout_fraction=eff.secure_aggregation.max_dropout_fraction,
-            mechanism=plan.dp_mechanism,
-        )
-        trackers = {m: self._tracker(m, dp) for m in members}
-        return ReleaseDP(dp, trackers, dp.plan(expected_members=len(members), dim=dim, w_max=1.0))
+        trackers = {m: self.member_tracker(m, dp) for m in members}
+        return ReleaseDP(dp, trackers, dp.plan(expected_members=len(members), dim=dim, w_max=None))
 
-    def _tracker(self, member: str, dp: Any) -> Any:
+    def member_tracker(self, member: str, fallback: Any = None) -> Any:
+        """``member``'s one user-level budget stream ``MEMBER/user``, rebuilt from its ledger: every group and
+        destination charges it, against the budget and δ of `member_dp` (the strictest on its paths).
+        ``fallback`` (a `UserLevelDP`): the round's settings, for a member none of whose own paths asks for
+        user-level DP but whose round is noised for others (it is charged what the noise gives it)."""
+        from worldlm_secure.privacy import BudgetTracker
+
         if member not in self._trackers:
+            dp = self.member_dp(member)
+            if dp is not None:
+                budget, delta, accountant = float(dp.epsilon_budget), float(dp.delta), str(dp.accountant)
+            elif fallback is not None:
+                budget, delta, accountant = fallback.budget, fallback.delta, fallback.accountant
+            else:
+                raise PolicyError(f"{member!r}: no policy on its paths asks for user-level DP; nothing to charge")
             entries = self.ledger(member).entries() if self.ledger_dir is not None else ()
-            self._trackers[member] = dp.tracker(f"{member}/user", entries)
+            self._trackers[member] = BudgetTracker.from_entries(
+                entries, stream=f"{member}/user", budget=budget, delta=delta, accountant=accountant
+            )
         return self._trackers[member]
 
     def ledger_entries(self, node: str) -> list[Any]:
@@ -339,9 +422,11 @@ class ReleasePath:
         self, round_id: int, group: str, member: str, destination: str, names: Sequence[str], plan: Any,
         result: SumResult, eff: Any, dp_level: str, dp: ReleaseDP | None, charge: Any,
     ) -> None:
-        """Write ``member``'s ledger entry of one release (``charge``: its user-level charge, or None)."""
+        """Write ``member``'s ledger entry of one release (``charge``: its user-level charge, or None).
+        A charged entry stores the policy its charge was checked against (`held_to`: budget and δ of its one loss)."""
         if charge is not None:
             self.stats.epsilon[charge.stream] = charge.epsilon_cumulative
+            eff = self.held_to(member, eff)
         if self.ledger_dir is None:
             return
         from worldlm_secure.ledger import release_entry
@@ -381,6 +466,7 @@ class ReleasePath:
             return
         from worldlm_secure.ledger import release_entry
 
+        eff = self.held_to(member, eff, "record")
         params = self.record_streams[member].params
         entry = release_entry(
             release_id=f"{round_id}:{group}:{destination}" + (":record" if second else ""),
@@ -453,6 +539,52 @@ def _in_process(round_id: int, plan: Any, vectors: Mapping[str, np.ndarray]) -> 
 
 def _wants_dp(effective: Sequence[Any]) -> bool:
     return any(e.differential_privacy.level != "none" for e in effective)
+
+
+def decode(codec: DeltaCodec, total: np.ndarray, public_count: int | None) -> dict[str, torch.Tensor]:
+    """The average delta per tensor from a released sum. Under user-level DP (``public_count``: the round's
+    invited cohort, public before it starts) the noised sum of weighted, clipped deltas is divided by that
+    count, never by the (noisy, data-dependent) weight sum: the fixed-denominator DP-FedAvg estimator."""
+    if public_count is None:
+        return codec.decode_average(total)
+    return codec.decode_mean(total, public_count)
+
+
+def _check_quantizer_range(plan: Any, dp: ReleaseDP) -> None:
+    """Under user-level DP every value a member sends is within ±C (clipped update times a weight in [0, 1];
+    the weight words are zero), so a quantizer range >= C never saturates and the clipped-value count the
+    protocol reports (masking's last word, CKKS' `clipped`) is always 0: it carries nothing about the data."""
+    rng = getattr(getattr(plan, "params", None), "clip_range", None)
+    if rng is not None and rng < dp.dp.clipping_norm:
+        raise PolicyError(
+            f"secure_aggregation {plan.protocol}.clip_range {rng:g} is below differential_privacy.clipping_norm "
+            f"{dp.dp.clipping_norm:g}: clipped DP updates could saturate the quantizer and its clipped-value count "
+            "would leave un-noised; raise clip_range to at least the clipping norm"
+        )
+
+
+def round_user_dp(path: "ReleasePath", members: Sequence[str], final: str, plan: Any) -> Any:
+    """The user-level DP of one round of ``members`` releasing towards ``final`` (None: no noise on the sum).
+
+    Noise is added once to the sum, so the round has one z: planned (``noise_multiplier: auto``) from the
+    strictest member's one-loss budget (`ReleasePath.member_dp`: the smallest budget and δ on any of its
+    paths, e.g. the root's for a key release that stays in the federation), over the releases the run plans.
+    Record-level-only members are protected by DP-SGD inside their sites; noise on the sum is user level.
+    The same function serves the engine, the Ray driver and deployed nodes (`node.release`).
+    """
+    from worldlm_secure.privacy import UserLevelDP
+
+    effs = {m: path.effective(m, final) for m in members}
+    users = [m for m in members if effs[m].differential_privacy.level == "user"]
+    if not users:
+        return None
+    strict = min((path.member_dp(m) for m in users), key=lambda d: (d.epsilon_budget, d.delta))
+    return UserLevelDP.from_policy(
+        strict,
+        planned_releases=path.planned_releases,
+        max_dropout_fraction=max(effs[m].secure_aggregation.max_dropout_fraction for m in users),
+        mechanism=plan.dp_mechanism,
+    )
 
 
 def _with_member_noise(dp: ReleaseDP, secure: SecureSum, roster: int) -> tuple[ReleaseDP, IntegerNoise]:

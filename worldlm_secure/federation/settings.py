@@ -78,6 +78,12 @@ class AggregationSection(_Strict):
     key_max_score: float = Field(3.0, gt=0, le=40)
     residual_temperature: float = Field(0.1, gt=0)
     hierfavg_root_every: int = Field(2, ge=1)
+    # DP-FedAvgM (protocols/dp.md §2.4): a server step on the released (noised) mean of every site round.
+    server_lr: float = Field(1.0, gt=0, le=10)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
+    # Under DP example weights are min(n, cap) / cap with this public cap (None: uniform weights). A policy
+    # field would be the natural home (differential_privacy.weight_cap); until then it is a world setting.
+    dp_weight_cap: int | None = Field(None, ge=1)
 
 
 class Settings(BaseModel):
@@ -95,6 +101,9 @@ class Settings(BaseModel):
     residual_temperature: float
     hierfavg_root_every: int
     seed: int
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    dp_weight_cap: int | None = None
     device: str = "auto"
 
     @property
@@ -154,6 +163,9 @@ def settings_for(world: World, *, rounds: int | None = None, device: str = "auto
         attention=AttentionConfig(agg.key_step, agg.key_temperature, agg.key_max_score),
         residual_temperature=agg.residual_temperature,
         hierfavg_root_every=agg.hierfavg_root_every,
+        server_lr=agg.server_lr,
+        server_momentum=agg.server_momentum,
+        dp_weight_cap=agg.dp_weight_cap,
         seed=world.seed if seed is None else seed,
         device=device,
     )

@@ -34,6 +34,10 @@ POST_PROCESSING = "post_processing"
 # The mechanism of a record-level release: the site trained with Opacus DP-SGD (its stream is SITE/record,
 # charged with the optimizer steps taken since the site's previous release; see protocols/dp.md).
 DP_SGD = "dp_sgd"
+# The mechanism of a refusal entry: a release (or a DP-SGD training round) the budget could not afford was
+# refused before anything left. Nothing was released and no ε was spent (dp_level none, ε fields null); the
+# entry is signed and chained like any other so an auditor sees the refusal, and `extra["refused"]` says why.
+REFUSED = "refused"
 
 @dataclass(frozen=True)
 class LedgerEntry:
@@ -52,7 +56,7 @@ class LedgerEntry:
     cohort_size: int  # members planned for the round
     dropouts: int  # members that dropped (cohort_size - dropouts contributed)
     dp_level: str  # user | record | none
-    mechanism: str  # central_gaussian | distributed_discrete_gaussian | distributed_skellam | dp_sgd | none
+    mechanism: str  # central_gaussian | distributed_* | dp_sgd | post_processing | refused | none
     clipping_norm: float  # L2 clip (parameter units); max_grad_norm for record level
     noise_multiplier: float  # EFFECTIVE z fed to the accountant (after dropouts); 0.0 when dp_level is none
     sample_rate: float  # q: cohort/population (user level) or batch/records (record level)

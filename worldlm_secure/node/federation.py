@@ -122,13 +122,14 @@ class FederationNode:
         if ctx.key_names:
             new = self.agg.weighted(Phase(r, "key"), model, self.name, self.key, ctx.key_names, derived=False)
             if new is not None:
-                step = ctx.settings.attention.step
+                step = ctx.settings.attention.step * ctx.settings.server_lr
                 self.key = {n: self.key[n] + step * (new[n] - self.key[n]) for n in ctx.key_names}
         if ctx.shared_names:
-            n_max = max(self.agg.board.examples.get(m, 0) for m in self.agg.members) or 1
+            n_max = self.release.example_scale([self.agg.board.examples.get(m, 0) for m in self.agg.members])
             new = self.agg.weighted(Phase(r, "shared", float(n_max)), None, ctx.root, self.shared, ctx.shared_names, derived=False)
             if new is not None:
-                self.shared = new
+                lr = ctx.settings.server_lr  # DP-FedAvgM's server step (momentum: engine only, see protocols/dp.md)
+                self.shared = {n: self.shared[n] + lr * (new[n] - self.shared[n]) for n in ctx.shared_names}
         self.released = {n: t.clone() for n, t in self.shared.items()}
         self._save(r, "aggregated")
 
@@ -172,7 +173,8 @@ class FederationNode:
                             root_shared = groups["shared"]
                         names = ctx.shared_names
                         deltas = {n: self.released[n] - root_shared[n] for n in names}
-                        w = np.full(len(names), total_examples / phase.n_max)
+                        # Under DP the root weighs federations uniformly: the example count is not used.
+                        w = np.full(len(names), 1.0 if self.release.public_weights else total_examples / phase.n_max)
                         self._up(parent, ann, phase, names, deltas=deltas, weights=w, shapes={n: root_shared[n].shape for n in names})
                         self._save(r, "released")
                     elif phase.phase == "residual":

@@ -39,7 +39,9 @@ import torch
 from worldlm_secure.aggregation.weighted import DeltaCodec
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.aggregation.member import encode_update
-from worldlm_secure.federation.release import ReleaseDP, ReleasePath
+from worldlm_secure.errors import BudgetExceeded
+from worldlm_secure.federation.engine import planned_site_releases
+from worldlm_secure.federation.release import ReleaseDP, ReleasePath, decode, round_user_dp
 from worldlm_secure.ledger.entry import DP_SGD
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.context import WorldContext
@@ -75,19 +77,12 @@ class Prepared:
 
 
 def round_dp(path: ReleasePath, cohort: Sequence[str], final: str, dim: int, plan: Any, planned_releases: int) -> RoundDP | None:
-    """`ReleasePath._dp_for` without the members' budget trackers (each member keeps its own)."""
-    from worldlm_secure.privacy import UserLevelDP
-
-    effs = [path.effective(m, final) for m in cohort]
-    effs = [e for e in effs if e.differential_privacy.level == "user"]
-    if not effs:
+    """`ReleasePath._dp_for` without the members' budget trackers (each member keeps its own): the same
+    `round_user_dp` (z planned from the strictest one-loss budget of the cohort), the same noise plan."""
+    dp = round_user_dp(path, sorted(cohort), final, plan)
+    if dp is None:
         return None
-    eff = min(effs, key=lambda e: e.differential_privacy.epsilon_budget or float("inf"))
-    dp = UserLevelDP.from_policy(
-        eff.differential_privacy, planned_releases=planned_releases,
-        max_dropout_fraction=eff.secure_aggregation.max_dropout_fraction, mechanism=plan.dp_mechanism,
-    )
-    noise_plan = dp.plan(expected_members=len(cohort), dim=dim, w_max=1.0)
+    noise_plan = dp.plan(expected_members=len(cohort), dim=dim, w_max=None)
     if not dp.mechanism.distributed:
         return RoundDP(dp, noise_plan)
     # As `ReleasePath._with_member_noise`: the shares, and the plan at the scale the masked round will use.
@@ -127,15 +122,26 @@ class NodeRelease:
         self.ctx = ctx
         self.state = state
         self.me = identity.name
-        rounds = ctx.settings.rounds
-        key_released = bool(ctx.key_names)
         # Same planning as the engine: key + shared per round per site (for noise_multiplier: auto).
-        self.planned_releases = rounds * (2 if key_released else 1)
+        self.planned_releases = planned_site_releases(ctx.settings.rounds, bool(ctx.key_names), bool(ctx.shared_names))
         self.path = ReleasePath(ctx.world, {identity.name: identity}, ledger_dir=ledger_dir, planned_releases=self.planned_releases)
         self._trackers: dict[str, Any] = {}
 
     def plan(self, cohort: Sequence[str], final: str) -> Any:
         return self.path.plan(sorted(cohort), final)
+
+    @property
+    def public_weights(self) -> bool:
+        """Under any DP every weight is public (protocols/dp.md §2), as in `Engine.public_weights`."""
+        root = self.ctx.root
+        return any(self.path.effective(s.name, root).differential_privacy.level != "none" for s in self.ctx.world.sites)
+
+    def example_scale(self, counts: Sequence[int]) -> float:
+        """``n_max`` of example weighting (`Engine.example_scale`): the largest count without DP, else the public
+        cap (``aggregation.dp_weight_cap``, 1 = uniform). Under DP the members' counts are never used."""
+        if self.public_weights:
+            return float(self.ctx.settings.dp_weight_cap or 1)
+        return float(max(counts, default=1) or 1)
 
     # ---- member side ----
     def prepare(
@@ -171,7 +177,11 @@ class NodeRelease:
         tracker = None
         if dp is not None:  # refuse before anything is sent if even the worst case would exceed the budget
             tracker = self._tracker(dp.dp)
-            dp.dp.check_before_round(tracker, dp.plan, plan.min_cohort)
+            try:
+                dp.dp.check_before_round(tracker, dp.plan, plan.min_cohort)
+            except BudgetExceeded as exc:  # a signed refusal entry, as the engine writes (nothing leaves)
+                self.path.record_refusal(world_round, group, [self.me], destination, names, plan, final, str(exc))
+                raise
         return Prepared(vector, plan, dp, tracker, level, eff, derived)
 
     def record(self, world_round: int, group: str, destination: str, names: Sequence[str], prep: Prepared,
@@ -222,32 +232,34 @@ class NodeRelease:
         from worldlm_secure.ledger import release_entry
 
         assert prep.dp is not None
+        held = self.path.held_to(self.me, prep.effective)  # the policy the charge was checked against
         entry = release_entry(
             release_id=release_id, round=world_round, level=self.ctx.world.nodes[self.me].kind, source=self.me,
             destination=destination, group=group, tensor_names=names, protocol=prep.plan.protocol,
             cohort_size=len(result.contributors), dropouts=len(result.dropped), dp_level=prep.level,
             mechanism=prep.dp.dp.mechanism.name, clipping_norm=prep.dp.dp.clipping_norm,
-            policy_sha256=prep.effective.sha256, charge=charge, stream=f"{self.me}/{prep.level}",
-            delta=float(prep.effective.differential_privacy.delta or 0.0), key_id="",
+            policy_sha256=held.sha256, charge=charge, stream=f"{self.me}/{prep.level}",
+            delta=float(held.differential_privacy.delta or 0.0), key_id="",
         )
-        self.path.ledger(self.me).append(entry, policy_document=prep.effective.canonical_json())
+        self.path.ledger(self.me).append(entry, policy_document=held.canonical_json())
 
     def _tracker(self, dp: Any) -> Any:
-        if self.me not in self._trackers:
-            self._trackers[self.me] = dp.tracker(f"{self.me}/user", self.path.ledger_entries(self.me))
-        return self._trackers[self.me]
+        """This node's one `NODE/user` stream (`ReleasePath.member_tracker`: the strictest budget on its paths)."""
+        return self.path.member_tracker(self.me, dp)
 
     # ---- aggregator side ----
     def finish_average(self, total: np.ndarray, cohort: Sequence[str], final: str, names: Sequence[str],
                        shapes: Mapping[str, Any], *, derived: bool) -> dict[str, torch.Tensor]:
         """Noise (central Gaussian, when the members' policies ask for user-level DP) and decode the average."""
         codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
+        dp = None
         if not derived:
             plan = self.plan(cohort, final)
             dp = round_dp(self.path, sorted(cohort), final, codec.length, plan, self.planned_releases)
             if dp is not None and dp.noise is None:  # central; distributed shares are in the sum already
                 total = dp.dp.mechanism.add_noise(total, dp.plan)
-        return codec.decode_average(total)
+        # Under DP: divide by the public cohort size, never by the noisy weight sum (as the engine does).
+        return decode(codec, total, len(cohort) if dp is not None else None)
 
     def member_noise(self, cohort: Sequence[str], final: str, names: Sequence[str], shapes: Mapping[str, Any]) -> Any:
         """The integer noise members add in this round (distributed DP), for the aggregator's round config."""

@@ -63,7 +63,7 @@ class RootNode:
         self.agg.start()
         try:
             examples = self.agg.wait_for_members()
-            n_max = float(max((examples.get(m, 0) for m in self.agg.members), default=1) or 1)
+            n_max = 1.0 if self.release.public_weights else float(max((examples.get(m, 0) for m in self.agg.members), default=1) or 1)
             feds = len(self.agg.members)
             for r in range(self.done + 1, ctx.settings.rounds + 1):
                 if ctx.shared_names:

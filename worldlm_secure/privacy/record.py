@@ -69,8 +69,11 @@ class PrivateTraining:
         return int(sum(s for _, _, s in self.engine.accountant.history))
 
     def epsilon(self, delta: float) -> float:
-        """ε at δ spent by the steps taken so far."""
-        return float(self.engine.get_epsilon(delta)) if self.steps else 0.0
+        """ε at δ spent by the steps taken so far (our accountant: the integer RDP orders the ledger replays)."""
+        from worldlm_secure.privacy.accountant import MechanismStep, epsilon_of
+
+        hist = [MechanismStep(float(z), float(q), int(s)) for z, q, s in self.engine.accountant.history]
+        return epsilon_of(hist, delta, self.accountant) if self.steps else 0.0
 
     def unwrap(self) -> torch.nn.Module:
         """The original model (same parameters), e.g. to split into groups and release."""
