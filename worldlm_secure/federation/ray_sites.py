@@ -105,7 +105,7 @@ class RayEngine(Engine):
         self, round_id: int, group: str, fed: str, server: Tensors, sites: list[_Site], names: list[str], final: str,
         weighting: str,
     ) -> Tensors:
-        n_max = float(max(s.examples for s in sites))
+        n_max = self.example_scale(sites)  # the same public rule as in process (under DP no weight reads another site)
         actors = {s.name: self.actors[s.name] for s in sites}
 
         def remote(rid: int, secure: Any, plan: Any, noise: Any, clip: float | None, dim: int) -> Any:
