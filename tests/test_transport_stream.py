@@ -70,9 +70,10 @@ def test_64_mib_model_down_and_update_up_bit_identical(fed):
     assert info.value.reason_name == "REJECTED"
 
 
-def test_secure_aggregation_round_trip_with_relay_and_protected_uploads(fed):
-    """Masking-shaped flow: keys to the aggregator, a bundle back, sealed shares relayed member to
-    member, masked inputs up. Payloads are opaque bytes to the transport."""
+def test_secure_aggregation_round_trip_through_the_aggregator_and_protected_uploads(fed):
+    """Masking-shaped flow: keys to the aggregator, a bundle back, sealed shares to the aggregator and
+    each member's delivery back from it (no member-to-member relay), masked inputs up. Payloads are
+    opaque bytes to the transport."""
     _pki, _server, board, clients = fed
     rid = board.current_round() + 1
     board.announce(Announcement(rid, MEMBERS, "masking", params=b'{"bits": 32}'), None)
@@ -88,14 +89,15 @@ def test_secure_aggregation_round_trip_with_relay_and_protected_uploads(fed):
     for name, c in clients.items():
         (got,) = c.fetch_secagg(pb.SECAGG_MASKING_KEY_BUNDLE)
         assert (got.sender, got.payload.to_bytes()) == (FED, bundle)
-        for peer in MEMBERS:
-            if peer != name:
-                c.send_secagg(pb.SECAGG_MASKING_ENCRYPTED_SHARES, Payload.from_bytes(f"{name}->{peer}".encode()), recipient=peer)
+        c.send_secagg(pb.SECAGG_MASKING_ENCRYPTED_SHARES, Payload.from_bytes(f"shares-of-{name}".encode()))
+    got = board.secagg_received(rid, pb.SECAGG_MASKING_ENCRYPTED_SHARES)
+    assert sorted(m.payload.to_bytes().decode() for m in got) == sorted(f"shares-of-{n}" for n in MEMBERS)
+    for name in MEMBERS:
+        board.post_secagg(Inbound(FED, rid, pb.PAYLOAD_KIND_SECAGG, pb.SECAGG_MASKING_ENCRYPTED_SHARES, name,
+                                  Payload.from_bytes(f"delivery-for-{name}".encode())))
     for name, c in clients.items():
-        shares = c.fetch_secagg(pb.SECAGG_MASKING_ENCRYPTED_SHARES)
-        assert sorted((m.sender, m.payload.to_bytes().decode()) for m in shares) == sorted(
-            (p, f"{p}->{name}") for p in MEMBERS if p != name
-        )
+        (delivery,) = c.fetch_secagg(pb.SECAGG_MASKING_ENCRYPTED_SHARES)
+        assert (delivery.sender, delivery.payload.to_bytes().decode()) == (FED, f"delivery-for-{name}")
     masked = {n: np.frombuffer(os.urandom(3 << 20), dtype=np.uint32) for n in MEMBERS}  # 3 MiB: several chunks
     for name, c in clients.items():
         c.upload_update(Payload.from_tensors({"masked": masked[name]}), secagg_kind=pb.SECAGG_MASKING_MASKED_INPUT)
@@ -119,7 +121,7 @@ def test_watchers_see_every_announcement_in_order(fed):
     for t in threads:
         t.start()
     for r in range(start + 1, start + 4):
-        board.announce(Announcement(r, MEMBERS, "ckks", peer_keys=tuple((m, bytes(32)) for m in MEMBERS)))
+        board.announce(Announcement(r, MEMBERS, "ckks"))
     for t in threads:
         t.join(timeout=10)
     assert seen == {m: [start + 1, start + 2, start + 3] for m in MEMBERS}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from worldlm_secure.errors import SecAggError, TransportError
+from worldlm_secure.errors import ConfigError, SecAggError, TransportError
 from worldlm_secure.node.board import NodeBoard
 from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
 from worldlm_secure.node.config import NodeConfig
@@ -19,6 +19,7 @@ from worldlm_secure.node.link import LinkOutcome, Liveness, aggregate_round
 from worldlm_secure.node.release import NodeRelease
 from worldlm_secure.node.state import NodeState, write_atomic
 from worldlm_secure.transport.chunks import Payload
+from worldlm_secure.transport import keys
 from worldlm_secure.transport.handler import Announcement
 from worldlm_secure.transport.server import FederationServer, ServerConfig
 from worldlm_secure.transport.tls import NodeCredentials, Roster
@@ -39,9 +40,15 @@ class Aggregator:
         unknown = [m for m in self.members if m not in roster]
         if unknown:
             raise TransportError(f"{cfg.serve.roster}: children {unknown} of {self.name!r} in {ctx.world.path} are not on the roster; add them, one name per line")
+        self.identity = release.path.identities[self.name]  # signs the messages this aggregator sends members
+        credentials = NodeCredentials.load(cfg.serve.credentials)
+        # Members take the aggregator's key from this certificate (the announcement carries it): it must be ours.
+        if keys.signing_key_of(credentials.certificate) != self.identity.public_bytes:
+            raise ConfigError(f"{cfg.serve.credentials}: the certificate does not bind {self.name!r}'s signing key; "
+                              "re-issue it with `keys issue --signing-key` and the node's signing.key")
         self.board = NodeBoard(self.name, start_round=int(state.get("link_round", 0)))
         self.server = FederationServer(
-            NodeCredentials.load(cfg.serve.credentials), roster, self.board,
+            credentials, roster, self.board,
             ServerConfig(bind=cfg.serve.listen, heartbeat_seconds=max(1, int(cfg.timeouts.heartbeat))),
         )
         self.live = Liveness(self.board, silent_after=cfg.timeouts.silent_after)
@@ -76,7 +83,7 @@ class Aggregator:
     def announce(self, phase: Phase, model: Payload | None, protocol: str, cohort: Sequence[str]) -> Announcement:
         rid = self.state.next_link_round()  # persisted before use: ids never repeat across restarts
         deadline = int((time.time() + self.cfg.timeouts.train) * 1000)
-        ann = Announcement(rid, tuple(cohort), protocol, phase.to_bytes(), deadline)
+        ann = Announcement(rid, tuple(cohort), protocol, phase.to_bytes(), deadline, aggregator_key=self.identity.public_bytes)
         self.board.announce(ann, model)
         ann = self.board.announcement(rid) or ann  # with the cohort's enrolled signing keys filled in
         self.emit("announced", round=phase.world_round, phase=phase.phase, link_round=rid, cohort=len(cohort))
@@ -94,7 +101,7 @@ class Aggregator:
                 raise SecAggError(f"only {len(cohort)} live members, below min_cohort={plan.min_cohort}")
             noise = noise_for(ann.cohort) if noise_for is not None else None
             out = aggregate_round(
-                self.board, ann, masking_config(plan, ann, noise), plan.min_cohort,
+                self.board, ann, masking_config(plan, ann, noise), plan.min_cohort, identity=self.identity,
                 first_timeout=self.cfg.timeouts.train, step_timeout=self.cfg.timeouts.step, live=self.live,
                 ckks=ckks_round(plan, ann),
             )

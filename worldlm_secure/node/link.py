@@ -5,7 +5,11 @@ side runs `MaskingAggregator` behind a `RoundBoard` (the federation's `Federatio
 The order of steps is `masking.drive_round`'s, message for message (protocols/federation.md):
 
     member: ADVERTISE_KEYS -> (fetch KEY_BUNDLE) -> ENCRYPTED_SHARES -> (fetch deliveries)
-            -> UploadUpdate(MASKED_INPUT) -> (fetch UNMASK_REQUEST) -> UNMASK_SHARES
+            -> UploadUpdate(MASKED_INPUT) -> (fetch UNMASK_REQUEST: SurvivorList) -> UNMASK_SHARES: SurvivorSignature
+            -> (fetch UNMASK_REQUEST: UnmaskRequest) -> UNMASK_SHARES: UnmaskResponse
+    The unmask phase's two exchanges share their kinds; each message names itself by its SecAgg+ tag.
+    Every aggregator message is signed by the federation's identity and checked by the member
+    (`MaskingMember`), whatever relayed it.
     aggregator: wait for each step's messages from the members still expected, until all arrived, the
             step's timeout passed, or the member's heartbeat went silent (a dropout); then the next step.
 
@@ -21,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -32,9 +37,12 @@ from worldlm_secure.secagg.masking import MaskingAggregator, MaskingMember, Roun
 from worldlm_secure.secagg.masking_messages import (
     KeyAdvert,
     MaskedInput,
+    Message,
     NeighbourKeys,
     ShareDelivery,
     ShareKeys,
+    SurvivorList,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -45,6 +53,7 @@ from worldlm_secure.transport.client import SiteClient
 from worldlm_secure.transport.handler import Announcement, Inbound
 
 log = logging.getLogger("worldlm_secure.node")
+M = TypeVar("M", bound=Message)
 POLL_SECONDS = 0.1  # how often a waiting side looks again (loopback; members poll the federation)
 
 
@@ -63,15 +72,22 @@ class LinkOutcome:
 # ---- member side ------------------------------------------------------------------------------------
 
 
-def _poll(client: SiteClient, kind: int, round_id: int, deadline: float) -> Inbound:
+def _is(message: Inbound, cls: type[Message]) -> bool:
+    """Whether a relayed payload claims to be a ``cls`` (its SecAgg+ tag); decoding checks the rest."""
+    head = message.payload.to_bytes()[:5]
+    return len(head) == 5 and head[4] == cls.TAG
+
+
+def _poll(client: SiteClient, kind: int, round_id: int, deadline: float, cls: type[M]) -> M:
+    """The first ``cls`` message of ``kind`` the federation holds for this member, decoded."""
     while True:
-        got = client.fetch_secagg(kind, round_id=round_id)
-        if got:
-            return got[0]
+        for got in client.fetch_secagg(kind, round_id=round_id):
+            if _is(got, cls):
+                return cls.from_bytes(got.payload.to_bytes())
         if time.monotonic() > deadline:
             raise SecAggError(
-                f"round {round_id}: no {pb.SecAggKind.Name(kind)} from federation {client.federation!r} within the "
-                "step timeout; this member treats the round as aborted"
+                f"round {round_id}: no {cls.__name__} ({pb.SecAggKind.Name(kind)}) from federation {client.federation!r} "
+                "within the step timeout; this member treats the round as aborted"
             )
         time.sleep(POLL_SECONDS)
 
@@ -108,15 +124,15 @@ def member_round(
         raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking, ckks or none)")
     member = MaskingMember(identity, config, noise=noise)  # type: ignore[arg-type]
     step = lambda: time.monotonic() + timeout  # noqa: E731
-    client.send_secagg(pb.SECAGG_MASKING_ADVERTISE_KEYS, Payload.from_bytes(member.advertise().to_bytes()), round_id=rid)
-    keys = NeighbourKeys.from_bytes(_poll(client, pb.SECAGG_MASKING_KEY_BUNDLE, rid, step()).payload.to_bytes())
-    client.send_secagg(pb.SECAGG_MASKING_ENCRYPTED_SHARES, Payload.from_bytes(member.share_keys(keys).to_bytes()), round_id=rid)
-    delivery = ShareDelivery.from_bytes(_poll(client, pb.SECAGG_MASKING_ENCRYPTED_SHARES, rid, step()).payload.to_bytes())
-    masked = member.masked_input(delivery, vector)
+    send = lambda kind, msg: client.send_secagg(kind, Payload.from_bytes(msg.to_bytes()), round_id=rid)  # noqa: E731
+    send(pb.SECAGG_MASKING_ADVERTISE_KEYS, member.advertise())
+    keys = _poll(client, pb.SECAGG_MASKING_KEY_BUNDLE, rid, step(), NeighbourKeys)
+    send(pb.SECAGG_MASKING_ENCRYPTED_SHARES, member.share_keys(keys))
+    masked = member.masked_input(_poll(client, pb.SECAGG_MASKING_ENCRYPTED_SHARES, rid, step(), ShareDelivery), vector)
     before_input(keys.advertised)
     client.upload_update(Payload.from_bytes(masked.to_bytes()), secagg_kind=pb.SECAGG_MASKING_MASKED_INPUT, round_id=rid)
-    request = UnmaskRequest.from_bytes(_poll(client, pb.SECAGG_MASKING_UNMASK_REQUEST, rid, step()).payload.to_bytes())
-    client.send_secagg(pb.SECAGG_MASKING_UNMASK_SHARES, Payload.from_bytes(member.unmask(request).to_bytes()), round_id=rid)
+    send(pb.SECAGG_MASKING_UNMASK_SHARES, member.confirm(_poll(client, pb.SECAGG_MASKING_UNMASK_REQUEST, rid, step(), SurvivorList)))
+    send(pb.SECAGG_MASKING_UNMASK_SHARES, member.unmask(_poll(client, pb.SECAGG_MASKING_UNMASK_REQUEST, rid, step(), UnmaskRequest)))
 
 
 # ---- aggregator side --------------------------------------------------------------------------------
@@ -134,15 +150,17 @@ class Liveness:
 
 
 def _wait(
-    board: RoundBoard, rid: int, kind: int, expected: Iterable[str], timeout: float, live: Liveness
+    board: RoundBoard, rid: int, kind: int, expected: Iterable[str], timeout: float, live: Liveness,
+    cls: type[Message] | None = None,
 ) -> dict[str, Inbound]:
-    """First message of ``kind`` from each expected member, until all arrived, timeout, or the rest went silent."""
+    """First message of ``kind`` (and SecAgg+ type ``cls``, if given) from each expected member, until all
+    arrived, timeout, or the rest went silent."""
     expected = set(expected)
     deadline = time.monotonic() + timeout
     while True:
         got: dict[str, Inbound] = {}
         for m in board.secagg_received(rid, kind):
-            if m.sender in expected:
+            if m.sender in expected and (cls is None or _is(m, cls)):
                 got.setdefault(m.sender, m)
         missing = expected - set(got)
         if not missing or time.monotonic() > deadline or not any(live.alive(m) for m in missing):
@@ -176,12 +194,14 @@ def aggregate_round(
     config: RoundConfig | None,
     min_cohort: int,
     *,
+    identity: NodeIdentity,
     first_timeout: float,
     step_timeout: float,
     live: Liveness,
     ckks: CkksRound | None = None,
 ) -> LinkOutcome:
-    """Run the aggregator's side of round ``ann.round_id`` (already announced on ``board``)."""
+    """Run the aggregator's side of round ``ann.round_id`` (already announced on ``board``); ``identity`` is
+    this federation's, which signs every message it sends to members."""
     rid, cohort = ann.round_id, ann.cohort
     if ann.protocol == "ckks" and ckks is not None:
         out = ckks_link.aggregate_round(
@@ -199,13 +219,20 @@ def aggregate_round(
         return LinkOutcome(total, tuple(names), tuple(m for m in cohort if m not in ups), sum(ups[m].payload.nbytes for m in names))
     if ann.protocol != "masking" or config is None:
         raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking, ckks or none)")
-    agg = MaskingAggregator(config)
+    agg = MaskingAggregator(config, identity)
     sent = 0
 
-    def parse(msgs: dict[str, Inbound], cls: type) -> list:
+    def parse(msgs: dict[str, Inbound], cls: type[M]) -> list[M]:
+        """Decode each member's message; a member whose bytes do not decode drops out of the round."""
         nonlocal sent
         sent += sum(m.payload.nbytes for m in msgs.values())
-        return [cls.from_bytes(msgs[n].payload.to_bytes()) for n in sorted(msgs)]
+        out = []
+        for n in sorted(msgs):
+            try:
+                out.append(cls.from_bytes(msgs[n].payload.to_bytes()))
+            except SecAggError as exc:
+                log.warning("round %d: %s from %s refused (%s); it drops out", rid, cls.__name__, n, exc)
+        return out
 
     adverts = parse(_wait(board, rid, pb.SECAGG_MASKING_ADVERTISE_KEYS, cohort, first_timeout, live), KeyAdvert)
     bundles = agg.collect_adverts(adverts)
@@ -214,9 +241,12 @@ def aggregate_round(
     deliveries = agg.collect_shares(shares)
     _post(board, rid, pb.SECAGG_MASKING_ENCRYPTED_SHARES, deliveries)
     masked = parse(_wait_updates(board, rid, deliveries, step_timeout, live), MaskedInput)
-    requests = agg.collect_masked(masked)
+    lists = agg.collect_masked(masked)
+    _post(board, rid, pb.SECAGG_MASKING_UNMASK_REQUEST, lists)
+    signatures = parse(_wait(board, rid, pb.SECAGG_MASKING_UNMASK_SHARES, lists, step_timeout, live, SurvivorSignature), SurvivorSignature)
+    requests = agg.collect_signatures(signatures)
     _post(board, rid, pb.SECAGG_MASKING_UNMASK_REQUEST, requests)
-    responses = parse(_wait(board, rid, pb.SECAGG_MASKING_UNMASK_SHARES, requests, step_timeout, live), UnmaskResponse)
+    responses = parse(_wait(board, rid, pb.SECAGG_MASKING_UNMASK_SHARES, requests, step_timeout, live, UnmaskResponse), UnmaskResponse)
     outcome = agg.finish(responses)
     return LinkOutcome(
         outcome.total, outcome.contributors, tuple(m for m in cohort if m not in outcome.contributors), sent

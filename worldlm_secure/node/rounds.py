@@ -32,10 +32,13 @@ class Phase:
 
 def masking_config(plan: Any, ann: Announcement, noise: Any = None) -> RoundConfig | None:
     """The public parameters of a masked round, identical at members and aggregator (``noise``: the
-    distributed DP shares the quantizer leaves room for)."""
+    distributed DP shares the quantizer leaves room for). At a member, ``ann`` is what
+    `SiteClient.verify_announcement` returned: its peer keys and ``aggregator_key`` come from certificates
+    the member checked itself; at the aggregator, ``aggregator_key`` is its own (`Aggregator.announce`)."""
     if ann.protocol != "masking":
         return None
-    return RoundConfig.build(plan.params, ann.round_id, ann.cohort, dict(ann.peer_keys), plan.min_cohort, noise)
+    return RoundConfig.build(plan.params, ann.round_id, ann.cohort, dict(ann.peer_keys), plan.min_cohort, noise,
+                             aggregator_key=ann.aggregator_key)
 
 
 def ckks_round(plan: Any, ann: Announcement) -> CkksRound | None:

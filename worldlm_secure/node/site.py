@@ -201,9 +201,11 @@ class SiteNode:
     def run(self) -> dict[str, Any]:
         assert self.cfg.parent is not None
         p = self.cfg.parent
+        # The members this site knows from the world file, independently of what the federation announces:
+        # an announced cohort naming anyone else, or a peer key without a valid certificate, is refused.
         client = SiteClient(
             p.address, NodeCredentials.load(p.credentials), p.name, identity=self.identity,
-            retry=RetryPolicy(attempts=60, initial_backoff=0.2, max_backoff=2.0),
+            retry=RetryPolicy(attempts=60, initial_backoff=0.2, max_backoff=2.0), members=self.ctx.members(self.fed),
         )
         status = {"text": f"{EXAMPLES_STATUS}{self.examples}"}
         enrollment = client.enroll()
@@ -213,7 +215,8 @@ class SiteNode:
         self.emit("enrolled", federation=enrollment.federation, round=enrollment.current_round)
         eval_every, rounds = self.ctx.settings.eval_every, self.ctx.settings.rounds
         try:
-            for ann in client.watch_rounds(after_round=max(0, enrollment.current_round - 1)):
+            refused = lambda rid, exc: self.emit("round_failed", link_round=rid, group="announcement", error=str(exc))  # noqa: E731
+            for ann in client.watch_rounds(after_round=max(0, enrollment.current_round - 1), on_refused=refused):
                 phase = Phase.from_announcement(ann)
                 r = phase.world_round
                 try:

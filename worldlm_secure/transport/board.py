@@ -3,6 +3,12 @@
 The federation's round logic drives it (`announce`, `wait_for_updates`, `post_secagg`,
 `secagg_received`); the transport server calls the handler side. It keeps everything in memory:
 durable round state belongs to the node (checkpoints, ledger).
+
+Memory is bounded (`BoardLimits`): each member may queue at most so many secure-aggregation messages
+and bytes per round (refused ``OVER_QUOTA`` beyond that, checked on the transfer's declared size
+before its data is read), holds one update per round, and the board keeps only the last
+``keep_rounds`` rounds (announcements, models, updates, messages); older rounds are dropped when a
+new one is announced.
 """
 
 from __future__ import annotations
@@ -10,20 +16,37 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.chunks import Payload
 from worldlm_secure.transport.federation_pb2 import RefusalReason as R
 from worldlm_secure.transport.handler import Announcement, FederationHandler, Inbound, Member
 from worldlm_secure.transport.refusal import Refused
 
 
+@dataclass(frozen=True)
+class BoardLimits:
+    """Per-member caps on what the board holds for one round, and how many rounds it keeps.
+
+    An honest member sends at most 3 secure-aggregation messages per masked round (keys, shares,
+    unmask shares; 4 with the consistency round) and at most 3 per CKKS round, plus one update, so
+    16 leaves room for retries. The byte cap covers the largest honest message (a CKKS key epoch or
+    decrypted sum of a large vector); lower it for small models.
+    """
+
+    max_messages_per_member_round: int = 16
+    max_bytes_per_member_round: int = 1 << 30  # 1 GiB of secure-aggregation messages (updates: one per round)
+    keep_rounds: int = 3  # the current round and the two before it; older state is dropped
+
+
 class RoundBoard(FederationHandler):
     """Rounds, models, updates and secure-aggregation mailboxes for one federation."""
 
-    def __init__(self, name: str, start_round: int = 0) -> None:
+    def __init__(self, name: str, start_round: int = 0, limits: BoardLimits | None = None) -> None:
         """``start_round``: the last round id used before a restart (persisted by the node), so ids never repeat."""
         self.name = name
+        self.limits = limits or BoardLimits()
         self._cond = threading.Condition()
         self._round = start_round
         self._announcements: dict[int, Announcement] = {}
@@ -33,6 +56,7 @@ class RoundBoard(FederationHandler):
         self._updates: dict[int, dict[str, Inbound]] = defaultdict(dict)
         self._to_aggregator: dict[int, list[Inbound]] = defaultdict(list)
         self._mailbox: dict[tuple[int, str], list[Inbound]] = defaultdict(list)
+        self._quota: dict[tuple[int, str], list[int]] = {}  # (round, member) -> [messages, bytes] queued
 
     # ---- driven by the federation's round logic ----
 
@@ -52,7 +76,34 @@ class RoundBoard(FederationHandler):
             self._announcements[announcement.round_id] = announcement
             if model is not None:
                 self._models[announcement.round_id] = model
+            self._prune()
             self._cond.notify_all()
+
+    def _prune(self) -> None:
+        """Drop every round but the last ``keep_rounds`` (called with the lock held)."""
+        oldest = self._round - max(1, self.limits.keep_rounds) + 1
+        for table in (self._announcements, self._models, self._updates, self._to_aggregator):
+            for r in [r for r in table if r < oldest]:
+                del table[r]
+        for table in (self._mailbox, self._quota):  # type: ignore[assignment]
+            for key in [k for k in table if k[0] < oldest]:
+                del table[key]
+
+    def rounds_held(self) -> list[int]:
+        """Round ids the board still holds anything for (announcement, model, updates, messages)."""
+        with self._cond:
+            rounds = set(self._announcements) | set(self._models) | set(self._updates) | set(self._to_aggregator)
+            rounds |= {r for r, _ in self._mailbox}
+            return sorted(rounds)
+
+    def held_bytes(self) -> int:
+        """Payload bytes held: models, updates and queued secure-aggregation messages of the kept rounds."""
+        with self._cond:
+            total = sum(p.nbytes for p in self._models.values())
+            total += sum(m.payload.nbytes for ups in self._updates.values() for m in ups.values())
+            total += sum(m.payload.nbytes for msgs in self._to_aggregator.values() for m in msgs)
+            total += sum(m.payload.nbytes for msgs in self._mailbox.values() for m in msgs)
+            return total
 
     def announcement(self, round_id: int) -> Announcement | None:
         """The announcement of ``round_id`` as members receive it (``peer_keys`` filled in), if any."""
@@ -141,21 +192,41 @@ class RoundBoard(FederationHandler):
             self._updates[message.round_id][message.sender] = message
             self._cond.notify_all()
 
+    def admit_transfer(self, sender: str, round_id: int, kind: int, secagg_kind: int, total_bytes: int) -> None:
+        if kind != pb.PAYLOAD_KIND_SECAGG:
+            return  # updates: one per member and round (on_update), each within the transfer limits
+        with self._cond:
+            if round_id < self._round - max(1, self.limits.keep_rounds) + 1:
+                raise Refused(R.REFUSAL_WRONG_ROUND, f"round {round_id} is over and no longer held")
+            self._check_quota(sender, round_id, total_bytes)
+
+    def _check_quota(self, sender: str, round_id: int, nbytes: int) -> list[int]:
+        used = self._quota.get((round_id, sender), [0, 0])
+        lim = self.limits
+        if used[0] + 1 > lim.max_messages_per_member_round:
+            raise Refused(R.REFUSAL_OVER_QUOTA, f"{sender!r} already queued {used[0]} messages in round {round_id}; "
+                          f"the cap is {lim.max_messages_per_member_round} messages per member and round")
+        if used[1] + nbytes > lim.max_bytes_per_member_round:
+            raise Refused(R.REFUSAL_OVER_QUOTA, f"{sender!r} would queue {used[1] + nbytes} bytes in round {round_id}; "
+                          f"the cap is {lim.max_bytes_per_member_round} bytes per member and round")
+        return used
+
     def on_secagg(self, message: Inbound) -> None:
+        if message.recipient:  # the server refuses these first; a handler keeps the rule too
+            raise Refused(R.REFUSAL_REJECTED, f"{message.sender!r} addressed a message to {message.recipient!r}: "
+                          "no protocol defines a member-to-member message; send it to the aggregator")
         with self._cond:
             self._check_cohort(message)
-            if message.recipient:
-                ann = self._announcements.get(message.round_id)
-                if ann and ann.cohort and message.recipient not in ann.cohort:
-                    raise Refused(R.REFUSAL_REJECTED, f"recipient {message.recipient!r} is not in round {message.round_id}'s cohort")
-                self._mailbox[(message.round_id, message.recipient)].append(message)
-            else:
-                self._to_aggregator[message.round_id].append(message)
+            if message.round_id < self._round - max(1, self.limits.keep_rounds) + 1:
+                raise Refused(R.REFUSAL_WRONG_ROUND, f"round {message.round_id} is over and no longer held")
+            used = self._check_quota(message.sender, message.round_id, message.payload.nbytes)
+            self._quota[(message.round_id, message.sender)] = [used[0] + 1, used[1] + message.payload.nbytes]
+            self._to_aggregator[message.round_id].append(message)
             self._cond.notify_all()
 
     def secagg_for(self, member: str, round_id: int, secagg_kind: int) -> list[Inbound]:
         with self._cond:
-            # Kept, not consumed: a fetch that breaks off can simply be repeated.
+            # Kept, not consumed: a fetch that breaks off can simply be repeated. Only the aggregator posts here.
             return [m for m in self._mailbox.get((round_id, member), []) if secagg_kind in (0, m.secagg_kind)]
 
     def _check_cohort(self, message: Inbound) -> None:

@@ -5,16 +5,26 @@ the federation (gRPC UNAVAILABLE: network down, server restarting, TLS handshake
 retried with capped exponential backoff and full jitter; a refusal from the federation is never
 retried and surfaces as `Refused` with its reason. Server messages are checked too: the sender
 is the expected federation, rounds match, transfers verify.
+
+The member trusts no key on the federation's word. Every announcement is checked here, by the member
+(`verify_announcement`): each peer key must come with a certificate that chains to the CA the member
+trusts, is valid now, names that peer and binds exactly that key; the federation's own certificate
+must name the federation the member meant to reach (its key becomes ``Announcement.aggregator_key``);
+and, given the roster the member knows independently (``members``: its federation's children in the
+world file), the cohort may name no one else. An announcement that fails is refused: the member
+takes no part in that round (`watch_rounds` skips it and records why in ``refused_announcements``).
+Secure-aggregation messages are accepted only from the federation itself.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,7 +39,7 @@ from worldlm_secure.transport.envelope import enroll_message, make_envelope
 from worldlm_secure.transport.federation_pb2 import RefusalReason as R
 from worldlm_secure.transport.handler import Announcement, Inbound
 from worldlm_secure.transport.refusal import Refused
-from worldlm_secure.transport.tls import NodeCredentials
+from worldlm_secure.transport.tls import NodeCredentials, verify_certificate
 
 log = logging.getLogger("worldlm_secure.transport")
 T = TypeVar("T")
@@ -82,7 +92,11 @@ class SiteClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         limits: TransferLimits | None = None,
         timeout: float = 30.0,
+        members: Iterable[str] | None = None,
     ) -> None:
+        """``members``: the federation's members as this node knows them independently (the world file's
+        children of ``federation``); an announced cohort naming anyone else is refused. None: no roster
+        check (the certificate checks still apply)."""
         self.target = target
         self.credentials = credentials
         self.federation = federation
@@ -92,6 +106,11 @@ class SiteClient:
         self.limits = limits or TransferLimits()
         self.timeout = timeout  # seconds, for unary calls; streams run until done
         self.round_id = 0  # the latest round this member has seen
+        self.members = frozenset(members) if members is not None else None
+        if self.members is not None and credentials.name not in self.members:
+            raise TransportError(f"{credentials.name!r} is not among the members it was given for federation {federation!r}; check the world file")
+        # round id -> why its announcement was refused (the latest 100)
+        self.refused_announcements: OrderedDict[int, Refused] = OrderedDict()
         self._seen: OrderedDict[bytes, None] = OrderedDict()  # recent server nonces (replay check)
         self._lock = threading.Lock()
         self._channel = grpc.secure_channel(
@@ -157,11 +176,16 @@ class SiteClient:
         self._advance(reply.current_round)
         return reply.current_round
 
-    def watch_rounds(self, after_round: int | None = None) -> Iterator[Announcement]:
-        """Announcements of rounds after ``after_round`` (default: the latest seen), as they open.
+    def watch_rounds(
+        self, after_round: int | None = None, on_refused: Callable[[int, Refused], None] | None = None
+    ) -> Iterator[Announcement]:
+        """Verified announcements of rounds after ``after_round`` (default: the latest seen), as they open.
 
         Blocks between announcements; the stream is reopened (with backoff) if the connection drops
-        or the federation restarts. Stop by leaving the loop (or closing the client).
+        or the federation restarts. Stop by leaving the loop (or closing the client). An announcement
+        that fails `verify_announcement` is not yielded: it is logged, kept in
+        ``refused_announcements`` and passed to ``on_refused(round_id, refusal)``; this member takes no
+        part in that round.
         """
         after = self.round_id if after_round is None else after_round
         failures = 0
@@ -175,14 +199,17 @@ class SiteClient:
                         raise Refused(R.REFUSAL_WRONG_ROUND, f"announcement of round {ann.envelope.round_id} after round {after}")
                     after = ann.envelope.round_id
                     self._advance(after)
-                    yield Announcement(
-                        round_id=after,
-                        cohort=tuple(ann.cohort),
-                        protocol=ann.protocol,
-                        params=bytes(ann.params),
-                        deadline_unix_ms=ann.deadline_unix_ms,
-                        peer_keys=tuple((k.name, bytes(k.signing_public_key)) for k in ann.peer_keys),
-                    )
+                    try:
+                        verified = self.verify_announcement(ann)
+                    except Refused as refused:
+                        log.warning("%s: %s", self.name, refused)
+                        self.refused_announcements[after] = refused
+                        while len(self.refused_announcements) > 100:
+                            self.refused_announcements.popitem(last=False)
+                        if on_refused is not None:
+                            on_refused(after, refused)
+                        continue
+                    yield verified
                 # The federation ended the stream (it is shutting down or restarting): reopen it.
                 log.info("WatchRounds stream from %s ended; reopening", self.target)
                 time.sleep(self.retry.delay(0))
@@ -190,8 +217,67 @@ class SiteClient:
                 try:
                     failures = self._after_failure("WatchRounds", err, failures)
                 except Refused as refused:
-                    if not self._reenroll_after(refused, "WatchRounds"):
+                    if refused.reason == R.REFUSAL_OVER_QUOTA and failures + 1 < self.retry.attempts:
+                        # our previous stream may still be open at the federation (it notices a drop late)
+                        time.sleep(self.retry.delay(failures))
+                        failures += 1
+                    elif not self._reenroll_after(refused, "WatchRounds"):
                         raise
+
+    def verify_announcement(self, ann: pb.RoundAnnouncement, now: dt.datetime | None = None) -> Announcement:
+        """Check an announcement as this member (module docstring) and return it with only verified keys.
+
+        Raises `Refused` naming the peer (or the federation) and why: ``UNTRUSTED_CERTIFICATE`` (no
+        certificate, another CA, wrong name, unparsable), ``CERTIFICATE_EXPIRED``, ``BAD_SIGNATURE`` (the
+        key is not the one the certificate binds), ``NOT_IN_ROSTER`` (a cohort member this member does
+        not know), ``MALFORMED`` (a name twice, a key for someone outside the cohort)."""
+        rid = ann.envelope.round_id
+        ca = self.credentials.ca_certificate
+
+        def refuse(reason: int, who: str, why: str) -> Refused:
+            return Refused(reason, f"announcement of round {rid} refused: {who}: {why}; {self.name} takes no part in this round")
+
+        fed_who = f"federation {self.federation!r}"
+        if not ann.aggregator_certificate:
+            raise refuse(R.REFUSAL_UNTRUSTED_CERTIFICATE, fed_who, "the announcement carries no certificate of the federation")
+        try:
+            fed = verify_certificate(bytes(ann.aggregator_certificate), ca, name=self.federation, now=now)
+        except Refused as exc:
+            raise refuse(exc.reason, fed_who, exc.detail) from None
+        if fed.signing_public_key is None:
+            raise refuse(R.REFUSAL_BAD_SIGNATURE, fed_who, "its certificate binds no signing key")
+        cohort = tuple(ann.cohort)
+        for i, m in enumerate(cohort):
+            if m in cohort[:i]:
+                raise refuse(R.REFUSAL_MALFORMED, f"member {m[:80]!r}", "listed twice in the cohort")
+            if self.members is not None and m not in self.members:
+                raise refuse(R.REFUSAL_NOT_IN_ROSTER, f"member {m[:80]!r}",
+                             f"not a member of federation {self.federation!r} in the roster this member knows (the world file)")
+        keys: list[tuple[str, bytes]] = []
+        for pk in ann.peer_keys:
+            who = f"peer {pk.name[:80]!r}"
+            if any(pk.name == n for n, _ in keys):
+                raise refuse(R.REFUSAL_MALFORMED, who, "listed twice in peer_keys")
+            if pk.name not in cohort:
+                raise refuse(R.REFUSAL_MALFORMED, who, "has a key but is not in the round's cohort")
+            if not pk.certificate:
+                raise refuse(R.REFUSAL_UNTRUSTED_CERTIFICATE, who, "no certificate for its key")
+            try:
+                cert = verify_certificate(bytes(pk.certificate), ca, name=pk.name, now=now)
+            except Refused as exc:
+                raise refuse(exc.reason, who, exc.detail) from None
+            if cert.signing_public_key is None or bytes(pk.signing_public_key) != cert.signing_public_key:
+                raise refuse(R.REFUSAL_BAD_SIGNATURE, who, "its signing key is not the key its certificate binds")
+            keys.append((pk.name, cert.signing_public_key))
+        return Announcement(
+            round_id=rid,
+            cohort=cohort,
+            protocol=ann.protocol,
+            params=bytes(ann.params),
+            deadline_unix_ms=ann.deadline_unix_ms,
+            peer_keys=tuple(keys),
+            aggregator_key=fed.signing_public_key,
+        )
 
     def download_model(self, round_id: int | None = None) -> Payload:
         """The model for ``round_id`` (default: the latest round seen), verified end to end."""
@@ -212,17 +298,21 @@ class SiteClient:
         return self._upload("UploadUpdate", self._stub.UploadUpdate, payload, kind, secagg_kind, "", round_id)
 
     def send_secagg(self, secagg_kind: int, payload: Payload, *, recipient: str = "", round_id: int | None = None) -> Receipt:
-        """Send a secure-aggregation message to the aggregator ("") or, relayed, to member ``recipient``."""
+        """Send a secure-aggregation message to the aggregator. ``recipient`` must stay "": v1 defines no
+        member-to-member message, and the federation refuses one (``REJECTED``)."""
         return self._upload("SendSecAgg", self._stub.SendSecAgg, payload, pb.PAYLOAD_KIND_SECAGG, secagg_kind, recipient, round_id)
 
     def fetch_secagg(self, secagg_kind: int = 0, *, round_id: int | None = None) -> list[Inbound]:
-        """Secure-aggregation messages waiting for us in the round (``secagg_kind`` 0 = all kinds)."""
+        """The federation's secure-aggregation messages for us in the round (``secagg_kind`` 0 = all kinds).
+
+        Every message must come from the federation itself (envelope sender, round, fresh nonce);
+        anything else is refused (``SENDER_MISMATCH``): no member's message reaches us through here."""
         rid = self.round_id if round_id is None else round_id
 
         def call() -> list[Inbound]:
             req = pb.FetchSecAggRequest(envelope=make_envelope(self.name, rid), secagg_kind=secagg_kind)
             out = []
-            for header, payload in self._receive(self._stub.FetchSecAgg(req), rid, expect_sender=None):
+            for header, payload in self._receive(self._stub.FetchSecAgg(req), rid, expect_sender=self.federation):
                 if header.recipient != self.name or (secagg_kind and header.secagg_kind != secagg_kind):
                     raise Refused(R.REFUSAL_MALFORMED, "federation returned a secure-aggregation message not addressed to us")
                 out.append(Inbound(header.envelope.sender, rid, header.kind, header.secagg_kind, header.recipient, payload))

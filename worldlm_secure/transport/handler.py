@@ -33,6 +33,10 @@ class Announcement:
     params: bytes = b""
     deadline_unix_ms: int = 0
     peer_keys: tuple[tuple[str, bytes], ...] = ()  # (member, raw Ed25519 key) for the cohort
+    # Raw Ed25519 key that signs the aggregator's secure-aggregation messages. A member's copy comes from
+    # the federation's certificate, verified by the member (`SiteClient.verify_announcement`), as do its
+    # peer_keys; the aggregator node sets it from its own certificate.
+    aggregator_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,16 @@ class FederationHandler(ABC):
     def on_update(self, message: Inbound) -> None:
         """An update arrived (verified, complete). Raise `Refused` to reject it."""
 
+    def admit_transfer(self, sender: str, round_id: int, kind: int, secagg_kind: int, total_bytes: int) -> None:
+        """A transfer's header passed admission; raise `Refused` (e.g. ``REFUSAL_OVER_QUOTA``) to refuse it
+        before any of its data is read. Default: accept."""
+
     @abstractmethod
     def on_secagg(self, message: Inbound) -> None:
-        """A secure-aggregation message arrived, for the aggregator or to relay to ``recipient``."""
+        """A secure-aggregation message from a member to the aggregator arrived (``recipient`` is always
+        "": the server refuses member-to-member messages, which no v1 protocol defines)."""
 
     @abstractmethod
     def secagg_for(self, member: str, round_id: int, secagg_kind: int) -> list[Inbound]:
-        """Secure-aggregation messages waiting for ``member`` (kind 0 = all kinds)."""
+        """The aggregator's secure-aggregation messages waiting for ``member`` (kind 0 = all kinds). The
+        server sends only those whose ``sender`` is the federation itself."""

@@ -32,6 +32,7 @@ _STATUS: dict[int, grpc.StatusCode] = {
     R.REFUSAL_INTEGRITY: grpc.StatusCode.DATA_LOSS,
     R.REFUSAL_OVERSIZED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     R.REFUSAL_RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    R.REFUSAL_OVER_QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # NOT_FOUND rather than UNAVAILABLE: clients retry UNAVAILABLE, and "no model yet" is an answer.
     R.REFUSAL_UNAVAILABLE: grpc.StatusCode.NOT_FOUND,
 }

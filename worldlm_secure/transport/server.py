@@ -9,11 +9,19 @@ Admission, in order, for every request (each failure is logged with its reason a
   5. the round: round-scoped requests carry the current round; others may not be ahead of it;
   6. the replay cache: (sender, round, nonce) never seen before;
   7. enrollment (round-scoped requests and watches), then chunk-by-chunk transfer checks.
+
+Right after step 2 the call takes one of the member's slots: at most ``max_calls_per_member`` calls
+of one member run at once, and at most ``max_streams_per_member`` of each streaming method, so one
+member cannot hold the worker pool (sized by default so that every member's cap fits) and starve the
+others; a call over the cap is refused ``OVER_QUOTA`` at once. Members may not address
+secure-aggregation messages to other members (no v1 protocol defines one); a member's fetch gets only
+messages the federation itself sends.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import threading
@@ -23,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 
 from worldlm_secure.errors import TransportError
 from worldlm_secure.identity import verify_signature
@@ -36,7 +45,7 @@ from worldlm_secure.transport.envelope import (
     make_envelope,
 )
 from worldlm_secure.transport.federation_pb2 import RefusalReason as R
-from worldlm_secure.transport.handler import FederationHandler, Inbound, Member
+from worldlm_secure.transport.handler import Announcement, FederationHandler, Inbound, Member
 from worldlm_secure.transport.refusal import Refused
 from worldlm_secure.transport.tls import NodeCredentials, PeerCertificate, Roster, peer_certificate_pem, verify_peer
 
@@ -44,6 +53,7 @@ log = logging.getLogger("worldlm_secure.transport")
 
 SERVICE = "worldlm.v1.Federation"
 _UPDATE_SECAGG_KINDS = frozenset({pb.SECAGG_MASKING_MASKED_INPUT, pb.SECAGG_CKKS_CIPHERTEXT})
+_CLIENT_STREAMS = frozenset({"UploadUpdate", "SendSecAgg"})  # unary-reply methods that are streams too
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,11 @@ class ServerConfig:
     """Server settings. ``bind`` is host:port (port 0 = any free port); seconds are wall time."""
 
     bind: str = "127.0.0.1:0"
-    max_workers: int = 64  # each member's open WatchRounds stream holds one worker thread
+    # Worker threads; every running call holds one (a WatchRounds stream for as long as it is open).
+    # None: roster size * max_calls_per_member + 8, so members at their caps never starve each other.
+    max_workers: int | None = None
+    max_calls_per_member: int = 6  # concurrent calls of one member, all methods (an honest one uses <= 3)
+    max_streams_per_member: int = 2  # concurrent calls of one member per streaming method (WatchRounds, ...)
     envelope: EnvelopeRules = field(default_factory=EnvelopeRules)
     limits: TransferLimits = field(default_factory=TransferLimits)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # size of chunks this server sends
@@ -98,8 +112,11 @@ class FederationServer:
         self.config = config or ServerConfig()
         self.refusals: collections.Counter[str] = collections.Counter()
         self._ca = credentials.ca_certificate
+        self._own_der = credentials.certificate.public_bytes(serialization.Encoding.DER)
         self._replay = ReplayCache(self.config.envelope)
         self._enrolled: dict[str, bytes] = {}  # member -> fingerprint of the certificate it enrolled with
+        self._certificates: dict[str, bytes] = {}  # member -> DER of that certificate (shown in announcements)
+        self._calls: dict[str, collections.Counter[str]] = {}  # member -> method -> calls running now
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
@@ -119,7 +136,7 @@ class FederationServer:
         """Bind and start serving; returns the bound port."""
         limits = self.config.limits
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="worldlm-rpc"),
+            futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="worldlm-rpc"),
             options=[
                 ("grpc.max_receive_message_length", limits.grpc_message_bytes),
                 ("grpc.max_send_message_length", self.config.chunk_bytes + (64 << 10)),
@@ -140,6 +157,17 @@ class FederationServer:
         self._server = server
         log.info("federation %s serving on %s", self.name, self.target)
         return self.port
+
+    @property
+    def workers(self) -> int:
+        """Size of the worker pool (threads start only when calls need them)."""
+        cfg = self.config
+        return cfg.max_workers if cfg.max_workers is not None else len(self.roster.names) * cfg.max_calls_per_member + 8
+
+    def open_calls(self, member: str) -> int:
+        """Calls of ``member`` running now (each holds one of its slots)."""
+        with self._lock:
+            return sum(self._calls.get(member, {}).values())
 
     def stop(self, grace: float | None = 0) -> None:
         self._stopping.set()
@@ -186,11 +214,13 @@ class FederationServer:
             },
         )
 
-    def _guard(self, method: str, fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def _guard(self, method: str, fn: Callable[[PeerCertificate, Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                return fn(request, context)
+                peer = self._peer(context)  # refuse strangers before looking at their bytes
+                with self._slot(peer.name, method, context, stream=method in _CLIENT_STREAMS):
+                    return fn(peer, request, context)
             except Refused as refused:
                 self._refuse(context, method, refused)
             except grpc.RpcError:
@@ -202,11 +232,15 @@ class FederationServer:
 
         return call
 
-    def _guard_stream(self, method: str, fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
+    def _guard_stream(
+        self, method: str, fn: Callable[[PeerCertificate, Any, grpc.ServicerContext], Iterator[Any]]
+    ) -> Callable[..., Any]:
         @functools.wraps(fn)
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                yield from fn(request, context)
+                peer = self._peer(context)
+                with self._slot(peer.name, method, context, stream=True):
+                    yield from fn(peer, request, context)
             except Refused as refused:
                 self._refuse(context, method, refused)
             except Exception:
@@ -214,6 +248,36 @@ class FederationServer:
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         return call
+
+    @contextlib.contextmanager
+    def _slot(self, member: str, method: str, context: grpc.ServicerContext, *, stream: bool) -> Iterator[None]:
+        """Hold one of ``member``'s call slots for this call; refuse ``OVER_QUOTA`` if it has none left."""
+        cfg = self.config
+        with self._lock:
+            calls = self._calls.setdefault(member, collections.Counter())
+            if stream and calls[method] >= cfg.max_streams_per_member:
+                raise Refused(R.REFUSAL_OVER_QUOTA, f"{member!r} already has {calls[method]} {method} calls open; "
+                              f"the cap is {cfg.max_streams_per_member} per member")
+            if sum(calls.values()) >= cfg.max_calls_per_member:
+                raise Refused(R.REFUSAL_OVER_QUOTA, f"{member!r} already has {sum(calls.values())} calls open ({method} refused); "
+                              f"the cap is {cfg.max_calls_per_member} per member")
+            calls[method] += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                calls[method] -= 1
+                if calls[method] <= 0:
+                    del calls[method]
+
+        context.add_callback(release)  # also when the client cancels a stream we are blocked in
+        try:
+            yield
+        finally:
+            release()
 
     def _ended_by_grpc(self, context: grpc.ServicerContext, method: str) -> None:
         """Reading a client stream failed below us: gRPC already ended the call with its own status."""
@@ -256,8 +320,7 @@ class FederationServer:
 
     # ---- methods ----
 
-    def _enroll(self, request: Any, context: grpc.ServicerContext) -> pb.EnrollReply:
-        peer = self._peer(context)  # refuse strangers before looking at their bytes
+    def _enroll(self, peer: PeerCertificate, request: Any, context: grpc.ServicerContext) -> pb.EnrollReply:
         req: pb.EnrollRequest = _parsed(request)
         self._admit(peer, req.envelope, round_scoped=False, enrolled=False)
         if peer.signing_public_key is None:
@@ -270,6 +333,7 @@ class FederationServer:
         self.handler.on_enroll(Member(peer.name, peer.signing_public_key, peer.fingerprint))
         with self._lock:
             self._enrolled[peer.name] = peer.fingerprint
+            self._certificates[peer.name] = peer.der
         log.info("enrolled %s from %s", peer.name, context.peer())
         current = self.handler.current_round()
         return pb.EnrollReply(
@@ -279,16 +343,14 @@ class FederationServer:
             heartbeat_seconds=self.config.heartbeat_seconds,
         )
 
-    def _heartbeat(self, request: Any, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        peer = self._peer(context)
+    def _heartbeat(self, peer: PeerCertificate, request: Any, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         req: pb.Heartbeat = _parsed(request)
         self._admit(peer, req.envelope, round_scoped=False, enrolled=False)
         self.handler.on_heartbeat(peer.name, req.status[:200])
         current = self.handler.current_round()
         return pb.HeartbeatReply(envelope=self._envelope(current), current_round=current)
 
-    def _watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[pb.RoundAnnouncement]:
-        peer = self._peer(context)
+    def _watch(self, peer: PeerCertificate, request: Any, context: grpc.ServicerContext) -> Iterator[pb.RoundAnnouncement]:
         req: pb.WatchRequest = _parsed(request)
         self._admit(peer, req.envelope, round_scoped=False, enrolled=True)
         after = req.after_round
@@ -297,17 +359,24 @@ class FederationServer:
             if ann is None:
                 continue
             after = ann.round_id
-            yield pb.RoundAnnouncement(
-                envelope=self._envelope(ann.round_id),
-                cohort=list(ann.cohort),
-                protocol=ann.protocol,
-                params=ann.params,
-                deadline_unix_ms=ann.deadline_unix_ms,
-                peer_keys=[pb.PeerKey(name=n, signing_public_key=k) for n, k in ann.peer_keys],
-            )
+            yield self._announcement(ann)
 
-    def _download(self, request: Any, context: grpc.ServicerContext) -> Iterator[pb.TransferPart]:
-        peer = self._peer(context)
+    def _announcement(self, ann: Announcement) -> pb.RoundAnnouncement:
+        """The wire form of ``ann``: each peer key with the certificate its member enrolled with, and our
+        own certificate, so that every member can check them against its CA and roster itself."""
+        with self._lock:
+            certs = dict(self._certificates)
+        return pb.RoundAnnouncement(
+            envelope=self._envelope(ann.round_id),
+            cohort=list(ann.cohort),
+            protocol=ann.protocol,
+            params=ann.params,
+            deadline_unix_ms=ann.deadline_unix_ms,
+            peer_keys=[pb.PeerKey(name=n, signing_public_key=k, certificate=certs.get(n, b"")) for n, k in ann.peer_keys],
+            aggregator_certificate=self._own_der,
+        )
+
+    def _download(self, peer: PeerCertificate, request: Any, context: grpc.ServicerContext) -> Iterator[pb.TransferPart]:
         req: pb.DownloadRequest = _parsed(request)
         self._admit(peer, req.envelope, round_scoped=True, enrolled=True)
         payload = self.handler.model_for(peer.name, req.envelope.round_id)
@@ -318,12 +387,11 @@ class FederationServer:
 
     def _receive(
         self,
+        peer: PeerCertificate,
         request_iterator: Iterator[Any],
-        context: grpc.ServicerContext,
         check_kind: Callable[[pb.TransferHeader, PeerCertificate], None],
     ) -> Inbound:
-        """Admit the header and its kind (before any data), then assemble and verify the chunks."""
-        peer = self._peer(context)
+        """Admit the header, its kind and the member's quota (before any data), then assemble and verify the chunks."""
         first = next(request_iterator, None)
         if first is None:
             raise Refused(R.REFUSAL_TRUNCATED, "the transfer stream ended before its header")
@@ -333,7 +401,8 @@ class FederationServer:
         header = first.header
         self._admit(peer, header.envelope, round_scoped=True, enrolled=True)
         check_kind(header, peer)
-        assembler = Assembler(header, self.config.limits)
+        assembler = Assembler(header, self.config.limits)  # checks the declared sizes against the limits
+        self.handler.admit_transfer(peer.name, header.envelope.round_id, header.kind, header.secagg_kind, header.total_bytes)
         for part in request_iterator:
             part = _parsed(part)
             if part.WhichOneof("part") != "chunk":
@@ -346,34 +415,41 @@ class FederationServer:
         """What we received (the digest was verified on arrival, so this is free)."""
         return pb.Receipt(envelope=self._envelope(inbound.round_id), total_bytes=inbound.payload.nbytes, sha256=inbound.payload.sha256())
 
-    def _upload_update(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> pb.Receipt:
-        inbound = self._receive(request_iterator, context, _check_update_kind)
+    def _upload_update(self, peer: PeerCertificate, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> pb.Receipt:
+        inbound = self._receive(peer, request_iterator, _check_update_kind)
         self.handler.on_update(inbound)
         log.info("update from %s for round %d: %d bytes", inbound.sender, inbound.round_id, inbound.payload.nbytes)
         return self._receipt(inbound)
 
-    def _send_secagg(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> pb.Receipt:
-        inbound = self._receive(request_iterator, context, self._check_secagg_kind)
+    def _send_secagg(self, peer: PeerCertificate, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> pb.Receipt:
+        inbound = self._receive(peer, request_iterator, self._check_secagg_kind)
         self.handler.on_secagg(inbound)
         return self._receipt(inbound)
 
     def _check_secagg_kind(self, header: pb.TransferHeader, peer: PeerCertificate) -> None:
         if header.kind != pb.PAYLOAD_KIND_SECAGG or header.secagg_kind not in pb.SecAggKind.values() or not header.secagg_kind:
             raise Refused(R.REFUSAL_MALFORMED, f"SendSecAgg needs kind SECAGG and a known secagg_kind (got {header.kind}, {header.secagg_kind})")
-        if header.recipient and header.recipient not in self.roster:
-            raise Refused(R.REFUSAL_REJECTED, f"recipient {header.recipient[:80]!r} is not on the roster")
-        if header.recipient == peer.name:
-            raise Refused(R.REFUSAL_REJECTED, "a member cannot address a secure-aggregation message to itself")
+        if header.recipient:
+            # Every v1 protocol routes member messages through the aggregator (masking: ShareKeys up,
+            # the aggregator's signed ShareDelivery down; CKKS: keys and sums posted by the aggregator),
+            # so a recipient could only serve to pass a member's bytes off as the aggregator's.
+            raise Refused(
+                R.REFUSAL_REJECTED,
+                f"{peer.name!r} addressed a {pb.SecAggKind.Name(header.secagg_kind)} message to {header.recipient[:80]!r}: "
+                "no protocol defines a member-to-member message; send it to the aggregator (recipient \"\")",
+            )
 
-    def _fetch_secagg(self, request: Any, context: grpc.ServicerContext) -> Iterator[pb.TransferPart]:
-        peer = self._peer(context)
+    def _fetch_secagg(self, peer: PeerCertificate, request: Any, context: grpc.ServicerContext) -> Iterator[pb.TransferPart]:
         req: pb.FetchSecAggRequest = _parsed(request)
         self._admit(peer, req.envelope, round_scoped=True, enrolled=True)
         for msg in self.handler.secagg_for(peer.name, req.envelope.round_id, req.secagg_kind):
-            # The envelope names the original sender, as relayed by this federation; end-to-end
-            # authenticity of the content is the secure-aggregation protocol's job (signatures).
+            if msg.sender != self.name or msg.recipient != peer.name:
+                # Only the federation's own messages go out, under its own name: never a member's bytes.
+                log.warning("not sending %s's %s message to %s: only the federation's own messages are served",
+                            msg.sender[:80], pb.SecAggKind.Name(msg.secagg_kind) if msg.secagg_kind in pb.SecAggKind.values() else msg.secagg_kind, peer.name)
+                continue
             header = pb.TransferHeader(
-                envelope=make_envelope(msg.sender, msg.round_id),
+                envelope=self._envelope(msg.round_id),
                 kind=msg.kind or pb.PAYLOAD_KIND_SECAGG,
                 secagg_kind=msg.secagg_kind,
                 recipient=peer.name,

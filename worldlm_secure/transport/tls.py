@@ -112,6 +112,7 @@ class PeerCertificate:
     name: str
     signing_public_key: bytes | None
     fingerprint: bytes  # SHA-256 of the DER certificate (32 bytes)
+    der: bytes = field(default=b"", repr=False)  # the certificate itself (DER), e.g. to show it to other members
 
 
 def cert_name(cert: x509.Certificate) -> str:
@@ -129,28 +130,55 @@ def cert_name(cert: x509.Certificate) -> str:
     return cn
 
 
-def verify_peer(
-    cert_pem: bytes, ca: x509.Certificate, roster: Roster, now: dt.datetime | None = None
+def verify_certificate(
+    cert: bytes | x509.Certificate, ca: x509.Certificate, *, name: str | None = None, now: dt.datetime | None = None
 ) -> PeerCertificate:
-    """Admit a peer certificate: issued by ``ca``, inside its validity period, name on ``roster``."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError as exc:
-        raise Refused(R.REFUSAL_UNAUTHENTICATED, "peer certificate does not parse") from exc
+    """Check a node certificate (PEM, DER or parsed): issued by ``ca``, not a CA itself, inside its
+    validity period, naming one node (SAN dNSName = CN) and, if given, exactly ``name``.
+
+    Both sides use it: the server on the certificate a TLS handshake accepted (`verify_peer`), a
+    member on the certificates an announcement carries (`SiteClient.verify_announcement`)."""
+    if not isinstance(cert, x509.Certificate):
+        try:
+            pem = cert.lstrip().startswith(b"-----")
+            cert = x509.load_pem_x509_certificate(cert) if pem else x509.load_der_x509_certificate(cert)
+        except ValueError as exc:
+            raise Refused(R.REFUSAL_UNTRUSTED_CERTIFICATE, "certificate does not parse") from exc
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise Refused(R.REFUSAL_UNTRUSTED_CERTIFICATE, f"certificate of {cert.subject.rfc4514_string()!r} is not issued by the federation CA") from exc
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if is_ca:
+        raise Refused(R.REFUSAL_UNTRUSTED_CERTIFICATE, f"certificate of {cert.subject.rfc4514_string()!r} is a CA certificate, not a node's")
     now = now or dt.datetime.now(dt.timezone.utc)
     if not (cert.not_valid_before_utc <= now <= cert.not_valid_after_utc):
         raise Refused(
             R.REFUSAL_CERTIFICATE_EXPIRED,
             f"certificate valid {cert.not_valid_before_utc.isoformat()}..{cert.not_valid_after_utc.isoformat()}, now {now.isoformat()}",
         )
-    name = cert_name(cert)
-    if name not in roster:
-        raise Refused(R.REFUSAL_NOT_IN_ROSTER, f"node {name!r} is not on this federation's roster")
-    return PeerCertificate(name, keys.signing_key_of(cert), cert.fingerprint(hashes.SHA256()))
+    got = cert_name(cert)
+    if name is not None and got != name:
+        raise Refused(R.REFUSAL_UNTRUSTED_CERTIFICATE, f"certificate names {got!r}, expected {name!r}")
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return PeerCertificate(got, keys.signing_key_of(cert), cert.fingerprint(hashes.SHA256()), der)
+
+
+def verify_peer(
+    cert_pem: bytes, ca: x509.Certificate, roster: Roster, now: dt.datetime | None = None
+) -> PeerCertificate:
+    """Admit a peer certificate: `verify_certificate`, then its name must be on ``roster``."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as exc:
+        raise Refused(R.REFUSAL_UNAUTHENTICATED, "peer certificate does not parse") from exc
+    peer = verify_certificate(cert, ca, now=now)
+    if peer.name not in roster:
+        raise Refused(R.REFUSAL_NOT_IN_ROSTER, f"node {peer.name!r} is not on this federation's roster")
+    return peer
 
 
 def peer_certificate_pem(context: grpc.ServicerContext) -> bytes:
