@@ -58,11 +58,13 @@ def _federation(pki_root: str, names: list[str], dim: int, q: "mp.Queue", go: "m
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = MP(clip_range=4.0, neighbours="auto", threshold=0.67, bits=32)
     t0 = time.perf_counter()
-    ann = Announcement(1, tuple(sorted(board.members)), "masking", b"{}", 0)
+    aggregator = pki.identity("fed")
+    ann = Announcement(1, tuple(sorted(board.members)), "masking", b"{}", 0, aggregator_key=aggregator.public_bytes)
     board.announce(ann)
     ann = board.announcement(1) or ann
-    cfg = RoundConfig.build(params, 1, ann.cohort, dict(ann.peer_keys), min_cohort=max(1, len(names) // 2))
-    out = aggregate_round(board, ann, cfg, cfg.min_cohort, first_timeout=300, step_timeout=120, live=live)
+    cfg = RoundConfig.build(params, 1, ann.cohort, dict(ann.peer_keys), min_cohort=max(1, len(names) // 2),
+                            aggregator_key=aggregator.public_bytes)
+    out = aggregate_round(board, ann, cfg, cfg.min_cohort, identity=aggregator, first_timeout=300, step_timeout=120, live=live)
     round_s = time.perf_counter() - t0
     q.put(("result", {
         "round_s": round_s, "contributors": len(out.contributors), "dropped": list(out.dropped),
@@ -107,7 +109,7 @@ def main() -> None:
     errors: list[str] = []
 
     def site(name: str) -> None:
-        client = SiteClient(address, pki.credentials(name), "fed", identity=pki.identity(name),
+        client = SiteClient(address, pki.credentials(name), "fed", identity=pki.identity(name), members=names,
                             retry=RetryPolicy(attempts=20, initial_backoff=0.1, max_backoff=1.0), timeout=120)
         counted = _Counting(client)
         try:
@@ -116,7 +118,8 @@ def main() -> None:
             beat.start()
             ann = next(iter(client.watch_rounds(after_round=0)))
             params = MP(clip_range=4.0, neighbours="auto", threshold=0.67, bits=32)
-            cfg = RoundConfig.build(params, ann.round_id, ann.cohort, dict(ann.peer_keys), min_cohort=max(1, len(names) // 2))
+            cfg = RoundConfig.build(params, ann.round_id, ann.cohort, dict(ann.peer_keys), min_cohort=max(1, len(names) // 2),
+                                    aggregator_key=ann.aggregator_key)  # both verified by the client from certificates
             member_round(counted, pki.identity(name), ann, cfg, vectors[name], before_input=lambda c: None, timeout=120)  # type: ignore[arg-type]
             beat.stop()
         except Exception as exc:  # reported, and the benchmark fails below

@@ -30,13 +30,19 @@ def _run(tmp_path: Path, n: int, min_cohort: int, quitter: str | None, protocol:
     server = FederationServer(pki.credentials("fed"), Roster.of(names), board, ServerConfig())
     server.start()
     vectors = {m: np.linspace(-1, 1, 50) * (i + 1) for i, m in enumerate(names)}
-    clients = {m: SiteClient(server.target, pki.credentials(m), "fed", identity=pki.identity(m), retry=RetryPolicy(attempts=2, initial_backoff=0.05)) for m in names}
+    clients = {m: SiteClient(server.target, pki.credentials(m), "fed", identity=pki.identity(m), members=names,
+                             retry=RetryPolicy(attempts=2, initial_backoff=0.05)) for m in names}
     for c in clients.values():
         c.enroll()
-    ann = Announcement(1, tuple(names), protocol, b"{}", 0)
+    aggregator = pki.identity("fed")
+    ann = Announcement(1, tuple(names), protocol, b"{}", 0, aggregator_key=aggregator.public_bytes)
     board.announce(ann)
     ann = board.announcement(1) or ann
-    cfg = RoundConfig.build(PARAMS, 1, names, dict(ann.peer_keys), min_cohort) if protocol == "masking" else None
+    # Each member takes the round's keys from the announcement it verified itself (certificates), as a site does.
+    seen = {m: next(iter(clients[m].watch_rounds(after_round=0))) for m in names}
+    build = lambda a: RoundConfig.build(PARAMS, 1, names, dict(a.peer_keys), min_cohort, aggregator_key=a.aggregator_key)  # noqa: E731
+    cfg = build(ann) if protocol == "masking" else None
+    member_cfg = {m: build(seen[m]) if protocol == "masking" else None for m in names}
     recorded: dict[str, tuple[str, ...]] = {}
     errors: dict[str, str] = {}
 
@@ -45,10 +51,10 @@ def _run(tmp_path: Path, n: int, min_cohort: int, quitter: str | None, protocol:
             if m == quitter:  # advertises its keys, then vanishes (a crash after key agreement)
                 from worldlm_secure.secagg.masking import MaskingMember
 
-                adv = MaskingMember(pki.identity(m), cfg).advertise()  # type: ignore[arg-type]
+                adv = MaskingMember(pki.identity(m), member_cfg[m]).advertise()  # type: ignore[arg-type]
                 clients[m].send_secagg(pb.SECAGG_MASKING_ADVERTISE_KEYS, Payload.from_bytes(adv.to_bytes()), round_id=1)
                 return
-            member_round(clients[m], pki.identity(m), ann, cfg, vectors[m],
+            member_round(clients[m], pki.identity(m), seen[m], member_cfg[m], vectors[m],
                          before_input=lambda cohort, m=m: recorded.__setitem__(m, cohort), timeout=8)
         except Exception as exc:  # collected: the abort test expects members to fail cleanly
             errors[m] = f"{type(exc).__name__}: {exc}"
@@ -64,7 +70,7 @@ def _run(tmp_path: Path, n: int, min_cohort: int, quitter: str | None, protocol:
     try:
         # the quitter's heartbeat is never current: it counts as silent right away
         live = Liveness(board, silent_after=3.0)
-        out = aggregate_round(board, ann, cfg, min_cohort, first_timeout=30, step_timeout=3, live=live)
+        out = aggregate_round(board, ann, cfg, min_cohort, identity=aggregator, first_timeout=30, step_timeout=3, live=live)
     except SecAggError as exc:
         out = exc
     for t in threads:

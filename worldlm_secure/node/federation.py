@@ -139,8 +139,11 @@ class FederationNode:
         self.agg.start()
         examples = self.agg.wait_for_members()
         total_examples = sum(examples.get(m, 0) for m in self.agg.members)
+        # As a member of the root's link this federation checks announcements itself, like a site: peers'
+        # certificates, and a cohort drawn from the root's children in the world file.
         parent = SiteClient(cfg.parent.address, NodeCredentials.load(cfg.parent.credentials), cfg.parent.name,
-                            identity=self.identity, retry=RetryPolicy(attempts=60, initial_backoff=0.2, max_backoff=2.0))
+                            identity=self.identity, retry=RetryPolicy(attempts=60, initial_backoff=0.2, max_backoff=2.0),
+                            members=ctx.members(cfg.parent.name))
         status = {"text": f"{EXAMPLES_STATUS}{total_examples}"}
         enrollment = parent.enroll()
         parent.heartbeat(status["text"])
@@ -148,8 +151,13 @@ class FederationNode:
         beat.start()
         self.emit("enrolled", federation=enrollment.federation, round=enrollment.current_round)
         try:
-            for ann in parent.watch_rounds(after_round=max(0, enrollment.current_round - 1)):
-                phase = Phase.from_announcement(ann)
+            refused = lambda rid, exc: self.emit("round_failed", link_round=rid, group="announcement", error=str(exc))  # noqa: E731
+            for ann in parent.watch_rounds(after_round=max(0, enrollment.current_round - 1), on_refused=refused):
+                try:
+                    phase = Phase.from_announcement(ann)
+                except SecAggError as exc:
+                    self.emit("round_failed", link_round=ann.round_id, group="announcement", error=str(exc))
+                    continue
                 r = phase.world_round
                 try:
                     if phase.phase == "final":

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from worldlm_secure.errors import SecAggError
 from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg.masking import RoundConfig
 from worldlm_secure.transport.handler import Announcement
+
+
+PHASES = frozenset({"key", "shared", "residual", "final"})
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,15 @@ class Phase:
 
     @classmethod
     def from_announcement(cls, ann: Announcement) -> "Phase":
-        raw = json.loads(ann.params.decode() or "{}")
-        return cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)))
+        """Decode the announcement's params; anything malformed is a `SecAggError` (the round is skipped)."""
+        try:
+            raw = json.loads(ann.params.decode() or "{}")
+            phase = cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            raise SecAggError(f"round {ann.round_id}: the announcement's params do not parse ({type(exc).__name__}); skipped") from None
+        if phase.phase not in PHASES or not math.isfinite(phase.n_max) or phase.n_max <= 0:
+            raise SecAggError(f"round {ann.round_id}: the announcement names an unknown phase or a bad n_max; skipped")
+        return phase
 
 
 def masking_config(plan: Any, ann: Announcement, noise: Any = None) -> RoundConfig | None:

@@ -217,7 +217,11 @@ class SiteNode:
         try:
             refused = lambda rid, exc: self.emit("round_failed", link_round=rid, group="announcement", error=str(exc))  # noqa: E731
             for ann in client.watch_rounds(after_round=max(0, enrollment.current_round - 1), on_refused=refused):
-                phase = Phase.from_announcement(ann)
+                try:
+                    phase = Phase.from_announcement(ann)
+                except SecAggError as exc:
+                    refused(ann.round_id, exc)
+                    continue
                 r = phase.world_round
                 try:
                     if phase.phase == "final":
