@@ -42,7 +42,7 @@ def test_cycle_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     world = write_world(tmp_path, extra_nodes="  - {name: x, parent: y, policy: policies/research-open.yaml}\n"
                                               "  - {name: y, parent: x, policy: policies/research-open.yaml}\n")
     err = _error_of(["simulate", str(world), "--out", str(tmp_path / "o")], capsys)
-    assert "world.yaml nodes[" in err and "cycle in the tree" in err
+    assert "world.yaml:15 nodes[7].parent:" in err and "cycle in the tree" in err
 
 
 def test_unknown_parent_is_named(tmp_path: Path, capsys) -> None:
@@ -83,7 +83,7 @@ def test_bad_schedule_value_names_the_field(tmp_path: Path, capsys) -> None:
     world = write_world(tmp_path)
     world.write_text(world.read_text().replace("lr: 0.003", "lr: -1"))
     err = _error_of(["simulate", str(world)], capsys)
-    assert "world.yaml schedule.lr:" in err and "(got -1)" in err
+    assert "world.yaml:4 schedule.lr:" in err and "(got -1)" in err
 
 
 def test_unknown_method_is_named(small_world: Path, capsys) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
+from worldlm_secure.errors import ConfigError
+
+from worldlm_secure.cli._console import esc, make_console
+
+console = make_console()
 node_app = typer.Typer(help="Run one node of a deployed world (gRPC + mutual TLS).", no_args_is_help=True)
 world_app = typer.Typer(help="Run a whole world as separate node processes on this machine.", no_args_is_help=True)
 
 
-@node_app.command("start")
+@node_app.command("start", epilog="Example: worldlm-secure node start --policy policies/eu.yaml --config examples/local-world/nodes/eu-a.yaml")
 def start(
     policy: Path = typer.Option(..., "--policy", help="This node's jurisdiction policy (must be the one the world names for it)."),
     config: Path = typer.Option(..., "--config", help="The node's node.yaml."),
@@ -41,7 +44,7 @@ def _describe(ev: dict) -> str | None:
     return None
 
 
-@world_app.command("up")
+@world_app.command("up", epilog="Example: worldlm-secure world up examples/local-world/world.yaml --state runs/local-world")
 def up(
     world: Path = typer.Argument(..., help="World YAML whose folder holds nodes/NAME.yaml (e.g. examples/local-world/world.yaml)."),
     state: Path = typer.Option(Path("runs/local-world"), "--state", help="Folder for keys, node state, ledgers, logs and results.json."),
@@ -52,35 +55,37 @@ def up(
 
     from worldlm_secure.cli.simulate import _table
     from worldlm_secure.federation.results import write_json_atomic
-    from worldlm_secure.federation.settings import settings_for
+    from worldlm_secure.federation.simulate import checked_settings
     from worldlm_secure.federation.world import load_world
     from worldlm_secure.node.world_up import world_up
 
+    if timeout <= 0:
+        raise ConfigError(f"--timeout: must be > 0 seconds (got {timeout:g})")
     w = load_world(world)
-    rounds = settings_for(w).rounds
-    console.print(f"[bold]{w.name}[/]: {len(w.nodes)} nodes as separate processes on loopback "
-                  f"({len(w.federations)} federations, {len(w.sites)} sites), {rounds} rounds; state in {state}")
+    rounds = checked_settings(w).rounds
+    console.print(f"[bold]{esc(w.name)}[/]: {len(w.nodes)} nodes as separate processes on loopback "
+                  f"({len(w.federations)} federations, {len(w.sites)} sites), {rounds} rounds; state in {esc(state)}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("starting nodes", total=rounds * len(w.sites))
 
         def show(ev: dict) -> None:
             if ev.get("event") == "trained":
-                progress.update(task, advance=1, description=f"round {ev['round']}: {ev['node']} trained")
+                progress.update(task, advance=1, description=f"round {ev['round']}: {esc(ev['node'])} trained")
             line = _describe(ev)
             if line:
-                progress.console.print(line, highlight=False)
+                progress.console.print(line, markup=False)
 
         payload = world_up(world, state, on_event=show, timeout=timeout)
     write_json_atomic(state / "results.json", payload)
     if payload["methods"]["worldlm"]["sites"]:
         console.print(_table(payload))
     if payload.get("failed_nodes"):
-        console.print(f"[red]nodes that failed:[/] {payload['failed_nodes']} (logs in {state / 'logs'})")
+        console.print(f"[red]nodes that failed:[/] {esc(payload['failed_nodes'])} (logs in {esc(state / 'logs')})")
         raise typer.Exit(1)
-    console.print(f"wrote {state / 'results.json'}; ledgers in {state / 'nodes'}/*/ledger/ in {payload['wall_s']:.0f} s")
+    console.print(f"wrote {esc(state / 'results.json')}; ledgers in {esc(state / 'nodes')}/*/ledger/ in {payload['wall_s']:.0f} s")
 
 
-@world_app.command("keys")
+@world_app.command("keys", epilog="Example: worldlm-secure world keys examples/local-world/world.yaml --state examples/local-world/state")
 def world_keys(
     world: Path = typer.Argument(..., help="World YAML."),
     state: Path = typer.Option(..., "--state", help="Folder for ca/, keys/ and rosters/ (examples/local-world/state for its nodes/*.yaml)."),
@@ -89,4 +94,4 @@ def world_keys(
     from worldlm_secure.node.world_up import prepare
 
     w, _ = prepare(world, state)
-    console.print(f"issued keys for {len(w.nodes)} nodes into {state / 'keys'}; CAs in {state / 'ca'} (keep ca.key offline), rosters in {state / 'rosters'}")
+    console.print(f"issued keys for {len(w.nodes)} nodes into {esc(state / 'keys')}; CAs in {esc(state / 'ca')} (keep ca.key offline), rosters in {esc(state / 'rosters')}")

@@ -7,50 +7,69 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
+from worldlm_secure.cli._console import make_console
 from worldlm_secure.errors import PolicyError, WorldLMError
 
 app = typer.Typer(help="Check, explain and compose jurisdiction policies.", no_args_is_help=True)
-console = Console(soft_wrap=True, highlight=False)
-err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
-@app.command("check")
+@app.command("check", epilog="Examples: worldlm-secure policy check policies/*.yaml  |  "
+             "worldlm-secure policy check --chain policies/eu.yaml policies/research-open.yaml --json")
 def check(
     files: list[Path] = typer.Argument(..., help="Policy YAML files to validate."),
     chain: bool = typer.Option(
         False, "--chain", help="Also compose FILES as one release path (releasing node first, root last)."
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"ok", "files": [{"path", "ok", "name", "jurisdiction", "error"}], "chain"} on stdout.'
+    ),
 ) -> int:
-    """Validate policy files; print one line per file; exit non-zero if any is invalid."""
+    """Validate policy files; print one line per file; exit non-zero (2) if any is invalid."""
     from worldlm_secure.policy import compose, load_policy
 
     loaded = []
     failed = 0
+    report: list[dict[str, Any]] = []
+    chain_report: Optional[dict[str, Any]] = None
     for path in files:
         try:
             policy = load_policy(path)
         except WorldLMError as exc:
             failed += 1
-            err_console.print(f"error: {exc}", markup=False)
+            report.append({"path": str(path), "ok": False, "error": str(exc)})
+            if not as_json:
+                err_console.print(f"error: {exc}", markup=False)
             continue
         loaded.append(policy)
-        console.print(f"ok: {path} ({policy.name}, {policy.jurisdiction})", markup=False)
+        report.append({"path": str(path), "ok": True, "name": policy.name, "jurisdiction": policy.jurisdiction,
+                       "error": None})
+        if not as_json:
+            console.print(f"ok: {path} ({policy.name}, {policy.jurisdiction})", markup=False)
+    code = 2 if failed else 0
     if chain and not failed:
         try:
             eff = compose(loaded)
         except PolicyError as exc:
-            err_console.print(f"error: {exc}", markup=False)
-            return 2
-        console.print(f"ok: chain composes (protocol {eff.secure_aggregation.protocol}, sha256 {eff.sha256[:16]}…)",
-                      markup=False)
-    if failed and len(files) > 1:
+            chain_report = {"ok": False, "error": str(exc)}
+            code = 2
+            if not as_json:
+                err_console.print(f"error: {exc}", markup=False)
+        else:
+            chain_report = {"ok": True, "protocol": eff.secure_aggregation.protocol, "sha256": eff.sha256}
+            if not as_json:
+                console.print(f"ok: chain composes (protocol {eff.secure_aggregation.protocol}, sha256 {eff.sha256[:16]}…)",
+                              markup=False)
+    if as_json:
+        print(json.dumps({"ok": code == 0, "files": report, "chain": chain_report}, indent=1, ensure_ascii=False))
+    elif failed and len(files) > 1:
         err_console.print(f"{failed} of {len(files)} policy files are invalid", markup=False)
-    return 2 if failed else 0
+    return code
 
 
-@app.command("explain")
+@app.command("explain", epilog="Example: worldlm-secure policy explain policies/eu.yaml")
 def explain(file: Path = typer.Argument(..., help="Policy YAML file.")) -> int:
     """Say in plain English what stays on site, what leaves, to whom, under which protections and budget."""
     from worldlm_secure.policy import load_policy
@@ -60,7 +79,7 @@ def explain(file: Path = typer.Argument(..., help="Policy YAML file.")) -> int:
     return 0
 
 
-@app.command("effective")
+@app.command("effective", epilog="Example: worldlm-secure policy effective examples/world-jurisdictions.yaml --node eu-a --json")
 def effective(
     world: Path = typer.Argument(..., help="World YAML."),
     node: str = typer.Option(..., "--node", help="The releasing node."),
@@ -89,7 +108,7 @@ def effective(
             "effective": json.loads(eff.canonical_json()),
             "sources": eff.sources,
         }
-        console.print(json.dumps(data, indent=2, ensure_ascii=False), markup=False)
+        print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0
     path = " -> ".join(f"{n.name} ({Path(p).name})" for n, p in zip(chain_nodes, eff.files))
     console.print(f"Release path: {path}", markup=False)
@@ -104,7 +123,7 @@ def effective(
     return 0
 
 
-@app.command("schema")
+@app.command("schema", epilog="Example: worldlm-secure policy schema --out policies/schema.json")
 def schema(
     out: Optional[Path] = typer.Option(None, "--out", help="Write to this file instead of printing."),
 ) -> int:

@@ -17,7 +17,8 @@ exclude:                     # drop cells matching every key given (keys: see `C
 ```
 
 An axis left out keeps what the base world's policies say (shown as `base`). Errors name the grid
-file and the field, e.g. ``study.yaml axes.dp[1].noise: Input should be 'central', ... (got 'local')``.
+file, the line and the field, and list the valid keys for a typo, in the mapping and the list form of
+`axes` alike, e.g. ``study.yaml:9 axes[1].dp[0].noise: Input should be 'central', ... (got 'local')``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.methods import METHODS
-from worldlm_secure.federation.world import read_yaml
+from worldlm_secure.federation.world import _where, read_yaml_lines, unknown_key_message
 
 Protocol = Literal["none", "masking", "ckks"]
 NOISE_MECHANISM = {
@@ -205,38 +206,95 @@ def _matches(cell: Cell, rule: dict[str, Any]) -> bool:
     return all(_same(v[k], val) for k, val in rule.items())
 
 
+def _validation_error(path: Path, lines: dict, exc: ValidationError, prefix: str, model: type[BaseModel]) -> ConfigError:
+    """The first problem as one line ``file:line field: what (got X)``; a typo lists the valid keys."""
+    errors = exc.errors()
+    # a dp item that is a mapping failed as a DPVariant: report that, not "Input should be 'off'"
+    err = next((e for e in errors if not (e["type"] == "literal_error" and isinstance(e.get("input"), dict))), errors[0])
+    loc = prefix
+    owner: Any = model
+    for part in err["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        elif not (part[:1].isupper() or "[" in part or part.startswith("function-")):  # union-member tags
+            loc += f".{part}" if loc else part
+            field_info = getattr(owner, "model_fields", {}).get(part) if owner is not None else None
+            owner = _model_in(field_info.annotation) if field_info is not None else None
+        elif part[:1].isupper():
+            owner = {"DPVariant": DPVariant, "Axes": Axes}.get(part, owner)
+    if err["type"] == "extra_forbidden":
+        key = loc.rsplit(".", 1)[-1]
+        valid = getattr(_parent_model(owner, model, err["loc"]), "model_fields", {})
+        return ConfigError(f"{_where(path, lines, loc)}: {unknown_key_message(key, valid)}")
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return ConfigError(f"{_where(path, lines, loc)}: {err['msg']}{got}")
+
+
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in getattr(tp, "__args__", ()) or ():
+        hit = _model_in(arg)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _parent_model(owner: Any, model: type[BaseModel], loc: tuple) -> Any:
+    """The model whose field set an unknown key was checked against (walk ``loc`` minus its last part)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if isinstance(part, str) and part[:1].isupper():
+            current = {"DPVariant": DPVariant, "Axes": Axes}.get(part, current)
+            continue
+        info = getattr(current, "model_fields", {}).get(part)
+        if info is not None:
+            current = _model_in(info.annotation) or current
+    return current
+
+
 def load_grid(path: str | Path) -> Grid:
-    """Load and expand a grid file; every error names the file and the field and says what is valid."""
+    """Load and expand a grid file; every error names the file, the line and the field and says what is valid."""
     path = Path(path)
-    raw = read_yaml(path, "grid file")
+    raw, lines = read_yaml_lines(path, "grid file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping with at least `name:` and `axes:`")
+    axes_raw = raw.get("axes")
+    axes_list: list[Axes] = []
+    if isinstance(axes_raw, list):  # a union of cross products: each item checked as its own mapping
+        if not axes_raw:
+            raise ConfigError(f"{_where(path, lines, 'axes')}: must be a mapping of axes or a non-empty list of them")
+        for i, item in enumerate(axes_raw):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{_where(path, lines, f'axes[{i}]')}: must be a mapping of axes "
+                                  f"(valid: {', '.join(Axes.model_fields)}) (got {item!r})")
+            try:
+                axes_list.append(Axes(**item))
+            except ValidationError as exc:
+                raise _validation_error(path, lines, exc, f"axes[{i}]", Axes) from None
+    elif axes_raw is not None and not isinstance(axes_raw, dict):
+        raise ConfigError(f"{_where(path, lines, 'axes')}: must be a mapping of axes or a list of them "
+                          f"(valid axes: {', '.join(Axes.model_fields)}) (got {axes_raw!r})")
     try:
-        spec = GridFile(**raw)
+        spec = GridFile(**{**raw, "axes": axes_list} if axes_list else raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ""
-        for part in err["loc"]:
-            if isinstance(part, int):
-                loc += f"[{part}]"
-            elif not (part[:1].isupper() or "[" in part or part.startswith("function-")):  # union-member tags
-                loc += f".{part}" if loc else part
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        raise ConfigError(f"{path} {loc}: {err['msg']}{got}") from None
+        raise _validation_error(path, lines, exc, "", GridFile) from None
     keys = set(Cell("worldlm", None, None, None, None).variation)
     for i, rule in enumerate(spec.exclude):
         bad = set(rule) - keys
         if bad:
-            raise ConfigError(f"{path} exclude[{i}]: unknown key {sorted(bad)[0]!r} (valid: {', '.join(sorted(keys))})")
+            raise ConfigError(f"{_where(path, lines, f'exclude[{i}]')}: unknown key {sorted(bad)[0]!r} (valid: {', '.join(sorted(keys))})")
     world = default_world() if spec.world is None else (path.parent / spec.world).resolve()
     if not world.is_file():
-        raise ConfigError(f"{path} world: world file {spec.world!r} not found (looked at {world})")
+        raise ConfigError(f"{_where(path, lines, 'world')}: world file {spec.world!r} not found (looked at {world})")
     cells: dict[str, Cell] = {}
     for axes in spec.axes if isinstance(spec.axes, list) else [spec.axes]:
         for cell in _cross(axes):
             if not any(_matches(cell, rule) for rule in spec.exclude):
                 cells.setdefault(cell.cell_id, cell)
     if not cells:
-        raise ConfigError(f"{path} exclude: every cell of the grid is excluded; nothing to run")
+        raise ConfigError(f"{_where(path, lines, 'exclude')}: every cell of the grid is excluded; nothing to run")
     return Grid(path, spec.name, world, spec.rounds, spec.device, spec.description,
                 dict(spec.protocol_params), tuple(cells.values()))

@@ -2,22 +2,64 @@
 
 `results.json` (stable keys, documented in the README):
     {"world", "entropy_floor_ppl": float|null, "site_floors": {SITE: ppl},
+     "vocab_size": int|null, "diverged_above_ppl": float|null,
      "methods": {NAME: {"mean_val_ppl", "sites": {SITE: {"val_ppl"}},
                         "rounds": [{"round", "mean_val_ppl", "train_loss"}], "wall_s", "train_s",
                         "protect_s", "bytes_up", "releases", "protocols", "groups", "residual_gains",
-                        "epsilon": {STREAM: cumulative ε}, "stopped": str|null}},
+                        "epsilon": {STREAM: cumulative ε}, "stopped": str|null,
+                        "diverged": str|null}},
      "settings": {...}, "wall_s": float}
+
+**Divergence.** A method has diverged when a perplexity it reports is not finite, or exceeds
+`DIVERGENCE_FACTOR` (2) times the vocabulary size: a model that guesses uniformly over the vocabulary
+scores exactly the vocabulary size, so a perplexity above twice that is worse than knowing nothing (e.g.
+DP noise that overwhelmed the update). Its ``diverged`` field says why; the table flags it and the plots
+switch to a log scale. Without a known vocabulary only non-finite values count.
+
+Light at import (json, os): the CLI and `world up` import this module without torch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worldlm_secure.federation.engine import MethodResult
+if TYPE_CHECKING:  # the engine imports torch; this module must not
+    from worldlm_secure.federation.engine import MethodResult
+
+DIVERGENCE_FACTOR = 2.0
+
+
+def divergence_bound(vocab_size: int | None) -> float | None:
+    """The perplexity above which a run counts as diverged (None: only non-finite values do)."""
+    return DIVERGENCE_FACTOR * vocab_size if vocab_size else None
+
+
+def divergence(method: dict[str, Any], bound: float | None) -> str | None:
+    """Why the method (its `method_json`) diverged, or None."""
+    for r in method.get("rounds", []):
+        v = r.get("mean_val_ppl")
+        if v is None or not math.isfinite(v):
+            return f"perplexity is not finite at round {r.get('round')}"
+        if bound is not None and v > bound:
+            return f"perplexity {v:.3g} at round {r.get('round')} exceeds {bound:g} (2 x the vocabulary size)"
+    v = method.get("mean_val_ppl")
+    if v is None or not math.isfinite(v):
+        return "final perplexity is not finite"
+    if bound is not None and v > bound:
+        return f"final perplexity {v:.3g} exceeds {bound:g} (2 x the vocabulary size)"
+    return None
+
+
+def fmt_ppl(value: float | None) -> str:
+    """A perplexity for a table: two decimals, or 3 significant digits when huge (never 130 digits)."""
+    if value is None or not math.isfinite(value):
+        return str(value)
+    return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.3g}"
 
 
 def method_json(m: MethodResult) -> dict[str, Any]:
@@ -39,13 +81,28 @@ def method_json(m: MethodResult) -> dict[str, Any]:
     }
 
 
-def results_json(result: Any) -> dict[str, Any]:
+def flag_divergence(payload: dict[str, Any]) -> dict[str, Any]:
+    """Set every method's ``diverged`` (reason or None) from the payload's ``diverged_above_ppl``."""
+    bound = payload.get("diverged_above_ppl")
+    for m in payload.get("methods", {}).values():
+        m["diverged"] = divergence(m, bound)
+    return payload
+
+
+def results_json(result: Any, earlier: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The results.json payload; ``earlier``: methods (their `method_json`) finished by an earlier,
+    interrupted run into the same folder (``--resume``), listed first."""
     s = result.settings
-    return {
+    vocab = getattr(result, "vocab_size", None)
+    methods = dict(earlier or {})
+    methods.update({name: method_json(m) for name, m in result.methods.items()})
+    return flag_divergence({
         "world": result.world,
         "entropy_floor_ppl": result.entropy_floor_ppl,
         "site_floors": dict(sorted(result.floors.items())),
-        "methods": {name: method_json(m) for name, m in result.methods.items()},
+        "vocab_size": vocab,
+        "diverged_above_ppl": divergence_bound(vocab),
+        "methods": methods,
         "settings": {
             "rounds": s.rounds,
             "seq_len": s.seq_len,
@@ -55,7 +112,7 @@ def results_json(result: Any) -> dict[str, Any]:
             "train": asdict(s.train),
         },
         "wall_s": result.wall_s,
-    }
+    })
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -101,6 +158,10 @@ def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
     if floor:
         ax.axhline(floor, color="grey", ls="--", lw=1, label="entropy floor")
     ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(sites))], sites, rotation=30, ha="right")
+    values = [v.get("val_ppl") for m in payload["methods"].values() for v in m["sites"].values()]
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+    if any(m.get("diverged") for m in payload["methods"].values()) or (finite and max(finite) > 100 * min(finite)):
+        ax.set_yscale("log")  # one diverged method would flatten every other bar to zero
     ax.set_ylabel("final validation perplexity")
     ax.set_title("per-site final validation perplexity")
     ax.legend(fontsize=8)

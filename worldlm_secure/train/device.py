@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -39,14 +41,44 @@ def autocast_for(device: torch.device) -> Iterator[None]:
         yield
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's or `taskset`'s share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> tuple[int, str]:
+    """Torch intra-op threads that do not oversubscribe the machine, and why (for the run's header).
+
+    ``usable_cpus() - round(1-minute load average)``, at least 1 and at most ``usable_cpus()``. The load
+    average counts the runnable processes of the whole machine, so on a shared 2-core machine with one
+    other busy process this is 1: torch's own default (one thread per core) made a small run 107 s
+    instead of 16 s there, because two threads keep waiting for each other's core.
+    """
+    cpus = usable_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    threads = max(1, min(cpus, cpus - int(math.floor(load + 0.5))))
+    return threads, f"{cpus} usable CPU(s), load {load:.1f}"
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads: must be at least 1 (got {threads})")
+
+
 def set_threads(threads: int | None) -> None:
-    """Intra-op CPU threads for torch (None: torch's default, one per core).
+    """Intra-op CPU threads for torch (None: torch's default, one per usable core; the CLI passes
+    `default_threads()` instead, which also counts the machine's load).
 
     Small models on a machine other processes also load run much faster with 1 thread: two
     threads that keep waiting for each other's core measured ~10x slower per step here.
     """
     if threads is None:
         return
-    if threads < 1:
-        raise ConfigError(f"--threads: must be at least 1 (got {threads})")
+    check_threads(threads)
     torch.set_num_threads(threads)
