@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,25 +45,25 @@ exclude:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("axes: {protocol: [homomorphic]}\n", "grid.yaml axes.protocol[0]: Input should be 'none', 'masking' or 'ckks'"),
-        ("axes: {method: [fedprox]}\n", "grid.yaml axes.method: Value error, unknown method 'fedprox'"),
-        ("axes: {dp: [{epsilon: -1}]}\n", "grid.yaml axes.dp[0]"),
-        ("axes: {protocol: [none]}\nexclude: [{protcol: none}]\n", "grid.yaml exclude[0]: unknown key 'protcol'"),
+        ("axes: {protocol: [homomorphic]}\n", r"grid.yaml:\d+ axes.protocol\[0\]: Input should be 'none', 'masking' or 'ckks'"),
+        ("axes: {method: [fedprox]}\n", r"grid.yaml:\d+ axes.method: Value error, unknown method 'fedprox'"),
+        ("axes: {dp: [{epsilon: -1}]}\n", r"grid.yaml:\d+ axes.dp\[0\]"),
+        ("axes: {protocol: [none]}\nexclude: [{protcol: none}]\n", r"grid.yaml:\d+ exclude\[0\]: unknown key 'protcol'"),
         ("axes: {protocol: [none]}\nexclude: [{protocol: none}]\n", "every cell of the grid is excluded"),
-        ("axes: {protocol: [none]}\nbogus: 1\n", "grid.yaml bogus: Extra inputs are not permitted"),
+        ("axes: {protocol: [none]}\nbogus: 1\n", r"grid.yaml:\d+ bogus: unknown key \(valid: "),
     ],
 )
 def test_grid_errors_name_file_and_field(tmp_path: Path, body: str, message: str) -> None:
     write_world(tmp_path)
     with pytest.raises(ConfigError) as exc:
         load_grid(_grid(tmp_path, body))
-    assert message in str(exc.value)
+    assert re.search(message, str(exc.value)), str(exc.value)
 
 
 def test_missing_world_is_named(tmp_path: Path) -> None:
     path = tmp_path / "grid.yaml"
     path.write_text("name: x\nworld: nowhere.yaml\naxes: {protocol: [none]}\n")
-    with pytest.raises(ConfigError, match=r"grid.yaml world: world file 'nowhere.yaml' not found"):
+    with pytest.raises(ConfigError, match=r"grid.yaml:\d+ world: world file 'nowhere.yaml' not found"):
         load_grid(path)
 
 

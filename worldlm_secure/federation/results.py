@@ -78,6 +78,9 @@ def method_json(m: MethodResult) -> dict[str, Any]:
         "epsilon": dict(m.stats.epsilon),
         "stopped": m.stopped,
         "policy_layers_overridden": m.name != "worldlm",
+        # predicted before training (privacy.feasibility): expected signal-to-noise of every DP release
+        "dp_feasibility": [f.to_dict() for f in getattr(m, "feasibility", [])],
+        "dp_warnings": list(getattr(m, "dp_warnings", [])),
     }
 
 

@@ -5,14 +5,30 @@ connect outbound with `SiteClient`. Certificates come from `transport.keys` (`wo
 Wire format: protocols/federation.proto; round state machine: protocols/federation.md.
 """
 
-from worldlm_secure.transport.board import RoundBoard
-from worldlm_secure.transport.chunks import DEFAULT_CHUNK_BYTES, Payload, TensorLayout, TransferLimits
-from worldlm_secure.transport.client import Enrollment, Receipt, RetryPolicy, SiteClient
-from worldlm_secure.transport.envelope import EnvelopeRules
-from worldlm_secure.transport.handler import Announcement, FederationHandler, Inbound, Member
-from worldlm_secure.transport.refusal import Refused
-from worldlm_secure.transport.server import FederationServer, ServerConfig
-from worldlm_secure.transport.tls import NodeCredentials, Roster
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names load on first use (PEP 562): `import worldlm_secure.transport.keys` (the `keys` command) must not
+# pull in grpc.
+_HOMES = {
+    "RoundBoard": "board",
+    "DEFAULT_CHUNK_BYTES": "chunks", "Payload": "chunks", "TensorLayout": "chunks", "TransferLimits": "chunks",
+    "Enrollment": "client", "Receipt": "client", "RetryPolicy": "client", "SiteClient": "client",
+    "EnvelopeRules": "envelope",
+    "Announcement": "handler", "FederationHandler": "handler", "Inbound": "handler", "Member": "handler",
+    "Refused": "refusal",
+    "FederationServer": "server", "ServerConfig": "server",
+    "NodeCredentials": "tls", "Roster": "tls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
