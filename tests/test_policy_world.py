@@ -116,7 +116,7 @@ def test_siblings_agree_on_a_protocol(tmp_path: Path) -> None:
 
 
 def test_unknown_ckks_key_holder(tmp_path: Path) -> None:
-    hc = _variant(tmp_path, "healthcare", "hc-holder", "key_holders: [members]", "key_holders: [trusted-hospital]")
+    hc = _variant(tmp_path, "healthcare", "hc-holder", "key_holders: []", "key_holders: [trusted-hospital]")
     path = _three(tmp_path, ("healthcare", [hc, hc, hc]), name="health")
     with pytest.raises(PolicyError, match="trusted-hospital"):
         check_world(load_world(path, check_policies=False))

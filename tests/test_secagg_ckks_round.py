@@ -311,7 +311,7 @@ def test_releasing_holder_and_confirmations():
     assert not pub.has_secret_key() and not pub.has_galois_keys() and not pub.has_relin_keys()
     agg_sum = ss._aggregator.summed()
     with pytest.raises(ValueError, match="secret"):
-        ts.ckks_vector_from(pub, agg_sum.chunks[0]).decrypt()
+        ts.ckks_vector_from(pub, agg_sum.contributions[0].chunks[0]).decrypt()
     missing = dataclasses.replace(agg, confirmations=agg.confirmations[:1])
     with pytest.raises(SecAggError, match="no confirmation from key holder 'm3'"):
         verify_aggregate(missing, pubs, ["m1", "m3"])
@@ -349,8 +349,8 @@ def test_holder_refuses_to_decrypt_a_single_contribution_posing_as_a_sum():
     ss.run_round(0, inputs(rng, 100), min_cohort=3)
     spec = ss.last_spec
     one = ss._members["m2"].protect(spec, rng.uniform(-1, 1, 100))
-    fake = SummedCiphertext(spec.round_id, spec.key_id, ("m2",), one.chunks)
-    with pytest.raises(SecAggError, match="m0.*refuses to decrypt a sum over 1 contributors"):
+    fake = SummedCiphertext(spec.round_id, spec.key_id, ("m2",), (one,))
+    with pytest.raises(SecAggError, match="m0.*refuses to decrypt.*sum over 1 signed contributions"):
         ss._holders["m0"].decrypt(fake, spec)
 
 

@@ -10,7 +10,8 @@ actors; the driver runs `CkksAggregator`, which only ever holds the public conte
     generator: ckks_generate(certs)             -> public context signed + secret key sealed to each holder
     members:   ckks_install(epoch, only theirs) -- verify the public context; holders unwrap their key
     members:   ckks_protect(spec)               -> signed ciphertexts; the driver checks and adds them
-    holders:   ckks_decrypt(sum, spec)          -> integer sums + signed confirmation; all must agree
+    holders:   ckks_decrypt(sum, spec)          -> re-add the signed contributions (>= min_cohort, each
+                                                   verified), decrypt: integer sums + signed confirmation
 
 A member whose step fails, or whose contribution does not verify, is left out (named in the result);
 the round releases only when at least ``min_cohort`` contributed and a key holder confirmed the sum.
@@ -32,6 +33,7 @@ from worldlm_secure.secagg.ckks import (
     CkksSecureSum,
     CkksSumResult,
     DecryptedAggregate,
+    EpochTrust,
     RoundSpec,
     round_result,
     verify_aggregate,
@@ -91,7 +93,7 @@ class RayCkks:
         for m in sorted(sent):
             try:
                 c = wire.contribution_from(wire.decode(sent[m]))
-            except (SecAggError, KeyError, IndexError, ValueError, TypeError) as exc:
+            except SecAggError as exc:
                 steps.dropped[m] = f"ckks_protect: not a CKKS contribution ({exc})"
                 continue
             if c.member != m:
@@ -116,7 +118,7 @@ class RayCkks:
         for h, data in answers.items():
             try:
                 results[h] = wire.decrypted_from(wire.decode(data))
-            except (SecAggError, KeyError, IndexError, ValueError) as exc:
+            except SecAggError as exc:
                 steps.dropped[h] = f"ckks_decrypt: not a decryption ({exc})"
         if not results:
             raise SecAggError(f"round {round_id}: no key holder ({', '.join(epoch.holders)}) decrypted the sum; nothing released")
@@ -137,7 +139,7 @@ class RayCkks:
         for h, data in answers.items():
             try:
                 cert = wire.cert_from(wire.decode(data))
-            except (SecAggError, KeyError, IndexError) as exc:
+            except SecAggError as exc:
                 steps.dropped[h] = f"ckks_transport_key: not a transport key ({exc})"
                 continue
             if cert.holder != h or not cert.verify(self._keys[h]):
@@ -152,10 +154,16 @@ class RayCkks:
                                      {h: self._keys[h] for h in certs})}, steps, round_id)
         if generator not in made:
             raise SecAggError(f"round {round_id}: key generator {generator!r} made no key epoch; nothing released")
-        keys = wire.epoch_from(wire.decode(made[generator]))
+        try:
+            keys = wire.epoch_from(wire.decode(made[generator]))
+        except SecAggError as exc:
+            raise SecAggError(f"round {round_id}: key epoch from {generator!r} is malformed ({exc}); nothing released") from None
         if keys.generator != generator or keys.epoch != number or set(keys.wrapped) != set(certs):
             raise SecAggError(f"round {round_id}: key epoch from {generator!r} is not for this epoch's holders; nothing released")
         aggregator = CkksAggregator(keys, self._keys[generator], params)  # verifies the signature, refuses secret keys
+        # Each actor checks the epoch itself (`CkksMember.install` / `CkksKeyHolder.install`: the generator is
+        # a key holder the policy names, its signature verifies); a holder keeps ``trust`` to check sums.
+        trust = EpochTrust(tuple(holders), dict(self._keys))
         run_step(self._ray, actors, "ckks_install",
-                 {m: (wire.epoch_bytes(keys, only=m), self._keys[generator]) for m in sorted(actors)}, steps, round_id)
+                 {m: (wire.epoch_bytes(keys, only=m), trust) for m in sorted(actors)}, steps, round_id)
         return _Epoch(number, keys, aggregator, tuple(sorted(certs)))

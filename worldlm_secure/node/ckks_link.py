@@ -12,11 +12,17 @@ least as often as ``rotate_every_rounds`` asks). Messages, in order (protocols/f
                                                                   sealed to each holder (ckks_keys)
     aggregator: PUBLIC_CONTEXT(epoch_keys) -> every member     -- each gets only its own sealed key
     members:    UploadUpdate(CIPHERTEXT, contribution)         -- signed ciphertexts, chunk-streamed
-    aggregator: AGGREGATE(summed) -> every holder               -- after checking and adding
+    aggregator: AGGREGATE(summed) -> every holder               -- the accepted signed contributions
     holders:    DECRYPTED(sums + signed confirmation)          -- the aggregator verifies they agree
 
-A bad contribution (signature, key, length, or a ciphertext that does not load) is rejected with a
-reason naming the member; the round goes on when min_cohort contributions remain.
+What each member checks itself (its own policy and the CA-verified ``ann.peer_keys``, never the
+aggregator's word): the generator it receives an epoch from is a key holder its policy names, and the
+epoch is for this round; a generator seals the key only to key holders its policy names; a key holder
+decrypts only what it re-adds from at least min_cohort contributions, each signed by its member for this
+round and key (`CkksKeyHolder.decrypt`). A malformed message from the aggregator is ignored (the member
+waits on); a bad contribution (malformed, signature, key, length, or a ciphertext that does not load)
+or a malformed holder answer is dropped with a reason naming the member; the round goes on when
+min_cohort contributions remain.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worldlm_secure.errors import SecAggError
+from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg import ckks_packing as packing
@@ -39,10 +45,12 @@ from worldlm_secure.secagg.ckks import (
     CkksMember,
     CkksSecureSum,
     DecryptedAggregate,
+    EpochTrust,
     RoundSpec,
+    check_epoch,
     verify_aggregate,
 )
-from worldlm_secure.secagg.ckks_keys import generate_epoch_keys
+from worldlm_secure.secagg.ckks_keys import EpochKeys, generate_epoch_keys
 from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.board import RoundBoard
@@ -70,7 +78,10 @@ class CkksRound:
     def holders(self, cohort: Iterable[str]) -> tuple[str, ...]:
         """The key holders of a round: the policy's choice among the cohort (holders outside it cannot take part)."""
         cohort = tuple(sorted(cohort))
-        named = CkksSecureSum(self.params).holder_names(cohort)
+        try:
+            named = CkksSecureSum(self.params).holder_names(cohort)
+        except ConfigError:  # no named holder is in this cohort
+            return ()
         return tuple(h for h in named if h in cohort)
 
     def spec(self, round_id: int, key_id: str, n_values: int, cohort: tuple[str, ...]) -> RoundSpec:
@@ -91,12 +102,27 @@ class CkksOutcome:
 # ---- member side ------------------------------------------------------------------------------------
 
 
-def _poll(client: SiteClient, kind: int, rid: int, tag: str, deadline: float) -> wire.Message:
+def _messages(client: SiteClient, kind: int, rid: int) -> list[wire.Message]:
+    """The decodable messages waiting for this member; a malformed one is logged and ignored."""
+    out = []
+    for got in client.fetch_secagg(kind, round_id=rid):
+        try:
+            out.append(wire.decode(got.payload.to_bytes()))
+        except SecAggError as exc:
+            log.warning("round %d: ignoring a %s message from the aggregator: %s", rid, pb.SecAggKind.Name(kind), exc)
+    return out
+
+
+def _poll(client: SiteClient, kind: int, rid: int, tag: str, deadline: float,
+          read: Callable[[wire.Message], object] = lambda m: m) -> object:
+    """The first ``tag`` message that ``read`` accepts (a SecAggError from ``read`` skips the message)."""
     while True:
-        for got in client.fetch_secagg(kind, round_id=rid):
-            msg = wire.decode(got.payload.to_bytes())
+        for msg in _messages(client, kind, rid):
             if msg.tag == tag:
-                return msg
+                try:
+                    return read(msg)
+                except SecAggError as exc:
+                    log.warning("round %d: ignoring a %s message from the aggregator: %s", rid, tag, exc)
         if time.monotonic() > deadline:
             raise SecAggError(
                 f"round {rid}: no {tag} from federation {client.federation!r} within the timeout; this member treats "
@@ -123,7 +149,8 @@ def member_round(
     contribution (fault-injection tests only)."""
     rid, me = ann.round_id, identity.name
     peers = dict(ann.peer_keys)
-    holder = CkksKeyHolder(identity) if me in setup.holders(ann.cohort) else None
+    trust = EpochTrust(setup.holders(ann.cohort), peers, setup.min_cohort)
+    holder = CkksKeyHolder(identity) if me in trust.holders else None
     deadline = lambda: time.monotonic() + wait_timeout  # noqa: E731
     if holder is not None:
         client.send_secagg(pb.SECAGG_CKKS_PUBLIC_CONTEXT, Payload.from_bytes(wire.cert_bytes(holder.transport.cert)), round_id=rid)
@@ -131,36 +158,53 @@ def member_round(
     generated = False
     end = deadline()
     while epoch is None:
-        for got in client.fetch_secagg(pb.SECAGG_CKKS_PUBLIC_CONTEXT, round_id=rid):
-            msg = wire.decode(got.payload.to_bytes())
-            if msg.tag == wire.EPOCH_KEYS:
-                epoch = wire.epoch_from(msg)
-            elif msg.tag == wire.HOLDER_CERTS and holder is not None and not generated:
-                # This holder is the generator: make the epoch's key and seal it to every holder's transport key.
-                certs = wire.certs_from(msg)
-                keys = generate_epoch_keys(identity, setup.params, rid, certs, peers)
-                client.send_secagg(pb.SECAGG_CKKS_PUBLIC_CONTEXT, Payload.from_bytes(wire.epoch_bytes(keys)), round_id=rid)
-                generated = True
+        for msg in _messages(client, pb.SECAGG_CKKS_PUBLIC_CONTEXT, rid):
+            try:
+                if msg.tag == wire.EPOCH_KEYS:
+                    epoch = _epoch_for_me(wire.epoch_from(msg), trust, rid, me)
+                elif msg.tag == wire.HOLDER_CERTS and holder is not None and not generated:
+                    # This holder is the generator: make the epoch's key and seal it to every holder's transport key.
+                    certs = wire.certs_from(msg)
+                    stray = sorted(set(certs) - set(trust.holders))
+                    if stray:  # never seal the key to anyone the policy does not name, whatever the aggregator asks
+                        raise SecAggError(f"round {rid}: asked to seal the CKKS key to {', '.join(stray)}, not key holders "
+                                          f"the policy names ({', '.join(trust.holders)}); refused")
+                    keys = generate_epoch_keys(identity, setup.params, rid, certs, peers)
+                    client.send_secagg(pb.SECAGG_CKKS_PUBLIC_CONTEXT, Payload.from_bytes(wire.epoch_bytes(keys)), round_id=rid)
+                    generated = True
+            except SecAggError as exc:
+                if msg.tag == wire.HOLDER_CERTS:
+                    raise
+                log.warning("round %d: %s", rid, exc)
+                epoch = None
+            if epoch is not None:
+                break
         if epoch is None:
             if time.monotonic() > end:
                 raise SecAggError(f"round {rid}: no key epoch from federation {client.federation!r} within the timeout; round aborted here")
             time.sleep(POLL_SECONDS)
-    gen_pub = peers.get(epoch.generator)
-    if gen_pub is None:
-        raise SecAggError(f"round {rid}: key epoch generated by {epoch.generator!r}, not a cohort member; refused")
     member = CkksMember(identity)
-    member.install(epoch, gen_pub)  # verifies the generator's signature over the public context
+    member.install(epoch, trust)  # the generator is a named holder and signed the public context
     if holder is not None:
-        holder.install(epoch, gen_pub)
+        holder.install(epoch, trust)
     spec = setup.spec(rid, epoch.key_id, int(np.asarray(vector).size), tuple(ann.cohort))
     body = (encrypt or (lambda m, s, v: wire.contribution_bytes(m.protect(s, v))))(member, spec, np.asarray(vector, dtype=np.float64))
     before_input(tuple(ann.cohort), key_id=epoch.key_id)
     client.upload_update(Payload.from_bytes(body), secagg_kind=pb.SECAGG_CKKS_CIPHERTEXT, round_id=rid)
     if holder is None:
         return
-    summed, n_values = wire.summed_from(_poll(client, pb.SECAGG_CKKS_AGGREGATE, rid, wire.SUMMED, deadline()))
+    summed, n_values = _poll(client, pb.SECAGG_CKKS_AGGREGATE, rid, wire.SUMMED, deadline(), wire.summed_from)  # type: ignore[misc]
+    # decrypts only a sum it re-adds from >= min_cohort contributions signed by their members (else SecAggError)
     sums, conf = holder.decrypt(summed, setup.spec(rid, epoch.key_id, n_values, tuple(ann.cohort)))
     client.send_secagg(pb.SECAGG_CKKS_DECRYPTED, Payload.from_bytes(wire.decrypted_bytes(sums, conf)), round_id=rid)
+
+
+def _epoch_for_me(keys: EpochKeys, trust: EpochTrust, rid: int, me: str) -> EpochKeys:
+    """The epoch if it is this round's and made by a key holder the policy names (`check_epoch`), else SecAggError."""
+    if keys.epoch != rid:
+        raise SecAggError(f"round {rid}: key epoch {keys.epoch} is not this round's; refused")
+    check_epoch(keys, trust, me)
+    return keys
 
 
 # ---- aggregator side --------------------------------------------------------------------------------
@@ -212,7 +256,12 @@ def aggregate_round(
     if not holders:
         raise SecAggError(f"round {rid}: no key holder of the policy ({', '.join(setup.params.key_holders) or 'first member'}) is in the cohort; nothing released")
     got = _collect(board, rid, pb.SECAGG_CKKS_PUBLIC_CONTEXT, wire.TRANSPORT_CERT, holders, first_timeout, alive)
-    certs = {h: wire.cert_from(m) for h, m in got.items()}
+    certs = {}
+    for h, m in got.items():
+        try:
+            certs[h] = wire.cert_from(m)
+        except SecAggError as exc:
+            log.warning("round %d: transport key of holder %s: %s; left out", rid, h, exc)
     bad = [h for h, c in certs.items() if c.holder != h or h not in peers or not c.verify(peers[h])]
     for h in bad:
         log.warning("round %d: transport key of holder %s is not signed by its identity; left out", rid, h)
@@ -224,7 +273,10 @@ def aggregate_round(
     got = _collect(board, rid, pb.SECAGG_CKKS_PUBLIC_CONTEXT, wire.EPOCH_KEYS, [generator], step_timeout, alive)
     if generator not in got:
         raise SecAggError(f"round {rid}: key generator {generator!r} sent no key epoch; nothing released")
-    keys = wire.epoch_from(got[generator])
+    try:
+        keys = wire.epoch_from(got[generator])
+    except SecAggError as exc:
+        raise SecAggError(f"round {rid}: key epoch from {generator!r} is malformed ({exc}); nothing released") from None
     if keys.generator != generator or keys.epoch != rid or set(keys.wrapped) != set(certs):
         raise SecAggError(f"round {rid}: key epoch from {generator!r} is not for this round's holders; nothing released")
     agg = CkksAggregator(keys, peers[generator], setup.params)  # verifies the signature, refuses secret keys
@@ -238,7 +290,7 @@ def aggregate_round(
     for m in sorted(ups):
         try:
             c = wire.contribution_from(wire.decode(ups[m].payload.to_bytes()))
-        except (SecAggError, KeyError, IndexError, ValueError, TypeError) as exc:
+        except SecAggError as exc:
             rejected.append(f"ckks: contribution of member {m!r} rejected: not a CKKS contribution ({exc})")
             continue
         if c.member != m:
@@ -267,7 +319,14 @@ def aggregate_round(
     got = _collect(board, rid, pb.SECAGG_CKKS_DECRYPTED, wire.DECRYPTED, sorted(certs), step_timeout, alive)
     if not got:
         raise SecAggError(f"round {rid}: no key holder ({', '.join(sorted(certs))}) decrypted the sum; nothing released")
-    results = {h: wire.decrypted_from(m) for h, m in got.items()}
+    results = {}
+    for h, m in got.items():
+        try:
+            results[h] = wire.decrypted_from(m)
+        except SecAggError as exc:
+            log.warning("round %d: decryption from key holder %s dropped: %s", rid, h, exc)
+    if not results:
+        raise SecAggError(f"round {rid}: no key holder ({', '.join(sorted(certs))}) returned a well-formed decryption; nothing released")
     releaser = sorted(results)[0]
     aggregate = DecryptedAggregate(rid, keys.key_id, summed.contributors, results[releaser][0], releaser,
                                    tuple(results[h][1] for h in sorted(results)))

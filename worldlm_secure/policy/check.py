@@ -33,7 +33,8 @@ def check_world(
       federation's parent its residual embeddings when residuals are allowed);
     - siblings (one aggregation round) have a protocol in common (`plan_round`);
     - the parent has at least min_cohort children, so a round can ever be released;
-    - CKKS key holders other than 'members' are nodes of the world.
+    - CKKS key holders other than 'members' are nodes of the world, and every CKKS round has one
+      among its members (the aggregator never holds the key).
     Returns {(node, final destination): effective policy}.
     """
     from worldlm_secure.policy.loader import load_policy
@@ -106,6 +107,14 @@ def _check_round(
     plan = plan_round({m: effective[(m, final)] for m in members})
     if plan.protocol == "ckks":
         _check_ckks_usable(plan, parent, members, final, effective)
+        named = set(plan.ckks.key_holders) - {MEMBERS}
+        if named and MEMBERS not in plan.ckks.key_holders and not named & set(members):
+            where = effective[(members[0], final)].sources.get("secure_aggregation.ckks.key_holders", "")
+            raise PolicyError(
+                f"{where} secure_aggregation.ckks.key_holders: none of {', '.join(sorted(named))} is a member of the "
+                f"CKKS round at {parent!r} ({', '.join(members)}), so nobody could decrypt it (the aggregator "
+                f"{parent!r} never holds the key); name at least one of its members"
+            )
     if len(members) < plan.min_cohort:
         src = next(
             effective[(m, final)].sources["secure_aggregation.min_cohort"]

@@ -113,11 +113,9 @@ def explain(policy: Policy) -> str:
         )
     if "ckks" in protocols:
         c = sa.ckks
-        holders = ("the contributing sites themselves" if c.key_holders == (MEMBERS,)
-                   else _list([h if h != MEMBERS else "the contributing sites" for h in c.key_holders]))
         lines.append(
             f"With CKKS (ring degree {c.poly_modulus_degree}, moduli {list(c.coeff_mod_bit_sizes)} bits, scale 2^"
-            f"{c.scale_bits}), only {holders} hold the secret key, never the aggregator; keys are renewed every "
+            f"{c.scale_bits}), {_who_decrypts(c.key_holders)} Keys are renewed every "
             f"{c.rotate_every_rounds} rounds; values are quantized to {c.value_bits} bits within ±{c.clip_range:g} "
             "and the share of clipped values is logged."
         )
@@ -182,3 +180,20 @@ def _destinations_sentence(policy: Policy) -> str:
     tail = " No other node may receive anything." if listed and len(listed) == len(dests) else ""
     text = "; ".join(parts)
     return text[0].upper() + text[1:] + "." + tail
+
+
+def _who_decrypts(key_holders: tuple[str, ...]) -> str:
+    """Who can decrypt under CKKS, and which collusion breaks it (protocols/ckks.md, "Threat model")."""
+    never = ("The aggregator never holds the key, and key holders decrypt only a sum of at least min_cohort "
+             "contributions each signed by its member.")
+    if MEMBERS in key_holders:
+        named = [h for h in key_holders if h != MEMBERS]
+        extra = f" (and {_list(named)})" if named else ""
+        return (f"who can decrypt: every contributing site{extra} holds the secret key. WARNING: any one site "
+                f"colluding with the aggregator can decrypt every contribution; name key holders instead. {never}")
+    if key_holders:
+        return (f"who can decrypt: only {_list(list(key_holders))} (those of them in a round's cohort) hold the secret "
+                f"key; one of them colluding with the aggregator could decrypt every contribution. {never}")
+    return ("who can decrypt: one site per round holds the secret key, the first member of the round in sorted "
+            "name order (the default; name key_holders to choose them). That site colluding with the aggregator "
+            f"could decrypt every contribution. {never}")

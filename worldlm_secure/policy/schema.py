@@ -27,8 +27,11 @@ Requirement = Literal["differential_privacy", "secure_aggregation"]
 
 # poly_modulus_degree -> largest total coefficient-modulus bits at 128-bit security (SEAL's table).
 CKKS_MAX_MODULUS_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
-# Special key-holder name: every contributing member holds the secret key, the aggregator does not.
+# Special key-holder name: every contributing member holds the secret key, the aggregator does not. An
+# explicit opt-in only: then ANY one member colluding with the aggregator decrypts every contribution.
 MEMBERS = "members"
+# Masking's Shamir threshold must be a strict majority of a member's neighbours (protocols/policy.md).
+MIN_MASKING_THRESHOLD = 0.5
 # Special destination name: any node.
 ANY = "*"
 
@@ -53,9 +56,8 @@ class MaskingParams(_Strict):
     )
     threshold: float = Field(
         default=0.67,
-        gt=0.0,
         le=1.0,
-        description="Fraction of a member's neighbours needed to recover its secrets (Shamir threshold), 0 < t <= 1.",
+        description="Fraction of a member's neighbours needed to recover its secrets (Shamir threshold), 0.5 < t <= 1.",
     )
     bits: int = Field(default=32, ge=8, le=62, description="Quantization bits: masks live in Z_2^bits.")
     clip_range: float = Field(
@@ -71,6 +73,17 @@ class MaskingParams(_Strict):
             raise ValueError(f"must be an integer >= 1 or 'auto' (got {v})")
         return v
 
+    @field_validator("threshold")
+    @classmethod
+    def _majority(cls, v: float) -> float:
+        if not v > MIN_MASKING_THRESHOLD:
+            raise ValueError(
+                f"must be > {MIN_MASKING_THRESHOLD} (got {v:g}): with half or fewer of a member's neighbours, two "
+                "disjoint groups could each reconstruct its secrets and an aggregator could unmask it; use e.g. 0.67 "
+                "(and keep max_dropout_fraction < 1 - threshold)"
+            )
+        return v
+
 
 class CkksParams(_Strict):
     """CKKS homomorphic encryption (TenSEAL) parameters."""
@@ -83,9 +96,13 @@ class CkksParams(_Strict):
     )
     scale_bits: int = Field(default=40, ge=10, le=60, description="log2 of the encoding scale.")
     key_holders: tuple[str, ...] = Field(
-        default=(MEMBERS,),
-        min_length=1,
-        description="Nodes that hold the secret key; 'members' = every contributing member, never the aggregator.",
+        default=(),
+        description=(
+            "Nodes that hold the secret key and alone can decrypt (never the aggregator: a named node outside a "
+            "round's cohort holds nothing in that round). Empty (the default): ONE holder per round, the first "
+            "cohort member in sorted name order. 'members' = every contributing member (explicit opt-in: then any "
+            "one member colluding with the aggregator decrypts every contribution)."
+        ),
     )
     rotate_every_rounds: int = Field(default=10, ge=1, description="Generate a fresh key pair every this many rounds.")
     clip_range: float = Field(

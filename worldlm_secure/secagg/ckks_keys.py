@@ -157,8 +157,17 @@ def verify_epoch(keys: EpochKeys, generator_public: bytes) -> None:
 def load_public_context(keys: EpochKeys, generator_public: bytes) -> ts.Context:
     """The verified public-only context (what members and the aggregator hold)."""
     verify_epoch(keys, generator_public)
-    ctx = ts.context_from(keys.public_context)
-    if ctx.has_secret_key() or ctx.has_galois_keys() or ctx.has_relin_keys():
+    try:
+        ctx = ts.context_from(keys.public_context)
+        private = ctx.has_secret_key() or ctx.has_galois_keys() or ctx.has_relin_keys()
+        if not private:
+            ts.ckks_vector(ctx, [0.0])  # a CKKS context with a usable public key
+    except Exception as exc:  # TenSEAL raises ValueError/RuntimeError/TypeError on bad streams
+        raise SecAggError(
+            f"ckks epoch {keys.epoch}: published context from {keys.generator!r} does not load as a CKKS public "
+            f"context ({type(exc).__name__}); refused"
+        ) from None
+    if private:
         raise SecAggError(f"ckks epoch {keys.epoch}: published context carries private or evaluation keys; refused")
     return ctx
 
@@ -169,16 +178,20 @@ def unwrap_secret_context(keys: EpochKeys, transport: TransportKey, generator_pu
     w = keys.wrapped.get(transport.holder)
     if w is None:
         raise SecAggError(f"key holder {transport.holder!r}: no wrapped key for epoch {keys.epoch}")
-    key, header = _wrap_key(transport.holder, keys.key_id, w.ephemeral_public, transport.cert.public, transport.shared(w.ephemeral_public))
     try:
+        key, header = _wrap_key(transport.holder, keys.key_id, w.ephemeral_public, transport.cert.public,
+                                transport.shared(w.ephemeral_public))
         secret = AESGCM(key).decrypt(w.nonce, w.ciphertext, header)
-    except InvalidTag:
+    except (InvalidTag, ValueError, TypeError):  # bad tag, or an ephemeral key / nonce of the wrong size
         raise SecAggError(
             f"key holder {transport.holder!r}: wrapped key for epoch {keys.epoch} failed authentication; "
             "request it again from the generator"
         ) from None
-    ctx = ts.context_from(secret)
-    public = ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+    try:
+        ctx = ts.context_from(secret)
+        public = ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+    except Exception as exc:  # authenticated by the generator, but not a TenSEAL context
+        raise SecAggError(f"key holder {transport.holder!r}: unwrapped key of epoch {keys.epoch} does not load ({type(exc).__name__})") from None
     if key_id_of(public) != keys.key_id:
         raise SecAggError(f"key holder {transport.holder!r}: unwrapped key does not match key id {keys.key_id}")
     return ctx

@@ -1,0 +1,91 @@
+"""Safe secure-aggregation defaults in the policy schema: CKKS key holders default to one named-by-rule
+member (never the aggregator, never 'every member'), `policy explain` says who can decrypt, and masking's
+threshold must be a strict majority (a schema error naming the field and the fix, reported by
+`policy check`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worldlm_secure.cli import main
+from worldlm_secure.errors import PolicyError
+from worldlm_secure.policy.loader import load_policy
+from worldlm_secure.policy.schema import MEMBERS, CkksParams, MaskingParams
+from worldlm_secure.secagg.ckks import CkksSecureSum
+from worldlm_secure.secagg.ckks_params import CkksParams as ImplParams
+
+POLICIES = Path(__file__).resolve().parents[1] / "policies"
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_default_ckks_key_holder_is_one_member_not_every_member_and_never_the_aggregator() -> None:
+    """Old default: key_holders [members], so ANY one member colluding with the aggregator decrypted all."""
+    assert MEMBERS not in CkksParams().key_holders
+    for name in ("eu", "healthcare", "research-open", "us"):
+        assert MEMBERS not in load_policy(POLICIES / f"{name}.yaml").secure_aggregation.ckks.key_holders, name
+    # what the implementation makes of the default: exactly one holder, a member of the cohort
+    impl = ImplParams.from_policy(CkksParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), scale_bits=17))
+    assert CkksSecureSum(impl).holder_names(["eu-c", "eu-a", "eu-b"]) == ("eu-a",)
+    # named holders outside the cohort (e.g. the aggregator 'eu' itself) never receive the key
+    named = ImplParams.from_policy(CkksParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 49), scale_bits=17,
+                                              key_holders=("eu", "eu-b")))
+    assert CkksSecureSum(named).holder_names(["eu-a", "eu-b", "eu-c"]) == ("eu-b",)
+
+
+def test_explain_says_who_can_decrypt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _run(capsys, "policy", "explain", str(POLICIES / "healthcare.yaml"))
+    assert rc == 0 and "who can decrypt: one site per round" in out and "never holds the key" in out
+    opt_in = tmp_path / "members.yaml"
+    opt_in.write_text((POLICIES / "healthcare.yaml").read_text().replace("key_holders: []", "key_holders: [members]"))
+    rc, out, _ = _run(capsys, "policy", "explain", str(opt_in))
+    assert rc == 0 and "WARNING: any one site colluding with the aggregator can decrypt every contribution" in out
+    named = tmp_path / "named.yaml"
+    named.write_text((POLICIES / "healthcare.yaml").read_text().replace("key_holders: []", "key_holders: [hospital-a]"))
+    rc, out, _ = _run(capsys, "policy", "explain", str(named))
+    assert rc == 0 and "who can decrypt: only hospital-a" in out
+
+
+@pytest.mark.parametrize("threshold", ["0.5", "0.3", "0.01"])
+def test_masking_threshold_must_be_a_majority(tmp_path: Path, capsys: pytest.CaptureFixture[str], threshold: str) -> None:
+    with pytest.raises(ValueError, match="must be > 0.5"):
+        MaskingParams(threshold=float(threshold))
+    bad = tmp_path / "weak.yaml"
+    bad.write_text((POLICIES / "eu.yaml").read_text().replace("threshold: 0.67", f"threshold: {threshold}"))
+    with pytest.raises(PolicyError) as info:
+        load_policy(bad)
+    msg = str(info.value)
+    assert f"{bad}:" in msg and "secure_aggregation.masking.threshold" in msg and "must be > 0.5" in msg and "0.67" in msg
+    rc, _, err = _run(capsys, "policy", "check", str(bad))
+    assert rc != 0 and "secure_aggregation.masking.threshold" in err and "must be > 0.5" in err and "Traceback" not in err
+    MaskingParams(threshold=0.51)
+
+
+def test_policy_check_refuses_a_ckks_round_whose_named_holders_are_not_in_it(tmp_path: Path) -> None:
+    """Holders named only outside a round's cohort (e.g. only its aggregator) would leave nobody to decrypt."""
+    from worldlm_secure.federation.world import load_world
+    from worldlm_secure.policy.check import check_world
+
+    (tmp_path / "research-open.yaml").write_text((POLICIES / "research-open.yaml").read_text())
+    pol = tmp_path / "ckks.yaml"
+    pol.write_text(
+        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: ckks-fed\njurisdiction: test\n"
+        "extends: research-open.yaml\n"
+        "secure_aggregation: {protocol: [ckks], min_cohort: 2, ckks: {key_holders: [fed, fed2]}}\n"
+    )
+    world = tmp_path / "world.yaml"
+    nodes = [("root", None), ("fed", "root"), ("fed2", "root"), ("a", "fed"), ("b", "fed"), ("c", "fed2"), ("d", "fed2")]
+    world.write_text(
+        "name: w\nseed: 0\nmodel: {arch: llama, size: tiny}\ndata: {synthetic: {vocab_size: 64}}\nnodes:\n"
+        + "".join(f"  - {{name: {n}, policy: {pol}}}\n" if p is None else f"  - {{name: {n}, parent: {p}, policy: {pol}}}\n"
+                  for n, p in nodes)
+    )
+    with pytest.raises(PolicyError, match="key_holders: none of fed, fed2 is a member of the CKKS round at 'fed'"):
+        check_world(load_world(world, check_policies=False))
