@@ -43,23 +43,24 @@ def _run(tmp_path: Path, n: int, setup: CkksRound, bad: str | None = None, size:
     server.start()
     rng = np.random.default_rng(0)
     vectors = {m: rng.uniform(-0.5, 0.5, size) for m in names}
-    clients = {m: SiteClient(server.target, pki.credentials(m), "fed", identity=pki.identity(m),
+    clients = {m: SiteClient(server.target, pki.credentials(m), "fed", identity=pki.identity(m), members=names,
                              retry=RetryPolicy(attempts=2, initial_backoff=0.05)) for m in names}
     for c in clients.values():
         c.enroll()
-    ann = Announcement(1, tuple(names), "ckks", b"{}", 0)
-    board.announce(ann)
-    ann = board.announcement(1) or ann
+    aggregator = pki.identity("fed")
+    board.announce(Announcement(1, tuple(names), "ckks", b"{}", 0, aggregator_key=aggregator.public_bytes))
+    # Each member works from the announcement it verified itself (peer keys from certificates), as a site does.
+    seen = {m: next(iter(clients[m].watch_rounds(after_round=0))) for m in names}
     recorded: dict[str, tuple[str, ...]] = {}
     errors: dict[str, str] = {}
 
     def member(m: str) -> None:
         try:
             if m == bad:
-                ckks_link.member_round(clients[m], pki.identity(m), ann, setup, vectors[m], wait_timeout=20,
+                ckks_link.member_round(clients[m], pki.identity(m), seen[m], setup, vectors[m], wait_timeout=20,
                                        before_input=lambda cohort, key_id: None, encrypt=_garbled)
                 return
-            member_round(clients[m], pki.identity(m), ann, None, vectors[m], ckks=setup, wait_timeout=20,
+            member_round(clients[m], pki.identity(m), seen[m], None, vectors[m], ckks=setup, wait_timeout=20,
                          before_input=lambda cohort, key_id, m=m: recorded.__setitem__(m, (cohort, key_id)), timeout=8)
         except Exception as exc:  # collected: the abort test expects members to fail cleanly
             errors[m] = f"{type(exc).__name__}: {exc}"
@@ -71,7 +72,8 @@ def _run(tmp_path: Path, n: int, setup: CkksRound, bad: str | None = None, size:
     for t in threads:
         t.start()
     try:
-        out = aggregate_round(board, ann, None, setup.min_cohort, first_timeout=30, step_timeout=10,
+        ann = board.announcement(1)
+        out = aggregate_round(board, ann, None, setup.min_cohort, identity=aggregator, first_timeout=30, step_timeout=10,
                               live=Liveness(board, silent_after=3.0), ckks=setup)
     except SecAggError as exc:
         out = exc
