@@ -304,3 +304,30 @@ def test_link_aggregator_drops_a_malformed_upload_and_a_malformed_holder_answer(
     assert any("'site-3'" in r for r in out.rejected), out.rejected
     exact = vectors["site-0"] + vectors["site-1"] + vectors["site-2"]
     assert np.max(np.abs(out.total - exact)) <= 3 * PARAMS.precision
+
+
+def test_a_malicious_member_moves_the_sum_far_beyond_clip_range_and_nothing_flags_it(monkeypatch):
+    """The stated non-guarantee (SECURITY.md, protocols/ckks.md): no range proofs, so a member can fill the
+    carry headroom of its packed fields (room for the whole cohort's sum). With 4 members at -clip_range the
+    sum is -4*clip; one member alone moves it to +2*clip (a shift of 6*clip = 2(n-1)*clip beyond its
+    honest range), the holders' integrity check passes and the clipped fraction stays 0."""
+    params = CkksParams()
+    names = [f"m{i}" for i in range(4)]
+    real_pack = packing.pack
+    calls: list[int] = []
+
+    def evil_pack(v, layout):  # the first member to encrypt adds 3 x its largest value to every field
+        slots = real_pack(v, layout)
+        calls.append(1)
+        if len(calls) > 1:
+            return slots
+        s = slots.reshape(-1, layout.block_slots).copy()
+        for p in layout.pieces:
+            s[:, p.slot] += float((3 * ((1 << p.width) - 1)) << p.offset)
+        return s.reshape(-1)
+
+    monkeypatch.setattr(packing, "pack", evil_pack)
+    proto = make_secure_sum("ckks", params=params, identities={m: NodeIdentity.generate(m) for m in names})
+    res = proto.run_round(1, [MemberInput(m, -np.full(16, params.clip_range)) for m in names], min_cohort=2)
+    assert np.allclose(res.total, 2 * params.clip_range, atol=1e-4)  # honest: -4 * clip_range
+    assert res.stats.clipped_fraction == 0.0
