@@ -202,20 +202,22 @@ class SiteActor:
         keys = generate_epoch_keys(self.identity, params, epoch, wire.certs_from(wire.decode(certs)), identity_keys)
         return wire.epoch_bytes(keys)
 
-    def ckks_install(self, epoch_keys: bytes, generator_public: bytes) -> None:
-        """Join a key epoch: verify the generator's signature over the public context; a key holder also
-        unwraps the secret key sealed to its transport key (only its own is in ``epoch_keys``)."""
+    def ckks_install(self, epoch_keys: bytes, trust: Any) -> None:
+        """Join a key epoch: check the generator is a named key holder (`secagg.ckks.EpochTrust`: named holders
+        and peer keys; on Ray the driver hands it over, so this guards against faults, not a malicious driver)
+        and its signature over the public context; a key holder also unwraps the secret key sealed to its
+        transport key (only its own is in ``epoch_keys``)."""
         from worldlm_secure.secagg import ckks_messages as wire
         from worldlm_secure.secagg.ckks import CkksMember
 
         keys = wire.epoch_from(wire.decode(epoch_keys))
         member = CkksMember(self.identity)
-        member.install(keys, generator_public)
+        member.install(keys, trust)
         self._ckks, self._holder = member, None
         if self.name in keys.wrapped:
             if self._next_holder is None:
                 raise SecAggError(f"{self.name}: a secret key was sealed to it without its transport key; refused")
-            self._next_holder.install(keys, generator_public)
+            self._next_holder.install(keys, trust)
             self._holder, self._next_holder = self._next_holder, None
 
     def ckks_protect(self, spec: Any) -> bytes:
@@ -227,7 +229,7 @@ class SiteActor:
         return wire.contribution_bytes(self._ckks.protect(spec, self._take()))
 
     def ckks_decrypt(self, summed: bytes, spec: Any) -> bytes:
-        """As a key holder: decrypt the aggregator's sum, check it, and sign a confirmation of its digest."""
+        """As a key holder: re-add the forwarded signed contributions, decrypt, and sign a confirmation."""
         from worldlm_secure.secagg import ckks_messages as wire
 
         if self._holder is None:
