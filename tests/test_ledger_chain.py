@@ -18,13 +18,34 @@ from worldlm_secure.ledger import Ledger, LedgerEntry, canonical_json, read_entr
 from worldlm_secure.privacy import BudgetTracker
 
 N_ENTRIES = 5
-POLICY_DOC = '{"differential_privacy":{"accountant":"rdp","delta":1e-05,"level":"user"}}'
+
+
+def effective_policy(**sections: dict) -> "EffectivePolicy":  # noqa: F821
+    """The effective policy of one test policy (user-level DP, ε 50, δ 1e-5, clip 1, masking|ckks, min_cohort 2,
+    destination fed; shared = model.layers.* and b, key = *.key.*, local = lm_head.*); `sections` override it."""
+    from worldlm_secure.policy import compose
+    from worldlm_secure.policy.loader import _tuples
+    from worldlm_secure.policy.schema import Policy
+
+    doc = {
+        "apiVersion": "worldlm-secure/v1", "kind": "JurisdictionPolicy", "name": "ledger-test", "jurisdiction": "test",
+        "layers": {"local": ["lm_head.*"], "key": ["*.key.*"], "shared": ["model.layers.*", "b"]},
+        "secure_aggregation": {"protocol": ["masking", "ckks"], "min_cohort": 2},
+        "differential_privacy": {"level": "user", "epsilon_budget": 50.0, "delta": 1e-5, "clipping_norm": 1.0,
+                                 "mechanism": ["central_gaussian", "distributed_skellam"]},
+        "egress": {"destinations": ["fed", "fed-eu"], "require": ["secure_aggregation"]},
+    }
+    for k, v in sections.items():
+        doc[k] = {**doc.get(k, {}), **v}
+    return compose([Policy.model_validate(_tuples(doc))])
+
+
+POLICY = effective_policy()
+POLICY_DOC = POLICY.canonical_json()
 
 
 def _policy_sha() -> str:
-    import hashlib
-
-    return hashlib.sha256(POLICY_DOC.encode()).hexdigest()
+    return POLICY.sha256
 
 
 def build_ledger(path: Path, node: str, identity: NodeIdentity | None = None, n: int = N_ENTRIES) -> NodeIdentity:

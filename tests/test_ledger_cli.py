@@ -16,6 +16,11 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.ledger import Ledger, release_entry
 from worldlm_secure.privacy import BudgetTracker
 
+from test_ledger_chain import effective_policy
+
+DP_POLICY = effective_policy(differential_privacy={"epsilon_budget": 6.0})
+NO_DP_POLICY = effective_policy(differential_privacy={"level": "none"})
+
 
 def _make(path: Path, node: str, rounds: int = 4) -> None:
     t = BudgetTracker(budget=6.0, delta=1e-5, stream=f"{node}/user")
@@ -24,14 +29,14 @@ def _make(path: Path, node: str, rounds: int = 4) -> None:
             led.append(release_entry(
                 release_id=f"{r}:shared:fed", round=r, level="site", source=node, destination="fed-eu",
                 group="shared", tensor_names=("model.layers.0.self_attn.q_proj.weight",), protocol="masking",
-                cohort_size=5, dropouts=r % 2, dp_level="user", mechanism="distributed_skellam",
-                clipping_norm=1.0, policy_sha256="ab" * 32, charge=t.charge(2.5, 1.0),
-            ))
+                cohort_size=2, dropouts=r % 2, dp_level="user", mechanism="distributed_skellam",
+                clipping_norm=1.0, policy_sha256=DP_POLICY.sha256, charge=t.charge(2.5, 1.0),
+            ), policy_document=DP_POLICY.canonical_json())
         led.append(release_entry(
             release_id="4:key:fed", round=4, level="site", source=node, destination="fed-eu", group="key",
-            tensor_names=("k",), protocol="ckks", cohort_size=5, dropouts=0, dp_level="none", mechanism="none",
-            clipping_norm=1.0, policy_sha256="ab" * 32, charge=None, key_id="ckks-key-7",
-        ))
+            tensor_names=("model.key.w",), protocol="ckks", cohort_size=2, dropouts=0, dp_level="none", mechanism="none",
+            clipping_norm=1.0, policy_sha256=NO_DP_POLICY.sha256, charge=None, key_id="ckks-key-7",
+        ), policy_document=NO_DP_POLICY.canonical_json())
 
 
 @pytest.fixture()
@@ -92,23 +97,29 @@ def test_export_jsonl_round_trips(ledgers: tuple[Path, Path], capsys: pytest.Cap
     assert out.read_text().splitlines() == lines
 
 
-def test_report_is_one_self_contained_html_page(ledgers: tuple[Path, Path], tmp_path: Path) -> None:
+def test_report_is_one_self_contained_html_page_and_fails_with_its_ledgers(ledgers: tuple[Path, Path], tmp_path: Path) -> None:
     a, b = ledgers
+    out = tmp_path / "report.html"
+    assert main(["ledger", "report", str(a.parent), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "PASSED" in page and "FAILED" not in page
     con = sqlite3.connect(b)
     con.execute("DELETE FROM entries WHERE seq = 1")
     con.commit()
     con.close()
-    out = tmp_path / "report.html"
-    assert main(["ledger", "report", str(a), str(b), "--out", str(out)]) == 0
+    assert main(["ledger", "report", str(a), str(b), "--out", str(out)]) == 1  # a failing ledger fails the report
     page = out.read_text()
     assert page.startswith("<!doctype html>")
     assert "site-a" in page and "site-b" in page and "fed-eu" in page
-    assert "verification FAILED" in page and "entry 1" in page and "VERIFIED" in page
-    assert "masking" in page and "ckks" in page and "distributed_skellam" in page
+    # the verdict and the finding come before everything else
+    assert page.index("FAILED") < page.index("Privacy spent against budget") and "entry 1" in page
+    assert "verified" in page and "masking" in page and "ckks" in page and "distributed_skellam" in page
     assert not re.search(r"""(src|href)=['"](?!data:)""", page)  # nothing external
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    assert len(images) == 2
+    assert len(images) == 1  # one ε-over-rounds plot per aggregating node (fed-eu)
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "ledger-test" in page  # policies by name
+    assert "lm_head.*" in page  # the layers that never leave
 
 
 def test_unreadable_paths_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,8 @@ from worldlm_secure.errors import LedgerError
 
 app = typer.Typer(help="Verify, show, export and report privacy ledgers.", no_args_is_help=True)
 # Wide when piped (tables of many columns); the terminal's width otherwise.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+# emoji=False: release ids such as "1:key:eu" must print as written, not as an emoji.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200, emoji=False)
 
 
 @app.command("verify")
@@ -27,21 +28,64 @@ def verify_cmd(
         [], "--public-key", help="Hex Ed25519 key you trust for the node (repeat per PATH, in order)."
     ),
     no_recompute: bool = typer.Option(False, "--no-recompute", help="Skip recomputing ε (chain and signatures only)."),
+    node: list[str] = typer.Option(
+        [], "--node", help="The node each PATH must belong to (repeat per PATH); default: NAME of NAME.sqlite."
+    ),
+    allow_missing_policies: bool = typer.Option(
+        False, "--allow-missing-policies", help="Pass entries whose effective policy document is not stored."
+    ),
 ) -> None:
-    """Check chain, signatures, head, policy hashes and recompute every ε; exit 1 naming the first bad entry."""
+    """Check meta, chain, signatures, head, receipts, every entry against its stored policy, and recompute
+    every ε; exit 1 naming the first bad entry and the rule."""
     from worldlm_secure.ledger import verify
 
     if public_key and len(public_key) != len(paths):
         raise LedgerError(f"--public-key given {len(public_key)} times for {len(paths)} paths; give one per PATH")
+    if node and len(node) != len(paths):
+        raise LedgerError(f"--node given {len(node)} times for {len(paths)} paths; give one per PATH")
     failed = 0
     for i, p in enumerate(paths):
-        rep = verify(p, expected_public_key=public_key[i] if public_key else None, recompute=not no_recompute)
+        rep = verify(p, expected_public_key=public_key[i] if public_key else None, recompute=not no_recompute,
+                     expected_node=node[i] if node else p.stem, require_policies=not allow_missing_policies)
+        from rich.markup import escape
+
         if rep.ok:
-            console.print(f"[green]OK[/]     {rep.summary()}", highlight=False)
+            console.print(f"[green]OK[/]     {escape(rep.summary())}", highlight=False)
         else:
             failed += 1
-            console.print(f"[bold red]FAILED[/] {rep.path}: {rep.problem}", highlight=False)
+            console.print(f"[bold red]FAILED[/] {escape(f'{rep.path}: {rep.problem}')}", highlight=False)
     if failed:
+        raise typer.Exit(1)
+
+
+@app.command("audit")
+def audit_cmd(
+    paths: list[Path] = typer.Argument(..., help="Ledger files or folders (simulate's --out, a world up state folder)."),
+    keys: Path | None = typer.Option(
+        None, "--keys", help="The world's identities: a keys folder (node certificates), or a file of NODE HEXKEY lines / JSON."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole audit as JSON."),
+    require_receipts: bool = typer.Option(
+        False, "--require-receipts", help="A release no parent countersigned is a finding (default: a note)."
+    ),
+) -> None:
+    """Audit a whole world: every ledger verified against its policy and pinned key, and across nodes
+    (aggregations, cohorts, each member's total ε, receipts). One line per finding; exit 1 on any."""
+    from worldlm_secure.ledger.audit import audit_ledgers, summary_line
+
+    rep = audit_ledgers(paths, keys, require_receipts=require_receipts)
+    if as_json:
+        print(json.dumps(rep.to_dict(), indent=1))
+    else:
+        from rich.markup import escape
+
+        for line in rep.lines():
+            console.print(f"[bold red]FINDING[/] {escape(line)}", highlight=False)
+        for w in rep.worlds:
+            for note in w.notes:
+                console.print(f"[yellow]note[/]    {escape(w.root.name)}: {escape(note)}", highlight=False)
+        console.print(("[green]" if rep.ok else "[bold red]") + summary_line(rep) + "[/]", highlight=False)
+    if not rep.ok:
         raise typer.Exit(1)
 
 
@@ -75,12 +119,26 @@ def show_cmd(
 @app.command("export")
 def export_cmd(
     path: Path = typer.Argument(..., help="A ledger file."),
-    jsonl: bool = typer.Option(True, "--jsonl", help="One JSON object per line (the only format)."),
+    jsonl: bool = typer.Option(True, "--jsonl", help="One JSON object per line (the default)."),
+    dp_events: bool = typer.Option(
+        False, "--dp-events", help="Each budget stream as Google dp-accounting DpEvent JSON (a verified ledger only)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Write to this file instead of stdout."),
 ) -> None:
-    """Export every entry (with hashes, signatures and the public key) as JSON Lines."""
+    """Export every entry (with hashes, signatures and the public key) as JSON Lines, or with --dp-events
+    each stream as dp-accounting DpEvents (`DpEvent.to_named_tuple()` as JSON) to recompute ε independently."""
     from worldlm_secure.ledger import export_jsonl
 
+    if dp_events:
+        from worldlm_secure.ledger.dp_events import export_ledger
+
+        text = json.dumps(export_ledger(path), indent=1) + "\n"
+        if out is None:
+            print(text, end="")
+        else:
+            out.write_text(text, encoding="utf-8")
+            console.print(f"wrote the DpEvents of {path} to {out}", highlight=False)
+        return
     lines = list(export_jsonl(path))
     text = "".join(line + "\n" for line in lines)
     if out is None:
@@ -100,14 +158,18 @@ def pubkey_cmd(path: Path = typer.Argument(..., help="A ledger file.")) -> None:
 
 @app.command("report")
 def report_cmd(
-    paths: list[Path] = typer.Argument(..., help="Ledger files."),
+    paths: list[Path] = typer.Argument(..., help="Ledger files or folders (simulate's --out, a world up state folder)."),
     out: Path = typer.Option(..., "--out", help="The HTML file to write."),
+    keys: Path | None = typer.Option(None, "--keys", help="The world's identities to pin signing keys (as for `audit`)."),
+    require_receipts: bool = typer.Option(False, "--require-receipts", help="A release no parent countersigned is a finding."),
 ) -> None:
-    """Write one self-contained HTML page (ε over rounds, what left each node, protocols, verification)."""
+    """Audit the world and write one self-contained HTML page (verdict and findings first, ε against budget,
+    what left each node, policies, receipts). Exit 1 when any ledger fails verification or the audit."""
     from worldlm_secure.ledger import report
 
-    reps = report(paths, out)
-    bad = [r for r in reps if not r.ok]
-    console.print(f"wrote {out} ({len(reps)} ledgers, {len(bad)} failed verification)", highlight=False)
-
-
+    rep = report(paths, out, keys=keys, require_receipts=require_receipts)
+    n = sum(len(w.reports) for w in rep.worlds)
+    failed = sum(1 for w in rep.worlds for r in w.reports if not r.ok)
+    console.print(f"wrote {out} ({n} ledgers, {failed} failed verification, {len(rep.findings)} findings)", highlight=False)
+    if not rep.ok:
+        raise typer.Exit(1)

@@ -1,8 +1,11 @@
 """The append-only ledger of one node: SQLite (WAL, synchronous=FULL), one transaction per entry.
 
-Tables: `meta` (node, public key, format), `entries` (seq, release_id UNIQUE, canonical body,
-entry_hash, signature), `head` (entry count and last hash, signed: a deleted last entry is
-detected), `policies` (sha256 -> canonical JSON of the effective policy, when given).
+Tables: `meta` (node, public key, format, created, and since format 2 `meta_signature` over them),
+`entries` (seq, release_id UNIQUE, canonical body, entry_hash, signature), `head` (entry count and
+last hash, signed: a deleted last entry is detected; since format 2 the signed `body` also lists
+every stored policy document's hash and the receipts chain's length and last hash), `policies`
+(sha256 -> canonical JSON of the effective policy, when given), `receipts` (format 2: a hash chain
+of countersigned ledger heads this node issued as a parent or holds as a child; see receipts.py).
 `append` runs under BEGIN IMMEDIATE: it reads the previous hash, seals and signs the entry,
 inserts it and moves the head in ONE transaction, so a kill -9 at any point leaves either
 the old ledger or the new one, never half an entry.
@@ -16,7 +19,7 @@ import hashlib
 import os
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +27,13 @@ from worldlm_secure.errors import BudgetExceeded, LedgerError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.ledger.entry import POST_PROCESSING, GENESIS_HASH, LedgerEntry, entry_from_body
 
-FORMAT = "worldlm-secure-ledger/1"
+FORMAT_V1 = "worldlm-secure-ledger/1"  # unsigned meta, head = count + last hash; still verified
+FORMAT = "worldlm-secure-ledger/2"  # signed meta, head also covers policy documents and receipts
+FORMATS = (FORMAT_V1, FORMAT)
 HEAD_CONTEXT = b"worldlm-secure ledger head v1\n"
+HEAD_CONTEXT_V2 = b"worldlm-secure ledger head v2\n"
+META_CONTEXT = b"worldlm-secure ledger meta v1\n"
+META_FIELDS = ("created", "format", "node", "public_key")
 DP_LEVELS = ("user", "record", "none")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -37,6 +45,8 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE TABLE IF NOT EXISTS head (id INTEGER PRIMARY KEY CHECK (id = 0), count INTEGER NOT NULL,
     entry_hash TEXT NOT NULL, signature TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policies (sha256 TEXT PRIMARY KEY, document BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS receipts (seq INTEGER PRIMARY KEY, receipt_id TEXT NOT NULL UNIQUE,
+    body BLOB NOT NULL, row_hash TEXT NOT NULL);
 """
 
 
@@ -46,8 +56,37 @@ def ledger_path(out_dir: Path | str, node: str) -> Path:
 
 
 def head_message(count: int, entry_hash: str) -> bytes:
-    """What the head signature covers: the entry count and the last entry's hash."""
+    """What a format-1 head signature covers: the entry count and the last entry's hash."""
     return HEAD_CONTEXT + f"{count}:{entry_hash}".encode()
+
+
+def head_message_v2(body: str) -> bytes:
+    """What a format-2 head signature covers: the canonical JSON `body` (see `head_body`)."""
+    return HEAD_CONTEXT_V2 + body.encode()
+
+
+def head_body(count: int, entry_hash: str, policies: list[str], receipts: int, receipt_hash: str) -> str:
+    """The signed state of a format-2 ledger: entries (count, last hash), the hashes of every stored policy
+    document (sorted), and the receipts chain (count, last row hash)."""
+    from worldlm_secure.ledger.entry import canonical_json
+
+    return canonical_json({
+        "count": count, "entry_hash": entry_hash, "policies": sorted(policies),
+        "receipts": receipts, "receipt_hash": receipt_hash,
+    }).decode()
+
+
+def meta_message(meta: dict[str, str]) -> bytes:
+    """What `meta_signature` covers: format, node, public key and creation time."""
+    from worldlm_secure.ledger.entry import canonical_json
+
+    return META_CONTEXT + canonical_json({k: meta.get(k, "") for k in META_FIELDS})
+
+
+def _meta_rows(identity: NodeIdentity, created: str) -> list[tuple[str, str]]:
+    meta = {"format": FORMAT, "node": identity.name, "public_key": identity.public_bytes.hex(), "created": created}
+    meta["meta_signature"] = identity.sign(meta_message(meta)).hex()
+    return sorted(meta.items())
 
 
 def _create(path: Path, identity: NodeIdentity) -> None:
@@ -59,11 +98,9 @@ def _create(path: Path, identity: NodeIdentity) -> None:
     con = sqlite3.connect(str(tmp))
     try:
         con.executescript(_SCHEMA)
+        _add_head_body(con)
         now = dt.datetime.now(dt.timezone.utc).isoformat()
-        con.executemany(
-            "INSERT INTO meta (key, value) VALUES (?, ?)",
-            [("format", FORMAT), ("node", identity.name), ("public_key", identity.public_bytes.hex()), ("created", now)],
-        )
+        con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", _meta_rows(identity, now))
         con.commit()
     finally:
         con.close()
@@ -75,6 +112,13 @@ def _create(path: Path, identity: NodeIdentity) -> None:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
+
+
+def _add_head_body(con: sqlite3.Connection) -> None:
+    """Format 2's head has a `body` column (the signed JSON state); add it to a format-1 file."""
+    cols = [r[1] for r in con.execute("PRAGMA table_info(head)")]
+    if "body" not in cols:
+        con.execute("ALTER TABLE head ADD COLUMN body TEXT NOT NULL DEFAULT ''")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -104,6 +148,12 @@ class LedgerFile:
     rows: tuple[Row, ...]
     head: tuple[int, str, str] | None  # (count, entry_hash, signature)
     policies: dict[str, bytes]
+    head_body: str = ""  # format 2: the signed JSON state (`head_body`); "" in format 1
+    receipts: tuple[tuple[int, str, bytes, str], ...] = ()  # (seq, receipt_id, body, row_hash)
+
+    @property
+    def format(self) -> str:
+        return self.meta.get("format", "")
 
 
 def read_ledger_file(path: Path | str) -> LedgerFile:
@@ -121,14 +171,23 @@ def read_ledger_file(path: Path | str) -> LedgerFile:
                     "SELECT seq, release_id, body, entry_hash, signature FROM entries ORDER BY seq"
                 )
             )
-            head_row = con.execute("SELECT count, entry_hash, signature FROM head WHERE id = 0").fetchone()
+            head_cols = [r[1] for r in con.execute("PRAGMA table_info(head)")]
+            head_row = con.execute(
+                "SELECT count, entry_hash, signature" + (", body" if "body" in head_cols else "") + " FROM head WHERE id = 0"
+            ).fetchone()
             policies = {str(k): bytes(v) for k, v in con.execute("SELECT sha256, document FROM policies")}
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            receipts = tuple(
+                (int(q), str(i), bytes(b), str(h))
+                for q, i, b, h in con.execute("SELECT seq, receipt_id, body, row_hash FROM receipts ORDER BY seq")
+            ) if "receipts" in tables else ()
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path}: not a readable ledger database ({exc})") from None
     head = (int(head_row[0]), str(head_row[1]), str(head_row[2])) if head_row else None
-    return LedgerFile(path, meta, rows, head, policies)
+    body = str(head_row[3]) if head_row is not None and len(head_row) > 3 else ""
+    return LedgerFile(path, meta, rows, head, policies, body, receipts)
 
 
 def read_entries(path: Path | str) -> list[LedgerEntry]:
@@ -161,22 +220,30 @@ class Ledger:
         if not self.path.exists():
             _create(self.path, identity)
         self._con = _connect(self.path)
-        self._con.executescript(_SCHEMA)
         pk = identity.public_bytes.hex()
         self._con.execute("BEGIN IMMEDIATE")
         try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._con.execute(stmt)
             meta = dict(self._con.execute("SELECT key, value FROM meta").fetchall())
             if not meta:
                 now = dt.datetime.now(dt.timezone.utc).isoformat()
-                self._con.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)",
-                    [("format", FORMAT), ("node", identity.name), ("public_key", pk), ("created", now)],
-                )
+                _add_head_body(self._con)
+                self._con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", _meta_rows(identity, now))
             elif meta.get("public_key") != pk or meta.get("node") != identity.name:
                 raise LedgerError(
                     f"{self.path}: ledger belongs to node {meta.get('node')!r} with key {meta.get('public_key', '')[:16]}…, "
                     f"not {identity.name!r} with key {pk[:16]}…; use that node's key or a new ledger path"
                 )
+            elif meta.get("format") == FORMAT_V1:
+                # Upgrade in place (the owner holds the key): sign the meta and re-sign the head in format 2.
+                # The entries are untouched, so everything format 1 verified still verifies.
+                _add_head_body(self._con)
+                self._con.execute("DELETE FROM meta WHERE key IN ('format', 'meta_signature')")
+                rows = _meta_rows(identity, meta.get("created", ""))
+                self._con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", rows)
+                self._write_head()
             self._con.execute("COMMIT")
         except BaseException:
             self._con.execute("ROLLBACK")
@@ -255,19 +322,69 @@ class Ledger:
             )
             if doc is not None:
                 con.execute("INSERT OR IGNORE INTO policies (sha256, document) VALUES (?, ?)", (entry.policy_sha256, doc))
-            head_sig = self.identity.sign(head_message(seq + 1, h)).hex()
-            con.execute(
-                "INSERT INTO head (id, count, entry_hash, signature) VALUES (0, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET count = excluded.count, entry_hash = excluded.entry_hash, "
-                "signature = excluded.signature",
-                (seq + 1, h, head_sig),
-            )
+            self._write_head()
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
         return sealed
+
+    # ---- the signed head --------------------------------------------------------------------------
+    def head(self) -> tuple[int, str]:
+        """(entry count, last entry hash) — what a parent countersigns (`receipts.countersign`)."""
+        last = self._con.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(last[0]) + 1, str(last[1])) if last else (0, GENESIS_HASH)
+
+    def entry_hash_at(self, seq: int) -> str | None:
+        """The stored entry_hash of entry `seq` (None when there is no such entry)."""
+        row = self._con.execute("SELECT entry_hash FROM entries WHERE seq = ?", (seq,)).fetchone()
+        return str(row[0]) if row else None
+
+    def _write_head(self) -> None:
+        """Re-sign the head from the current state (inside the caller's transaction)."""
+        con = self._con
+        count, h = self.head()
+        policies = [str(r[0]) for r in con.execute("SELECT sha256 FROM policies ORDER BY sha256")]
+        last = con.execute("SELECT seq, row_hash FROM receipts ORDER BY seq DESC LIMIT 1").fetchone()
+        n_receipts, receipt_hash = (int(last[0]) + 1, str(last[1])) if last else (0, GENESIS_HASH)
+        body = head_body(count, h, policies, n_receipts, receipt_hash)
+        sig = self.identity.sign(head_message_v2(body)).hex()
+        con.execute(
+            "INSERT INTO head (id, count, entry_hash, signature, body) VALUES (0, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET count = excluded.count, entry_hash = excluded.entry_hash, "
+            "signature = excluded.signature, body = excluded.body",
+            (count, h, sig, body),
+        )
+
+    # ---- receipts (see receipts.py) ---------------------------------------------------------------
+    def add_receipt_row(self, receipt_id: str, make_body: "Callable[[int, str], bytes]") -> bytes:
+        """Append one row to the receipts chain, idempotent by ``receipt_id``: ``make_body(seq, prev_hash)``
+        returns its canonical bytes. Returns the stored body (the earlier one if the id exists)."""
+        con = self._con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            row = con.execute("SELECT body FROM receipts WHERE receipt_id = ?", (receipt_id,)).fetchone()
+            if row is not None:
+                con.execute("ROLLBACK")
+                return bytes(row[0])
+            last = con.execute("SELECT seq, row_hash FROM receipts ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (int(last[0]) + 1, str(last[1])) if last else (0, GENESIS_HASH)
+            body = make_body(seq, prev)
+            con.execute(
+                "INSERT INTO receipts (seq, receipt_id, body, row_hash) VALUES (?, ?, ?, ?)",
+                (seq, receipt_id, body, hashlib.sha256(body).hexdigest()),
+            )
+            self._write_head()
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return body
+
+    def receipt_bodies(self) -> list[bytes]:
+        return [bytes(r[0]) for r in self._con.execute("SELECT body FROM receipts ORDER BY seq")]
 
 
 

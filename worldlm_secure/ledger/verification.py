@@ -1,16 +1,21 @@
-"""Verify a ledger: chain, signatures, head, policy hashes, and every ε recomputed.
+"""Verify a ledger: meta, chain, signatures, head, policies, receipts, and every ε recomputed.
 
-Checks, entry by entry in seq order, stopping at the first failure (everything after a
-broken link is unverifiable):
+First the file: its format, the signed meta (format 2: node, key, format, created), the pinned key
+and node name if the auditor gives them. Then, entry by entry in seq order, stopping at the first
+failure (everything after a broken link is unverifiable):
 1. the stored body is canonical JSON of a well-typed entry;
 2. its seq is its position, its prev_hash is the previous entry's hash (genesis: 64 zeros);
 3. entry_hash = SHA-256(body); the signer is the ledger's key (and the auditor's, if pinned);
-   the Ed25519 signature verifies;
-4. policy_sha256 is a SHA-256; a stored policy document hashes to it and has the same δ/accountant;
+   the Ed25519 signature verifies; its `source` is the ledger's node;
+4. policy_sha256 is a SHA-256; the stored policy document hashes to it, and the entry obeys it
+   (budget, clip, mechanism, δ, accountant, protocols, min_cohort, destinations, layers: policy_rules.py);
+   with `require_policies` an entry without its document fails;
 5. ε of the release and cumulative ε of its stream, recomputed with the recorded accountant
    from the recorded (noise_multiplier, sample_rate, steps, δ), agree with the recorded ones,
    and cumulative ε never exceeds the recorded budget;
-then the signed head: entry count and last hash (catches deletion of trailing entries).
+then the signed head: entry count and last hash (catches deletion of trailing entries), and in
+format 2 the set of stored policy documents (catches a deleted policy row) and the receipts chain,
+whose every receipt must be signed by its parent and name this ledger's entries.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from pathlib import Path
 from worldlm_secure.errors import LedgerError
 from worldlm_secure.identity import verify_signature
 from worldlm_secure.ledger.entry import POST_PROCESSING, GENESIS_HASH, LedgerEntry, entry_from_body
-from worldlm_secure.ledger.store import FORMAT, head_message, read_ledger_file
+from worldlm_secure.ledger.policy_rules import check_entry, is_refusal
+from worldlm_secure.ledger.receipts import HELD, ISSUED, ReceiptRow, decode_row
+from worldlm_secure.ledger.store import (
+    FORMAT, FORMAT_V1, FORMATS, LedgerFile, head_message, head_message_v2, meta_message, read_ledger_file,
+)
 from worldlm_secure.privacy.accountant import MechanismStep, epsilon_from_rdp, epsilon_of, rdp_curve
 
 EPS_REL_TOL = 1e-6  # recomputation must agree to this relative precision (same code, same inputs)
@@ -56,6 +65,10 @@ class VerifyReport:
     total_rows: int
     problem: Problem | None
     spent: dict[str, float] = field(default_factory=dict)  # stream -> cumulative ε (verified)
+    format: str = ""
+    receipts: tuple[ReceiptRow, ...] = ()  # the receipts chain (all rows when ok)
+    policies: dict[str, dict] = field(default_factory=dict)  # sha256 -> stored effective policy (parsed)
+    notes: tuple[str, ...] = ()  # what could not be checked (e.g. a format-1 file has no signed meta)
 
     @property
     def ok(self) -> bool:
@@ -79,29 +92,57 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=EPS_REL_TOL, abs_tol=1e-12)
 
 
-def verify(path: Path | str, *, expected_public_key: str | None = None, recompute: bool = True) -> VerifyReport:
-    """Verify one ledger file. `expected_public_key` (hex) pins the node key the auditor trusts."""
+def verify(
+    path: Path | str,
+    *,
+    expected_public_key: str | None = None,
+    expected_node: str | None = None,
+    recompute: bool = True,
+    require_policies: bool = False,
+) -> VerifyReport:
+    """Verify one ledger file.
+
+    `expected_public_key` (hex) pins the node key the auditor trusts; `expected_node` the node the file
+    must belong to (the CLI passes the file's NAME of NAME.sqlite). `require_policies`: an entry whose
+    effective policy document is not stored fails (it cannot be checked against its policy); off by
+    default for ledgers written without documents by tests and tools, on in `ledger verify` and `audit`.
+    """
     lf = read_ledger_file(path)
     node, pk = lf.meta.get("node", ""), lf.meta.get("public_key", "")
     good: list[LedgerEntry] = []
     spent: dict[str, float] = {}
+    receipts: list[ReceiptRow] = []
+    notes: list[str] = []
+    parsed: dict[str, dict] = {}
 
     def report(problem: Problem | None) -> VerifyReport:
-        return VerifyReport(lf.path, node, pk, tuple(good), len(lf.rows), problem, dict(spent))
+        return VerifyReport(lf.path, node, pk, tuple(good), len(lf.rows), problem, dict(spent), lf.format,
+                            tuple(receipts), dict(parsed), tuple(notes))
 
-    if lf.meta.get("format") != FORMAT:
-        return report(Problem(None, "", f"not a {FORMAT} file (format {lf.meta.get('format')!r})"))
-    if expected_public_key is not None and pk != expected_public_key.lower():
-        return report(Problem(None, "", f"ledger key {pk[:16]}… is not the expected key {expected_public_key[:16]}…"))
+    def file_problem(what: str) -> VerifyReport:
+        return report(Problem(None, "", what))
+
+    if lf.format not in FORMATS:
+        return file_problem(f"not a {FORMAT} file (format {lf.meta.get('format')!r})")
     try:
         pk_bytes = bytes.fromhex(pk)
     except ValueError:
-        return report(Problem(None, "", "meta.public_key is not hex"))
+        return file_problem("meta.public_key is not hex")
+    if lf.format == FORMAT:
+        msig = lf.meta.get("meta_signature", "")
+        if not (_is_hex(msig) and verify_signature(pk_bytes, bytes.fromhex(msig), meta_message(lf.meta))):
+            return file_problem("meta (node, format, key) was changed: its signature does not verify")
+    else:
+        notes.append("format 1: the meta (node, key) is not signed; it is checked against every entry's signed source")
+    if expected_node is not None and node != expected_node:
+        return file_problem(f"ledger belongs to node {node!r}, not {expected_node!r} (a renamed or swapped ledger file)")
+    if expected_public_key is not None and pk != expected_public_key.lower():
+        return file_problem(f"ledger key {pk[:16]}… is not the expected key {expected_public_key[:16]}…")
 
     histories: dict[str, list[MechanismStep]] = {}
     curves: dict[str, list[float]] = {}
     stream_params: dict[str, tuple[float, str]] = {}
-    checked_policies: dict[str, str | None] = {}
+    docs: dict[str, dict | str] = {}  # sha -> parsed document, or why it is unusable
     prev = GENESIS_HASH
     for pos, row in enumerate(lf.rows):
         def bad(what: str, e: LedgerEntry | None = None) -> VerifyReport:
@@ -129,26 +170,45 @@ def verify(path: Path | str, *, expected_public_key: str | None = None, recomput
             return bad("signature is not hex", e)
         if not verify_signature(pk_bytes, sig, e.signed_message()):
             return bad("signature does not verify under the ledger's public key", e)
-        why = _check_policy(e, lf.policies, checked_policies)
+        if e.source != node:
+            return bad(f"signed source {e.source!r} is not this ledger's node {node!r} (meta.node changed?)", e)
+        why = _check_policy(e, lf.policies, docs, require_policies)
         if why:
             return bad(why, e)
         # post-processing entries (a federation releasing what it computed from DP-noised aggregates)
-        # spend no budget: there is no ε to recompute.
-        if recompute and e.dp_level != "none" and e.mechanism != POST_PROCESSING:
+        # spend no budget, and refusals released nothing: there is no ε to recompute.
+        if recompute and e.dp_level != "none" and e.mechanism != POST_PROCESSING and not is_refusal(e):
             why = _check_epsilon(e, histories, curves, stream_params)
             if why:
                 return bad(why, e)
             spent[e.stream] = float(e.epsilon_cumulative or 0.0)
         good.append(e)
         prev = row.entry_hash
+    parsed.update({k: v for k, v in docs.items() if isinstance(v, dict)})
 
     if lf.head is None:
-        if lf.rows:
-            return report(Problem(None, "", "head record missing: the ledger's signed entry count is gone"))
+        if lf.rows or lf.receipts:
+            return file_problem("head record missing: the ledger's signed entry count is gone")
+        if lf.policies:
+            return file_problem("policy documents are stored but no signed head lists them")
         return report(None)
     count, head_hash, head_sig = lf.head
-    if not verify_signature(pk_bytes, bytes.fromhex(head_sig) if _is_hex(head_sig) else b"", head_message(count, head_hash)):
-        return report(Problem(None, "", "head signature does not verify (entry count / last hash were altered)"))
+    if lf.format == FORMAT_V1:
+        if not verify_signature(pk_bytes, bytes.fromhex(head_sig) if _is_hex(head_sig) else b"", head_message(count, head_hash)):
+            return file_problem("head signature does not verify (entry count / last hash were altered)")
+        signed_policies: list[str] | None = None
+        n_receipts, receipt_hash = 0, GENESIS_HASH
+    else:
+        if not verify_signature(pk_bytes, bytes.fromhex(head_sig) if _is_hex(head_sig) else b"", head_message_v2(lf.head_body)):
+            return file_problem("head signature does not verify (entry count / last hash / policies / receipts were altered)")
+        try:
+            hb = json.loads(lf.head_body)
+            signed_policies = list(hb["policies"])
+            n_receipts, receipt_hash = int(hb["receipts"]), str(hb["receipt_hash"])
+            if (int(hb["count"]), str(hb["entry_hash"])) != (count, head_hash):
+                return file_problem("head columns do not match the signed head")
+        except (ValueError, KeyError, TypeError):
+            return file_problem("the signed head is not valid JSON")
     if count != len(lf.rows) or head_hash != prev:
         missing = count - len(lf.rows)
         what = (
@@ -157,7 +217,57 @@ def verify(path: Path | str, *, expected_public_key: str | None = None, recomput
             else f"the signed head records {count} entries ending in {head_hash[:16]}…, the file has {len(lf.rows)}"
         )
         return report(Problem(len(lf.rows) if missing > 0 else None, "", what))
+    if signed_policies is not None:
+        gone = sorted(set(signed_policies) - set(lf.policies))
+        if gone:
+            user = next((e for e in good if e.policy_sha256 == gone[0]), None)
+            what = f"policy document {gone[0][:16]}… was deleted (the signed head lists it)"
+            return report(Problem(user.seq, user.release_id, what) if user else Problem(None, "", what))
+        added = sorted(set(lf.policies) - set(signed_policies))
+        if added:
+            return file_problem(f"policy document {added[0][:16]}… was added after the head was signed")
+    why = _check_receipts(lf, node, pk, good, receipts)
+    if why:
+        return file_problem(why)
+    if lf.format == FORMAT and (len(lf.receipts), lf.receipts[-1][3] if lf.receipts else GENESIS_HASH) != (n_receipts, receipt_hash):
+        return file_problem(
+            f"receipts: the signed head records {n_receipts} receipts, the file has {len(lf.receipts)} "
+            "(receipts were deleted or added)"
+        )
     return report(None)
+
+
+def _check_receipts(lf: LedgerFile, node: str, pk: str, entries: list[LedgerEntry], out: list[ReceiptRow]) -> str | None:
+    """The receipts chain: canonical rows, chained, each receipt signed by its parent and about this node."""
+    prev = GENESIS_HASH
+    for pos, (seq, rid, body, row_hash) in enumerate(lf.receipts):
+        where = f"receipt {pos}"
+        try:
+            row = decode_row(body)
+        except LedgerError as exc:
+            return f"{where}: malformed: {exc}"
+        r = row.receipt
+        if seq != pos or row.seq != pos:
+            return f"{where}: out of order or missing (row seq {seq}, body seq {row.seq})"
+        if row.prev_hash != prev:
+            return f"{where}: chain broken (prev_hash {row.prev_hash[:16]}…)"
+        if hashlib.sha256(body).hexdigest() != row_hash:
+            return f"{where}: content changed (SHA-256 of the row does not match row_hash)"
+        if rid != r.receipt_id(row.role):
+            return f"{where}: receipt_id column does not match the row"
+        if row.role == ISSUED and (r.parent != node or r.parent_public_key != pk):
+            return f"{where} ({r.release_id}): issued by {r.parent!r}, not by this ledger's node {node!r} and key"
+        if row.role == HELD:
+            if r.child != node or r.child_public_key != pk:
+                return f"{where} ({r.release_id}): held for {r.child!r}, not this ledger's node {node!r} and key"
+            if r.child_count > len(entries) or (r.child_count and entries[r.child_count - 1].entry_hash != r.child_entry_hash):
+                return (f"{where} ({r.release_id}): {r.parent} countersigned this ledger at {r.child_count} entries ending "
+                        f"in {r.child_entry_hash[:16]}…, which this ledger does not have (rolled back or rewritten)")
+        if not r.verify_signature():
+            return f"{where} ({r.release_id}): the parent {r.parent!r}'s signature does not verify"
+        out.append(row)
+        prev = row_hash
+    return None
 
 
 def _is_hex(s: str) -> bool:
@@ -168,33 +278,28 @@ def _is_hex(s: str) -> bool:
         return False
 
 
-def _check_policy(e: LedgerEntry, policies: dict[str, bytes], cache: dict[str, str | None]) -> str | None:
+def _check_policy(e: LedgerEntry, policies: dict[str, bytes], docs: dict[str, dict | str], require: bool) -> str | None:
     sha = e.policy_sha256
     if len(sha) != 64 or not _is_hex(sha):
         return f"policy_sha256 {sha!r} is not a SHA-256 hex digest"
-    doc = policies.get(sha)
-    if doc is None:
+    raw = policies.get(sha)
+    if raw is None:
+        if require:
+            return f"no policy document stored for policy_sha256 {sha[:16]}…: the entry cannot be checked against its policy"
         return None
-    if sha not in cache:
-        cache[sha] = None
-        if hashlib.sha256(doc).hexdigest() != sha:
-            cache[sha] = "the stored policy document does not hash to policy_sha256"
+    if sha not in docs:
+        if hashlib.sha256(raw).hexdigest() != sha:
+            docs[sha] = "the stored policy document does not hash to policy_sha256"
         else:
             try:
-                cache[sha] = json.dumps(json.loads(doc).get("differential_privacy") or {})
-            except (ValueError, AttributeError):
-                cache[sha] = "the stored policy document is not JSON"
-    dp_or_err = cache[sha]
-    if dp_or_err is None or not dp_or_err.startswith("{"):
-        return dp_or_err
-    dp = json.loads(dp_or_err)
-    # post-processing has no accountant; user- and record-level streams both use the policy's δ and accountant
-    if e.dp_level in ("user", "record") and e.mechanism != POST_PROCESSING:
-        if dp.get("delta") is not None and not _close(float(dp["delta"]), e.delta):
-            return f"delta {e.delta} differs from the policy's {dp['delta']}"
-        if dp.get("accountant") and dp["accountant"] != e.accountant:
-            return f"accountant {e.accountant} differs from the policy's {dp['accountant']}"
-    return None
+                doc = json.loads(raw)
+                docs[sha] = doc if isinstance(doc, dict) else "the stored policy document is not a JSON object"
+            except ValueError:
+                docs[sha] = "the stored policy document is not JSON"
+    doc_or_err = docs[sha]
+    if isinstance(doc_or_err, str):
+        return doc_or_err
+    return check_entry(e, doc_or_err)
 
 
 def _check_epsilon(
