@@ -345,13 +345,12 @@ def test_receipts_are_idempotent_and_hold_refuses_what_is_not_its_own(tmp_path: 
     assert all(verify(tmp_path / f"{n}.sqlite").ok for n in ids)
 
 
-def test_simulate_with_receipts_at_the_documented_call_site_catches_a_rolled_back_site(
+def test_simulate_writes_receipts_and_a_rolled_back_site_is_caught(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The release path calling `receipts.exchange` where protocols/ledger.md §7 says (right after a member's
-    entry of a release is appended), emulated by wrapping `ReleasePath.record_release`: a real simulated world
-    then audits clean with --require-receipts, and a site's ledger restored from a backup taken after round 1
-    is caught, though it verifies on its own."""
+    """simulate's release path countersigns every member's ledger head (`receipts.exchange`, right after the
+    member's entry): a real simulated world audits clean with --require-receipts, and a site's ledger restored
+    from a backup taken before round 2 is caught, though it verifies on its own."""
     from conftest import write_distributed_world
 
     from worldlm_secure.federation.methods import METHODS
@@ -362,14 +361,11 @@ def test_simulate_with_receipts_at_the_documented_call_site_catches_a_rolled_bac
     original = ReleasePath.record_release
 
     def record_release(self, round_id, group, member, destination, names, *args):  # type: ignore[no-untyped-def]
+        if self.ledger_dir is not None and member == "f0-s0" and round_id == 2 and not backup.exists():
+            dst = sqlite3.connect(backup)  # the site's ledger as it was after round 1 (receipts included)
+            self.ledger(member)._con.backup(dst)
+            dst.close()
         original(self, round_id, group, member, destination, names, *args)
-        if self.ledger_dir is not None:
-            exchange(self.ledger(destination), self.ledger(member), release_id=f"{round_id}:{group}:{destination}",
-                     round=round_id)
-            if member == "f0-s0" and round_id == 1 and not backup.exists():
-                dst = sqlite3.connect(backup)
-                self.ledger(member)._con.backup(dst)
-                dst.close()
 
     monkeypatch.setattr(ReleasePath, "record_release", record_release)
     world = write_distributed_world(tmp_path)

@@ -26,6 +26,7 @@ from worldlm_secure.errors import BudgetExceeded, ConfigError, PolicyError
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING
+from worldlm_secure.ledger.receipts import exchange
 from worldlm_secure.secagg import IntegerNoise, MemberInput, SecureSum, SumResult, make_secure_sum
 
 
@@ -331,6 +332,11 @@ class ReleasePath:
             if rc is not None:
                 self.record_dp_sgd(round_id, group, member, destination, names, plan, result,
                                     effective[members.index(member)], rc, second=levels[member] != "record")
+            if self.ledger_dir is not None:
+                # The receiver countersigns the member's ledger head and both keep the receipt, so a
+                # rolled-back or truncated ledger is caught by `ledger audit` (protocols/ledger.md).
+                exchange(self.ledger(destination), self.ledger(member), release_id=f"{round_id}:{group}:{destination}",
+                         round=round_id)
         self._count(plan.protocol, result)
         return SumResult(total, result.contributors, result.dropped, result.stats)
 
