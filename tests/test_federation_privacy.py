@@ -74,7 +74,7 @@ def test_training_stops_releasing_at_the_budget(tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "eu-small.yaml").write_text(
         "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: eu.yaml\nname: eu-small\n"
-        "jurisdiction: EU, small budget\n"
+        "jurisdiction: EU\n"
         "differential_privacy: {epsilon_budget: 3.0, noise_multiplier: 4.0}\n"
     )
     world = jurisdiction_world(tmp_path, rounds=6, eu_policy="eu-small.yaml")

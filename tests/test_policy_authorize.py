@@ -8,11 +8,26 @@ from pathlib import Path
 import pytest
 
 from worldlm_secure.errors import PolicyViolation
-from worldlm_secure.policy import Authorization, Release, authorize, compose, load_policy, verify_authorization
+from worldlm_secure.policy import (
+    Authorization,
+    Release,
+    authorize,
+    bind_chain,
+    compose,
+    load_policy,
+    verify_authorization,
+)
 
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
-EU_CHAIN = [load_policy(POLICIES / "eu.yaml"), load_policy(POLICIES / "eu.yaml"), load_policy(POLICIES / "research-open.yaml")]
-HC_CHAIN = [load_policy(POLICIES / "healthcare.yaml"), load_policy(POLICIES / "research-open.yaml")]
+# The shipped policies name destinations by relation and jurisdiction: chains are bound to their nodes.
+EU_CHAIN = bind_chain(
+    [load_policy(POLICIES / "eu.yaml"), load_policy(POLICIES / "eu.yaml"), load_policy(POLICIES / "research-open.yaml")],
+    ["eu-site-1", "eu", "world"],
+)
+HC_CHAIN = bind_chain(
+    [load_policy(POLICIES / f"{n}.yaml") for n in ("healthcare", "healthcare", "research-open")],
+    ["hospital-a", "health", "world"],
+)
 
 OK = Release(
     source="eu-site-1",
@@ -83,6 +98,13 @@ def test_open_world_allows_plain_release() -> None:
     authorize(plain, chain)
     with pytest.raises(PolicyViolation, match="layers.local"):
         authorize(dataclasses.replace(plain, tensor_names=("lm_head.weight",)), chain)
+
+
+def test_unbound_relations_allow_nothing_and_nodes_resolve_them() -> None:
+    unbound = [load_policy(POLICIES / n) for n in ("eu.yaml", "eu.yaml", "research-open.yaml")]
+    with pytest.raises(PolicyViolation, match="not resolved"):
+        authorize(OK, unbound)
+    assert authorize(OK, unbound, nodes=["eu-site-1", "eu", "world"]).digest == authorize(OK, EU_CHAIN).digest
 
 
 def test_verify_authorization_refuses_mismatch() -> None:

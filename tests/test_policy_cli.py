@@ -52,7 +52,8 @@ def test_explain_eu_reads_as_prose(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = _run(capsys, "policy", "explain", str(POLICIES / "eu.yaml"))
     assert rc == 0
     summary = out.split("\n\n")[0]
-    for phrase in ("never leave the site", "'eu' may receive", "'world' may receive", "pairwise masking",
+    for phrase in ("never leave the site", "whose policy declares jurisdiction EU may receive",
+                   "every node above the sender (up to the root) may receive", "pairwise masking",
                    "user-level differential privacy", "ε = 8", "δ = 1e-5", "at least 3 contributors"):
         assert phrase in summary, phrase
     assert "{" not in out and "None" not in out  # no raw data structures

@@ -27,7 +27,7 @@ def _variant(tmp_path: Path, base: str, name: str, **replace: str):
 
 
 def test_eu_under_open_root_keeps_eu_rules() -> None:
-    eff = compose([_p("eu"), _p("eu"), _p("research-open")])
+    eff = compose([_p("eu"), _p("eu"), _p("research-open")], nodes=["eu-a", "eu", "world"])
     assert isinstance(eff, EffectivePolicy)
     assert eff.secure_aggregation.protocol == "masking"
     assert eff.secure_aggregation.min_cohort == 3

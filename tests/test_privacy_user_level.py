@@ -33,7 +33,7 @@ def test_the_eu_policy_configures_user_level_dp_and_its_hash_is_checked_by_verif
     assert epsilon(dp.noise_multiplier, 1.0, 20, dp.delta) <= p.differential_privacy.epsilon_budget
     with pytest.raises(PolicyError, match="level"):
         UserLevelDP.from_policy(_dp(level="none"), planned_releases=1)
-    eff = policy.compose([p])
+    eff = policy.compose([p], nodes=["eu-a", "eu", "world"])
     dp = UserLevelDP.from_policy(eff.differential_privacy, planned_releases=20,
                                  max_dropout_fraction=eff.secure_aggregation.max_dropout_fraction)
     with Ledger(tmp_path / "site.sqlite", NodeIdentity.generate("site")) as led:

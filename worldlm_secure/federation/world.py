@@ -82,10 +82,15 @@ class World:
         """The loaded policies along ``chain(name)`` (releasing node first)."""
         from worldlm_secure.policy import load_policy
 
-        for n in self.chain(name):
+        from worldlm_secure.policy import bind_chain
+
+        chain = self.chain(name)
+        for n in chain:
             if n.policy_path not in self._policies:
                 self._policies[n.policy_path] = load_policy(n.policy_path)
-        return [self._policies[n.policy_path] for n in self.chain(name)]
+        # Destinations stated by relation or jurisdiction ("parent", "ancestors", "jurisdiction: EU") become
+        # this path's node names, so one policy file can govern any tree.
+        return bind_chain([self._policies[n.policy_path] for n in chain], [n.name for n in chain])
 
     def effective_policy(self, name: str) -> Any:
         """The composed policy for releases from ``name`` all the way to the root."""

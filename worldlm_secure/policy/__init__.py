@@ -2,6 +2,7 @@
 
     p = load_policy("policies/eu.yaml")            # Policy, or PolicyError (one line: file:line field: fix)
     eff = compose([p_site, p_fed, p_root])         # EffectivePolicy: the strictest rule along the path
+    eff = compose(chain, nodes=["eu-a", "eu", "world"])  # ... with destinations by relation resolved
     auth = authorize(Release(...), chain)          # Authorization, or PolicyViolation (rule, allowed, requested)
     plan = plan_round({member: eff, ...})          # one protocol + parameters for all members of a round
     check_world(world)                             # at world load: every path composes, every round can run
@@ -15,6 +16,7 @@ from worldlm_secure.policy.compose import (
     EffectiveEgress,
     EffectivePolicy,
     EffectiveSecureAggregation,
+    bind_chain,
     compose,
 )
 from worldlm_secure.policy.jsonschema import policy_json_schema
@@ -56,6 +58,7 @@ __all__ = [
     "RoundPlan",
     "SecureAggregation",
     "authorize",
+    "bind_chain",
     "check_world",
     "compose",
     "load_policy",

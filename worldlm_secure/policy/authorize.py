@@ -70,9 +70,15 @@ def _violation(rule: str, allowed: object, requested: object, hint: str = "") ->
     return PolicyViolation(f"{text}; {hint}" if hint else text)
 
 
-def authorize(release: Release, chain: Sequence[Policy] | EffectivePolicy) -> Authorization:
-    """Authorize `release` under the policies along its path (releasing node first), or raise PolicyViolation."""
-    eff = chain if isinstance(chain, EffectivePolicy) else compose(list(chain))
+def authorize(
+    release: Release, chain: Sequence[Policy] | EffectivePolicy, nodes: Sequence[str] | None = None
+) -> Authorization:
+    """Authorize `release` under the policies along its path (releasing node first), or raise PolicyViolation.
+
+    `nodes` (the releasing node, then its ancestors) resolves destinations by relation and jurisdiction when the
+    policies are not already bound to their nodes (`bind_chain`); see `compose`.
+    """
+    eff = chain if isinstance(chain, EffectivePolicy) else compose(list(chain), nodes)
     r = release
     where = f"round {r.round} {r.source}->{r.destination} {r.group}"
     checked: list[str] = []

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from worldlm_secure.errors import PolicyError
-from worldlm_secure.policy.compose import EffectivePolicy, compose
+from worldlm_secure.policy.compose import EffectivePolicy, bind_chain, compose
 from worldlm_secure.policy.schema import MEMBERS, Policy
 
 
@@ -55,7 +55,7 @@ def check_world(
         if node.parent is None:
             continue
         chain = world.chain(name)
-        full = policies(chain)
+        full = bind_chain(policies(chain), [n.name for n in chain])  # relations resolve from this node
         up = compose(full)
         effective[(name, chain[-1].name)] = up
         _check_destination(up, full, name, node.parent, "shared")
@@ -89,7 +89,8 @@ def _check_destination(eff: EffectivePolicy, chain: Sequence[Policy], node: str,
         raise PolicyError(
             f"{refusal[0]} egress.destinations: node {node!r} must send its {group} layers to its parent "
             f"{dest!r} but {refusal[1]} (policy chain: {', '.join(p.source for p in chain)}); "
-            f"list {dest!r} with {group} or move the node"
+            f"allow {group} to {dest!r} (by name, or as relation: parent, or by its policy's jurisdiction) "
+            "or move the node"
         )
 
 

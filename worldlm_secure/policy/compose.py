@@ -22,6 +22,7 @@ from worldlm_secure.errors import PolicyError
 from worldlm_secure.policy.patterns import LayerPatterns
 from worldlm_secure.policy.schema import (
     ANY,
+    Destination,
     Accountant,
     Audit,
     CkksParams,
@@ -34,6 +35,7 @@ from worldlm_secure.policy.schema import (
     RecordDP,
     Requirement,
     Residuals,
+    same_jurisdiction,
 )
 
 _LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}
@@ -76,11 +78,16 @@ class EffectiveDifferentialPrivacy(_Frozen):
 
 
 class EffectiveEgress(_Frozen):
-    destinations: tuple[str, ...]  # named nodes every policy allows ("*" = any node)
+    destinations: tuple[str, ...]  # nodes every policy allows ("*" = any node; "@parent"... = not resolved)
     groups: dict[str, tuple[Group, ...]]  # destination -> groups it may receive
     require: tuple[Requirement, ...]
-    rules: tuple[tuple[str, tuple[tuple[str, tuple[Group, ...]], ...]], ...] = Field(
-        default=(), description="(policy file, ((destination glob, groups), ...)) for every policy, nearest first"
+    rules: tuple[tuple[str, tuple[tuple[str, tuple[Group, ...]], ...], str], ...] = Field(
+        default=(),
+        description=(
+            "(policy file, ((destination glob, groups), ...), what the policy's destinations are, in words) for "
+            "every policy, nearest first; destinations by relation or jurisdiction are resolved to node names "
+            "when the chain is bound to a world"
+        ),
     )
 
     def allows(self, destination: str, group: str) -> bool:
@@ -209,9 +216,22 @@ def _max_num_or_auto(values: Sequence[float | str]) -> float | str:
 # ------------------------------------------------------------------ composition
 
 
-def compose(chain: Sequence[Policy]) -> EffectivePolicy:
-    """The effective policy of a release from `chain[0]`'s node up to `chain[-1]` (the root).
+def bind_chain(chain: Sequence[Policy], nodes: Sequence[str]) -> list[Policy]:
+    """`chain` (releasing node first) attached to the nodes `nodes` (the releasing node, then its ancestors up
+    to the root; at least as many as `chain`), so destinations by relation and jurisdiction resolve."""
+    nodes = list(nodes)
+    if len(nodes) < len(chain):
+        raise PolicyError(f"bind_chain: {len(chain)} policies but only {len(nodes)} nodes ({', '.join(nodes)})")
+    return [p.bound(nodes[i:]) for i, p in enumerate(chain)]
 
+
+def compose(chain: Sequence[Policy], nodes: Sequence[str] | None = None) -> EffectivePolicy:
+    """The effective policy of a release from `chain[0]`'s node up to `chain[-1]` (the root, or the release's
+    final destination).
+
+    `nodes`: the releasing node's name, then its ancestors up to the root; defaults to the place the first
+    policy was bound to (`Policy.bound`, `bind_chain`). With it, destinations by relation (parent, ancestors,
+    root) and jurisdiction become node names; without it they stay unresolved and allow nothing.
     Raises PolicyError naming both files when two policies along the chain cannot both be met.
     """
     if not chain:
@@ -219,6 +239,8 @@ def compose(chain: Sequence[Policy]) -> EffectivePolicy:
     for p in chain:
         if not isinstance(p, Policy):
             raise PolicyError(f"compose: expected Policy objects (got {type(p).__name__}); use load_policy(path)")
+    if nodes is not None:
+        chain = bind_chain(chain, nodes)
     b = _Builder(chain)
     src = b.sources
 
@@ -372,13 +394,47 @@ def _compose_dp(
     ), usable
 
 
+def _resolve(d: Destination, chain: Sequence[Policy]) -> tuple[list[str], str]:
+    """The node names (or globs) destination `d` of a policy in `chain` stands for, and how to show it."""
+    groups = "/".join(d.groups)
+    if d.name is not None:
+        return [d.name], f"{d.name}: {groups}"
+    path = chain[0].path
+    if path is None:  # not attached to a world: nothing to resolve against
+        return [d.token], f"{d.label} (not resolved: the policy is not attached to a node of a world): {groups}"
+    above = list(path[1:])
+    if d.relation == "parent":
+        names = above[:1]
+    elif d.relation == "ancestors":
+        names = above
+    elif d.relation == "root":
+        names = above[-1:]
+    else:
+        assert d.jurisdiction is not None
+        names = [path[i] for i in range(1, min(len(chain), len(path)))
+                 if same_jurisdiction(chain[i].jurisdiction, d.jurisdiction)]
+    if names:
+        return names, f"{d.label} (= {', '.join(names)}): {groups}"
+    if d.jurisdiction is not None:
+        declared = [f"{path[i]} declares {chain[i].jurisdiction!r}" for i in range(1, min(len(chain), len(path)))]
+        why = f"no node above {path[0]!r} declares it" + (f": {'; '.join(declared)}" if declared else "")
+    else:
+        why = f"{path[0]!r} has none"
+    return [], f"{d.label} ({why}): {groups}"
+
+
 def _compose_egress(chain: Sequence[Policy], require: tuple[str, ...], src: dict[str, str]) -> EffectiveEgress:
-    rules = tuple(
-        (p.where("egress.destinations"), tuple((d.name, tuple(d.groups)) for d in p.egress.destinations))
-        for p in chain
-    )
-    names = list(dict.fromkeys(d.name for p in chain for d in p.egress.destinations if d.name != ANY))
-    if all(any(d.name == ANY for d in p.egress.destinations) for p in chain):
+    rules = []
+    for p in chain:
+        dests: list[tuple[str, tuple[Group, ...]]] = []
+        shown: list[str] = []
+        for d in p.egress.destinations:
+            names, text = _resolve(d, chain)
+            dests.extend((n, tuple(d.groups)) for n in names)
+            shown.append(text)
+        rules.append((p.where("egress.destinations"), tuple(dests), "; ".join(shown)))
+    names = list(dict.fromkeys(n for _, dests, _ in rules for n, _ in dests if n != ANY))
+    if all(any(n == ANY for n, _ in dests) for _, dests, _ in rules):
         names.insert(0, ANY)
     groups: dict[str, tuple[Group, ...]] = {}
     for name in names:
@@ -386,19 +442,18 @@ def _compose_egress(chain: Sequence[Policy], require: tuple[str, ...], src: dict
         if ok:
             groups[name] = ok  # type: ignore[assignment]
     src["egress.destinations"] = _join(p.where("egress.destinations") for p in chain)
-    return EffectiveEgress(destinations=tuple(groups), groups=groups, require=require, rules=rules)  # type: ignore[arg-type]
+    return EffectiveEgress(destinations=tuple(groups), groups=groups, require=require, rules=tuple(rules))  # type: ignore[arg-type]
 
 
 def _refusing_rule(
-    rules: Sequence[tuple[str, Sequence[tuple[str, Sequence[str]]]]], destination: str, group: str
+    rules: Sequence[tuple[str, Sequence[tuple[str, Sequence[str]]], str]], destination: str, group: str
 ) -> tuple[str, str] | None:
     """(policy file, what it allows) of the first policy that refuses `group` to `destination`, or None."""
-    for where, dests in rules:
+    for where, dests, shown in rules:
         matching = [(n, gs) for n, gs in dests if n == destination or (n != destination and fnmatchcase(destination, n))]
         if not any(group in gs for _, gs in matching):
             if matching:
                 allowed = sorted({g for _, gs in matching for g in gs})
-                return where, f"{destination!r} may receive only [{', '.join(allowed)}]"
-            listed = _join(n for n, _ in dests) or "nothing"
-            return where, f"destinations are [{listed}]"
+                return where, f"{destination!r} may receive only [{', '.join(allowed)}] (destinations: [{shown}])"
+            return where, f"its destinations are [{shown or 'none'}]"
     return None

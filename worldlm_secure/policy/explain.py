@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from worldlm_secure.policy.schema import ANY, MEMBERS, Policy
+from worldlm_secure.policy.schema import ANY, MEMBERS, Destination, Policy
 
 _PROTOCOL = {
     "masking": "pairwise masking (SecAgg+: the aggregator only ever sees the sum)",
@@ -168,16 +168,32 @@ def explain(policy: Policy) -> str:
     return "\n\n".join(out)
 
 
+_RELATION = {
+    "parent": "the node a site or federation sends to (its parent)",
+    "ancestors": "every node above the sender (up to the root)",
+    "root": "the root of the tree",
+}
+
+
+def _who(d: Destination) -> str:
+    if d.name == ANY:
+        return "any node"
+    if d.name is not None:
+        return f"'{d.name}'"
+    if d.relation is not None:
+        return _RELATION[d.relation]
+    return f"every federation above the sender whose policy declares jurisdiction {d.jurisdiction}"
+
+
 def _destinations_sentence(policy: Policy) -> str:
     dests = policy.egress.destinations
     if not dests:
         return "Nothing else may leave: no destination is allowed."
-    parts = []
-    for d in dests:
-        who = "any node" if d.name == ANY else f"'{d.name}'"
-        parts.append(f"{who} may receive {_list([_GROUP[g] for g in d.groups])}")
-    listed = [d.name for d in dests if d.name != ANY]
-    tail = " No other node may receive anything." if listed and len(listed) == len(dests) else ""
+    parts = [f"{_who(d)} may receive {_list([_GROUP[g] for g in d.groups])}" for d in dests]
+    tail = " No other node may receive anything." if not any(d.name == ANY for d in dests) else ""
+    if any(d.name is None for d in dests):
+        tail += (" Relations and jurisdictions are read in the world the policy is used in, so the same policy "
+                 "governs any tree.")
     text = "; ".join(parts)
     return text[0].upper() + text[1:] + "." + tail
 

@@ -36,6 +36,8 @@ def policy_json_schema() -> dict[str, Any]:
     props["mechanism"] = _one_or_many(props["mechanism"])
     dest = defs["Egress"]["properties"]["destinations"]
     dest["items"] = {"anyOf": [{"type": "string", "minLength": 1}, dest["items"]]}
+    # a destination is ONE of a node name, a relation (parent | ancestors | root) or a jurisdiction
+    defs["Destination"]["oneOf"] = [{"required": [k]} for k in ("name", "relation", "jurisdiction")]
     # a file that extends another may leave out what it inherits (but says what it is)
     schema["required"] = ["apiVersion", "kind", "name"]
     schema["if"] = {"not": {"required": ["extends"]}}

@@ -8,8 +8,9 @@ compose along a path, are specified in ``protocols/policy.md``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -261,10 +262,36 @@ class Residuals(_Strict):
     require_dp: bool = Field(default=True, description="Residuals may leave only under differential privacy.")
 
 
-class Destination(_Strict):
-    """One node that may receive data governed by this policy, and which groups."""
+Relation = Literal["parent", "ancestors", "root"]
+# Destinations by relation are read from the releasing node (the sender): `parent` is the node it sends to,
+# `ancestors` every node above it up to the root, `root` the root. `jurisdiction: X` is every node above the
+# sender whose policy declares `jurisdiction: X` (compared without case). See protocols/policy.md.
+RELATIONS: tuple[str, ...] = ("parent", "ancestors", "root")
 
-    name: str = Field(min_length=1, description="Node name in the world, or '*' for any node.")
+
+def same_jurisdiction(a: str, b: str) -> bool:
+    """Jurisdictions compare without case and surrounding spaces (`EU` is `eu`)."""
+    return a.strip().casefold() == b.strip().casefold()
+
+
+class Destination(_Strict):
+    """Who may receive data governed by this policy, and which groups: ONE of name, relation, jurisdiction."""
+
+    name: Optional[str] = Field(
+        default=None, min_length=1, description="A node name in the world, or a glob ('*' = any node)."
+    )
+    relation: Optional[Relation] = Field(
+        default=None,
+        description=(
+            "A node by its place relative to the releasing node: parent | ancestors (every node above it, up to "
+            "the root) | root. Lets one policy govern any tree."
+        ),
+    )
+    jurisdiction: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="Every node above the releasing node whose policy declares this jurisdiction (e.g. EU).",
+    )
     groups: tuple[Group, ...] = Field(
         default=("key", "shared", "residual"), min_length=1, description="What may be sent there."
     )
@@ -274,13 +301,43 @@ class Destination(_Strict):
     def _no_repeats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return _unique(v, "group")
 
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Destination:
+        given = [k for k in ("name", "relation", "jurisdiction") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of name (a node), relation (parent | ancestors | root) or jurisdiction "
+                f"(e.g. EU) per destination (got {', '.join(given) if given else 'none'})"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """How the destination reads in messages: `eu`, `parent`, `ancestors`, `root`, `jurisdiction EU`."""
+        if self.name is not None:
+            return self.name
+        if self.relation is not None:
+            return self.relation
+        return f"jurisdiction {self.jurisdiction}"
+
+    @property
+    def token(self) -> str:
+        """What stands for the destination in composed rules until it is resolved against a world (never a node)."""
+        if self.name is not None:
+            return self.name
+        if self.relation is not None:
+            return f"@{self.relation}"
+        return f"@jurisdiction={self.jurisdiction}"
+
 
 class Egress(_Strict):
     """Where data governed by this policy may go, and what every release must carry."""
 
     destinations: tuple[Destination, ...] = Field(
         default=(),
-        description="Nodes that may receive data governed by this policy ('name' or {name, groups}).",
+        description=(
+            "Who may receive data governed by this policy: 'name', or {name | relation | jurisdiction, groups}."
+        ),
     )
     require: tuple[Requirement, ...] = Field(
         default=(), description="Protections every release must carry: differential_privacy, secure_aggregation."
@@ -296,7 +353,7 @@ class Egress(_Strict):
     @field_validator("destinations")
     @classmethod
     def _no_repeats(cls, v: tuple[Destination, ...]) -> tuple[Destination, ...]:
-        _unique(tuple(d.name for d in v), "destination")
+        _unique(tuple(d.label for d in v), "destination")
         return v
 
     @field_validator("require")
@@ -319,7 +376,13 @@ class Policy(_Strict):
     apiVersion: Literal["worldlm-secure/v1"] = Field(description="Schema version: worldlm-secure/v1.")
     kind: Literal["JurisdictionPolicy"] = Field(description="Always JurisdictionPolicy.")
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Short policy name.")
-    jurisdiction: str = Field(min_length=1, description="The jurisdiction this policy implements (e.g. EU GDPR).")
+    jurisdiction: str = Field(
+        min_length=1,
+        description=(
+            "The jurisdiction this policy implements (e.g. EU); a destination `jurisdiction: EU` in any policy "
+            "names the nodes whose policy declares it."
+        ),
+    )
     description: str = Field(default="", description="Free text for humans.")
     extends: str | None = Field(
         default=None, description="Relative path of a base policy; this file's fields override the base's."
@@ -334,6 +397,24 @@ class Policy(_Strict):
     # Where the policy was loaded from, and the (file, line) of every field path (set by load_policy).
     _source: Path | None = PrivateAttr(default=None)
     _where: dict[tuple[Any, ...], tuple[str, int]] = PrivateAttr(default_factory=dict)
+    # The node this copy governs and its ancestors up to the root (set by `bound`); relations resolve against it.
+    _path: tuple[str, ...] | None = PrivateAttr(default=None)
+
+    def bound(self, path: Sequence[str]) -> Policy:
+        """A copy of this policy attached to a node: ``path`` is the node's name, then its ancestors to the root.
+
+        Composition reads the releasing node's place in the tree from the first policy of a chain, so destinations
+        by relation (parent, ancestors, root) and by jurisdiction resolve to node names. See `bind_chain`.
+        """
+        copy = self.model_copy()
+        copy._source, copy._where = self._source, self._where
+        copy._path = tuple(path)
+        return copy
+
+    @property
+    def path(self) -> tuple[str, ...] | None:
+        """The node this policy is attached to and its ancestors (None: not attached to a world)."""
+        return self._path
 
     @property
     def source(self) -> str:
