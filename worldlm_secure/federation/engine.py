@@ -65,6 +65,7 @@ class MethodResult:
     stopped: str | None = None  # why training stopped before the last round (e.g. a DP budget)
     # privacy.feasibility.Feasibility of every DP release planned (expected signal-to-noise, warnings)
     feasibility: list = field(default_factory=list)
+    base_hash: str | None = None  # SHA-256 of the base weights every site started from (model.pretrained)
 
     @property
     def dp_warnings(self) -> list[str]:
@@ -155,6 +156,7 @@ class Engine:
         self.on_site, self.on_round = on_site, on_round
         self.device = pick_device(settings.device)
         self.model = build_model(replace(settings.model, vocab_size=vocab_size), seed=settings.seed)
+        self.base_hash: str | None = getattr(self.model, "base_hash", None)  # SHA-256 of the base weights (model.pretrained)
         init = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.names = list(init)
         self.groups = plan_groups(method, world, self.names)
@@ -431,6 +433,10 @@ class Engine:
         return out
 
     def run(self) -> MethodResult:
+        if self.method.pooled:  # `central`: the pooled-data reference (federation.methods.run_central)
+            from worldlm_secure.federation.methods import run_central
+
+            return run_central(self)
         start = time.perf_counter()
         train_s = 0.0
         rounds: list[RoundRecord] = []
@@ -475,4 +481,5 @@ class Engine:
             residual_gains=dict(self.residual_gains),
             stopped=stopped,
             feasibility=list(self.feasibility),
+            base_hash=self.base_hash,
         )

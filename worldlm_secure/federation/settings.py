@@ -14,7 +14,9 @@ from worldlm_secure.aggregation.attentive import AttentionConfig
 from worldlm_secure.data.synthetic import SyntheticSpec
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.world import World
+from worldlm_secure.model.adapters import LoraSpec
 from worldlm_secure.model.factory import ModelSpec
+from worldlm_secure.model.pretrained import check_pretrained_folder
 from worldlm_secure.train.loop import TrainConfig
 
 
@@ -22,11 +24,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraSection(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # peft's default for the architecture when omitted
+
+
+class AdaptersSection(_Strict):
+    lora: LoraSection | None = None  # the one kind of adapter supported (through peft)
+
+
 class ModelSection(_Strict):
     arch: Literal["llama", "gpt2"] = "llama"
     size: str = "tiny"
     config: str | None = None
     tie_embeddings: bool = False
+    # A local Hugging Face checkpoint folder (config.json, safetensors, tokenizer files), relative to the world
+    # file or absolute: its weights are loaded instead of initialised and its tokenizer encodes the text.
+    pretrained: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the loaded base weights
+    adapters: AdaptersSection | None = None  # LoRA (peft): only adapter tensors train and are released
+    base_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")  # pin the base; refuse any other
 
 
 class SyntheticSection(_Strict):
@@ -124,10 +143,35 @@ def _parse(world_path: Path, section: str, cls: type[_Strict], raw: dict[str, An
         raise ConfigError(f"{world_path} {loc}: {err['msg']}{got}") from None
 
 
+def _pretrained_folder(world: World, model: ModelSection) -> str | None:
+    """``model.pretrained`` as an absolute folder (relative paths are relative to the world file), checked."""
+    if model.pretrained is None:
+        return None
+    if model.config is not None:
+        raise ConfigError(f"{world.path} model.pretrained: give model.pretrained (load weights) or model.config "
+                          "(random init from a config), not both")
+    folder = Path(model.pretrained).expanduser()
+    if not folder.is_absolute():
+        folder = Path(world.path).parent / folder
+    try:
+        check_pretrained_folder(str(folder))
+    except ConfigError as exc:
+        raise ConfigError(f"{world.path} {exc}") from None
+    return str(folder.resolve())
+
+
+def _with_checkpoint_tokenizer(data: DataSection, folder: str) -> DataSection:
+    """Text is encoded with the checkpoint's own tokenizer unless the world file names one."""
+    if data.tokenizer is not None or (data.files is not None and data.files.tokenizer is not None):
+        return data
+    return data.model_copy(update={"tokenizer": folder})
+
+
 def settings_for(world: World, *, rounds: int | None = None, device: str = "auto", seed: int | None = None) -> Settings:
     """Typed settings from the world file, with command-line overrides applied."""
     model = _parse(world.path, "model", ModelSection, world.model)
     data = _parse(world.path, "data", DataSection, world.data)
+    pretrained = _pretrained_folder(world, model)
     if sum(x is not None for x in (data.synthetic, data.files, data.hub)) > 1:
         raise ConfigError(f"{world.path} data: give one of synthetic, files or hub")
     if data.synthetic is None and data.files is None and data.hub is None and not all(s.data for s in world.sites):
@@ -136,7 +180,12 @@ def settings_for(world: World, *, rounds: int | None = None, device: str = "auto
     agg = _parse(world.path, "aggregation", AggregationSection, world.aggregation)
     if rounds is not None and rounds < 1:
         raise ConfigError(f"--rounds: must be at least 1 (got {rounds})")
+    if pretrained is not None and data.synthetic is None:
+        data = _with_checkpoint_tokenizer(data, pretrained)
     vocab = data.synthetic.vocab_size if data.synthetic is not None else 260
+    lora = model.adapters.lora if model.adapters is not None else None
+    if model.adapters is not None and lora is None:
+        raise ConfigError(f"{world.path} model.adapters: give lora: {{r, alpha, dropout, target_modules}}")
     return Settings(
         model=ModelSpec(
             arch=model.arch,
@@ -145,6 +194,13 @@ def settings_for(world: World, *, rounds: int | None = None, device: str = "auto
             tie_embeddings=model.tie_embeddings,
             vocab_size=vocab,
             max_seq_len=sched.seq_len,
+            pretrained=pretrained,
+            adapters=None if lora is None else LoraSpec(
+                r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                target_modules=tuple(lora.target_modules) if lora.target_modules else None,
+            ),
+            dtype=model.dtype,
+            base_sha256=model.base_sha256.lower() if model.base_sha256 else None,
         ),
         data=data,
         train=TrainConfig(

@@ -58,8 +58,10 @@ class LocalTrainer:
         self.total_steps = total_steps
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        # Trainable tensors only: with adapters (model.adapters) the frozen base weights are not optimized.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.cfg.lr,
@@ -85,7 +87,8 @@ class LocalTrainer:
                 loss.backward()
                 losses.append(loss.item() * self.cfg.grad_accum)
             if self.cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               self.cfg.max_grad_norm)
             optimizer.step()
         return float(np.mean(losses)) if losses else float("nan")
 
