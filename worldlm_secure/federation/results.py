@@ -81,6 +81,7 @@ def method_json(m: MethodResult) -> dict[str, Any]:
         # predicted before training (privacy.feasibility): expected signal-to-noise of every DP release
         "dp_feasibility": [f.to_dict() for f in getattr(m, "feasibility", [])],
         "dp_warnings": list(getattr(m, "dp_warnings", [])),
+        "base_hash": getattr(m, "base_hash", None),  # SHA-256 of the pretrained base weights (model.pretrained)
     }
 
 
