@@ -18,7 +18,7 @@ from worldlm_secure.secagg import DropoutPlan, MemberInput, make_secure_sum
 from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.secagg.masking import MaskingParams
 
-PARAMS = {"masking": MaskingParams(clip_range=1.0, bits=32, neighbours="auto", threshold=0.5), "ckks": CkksParams(clip_range=1.0)}
+PARAMS = {"masking": MaskingParams(clip_range=1.0, bits=32, neighbours="auto", threshold=0.51), "ckks": CkksParams(clip_range=1.0)}
 
 
 def _secure_vs_plain(protocol: str, n: int, sizes: list[int], tau: float, seed: int, drop: bool):
@@ -32,7 +32,7 @@ def _secure_vs_plain(protocol: str, n: int, sizes: list[int], tau: float, seed: 
         MemberInput(m, codec.encode({k: c[k] - server[k] for k in names}, client_weights(server, c, names, cfg)))
         for m, c in clients.items()
     ]
-    dropped = frozenset({"s1"}) if drop and n >= 3 else frozenset()
+    dropped = frozenset({"s1"}) if drop and n >= 4 else frozenset()  # t > d/2: 3 members tolerate no dropout
     proto = make_secure_sum(protocol, params=PARAMS[protocol], clip_range=1.0)
     res = proto.run_round(0, inputs, min_cohort=1, dropouts=DropoutPlan(after_keys=dropped))
     avg = codec.decode_average(res.total)

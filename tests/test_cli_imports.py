@@ -78,8 +78,7 @@ def test_the_cli_package_itself_is_light() -> None:
 # imports `worldlm_secure.privacy.accountant` (Opacus). The CLI side is lazy; these xfail until those
 # packages' __init__/imports are made lazy, and then pass (strict=False: they will start passing).
 OWNED_ELSEWHERE = [
-    pytest.param(["keys", "init-ca", "--name", "fed-eu", "--out", "{tmp}/ca"], id="keys init-ca",
-                 marks=pytest.mark.xfail(reason="worldlm_secure/transport/__init__.py imports grpc", strict=False)),
+    pytest.param(["keys", "init-ca", "--name", "fed-eu", "--out", "{tmp}/ca"], id="keys init-ca"),
     pytest.param(["ledger", "verify", "{tmp}/missing.sqlite"], id="ledger verify",
                  marks=pytest.mark.xfail(reason="worldlm_secure.ledger imports privacy.accountant (opacus, torch)",
                                          strict=False)),

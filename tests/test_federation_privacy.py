@@ -51,7 +51,8 @@ def test_simulate_under_eu_policies_writes_verifiable_ledgers_within_budget(tmp_
     out = tmp_path / "ledgers"
     result = simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=out)
     files = sorted(out.glob("*.sqlite"))
-    assert {f.stem for f in files} == {"eu", "us", "apac", *(f"{f}-{s}" for f in FEDS for s in "abc")}
+    assert {f.stem for f in files} == {"world", "eu", "us", "apac", *(f"{f}-{s}" for f in FEDS for s in "abc")}
+    assert read_entries(out / "world.sqlite") == []  # the root releases nothing: its ledger holds the receipts it signed
     for f in files:
         report = verify(f)
         assert report.ok, report.summary()

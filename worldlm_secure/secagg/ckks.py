@@ -452,6 +452,9 @@ class CkksSecureSum(SecureSum):
     def __init__(self, params: CkksParams, identities: Mapping[str, NodeIdentity] | None = None) -> None:
         self.params = params
         self.identities: dict[str, NodeIdentity] = dict(identities or {})
+        # The in-process roster of identity keys. Every EpochTrust holds this one dict, so a member whose
+        # identity is generated after a key epoch started is known to the holders that check its signature.
+        self._peer_keys: dict[str, bytes] = {n: i.public_bytes for n, i in self.identities.items()}
         self.intercept: Callable[[Contribution], Contribution] | None = None  # the "network": fault injection
         self._members: dict[str, CkksMember] = {}
         self._holders: dict[str, CkksKeyHolder] = {}
@@ -466,6 +469,7 @@ class CkksSecureSum(SecureSum):
     def _identity(self, name: str) -> NodeIdentity:
         if name not in self.identities:  # simulation convenience: a member without a configured identity gets one
             self.identities[name] = NodeIdentity.generate(name)
+            self._peer_keys[name] = self.identities[name].public_bytes
         return self.identities[name]
 
     def holder_names(self, members: Sequence[str]) -> tuple[str, ...]:
@@ -506,7 +510,7 @@ class CkksSecureSum(SecureSum):
         certs = {h: self._holders[h].transport.cert for h in holders}
         pubs = {h: self._identity(h).public_bytes for h in holders}
         keys = generate_epoch_keys(gen.identity, self.params, epoch, certs, pubs)
-        self._trust = EpochTrust(tuple(holders), {n: i.public_bytes for n, i in self.identities.items()})
+        self._trust = EpochTrust(tuple(holders), self._peer_keys)
         for h in holders:
             self._holders[h].install(keys, self._trust)
         self._aggregator = CkksAggregator(keys, gen.identity.public_bytes, self.params)
@@ -565,7 +569,6 @@ class CkksSecureSum(SecureSum):
             member = self._members.get(inp.member)
             if member is None:
                 member = self._members[inp.member] = CkksMember(self._identity(inp.member))
-                self._trust = EpochTrust(self._trust.holders, {n: i.public_bytes for n, i in self.identities.items()})
                 member.install(keys, self._trust)
             t0 = time.perf_counter()
             try:
