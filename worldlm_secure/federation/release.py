@@ -585,10 +585,13 @@ def round_user_dp(path: "ReleasePath", members: Sequence[str], final: str, plan:
     if not users:
         return None
     strict = min((path.member_dp(m) for m in users), key=lambda d: (d.epsilon_budget, d.delta))
+    # Distributed noise is charged at the z of the fewest contributors the round can release with
+    # (min_cohort), so plan for that worst case too, not only for the policy's max_dropout_fraction.
+    worst_dropout = 1.0 - min(1.0, max(1, int(getattr(plan, "min_cohort", 1))) / max(1, len(members)))
     return UserLevelDP.from_policy(
         strict,
         planned_releases=path.planned_releases,
-        max_dropout_fraction=max(effs[m].secure_aggregation.max_dropout_fraction for m in users),
+        max_dropout_fraction=min(0.99, max(worst_dropout, *(effs[m].secure_aggregation.max_dropout_fraction for m in users))),
         mechanism=plan.dp_mechanism,
     )
 
