@@ -56,6 +56,7 @@ class Strategy:
     views: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     default_view: tuple[str, ...] | None = None
     corrupted: frozenset[str] = frozenset()
+    hidden: frozenset[str] = frozenset()  # members whose key adverts it drops (a smaller U1: smaller graph and t)
 
 
 @dataclass
@@ -96,17 +97,20 @@ class Attack:
         cfg, loot = self.cfg, Loot()
         adverts: dict[str, KeyAdvert] = {n: m.advertise() for n, m in self.members.items()}
         self.adverts = adverts
-        advertised = tuple(sorted(adverts))
+        advertised = tuple(sorted(set(adverts) - s.hidden))
+        self.t = cfg.threshold_for(len(advertised))
         graph = neighbour_graph(advertised, cfg.neighbours, cfg.round_id)
         self.graph = graph
         shares: dict[str, list] = {n: [] for n in self.names}
         for n, m in self.members.items():
+            if n not in advertised:
+                continue
             keys = self.sign(NeighbourKeys(cfg.round_id, n, advertised, tuple(adverts[v] for v in sorted(graph[n]))))
             out = self._try(loot, n, lambda m=m, keys=keys: m.share_keys(keys))
             for enc in out.shares if out else ():
                 shares[enc.recipient].append(enc)
         for n, m in self.members.items():
-            if n in loot.refusals:
+            if n in loot.refusals or n not in advertised:
                 continue
             got = shares[n]
             if n == s.target and s.deliver_to_target is not None:
@@ -149,10 +153,10 @@ class Attack:
 
     def _secret(self, store: Mapping[str, Mapping[int, shamir.Share]], owner: str) -> bytes | None:
         got = list(store.get(owner, {}).values())
-        if len(got) < self.cfg.threshold:
+        if len(got) < self.t:
             return None
         try:
-            return shamir.combine(got, self.cfg.threshold)
+            return shamir.combine(got, self.t)
         except SecAggError:
             return None
 

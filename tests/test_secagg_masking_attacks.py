@@ -140,26 +140,30 @@ def test_round_config_needs_the_aggregator_key() -> None:
     data=st.data(),
 )
 def test_no_aggregator_strategy_unmasks_one_honest_input(n: int, k: int | str, threshold: float, data: st.DataObject) -> None:
-    """Over n, k, t, share withholding, survivor-list equivocation (any member shown any list) and corrupted
-    members below the bound (fewer than 2t - d of the target's neighbours, and fewer than 2*t_c - n signers
+    """Over n, k, t, hidden key adverts (a smaller U1, hence a smaller graph and t), share withholding,
+    survivor-list equivocation (any member shown any list) and corrupted members below the bound (fewer than 2t - d of the target's neighbours, and fewer than 2*t_c - n signers
     that can equivocate), the attacker never unmasks the target alone."""
     names = tuple(f"m{i}" for i in range(n))
     min_cohort = data.draw(st.integers(2, n), label="min_cohort")
     probe = Attack(names, min_cohort=min_cohort, neighbours=k, threshold=threshold)
     cfg = probe.cfg
     target = names[0]
-    # the graph depends only on public data (round id, names): the attacker knows it in advance
-    graph = neighbour_graph(names, cfg.neighbours, cfg.round_id)
+    # Hiding adverts shrinks U1 (like inviting fewer members, which the aggregator may do anyway); the bound
+    # is stated for the graph actually built over U1, which the attacker knows in advance (public data).
+    hidden = frozenset(data.draw(st.lists(st.sampled_from(names[1:]), unique=True, max_size=max(0, n - 3)), label="hidden"))
+    u1 = tuple(m for m in names if m not in hidden)
+    graph = neighbour_graph(u1, cfg.neighbours, cfg.round_id)
     nb = sorted(graph[target])
-    collusion_bound = min(2 * cfg.threshold - cfg.neighbours, 2 * cfg.consistency_threshold(n) - n)
+    t, d = cfg.threshold_for(len(u1)), len(nb)
+    collusion_bound = min(2 * t - d, 2 * cfg.consistency_threshold(len(u1)) - len(u1))
     n_corrupt = data.draw(st.integers(0, max(0, collusion_bound - 1)), label="corrupted")
     corrupted = frozenset(data.draw(st.permutations(nb), label="who")[:n_corrupt]) if nb else frozenset()
     deliver = data.draw(st.one_of(st.none(), st.sets(st.sampled_from(nb)).map(frozenset) if nb else st.none()), label="deliver")
     subsets = st.lists(st.sampled_from(names), unique=True).map(lambda xs: tuple(sorted(set(xs) | {target})))
     drawn = data.draw(st.lists(st.one_of(subsets, subsets.map(lambda v: tuple(x for x in v if x != target))), max_size=2), label="views")
-    lists = [names, names[1:], *drawn]  # "the target survived" / "the target dropped", and arbitrary others
-    views = {m: data.draw(st.sampled_from(lists), label=f"view of {m}") for m in names}
-    loot = probe.run(Strategy(target, deliver_to_target=deliver, views=views, corrupted=corrupted))
+    lists = [u1, u1[1:], *drawn]  # "the target survived" / "the target dropped", and arbitrary others
+    views = {m: data.draw(st.sampled_from(lists), label=f"view of {m}") for m in u1}
+    loot = probe.run(Strategy(target, deliver_to_target=deliver, views=views, corrupted=corrupted, hidden=hidden))
     assert not probe.leaks(loot, target), (loot.refusals, corrupted, views)
 
 

@@ -24,7 +24,8 @@ def _expected_survivors(cfg: RoundConfig, stage: dict[str, str]) -> frozenset[st
     if len(u1) < cfg.min_cohort:
         return None
     g = neighbour_graph(u1, cfg.neighbours, cfg.round_id)
-    if any(len(nb) < cfg.threshold for nb in g.values()):
+    t = cfg.threshold_for(len(u1))  # t of the graph over those that advertised
+    if any(len(nb) < t for nb in g.values()):
         return None
     u3 = frozenset(m for m in u1 if stage[m] in ("stay", "after_input"))
     if len(u3) < cfg.min_cohort or len(components(u3, g)) > 1:
@@ -34,7 +35,7 @@ def _expected_survivors(cfg: RoundConfig, stage: dict[str, str]) -> frozenset[st
         return None
     for u in u1:
         needs_recovery = u in u3 or bool(g[u] & u3)
-        if needs_recovery and len(g[u] & responders) < cfg.threshold:
+        if needs_recovery and len(g[u] & responders) < t:
             return None
     return u3
 

@@ -111,12 +111,20 @@ class RoundConfig:
     quant: QuantizationSpec
     identity_keys: Mapping[str, bytes] = field(repr=False)  # raw Ed25519 public keys of the roster
     aggregator_key: bytes = field(default=b"", repr=False)  # raw Ed25519 key that signs aggregator messages
+    threshold_fraction: float = MaskingParams.threshold  # the policy's f, 0.5 < f <= 1
+
+    def threshold_for(self, n_advertised: int) -> int:
+        """t of the graph actually built over the ``n_advertised`` members that advertised keys: a strict
+        majority of its real degree d (max(floor(d/2) + 1, ceil(f * d))). Members absent before advertising
+        do not raise it, so they cost no dropout tolerance; ``threshold`` is this for the whole roster."""
+        d = ring_degree(n_advertised, self.neighbours)
+        return min(d, max(d // 2 + 1, math.ceil(self.threshold_fraction * d))) if d else 1
 
     def consistency_threshold(self, n_advertised: int) -> int:
         """How many distinct survivors must sign the same view before a member reveals any share: a strict
         majority of the members that advertised keys (so two different views cannot both gather enough
         honest signatures), and never fewer than t or min_cohort."""
-        return max(self.threshold, self.min_cohort, n_advertised // 2 + 1)
+        return max(self.threshold_for(n_advertised), self.min_cohort, n_advertised // 2 + 1)
 
     @classmethod
     def build(
@@ -157,9 +165,9 @@ class RoundConfig:
         if len(aggregator_key) != 32:
             raise ConfigError("secagg masking: the aggregator's Ed25519 public key is missing; members could not check its messages")
         d = ring_degree(n, k)  # an odd k becomes k + 1 real neighbours: t must come from those
-        t = min(d, max(d // 2 + 1, math.ceil(frac * d))) if d else 1
         quant = round_quantization(params, n, noise)
-        return cls(round_id, names, d, t, max(1, int(min_cohort)), quant, dict(identity_keys), bytes(aggregator_key))
+        cfg = cls(round_id, names, d, 0, max(1, int(min_cohort)), quant, dict(identity_keys), bytes(aggregator_key), frac)
+        return dataclasses.replace(cfg, threshold=cfg.threshold_for(n))
 
     def share_point(self, member: str) -> int:
         """The Shamir x-coordinate of ``member``'s shares: its 1-based index in the sorted roster."""
@@ -338,15 +346,16 @@ class MaskingMember:
         if set(self._peers) != self.neighbours:
             absent = sorted(self.neighbours - set(self._peers))
             raise SecAggError(f"round {cfg.round_id}: key advert of neighbour {absent[0]!r} is missing; refused")
-        if len(self.neighbours) < cfg.threshold:
+        self._t = t = cfg.threshold_for(len(advertised))
+        if len(self.neighbours) < t:
             raise SecAggError(
                 f"round {cfg.round_id}: {self.name!r} has {len(self.neighbours)} neighbours with keys, fewer than "
-                f"the threshold t={cfg.threshold}; round aborted"
+                f"the threshold t={t}; round aborted"
             )
         order = sorted(self.neighbours)
         xs = [cfg.share_point(v) for v in order]
-        seed_shares = shamir.split(self._self_seed, xs, cfg.threshold, entropy=self._entropy)
-        key_shares = shamir.split(_raw_private(self._mask), xs, cfg.threshold, entropy=self._entropy)
+        seed_shares = shamir.split(self._self_seed, xs, t, entropy=self._entropy)
+        key_shares = shamir.split(_raw_private(self._mask), xs, t, entropy=self._entropy)
         out = []
         for v, s_seed, s_key in zip(order, seed_shares, key_shares):
             key = share_key(self._enc, self._peers[v].enc_public, cfg.round_id, self.name, v, peer=v)
@@ -377,12 +386,12 @@ class MaskingMember:
             if any(s.x != cfg.share_point(self.name) for s in pair):
                 raise SecAggError(f"round {cfg.round_id}: shares from {enc.sender!r} are for another holder; refused")
             self._held[enc.sender] = pair
-        if len(self._held) < cfg.threshold:
+        if len(self._held) < self._t:
             # Fewer than t holders of our secrets: the aggregator could be isolating us (an empty delivery
             # leaves only the self-mask, whose shares it then collects). Bell et al. 2020: abort.
             raise SecAggError(
                 f"round {cfg.round_id}: {self.name!r} received shares from only {len(self._held)} neighbours, fewer "
-                f"than the threshold t={cfg.threshold}; it sends no masked input"
+                f"than the threshold t={self._t}; it sends no masked input"
             )
         x = np.asarray(vector, dtype=np.float64)
         if x.ndim != 1 or not np.all(np.isfinite(x)):
@@ -481,6 +490,7 @@ class MaskingOutcome:
     clipped_fraction: float
     recovered_self_masks: int
     recovered_mask_keys: int
+    threshold: int = 0  # t of the graph over the members that advertised keys
 
 
 class MaskingAggregator:
@@ -521,11 +531,12 @@ class MaskingAggregator:
             self.adverts[adv.member] = adv
         self._enough(len(self.adverts), "advertised keys")
         self.graph = neighbour_graph(self.adverts, cfg.neighbours, cfg.round_id)
-        short = [m for m, nb in self.graph.items() if len(nb) < cfg.threshold]
+        self.threshold = t = cfg.threshold_for(len(self.adverts))
+        short = [m for m, nb in self.graph.items() if len(nb) < t]
         if short:
             raise SecAggError(
                 f"round {cfg.round_id}: {short[0]!r} has only {len(self.graph[short[0]])} neighbours with keys, "
-                f"fewer than the threshold t={cfg.threshold}; round aborted, nothing released"
+                f"fewer than the threshold t={t}; round aborted, nothing released"
             )
         advertised = tuple(sorted(self.adverts))
         return self._sign({
@@ -625,13 +636,13 @@ class MaskingAggregator:
 
         def recover(owner: str, store: dict[str, list[shamir.Share]], what: str) -> bytes:
             got = store.get(owner, [])
-            if len(got) < cfg.threshold:
+            if len(got) < self.threshold:
                 raise SecAggError(
-                    f"round {cfg.round_id}: only {len(got)} of t={cfg.threshold} shares of the {what} of {owner!r} "
+                    f"round {cfg.round_id}: only {len(got)} of t={self.threshold} shares of the {what} of {owner!r} "
                     "arrived (too many dropouts); round aborted, nothing released"
                 )
             try:
-                return shamir.combine(got, cfg.threshold)
+                return shamir.combine(got, self.threshold)
             except SecAggError as exc:
                 raise SecAggError(f"round {cfg.round_id}: the {what} of {owner!r} is not a valid secret ({exc}); round aborted") from None
 
@@ -670,6 +681,7 @@ class MaskingAggregator:
             clipped_fraction=clipped_fraction_from_units(units, len(contributors), cfg.quant),
             recovered_self_masks=len(survivors),
             recovered_mask_keys=recovered_keys,
+            threshold=self.threshold,
         )
 
 
@@ -828,7 +840,7 @@ def round_result(cfg: RoundConfig, names: Sequence[str], dim: int, trace: RoundT
         server_seconds=trace.server_seconds,
         extra={
             "neighbours": float(cfg.neighbours),
-            "threshold": float(cfg.threshold),
+            "threshold": float(outcome.threshold or cfg.threshold),
             "bits": float(cfg.quant.bits),
             "clip_range": cfg.quant.clip_range,
             "scale": cfg.quant.scale,
