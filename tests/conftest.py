@@ -62,16 +62,17 @@ def write_world(
     return path
 
 
-def write_distributed_world(folder: Path, *, protocol: str = "masking") -> Path:
+def write_distributed_world(folder: Path, *, protocol: str = "masking", noise_multiplier: str = "auto") -> Path:
     """A 2x2 world whose every node requires user-level DP with distributed discrete Gaussian noise
-    (ε 50, δ 1e-5) under ``protocol``, min_cohort 2."""
+    (ε 50, δ 1e-5) under ``protocol``, min_cohort 2. With ``noise_multiplier: auto`` the planned releases
+    use the whole budget; a fixed one leaves room (e.g. for a charged re-release after a restart)."""
     pol = folder / "policies"
     pol.mkdir(exist_ok=True)
     (pol / "dist.yaml").write_text(
         "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: research-open.yaml\nname: dist\n"
         f"jurisdiction: test\nsecure_aggregation: {{protocol: [{protocol}], min_cohort: 2}}\n"
         "differential_privacy: {level: user, mechanism: [distributed_discrete_gaussian], epsilon_budget: 50.0,\n"
-        "  delta: 1.0e-5, clipping_norm: 1.0, noise_multiplier: auto}\nresiduals: {require_dp: true}\n"
+        f"  delta: 1.0e-5, clipping_norm: 1.0, noise_multiplier: {noise_multiplier}}}\nresiduals: {{require_dp: true}}\n"
     )
     return write_world(folder, policy="dist.yaml", feds=2, sites=2, rounds=2)
 

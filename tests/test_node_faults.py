@@ -133,7 +133,9 @@ def test_federation_restart_under_distributed_noise_charges_the_rerelease(tmp_pa
     have seen twice, so each gets a second, charged `...:retryN` entry; every ledger still verifies."""
     from conftest import write_distributed_world
 
-    world_path = write_distributed_world(tmp_path)
+    # One loss per member: with `auto` the 4 planned releases spend the whole budget and the charged retry
+    # is refused (correctly); a fixed z = 1.0 leaves room for it (5 releases: about 22 of 50).
+    world_path = write_distributed_world(tmp_path, noise_multiplier="1.0")
     (tmp_path / "nodes").mkdir()
     for name in ("world", "f0", "f1", "f0-s0", "f0-s1", "f1-s0", "f1-s1"):
         (tmp_path / "nodes" / f"{name}.yaml").write_text("timeouts: {train: 240, step: 60, heartbeat: 1, dropout: 90}\n")
