@@ -13,6 +13,7 @@ the old ledger or the new one, never half an entry.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -291,9 +292,7 @@ class Ledger:
                 f"{self.path}: policy_document does not hash to policy_sha256 {entry.policy_sha256[:16]}…; "
                 "pass eff.canonical_json() with eff.sha256"
             )
-        con = self._con
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with self._writing() as con:
             row = con.execute(
                 "SELECT body, entry_hash, signature FROM entries WHERE release_id = ?", (entry.release_id,)
             ).fetchone()
@@ -322,12 +321,6 @@ class Ledger:
             )
             if doc is not None:
                 con.execute("INSERT OR IGNORE INTO policies (sha256, document) VALUES (?, ?)", (entry.policy_sha256, doc))
-            self._write_head()
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
         return sealed
 
     # ---- the signed head --------------------------------------------------------------------------
@@ -357,13 +350,27 @@ class Ledger:
             (count, h, sig, body),
         )
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write under BEGIN IMMEDIATE: the signed head is rewritten and committed with it; an error
+        rolls everything back. A block that finds its write already done rolls back itself (idempotence)."""
+        con = self._con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+            if con.in_transaction:
+                self._write_head()
+                con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+
     # ---- receipts (see receipts.py) ---------------------------------------------------------------
     def add_receipt_row(self, receipt_id: str, make_body: "Callable[[int, str], bytes]") -> bytes:
         """Append one row to the receipts chain, idempotent by ``receipt_id``: ``make_body(seq, prev_hash)``
         returns its canonical bytes. Returns the stored body (the earlier one if the id exists)."""
-        con = self._con
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with self._writing() as con:
             row = con.execute("SELECT body FROM receipts WHERE receipt_id = ?", (receipt_id,)).fetchone()
             if row is not None:
                 con.execute("ROLLBACK")
@@ -375,12 +382,6 @@ class Ledger:
                 "INSERT INTO receipts (seq, receipt_id, body, row_hash) VALUES (?, ?, ?, ?)",
                 (seq, receipt_id, body, hashlib.sha256(body).hexdigest()),
             )
-            self._write_head()
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
         return body
 
     def receipt_bodies(self) -> list[bytes]:
