@@ -39,7 +39,8 @@ from rich.table import Table
 from worldlm_secure.secagg import DropoutPlan, MemberInput
 from worldlm_secure.secagg import prg
 from worldlm_secure.secagg.graph import auto_degree
-from worldlm_secure.secagg.masking import MaskingParams, MaskingSum
+from worldlm_secure.secagg.masking import MaskingParams
+from worldlm_secure.secagg.masking_round import MaskingSum
 from worldlm_secure.secagg.quantize import QuantizationSpec, quantize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "secagg_masking.json"

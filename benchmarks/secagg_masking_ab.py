@@ -16,7 +16,11 @@ CODE = r'''
 import sys, time, json, numpy as np
 sys.path.insert(0, sys.argv[1])
 from worldlm_secure.secagg import DropoutPlan, MemberInput
-from worldlm_secure.secagg.masking import MaskingParams, MaskingSum
+from worldlm_secure.secagg.masking import MaskingParams
+try:  # the round driver's home since the one-driver-over-channels change; before it, secagg.masking
+    from worldlm_secure.secagg.masking_round import MaskingSum
+except ImportError:
+    from worldlm_secure.secagg.masking import MaskingSum
 import worldlm_secure.secagg.masking as M
 assert M.__file__.startswith(sys.argv[1]), M.__file__
 n, dim = int(sys.argv[2]), int(sys.argv[3])

@@ -19,18 +19,24 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node import link
 from worldlm_secure.transport import keys
 from worldlm_secure.secagg.masking import MaskingAggregator
-from worldlm_secure.secagg.masking_messages import SurvivorList, UnmaskRequest
+from worldlm_secure.secagg.masking_messages import SurvivorList, UnmaskRequest, decode
 from worldlm_secure.transport import federation_pb2 as pb
 
 
 
 def _tamper(monkeypatch: pytest.MonkeyPatch, rewrite: Callable[[int, dict], dict]) -> None:
-    real = link._post
+    """The federation rewrites each step's requests (decoded, by the kind they are posted under) before
+    its `BoardChannel` posts them."""
+    real = link.BoardChannel.exchange
 
-    def post(board, rid, kind, messages):  # type: ignore[no-untyped-def]
-        return real(board, rid, kind, rewrite(kind, dict(messages)))
+    def exchange(self, step, requests, timeout):  # type: ignore[no-untyped-def]
+        kind = link.STEP_KINDS[step][0]
+        if kind is not None:
+            messages = rewrite(kind, {m: decode(data) for m, data in requests.items()})
+            requests = {m: msg.to_bytes() for m, msg in messages.items()}
+        return real(self, step, requests, timeout)
 
-    monkeypatch.setattr(link, "_post", post)
+    monkeypatch.setattr(link.BoardChannel, "exchange", exchange)
 
 
 def _signed(msg, pki_root: Path):  # type: ignore[no-untyped-def]

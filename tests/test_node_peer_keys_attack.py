@@ -16,7 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from worldlm_secure.identity import NodeIdentity
-from worldlm_secure.secagg.masking import MaskingAggregator, MaskingMember, MaskingParams, RoundConfig, drive_round
+from worldlm_secure.secagg.masking import MaskingAggregator, MaskingMember, MaskingParams, RoundConfig
+from worldlm_secure.secagg.masking_round import drive_round
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.handler import Announcement
 from worldlm_secure.transport.refusal import Refused

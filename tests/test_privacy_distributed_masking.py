@@ -20,7 +20,8 @@ from worldlm_secure.ledger import read_entries, verify
 from worldlm_secure.privacy.distributed import MAX_MEMBER_VARIANCE, integer_noise
 from worldlm_secure.privacy.mechanisms import NoisePlan, make_mechanism
 from worldlm_secure.secagg import DropoutPlan, MemberInput
-from worldlm_secure.secagg.masking import MaskingParams, MaskingSum
+from worldlm_secure.secagg.masking import MaskingParams
+from worldlm_secure.secagg.masking_round import MaskingSum
 from worldlm_secure.secagg.quantize import QuantizationSpec
 
 from conftest import write_distributed_world

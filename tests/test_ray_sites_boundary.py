@@ -93,14 +93,14 @@ def _leaks(value: Any) -> list[str]:
 
 
 def _instrumented_run(monkeypatch: pytest.MonkeyPatch, world: Any, settings: Any, data: Any, vocab: int) -> tuple[list, list, list, Any]:
-    from worldlm_secure.federation import ray_masking
     from worldlm_secure.federation.ray_sites import RayEngine
+    from worldlm_secure.secagg import masking_round
     from worldlm_secure.secagg.masking import MaskingAggregator
 
     received: list[Any] = []  # everything the driver took from a site actor
     wire: list[tuple[str, str, type]] = []  # (member, step, type of what arrived) at the aggregator's entry point
     masked_seen: list[type] = []  # what the aggregator's collect_masked was given
-    real_get, real_receive, real_collect = RayEngine._get, ray_masking.receive, MaskingAggregator.collect_masked
+    real_get, real_receive, real_collect = RayEngine._get, masking_round.receive, MaskingAggregator.collect_masked
 
     def get(self: Any, refs: Any) -> Any:
         out = real_get(self, refs)
@@ -116,7 +116,7 @@ def _instrumented_run(monkeypatch: pytest.MonkeyPatch, world: Any, settings: Any
         return real_collect(self, inputs)
 
     monkeypatch.setattr(RayEngine, "_get", get)
-    monkeypatch.setattr(ray_masking, "receive", receive)
+    monkeypatch.setattr(masking_round, "receive", receive)
     monkeypatch.setattr(MaskingAggregator, "collect_masked", collect)
     result = _run(RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab))
     return received, wire, masked_seen, result
@@ -129,7 +129,10 @@ def test_driver_never_receives_an_unprotected_member_vector(local_ray, tmp_path:
     received, wire, masked_seen, _ = _instrumented_run(monkeypatch, world, settings, data, vocab)
     assert received and not [x for r in received for x in _leaks(r)]  # no vector, no tensor: bytes and numbers
     sites = {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}
-    inputs = [(m, t) for m, step, t in wire if step == "masked_input"]
+    # every channel's answers enter through the one `masking_round.receive`: the sites' (actors) and the
+    # federations' own releases to the root (run in the driver, members f0 and f1)
+    assert {m for m, _, _ in wire} == sites | {"f0", "f1"}
+    inputs = [(m, t) for m, step, t in wire if step == "masked_input" and m in sites]
     assert {m for m, _ in inputs} == sites and all(t is bytes for _, t in inputs)
     assert all(t is bytes for _, _, t in wire)
     assert masked_seen and set(masked_seen) == {MaskedInput}  # the aggregator saw masked inputs only
@@ -142,16 +145,16 @@ def test_driver_never_receives_an_unprotected_member_vector(local_ray, tmp_path:
 
 
 def test_distributed_noise_is_added_in_the_site_actor(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worldlm_secure.federation import ray_masking
+    from worldlm_secure.federation import ray_channel
     from worldlm_secure.federation.ray_sites import RayEngine
     from worldlm_secure.ledger import Ledger
-    from worldlm_secure.secagg.masking import MaskingSum
+    from worldlm_secure.secagg.masking_round import MaskingSum
 
     world, settings, data, vocab = _world(tmp_path / "dist", DISTRIBUTED, rounds=1)
     sites = {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}
     routed: list[tuple[frozenset, bool]] = []  # (members, noise handed to the actors) per site release
     in_driver: list[set] = []  # members of masked rounds run entirely in the driver
-    real_masked, real_round = ray_masking.masked_sum, MaskingSum.run_round
+    real_masked, real_round = ray_channel.masked_sum, MaskingSum.run_round
 
     def masked(ray_: Any, actors: Any, *args: Any) -> Any:
         routed.append((frozenset(actors), args[4] is not None))
@@ -161,7 +164,7 @@ def test_distributed_noise_is_added_in_the_site_actor(local_ray, tmp_path: Path,
         in_driver.append({m.member for m in inputs})
         return real_round(self, round_id, inputs, **kw)
 
-    monkeypatch.setattr(ray_masking, "masked_sum", masked)
+    monkeypatch.setattr(ray_channel, "masked_sum", masked)
     monkeypatch.setattr(MaskingSum, "run_round", run_round)
     engine = RayEngine(world, METHODS["worldlm"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "led")
     res = _run(engine)
@@ -244,7 +247,7 @@ def _forge(monkeypatch: pytest.MonkeyPatch, module: Any, step: str, victim: str,
     signed with the aggregator identity the driver holds (``engine["engine"]``)."""
     real = module.run_step
 
-    def run_step(ray_: Any, actors: Any, name: str, args: Any, log_: Any, round_id: int) -> Any:
+    def run_step(ray_: Any, actors: Any, name: str, args: Any, log_: Any, round_id: int, **kw: Any) -> Any:
         hit = name == step and victim in args and not once
         if hit and answer == "empty":
             from worldlm_secure.secagg.masking_messages import ShareDelivery
@@ -257,7 +260,7 @@ def _forge(monkeypatch: pytest.MonkeyPatch, module: Any, step: str, victim: str,
         elif hit and not answer:
             once.append(True)
             args = {**args, victim: tuple(b"\x00forged" if isinstance(a, bytes) else None for a in args[victim])}
-        out = real(ray_, actors, name, args, log_, round_id)
+        out = real(ray_, actors, name, args, log_, round_id, **kw)
         if hit and answer is True:
             once.append(True)
             data = bytearray(out[victim])
@@ -278,7 +281,7 @@ def test_a_member_that_fails_its_step_drops_out_and_the_round_goes_on(
     local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, protocol: str,
     step: str, answer: bool | str,
 ) -> None:
-    from worldlm_secure.federation import ray_ckks, ray_masking
+    from worldlm_secure.federation import ray_ckks, ray_channel
     from worldlm_secure.federation.ray_sites import RayEngine
     from worldlm_secure.ledger import Ledger
 
@@ -286,7 +289,7 @@ def test_a_member_that_fails_its_step_drops_out_and_the_round_goes_on(
     world, settings, data, vocab = _world(tmp_path / protocol, policy, rounds=1)
     fired: list[bool] = []
     holder: dict[str, Any] = {}
-    _forge(monkeypatch, ray_masking if protocol == "masking" else ray_ckks, step, "f0-s1", fired, answer, holder)
+    _forge(monkeypatch, ray_channel if protocol == "masking" else ray_ckks, step, "f0-s1", fired, answer, holder)
     engine = RayEngine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "led")
     holder["engine"] = engine
     res = _run(engine)

@@ -14,13 +14,8 @@ from scipy import stats
 from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import DropoutPlan
-from worldlm_secure.secagg.masking import (
-    MaskingAggregator,
-    MaskingMember,
-    MaskingParams,
-    RoundConfig,
-    drive_round,
-)
+from worldlm_secure.secagg.masking import MaskingAggregator, MaskingMember, MaskingParams, RoundConfig
+from worldlm_secure.secagg.masking_round import drive_round
 from worldlm_secure.secagg.masking_messages import AggregatorMessage, MaskedInput, ShareDelivery, SurvivorList, UnmaskRequest
 from worldlm_secure.secagg.masking_vectors import DeterministicEntropy
 from worldlm_secure.secagg.quantize import quantize

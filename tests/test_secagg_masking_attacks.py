@@ -170,7 +170,8 @@ def test_no_aggregator_strategy_unmasks_one_honest_input(n: int, k: int | str, t
 def test_a_malicious_member_moves_the_sum_far_beyond_clip_range_and_nothing_flags_it() -> None:
     """The stated non-guarantee (SECURITY.md): no input validation, so one member adds what it likes to its
     masked words; the sum moves by up to about n * clip_range per coordinate and the clipped fraction stays 0."""
-    from worldlm_secure.secagg.masking import MaskingAggregator, drive_round
+    from worldlm_secure.secagg.masking import MaskingAggregator
+    from worldlm_secure.secagg.masking_round import drive_round
     from worldlm_secure.secagg.masking_messages import MaskedInput, pack_words
     from worldlm_secure.secagg.protocol import DropoutPlan
 

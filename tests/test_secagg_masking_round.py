@@ -13,7 +13,8 @@ from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import DropoutPlan, MemberInput, make_secure_sum
 from worldlm_secure.secagg.graph import components, neighbour_graph
-from worldlm_secure.secagg.masking import MaskingParams, MaskingSum, RoundConfig
+from worldlm_secure.secagg.masking import MaskingParams, RoundConfig
+from worldlm_secure.secagg.masking_round import MaskingSum
 
 STAGES = ("stay", "before_keys", "after_keys", "after_input")
 

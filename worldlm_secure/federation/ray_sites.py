@@ -10,7 +10,7 @@ actor to train (in parallel), then for each release of a federation's sites:
   driver (aggregator):           secure sum over serialized messages -> central noise -> charge -> ledgers
 
 Under masking the actor runs `MaskingMember` itself (and adds its distributed DP share) and the driver
-runs `MaskingAggregator`, routing bytes (`ray_masking`). Under CKKS the actor encrypts and signs its own
+runs `MaskingAggregator`, routing bytes (`ray_channel`). Under CKKS the actor encrypts and signs its own
 contribution, key-holder actors make the key epoch and decrypt, and the driver runs `CkksAggregator`
 with the public context only (`ray_ckks`). A member whose step fails has dropped out of that round
 (`ray_steps`). The aggregates go back down to the actors;
@@ -115,10 +115,10 @@ class RayEngine(Engine):
             if set(lengths) != {dim}:
                 raise ConfigError(f"{fed}: sites prepared vectors of lengths {sorted(set(lengths))}, expected {dim}")
             if plan.protocol == "masking":
-                from worldlm_secure.federation import ray_masking
+                from worldlm_secure.federation import ray_channel
 
                 keys = {n: self.secagg_keys[n] for n in actors}
-                return ray_masking.masked_sum(_Tap(self), actors, keys, plan.params, rid, plan.min_cohort, noise, dim,
+                return ray_channel.masked_sum(_Tap(self), actors, keys, plan.params, rid, plan.min_cohort, noise, dim,
                                               self.aggregator_identity(fed))
             if plan.protocol == "ckks":
                 return self._ckks.secure_sum(fed, secure, actors, rid, plan.min_cohort, dim)
@@ -148,7 +148,7 @@ class RayEngine(Engine):
 
 
 class _Tap:
-    """The `ray` module as `ray_masking` uses it (``get``), routed through `RayEngine._get`."""
+    """The `ray` module as `ray_channel` uses it (``get``), routed through `RayEngine._get`."""
 
     def __init__(self, engine: RayEngine) -> None:
         self._engine = engine

@@ -30,9 +30,10 @@ class StepLog:
 
 
 def run_step(ray: Any, actors: Mapping[str, Any], step: str, args: Mapping[str, tuple], log_: StepLog,
-             round_id: int) -> dict[str, Any]:
-    """Call ``step(*args[m])`` on every member ``m`` of ``args`` in parallel; their answers by name, in the
-    order of ``args``. Members that raised are left out and recorded in ``log_.dropped``.
+             round_id: int, method: str | None = None) -> dict[str, Any]:
+    """Call the actor method ``method`` (default: ``step``) with ``*args[m]`` on every member ``m`` of ``args``
+    in parallel; their answers by name, in the order of ``args``. Members that raised are left out and
+    recorded in ``log_.dropped`` under ``step``.
     ``ray``: anything with Ray's ``get`` (the engine routes every result through one tap)."""
     from ray.exceptions import RayError
 
@@ -41,7 +42,7 @@ def run_step(ray: Any, actors: Mapping[str, Any], step: str, args: Mapping[str, 
     for m, a in args.items():
         for x in a:
             log_.sent(m, x)
-        refs[m] = getattr(actors[m], step).remote(*a)
+        refs[m] = getattr(actors[m], method or step).remote(*a)
     out: dict[str, Any] = {}
     for m, ref in refs.items():
         try:

@@ -5,8 +5,9 @@ The actor trains, evaluates, and for every release computes its own update on si
 attention on its own parameters, or examples / n_max), w * (params - last broadcast), clipped to the
 round's DP norm, encoded (`DeltaCodec`). It then runs its side of the round's protocol:
 
-  masking: `MaskingMember` with the site's own `NodeIdentity`, one method per step, taking and returning
-           serialized protocol messages (bytes); the distributed DP share is added inside `masked_input`;
+  masking: the one member session (`secagg.masking_round.MaskingSession`) with the site's own
+           `NodeIdentity`, serialized protocol messages in and out (bytes); the distributed DP share is
+           added inside the masked input;
   ckks:    `CkksMember` (encrypts and signs its own contribution under the epoch's verified public
            context); a key holder also makes its X25519 transport key, generates the epoch's keys when it
            is the generator, unwraps its sealed secret key and decrypts the sum (`CkksKeyHolder`);
@@ -90,7 +91,7 @@ class SiteActor:
         self._private: Any = None  # train.private.PrivateTrainer, made on the first record-level DP round
         self.identity = NodeIdentity.generate(name)
         self._vector: np.ndarray | None = None
-        self._member: Any = None  # secagg.masking.MaskingMember of the round in progress
+        self._session: Any = None  # secagg.masking_round.MaskingSession of the round in progress
         self._ckks: Any = None  # secagg.ckks.CkksMember of the current key epoch
         self._holder: Any = None  # secagg.ckks.CkksKeyHolder of the current key epoch (key holders only)
         self._next_holder: Any = None  # the holder whose transport key is out for the next epoch
@@ -140,7 +141,7 @@ class SiteActor:
     def prepare(self, spec: ReleaseSpec) -> int:
         """Compute and keep this release's encoded vector; returns its length (public: the codec's)."""
         self._vector = member_vector(self.params, self.server, self.examples, spec)
-        self._member = None
+        self._session = None
         return int(self._vector.size)
 
     def plain(self) -> np.ndarray:
@@ -153,36 +154,19 @@ class SiteActor:
         v, self._vector = self._vector, None  # one release, one use
         return v
 
-    # ---- masking (SecAgg+) member steps: bytes in, bytes out ----
-    def advertise(self, config: Any, noise: Any) -> bytes:
-        """Step 0 of a masked round (``config``: its public `RoundConfig`; ``noise``: distributed DP shares or None)."""
+    # ---- masking (SecAgg+): the one member session, bytes in, bytes out ----
+    def masking(self, data: bytes, config: Any = None, noise: Any = None) -> bytes:
+        """One SecAgg+ request in, this site's answer out (`secagg.masking_round.MaskingSession`). The round's
+        first request is empty and carries its public `RoundConfig` and the distributed DP ``noise`` (or None);
+        the prepared release is taken (once) when the masked input is due."""
         from worldlm_secure.secagg.masking import MaskingMember
+        from worldlm_secure.secagg.masking_round import MaskingSession
 
-        self._member = MaskingMember(self.identity, config, noise=noise)
-        return self._member.advertise().to_bytes()
-
-    def share_keys(self, data: bytes) -> bytes:
-        from worldlm_secure.secagg.masking_messages import NeighbourKeys
-
-        return self._member.share_keys(NeighbourKeys.from_bytes(data)).to_bytes()
-
-    def masked_input(self, data: bytes) -> bytes:
-        from worldlm_secure.secagg.masking_messages import ShareDelivery
-
-        return self._member.masked_input(ShareDelivery.from_bytes(data), self._take()).to_bytes()
-
-    def confirm(self, data: bytes) -> bytes:
-        from worldlm_secure.secagg.masking_messages import SurvivorList
-
-        return self._member.confirm(SurvivorList.from_bytes(data)).to_bytes()
-
-    def unmask(self, data: bytes) -> bytes:
-        from worldlm_secure.secagg.masking_messages import UnmaskRequest
-
-        out = self._member.unmask(UnmaskRequest.from_bytes(data)).to_bytes()
-        self._member = None
-        return out
-
+        if not data:
+            self._session = MaskingSession(MaskingMember(self.identity, config, noise=noise), self._take)
+        if self._session is None:
+            raise SecAggError(f"{self.name}: a SecAgg+ request outside a round; refused")
+        return self._session.handle(data)
 
     # ---- CKKS member and key-holder steps: bytes in, bytes out (messages: secagg.ckks_messages) ----
     def ckks_transport_key(self) -> bytes:

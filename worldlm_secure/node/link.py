@@ -1,8 +1,9 @@
 """One secure sum across one link of the tree, with real messages over gRPC/mTLS.
 
-The member side runs `secagg.masking.MaskingMember` and talks through a `SiteClient`; the aggregator
-side runs `MaskingAggregator` behind a `RoundBoard` (the federation's `FederationServer` handler).
-The order of steps is `masking.drive_round`'s, message for message (protocols/federation.md):
+The member side runs the one member session (`secagg.masking_round.MaskingSession`) and talks through a
+`SiteClient`; the aggregator side runs the one aggregator driver (`masking_round.aggregate`) over a
+`BoardChannel`, the federation's `RoundBoard` (its `FederationServer` handler). Message for message
+(protocols/federation.md; `STEP_KINDS`):
 
     member: ADVERTISE_KEYS -> (fetch KEY_BUNDLE) -> ENCRYPTED_SHARES -> (fetch deliveries)
             -> UploadUpdate(MASKED_INPUT) -> (fetch UNMASK_REQUEST: SurvivorList) -> UNMASK_SHARES: SurvivorSignature
@@ -23,10 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
-
 import numpy as np
 
 from worldlm_secure.errors import SecAggError
@@ -35,17 +34,14 @@ from worldlm_secure.node import ckks_link
 from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg.masking import MaskingAggregator, MaskingMember, RoundConfig
 from worldlm_secure.secagg.masking_messages import (
-    KeyAdvert,
-    MaskedInput,
+    AggregatorMessage,
     Message,
     NeighbourKeys,
     ShareDelivery,
-    ShareKeys,
     SurvivorList,
-    SurvivorSignature,
     UnmaskRequest,
-    UnmaskResponse,
 )
+from worldlm_secure.secagg.masking_round import STEPS, MaskingSession, aggregate
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.board import RoundBoard
 from worldlm_secure.transport.chunks import Payload
@@ -53,8 +49,18 @@ from worldlm_secure.transport.client import SiteClient
 from worldlm_secure.transport.handler import Announcement, Inbound
 
 log = logging.getLogger("worldlm_secure.node")
-M = TypeVar("M", bound=Message)
 POLL_SECONDS = 0.1  # how often a waiting side looks again (loopback; members poll the federation)
+
+# SecAgg+ step (`masking_round.STEPS`) -> (kind the aggregator posts its request under, kind the member
+# answers under, the request's message type). Members open the round unasked; the masked input travels as
+# an UploadUpdate; the unmask phase's two exchanges share their kinds (each message names itself by its tag).
+STEP_KINDS: dict[str, tuple[int | None, int, type[AggregatorMessage] | None]] = {
+    "advertise": (None, pb.SECAGG_MASKING_ADVERTISE_KEYS, None),
+    "share_keys": (pb.SECAGG_MASKING_KEY_BUNDLE, pb.SECAGG_MASKING_ENCRYPTED_SHARES, NeighbourKeys),
+    "masked_input": (pb.SECAGG_MASKING_ENCRYPTED_SHARES, pb.SECAGG_MASKING_MASKED_INPUT, ShareDelivery),
+    "confirm": (pb.SECAGG_MASKING_UNMASK_REQUEST, pb.SECAGG_MASKING_UNMASK_SHARES, SurvivorList),
+    "unmask": (pb.SECAGG_MASKING_UNMASK_REQUEST, pb.SECAGG_MASKING_UNMASK_SHARES, UnmaskRequest),
+}
 
 
 @dataclass(frozen=True)
@@ -78,12 +84,13 @@ def _is(message: Inbound, cls: type[Message]) -> bool:
     return len(head) == 5 and head[4] == cls.TAG
 
 
-def _poll(client: SiteClient, kind: int, round_id: int, deadline: float, cls: type[M]) -> M:
-    """The first ``cls`` message of ``kind`` the federation holds for this member, decoded."""
+def _poll(client: SiteClient, kind: int, round_id: int, deadline: float, cls: type[Message]) -> bytes:
+    """The first message of ``kind`` claiming to be a ``cls`` that the federation holds for this member
+    (bytes: the member session decodes and checks it)."""
     while True:
         for got in client.fetch_secagg(kind, round_id=round_id):
             if _is(got, cls):
-                return cls.from_bytes(got.payload.to_bytes())
+                return got.payload.to_bytes()
         if time.monotonic() > deadline:
             raise SecAggError(
                 f"round {round_id}: no {cls.__name__} ({pb.SecAggKind.Name(kind)}) from federation {client.federation!r} "
@@ -122,17 +129,17 @@ def member_round(
         return
     if ann.protocol != "masking" or config is None:
         raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking, ckks or none)")
-    member = MaskingMember(identity, config, noise=noise)  # type: ignore[arg-type]
+    session = MaskingSession(MaskingMember(identity, config, noise=noise), lambda: vector,  # type: ignore[arg-type]
+                             before_input=before_input)
     step = lambda: time.monotonic() + timeout  # noqa: E731
-    send = lambda kind, msg: client.send_secagg(kind, Payload.from_bytes(msg.to_bytes()), round_id=rid)  # noqa: E731
-    send(pb.SECAGG_MASKING_ADVERTISE_KEYS, member.advertise())
-    keys = _poll(client, pb.SECAGG_MASKING_KEY_BUNDLE, rid, step(), NeighbourKeys)
-    send(pb.SECAGG_MASKING_ENCRYPTED_SHARES, member.share_keys(keys))
-    masked = member.masked_input(_poll(client, pb.SECAGG_MASKING_ENCRYPTED_SHARES, rid, step(), ShareDelivery), vector)
-    before_input(keys.advertised)
-    client.upload_update(Payload.from_bytes(masked.to_bytes()), secagg_kind=pb.SECAGG_MASKING_MASKED_INPUT, round_id=rid)
-    send(pb.SECAGG_MASKING_UNMASK_SHARES, member.confirm(_poll(client, pb.SECAGG_MASKING_UNMASK_REQUEST, rid, step(), SurvivorList)))
-    send(pb.SECAGG_MASKING_UNMASK_SHARES, member.unmask(_poll(client, pb.SECAGG_MASKING_UNMASK_REQUEST, rid, step(), UnmaskRequest)))
+    client.send_secagg(pb.SECAGG_MASKING_ADVERTISE_KEYS, Payload.from_bytes(session.handle(b"")), round_id=rid)
+    for post_kind, answer_kind, request in (STEP_KINDS[s] for s in STEPS if s != "advertise"):
+        assert post_kind is not None and request is not None
+        answer = Payload.from_bytes(session.handle(_poll(client, post_kind, rid, step(), request)))
+        if answer_kind == pb.SECAGG_MASKING_MASKED_INPUT:
+            client.upload_update(answer, secagg_kind=answer_kind, round_id=rid)
+        else:
+            client.send_secagg(answer_kind, answer, round_id=rid)
 
 
 # ---- aggregator side --------------------------------------------------------------------------------
@@ -183,9 +190,32 @@ def _wait_updates(board: RoundBoard, rid: int, expected: Iterable[str], timeout:
         board.wait_for_updates(rid, len(expected), POLL_SECONDS)
 
 
-def _post(board: RoundBoard, rid: int, kind: int, messages: dict[str, object]) -> None:
-    for member, msg in messages.items():
-        board.post_secagg(Inbound(board.name, rid, pb.PAYLOAD_KIND_SECAGG, kind, member, Payload.from_bytes(msg.to_bytes())))  # type: ignore[attr-defined]
+class BoardChannel:
+    """The federation's `secagg.channel.Channel` over gRPC/mTLS: requests are posted on its `RoundBoard`
+    for the member to fetch; answers are what the member sent (its mTLS identity is the sender)."""
+
+    def __init__(self, board: RoundBoard, round_id: int, live: Liveness) -> None:
+        self.board, self.round_id, self.live = board, round_id, live
+        self._dropped: dict[str, str] = {}
+
+    @property
+    def dropped(self) -> dict[str, str]:
+        return self._dropped
+
+    def exchange(self, step: str, requests: Mapping[str, bytes], timeout: float | None) -> dict[str, bytes]:
+        post_kind, answer_kind, _ = STEP_KINDS[step]
+        rid, wait = self.round_id, float("inf") if timeout is None else timeout
+        if post_kind is not None:
+            for member, data in requests.items():
+                self.board.post_secagg(Inbound(self.board.name, rid, pb.PAYLOAD_KIND_SECAGG, post_kind, member, Payload.from_bytes(data)))
+        if step == "masked_input":
+            got = _wait_updates(self.board, rid, requests, wait, self.live)
+        else:
+            got = _wait(self.board, rid, answer_kind, requests, wait, self.live, STEPS[step])
+        for member in requests:
+            if member not in got:
+                self._dropped.setdefault(member, f"{step}: no answer in time (or its heartbeat went silent)")
+        return {m: got[m].payload.to_bytes() for m in requests if m in got}
 
 
 def aggregate_round(
@@ -219,35 +249,10 @@ def aggregate_round(
         return LinkOutcome(total, tuple(names), tuple(m for m in cohort if m not in ups), sum(ups[m].payload.nbytes for m in names))
     if ann.protocol != "masking" or config is None:
         raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking, ckks or none)")
-    agg = MaskingAggregator(config, identity)
-    sent = 0
-
-    def parse(msgs: dict[str, Inbound], cls: type[M]) -> list[M]:
-        """Decode each member's message; a member whose bytes do not decode drops out of the round."""
-        nonlocal sent
-        sent += sum(m.payload.nbytes for m in msgs.values())
-        out = []
-        for n in sorted(msgs):
-            try:
-                out.append(cls.from_bytes(msgs[n].payload.to_bytes()))
-            except SecAggError as exc:
-                log.warning("round %d: %s from %s refused (%s); it drops out", rid, cls.__name__, n, exc)
-        return out
-
-    adverts = parse(_wait(board, rid, pb.SECAGG_MASKING_ADVERTISE_KEYS, cohort, first_timeout, live), KeyAdvert)
-    bundles = agg.collect_adverts(adverts)
-    _post(board, rid, pb.SECAGG_MASKING_KEY_BUNDLE, bundles)
-    shares = parse(_wait(board, rid, pb.SECAGG_MASKING_ENCRYPTED_SHARES, bundles, step_timeout, live), ShareKeys)
-    deliveries = agg.collect_shares(shares)
-    _post(board, rid, pb.SECAGG_MASKING_ENCRYPTED_SHARES, deliveries)
-    masked = parse(_wait_updates(board, rid, deliveries, step_timeout, live), MaskedInput)
-    lists = agg.collect_masked(masked)
-    _post(board, rid, pb.SECAGG_MASKING_UNMASK_REQUEST, lists)
-    signatures = parse(_wait(board, rid, pb.SECAGG_MASKING_UNMASK_SHARES, lists, step_timeout, live, SurvivorSignature), SurvivorSignature)
-    requests = agg.collect_signatures(signatures)
-    _post(board, rid, pb.SECAGG_MASKING_UNMASK_REQUEST, requests)
-    responses = parse(_wait(board, rid, pb.SECAGG_MASKING_UNMASK_SHARES, requests, step_timeout, live, UnmaskResponse), UnmaskResponse)
-    outcome = agg.finish(responses)
+    channel = BoardChannel(board, rid, live)
+    trace = aggregate(MaskingAggregator(config, identity), channel, first_timeout=first_timeout, step_timeout=step_timeout)
+    outcome = trace.outcome
     return LinkOutcome(
-        outcome.total, outcome.contributors, tuple(m for m in cohort if m not in outcome.contributors), sent
+        outcome.total, outcome.contributors, tuple(m for m in cohort if m not in outcome.contributors),
+        sum(trace.bytes_up.values()), tuple(f"{m}: {why}" for m, why in sorted(trace.refused.items())),
     )

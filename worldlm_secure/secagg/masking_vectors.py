@@ -24,10 +24,10 @@ from worldlm_secure.secagg.masking import (
     MaskingMember,
     MaskingParams,
     RoundConfig,
-    drive_round,
     pairwise_seed,
     x25519_public_bytes,
 )
+from worldlm_secure.secagg.masking_round import drive_round
 from worldlm_secure.secagg.protocol import DropoutPlan
 from worldlm_secure.secagg.quantize import QuantizationSpec, quantize
 
