@@ -1,4 +1,16 @@
-"""Shared fixtures: small worlds that train in seconds, and the repo's paths."""
+"""Shared fixtures (small worlds that train in seconds, the repo's paths) and the test lanes.
+
+Lanes. Every test may carry markers saying what it needs (pyproject.toml lists them):
+  e2e      trains a whole world or runs a study end to end
+  network  real sockets or processes (gRPC/mTLS links, `world up`, `node start`)
+  ray      a local Ray instance
+  ckks     TenSEAL CKKS (key generation and ciphertexts are slow)
+  slow     anything else that takes more than a few seconds
+A bare `pytest` runs the fast lane (none of these; under 3 minutes on 2 cores). `pytest --all` (what CI
+and the README's test command run) runs everything; `-m EXPR` selects by marker as usual, and tests named
+on the command line (`pytest tests/test_node_link.py`) run whatever their lane. A whole
+module's markers are in `MODULE_MARKERS` below (one place to see the lanes), single tests carry theirs.
+"""
 
 from __future__ import annotations
 
@@ -75,6 +87,62 @@ def write_distributed_world(folder: Path, *, protocol: str = "masking", noise_mu
         f"  delta: 1.0e-5, clipping_norm: 1.0, noise_multiplier: {noise_multiplier}}}\nresiduals: {{require_dp: true}}\n"
     )
     return write_world(folder, policy="dist.yaml", feds=2, sites=2, rounds=2)
+
+
+HEAVY = ("e2e", "network", "ray", "ckks", "slow", "typer_matrix")
+
+# test module -> markers every test in it carries
+MODULE_MARKERS: dict[str, tuple[str, ...]] = {
+    # real sockets or processes
+    **dict.fromkeys((
+        "test_node_link", "test_node_link_attacks", "test_node_peer_keys_attack", "test_node_base_hash",
+        "test_node_site_restart", "test_node_load_smoke", "test_node_faults", "test_node_restart_root",
+        "test_node_world_up", "test_node_world_up_dp", "test_node_momentum", "test_ledger_audit_world_up",
+        "test_ledger_receipts_link", "test_transport_client", "test_transport_caps", "test_transport_refusals",
+        "test_transport_relay_attack", "test_fuzz_wire_decoders", "test_cli_world_up_dry_run", "test_flwr_coinstall",
+    ), ("network",)),
+    "test_node_ckks_link": ("network", "ckks"),
+    "test_node_world_up_ckks": ("network", "ckks", "e2e"),
+    # a local Ray instance
+    "test_ray_backend": ("ray", "e2e"),
+    "test_ray_sites_boundary": ("ray", "e2e"),
+    # TenSEAL CKKS
+    **dict.fromkeys((
+        "test_secagg_ckks_round", "test_secagg_ckks_keys", "test_secagg_ckks_packing", "test_secagg_ckks_attacks",
+        "test_secagg_ckks_fuzz", "test_aggregation_secure_attentive",
+    ), ("ckks",)),
+    # whole worlds trained, studies run
+    **dict.fromkeys((
+        "test_cli_simulate", "test_cli_resume", "test_cli_dp_feasibility", "test_compare", "test_federation_engine",
+        "test_federation_privacy", "test_record_dp_engine", "test_simulate_protocols", "test_dp_strictest_budget",
+        "test_dp_adaptive_clip", "test_dp_neighbour_sensitivity", "test_privacy_distributed_masking",
+        "test_library_api", "test_example_real_text", "test_examples_dp_world", "test_benchmark_gpt2_smoke",
+        "test_ledger_audit", "test_ledger_crash", "test_model_adapters", "test_model_pretrained",
+    ), ("e2e",)),
+    # many fresh interpreters each
+    **dict.fromkeys(("test_cli_imports", "test_transport_codegen"), ("slow",)),
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all", action="store_true", default=False,
+                     help="run every lane (e2e, network, ray, ckks, slow); without it a plain run is the fast lane")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in MODULE_MARKERS.get(item.path.stem, ()):
+            item.add_marker(getattr(pytest.mark, name))
+    # the fast lane applies to a bare run only: `--all`, a marker expression, or tests named on the command
+    # line (files, folders, node ids) run what was asked for
+    if config.getoption("--all") or config.getoption("markexpr") or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return
+    fast, heavy = [], []
+    for item in items:
+        (heavy if any(item.get_closest_marker(m) for m in HEAVY) else fast).append(item)
+    if heavy:
+        config.hook.pytest_deselected(items=heavy)
+        items[:] = fast
 
 
 @pytest.fixture
