@@ -9,6 +9,10 @@ update is clipped once by the hardened `privacy.clipping.clip_l2` (refuses NaN/i
 rounding never lands above C), every weight is clamped to the public range [0, 1], and the weight words are
 zero, so one member's vector has L2 norm <= C whatever its weights (the sensitivity the noise is sized for;
 protocols/dp.md §2). The aggregator divides by the public cohort size, never by a noisy weight sum.
+
+With adaptive clipping (``clip`` a `privacy.adaptive_clip.MemberClip`, protocols/dp.md §2.7) the weight words
+carry the member's centered clip bit (b − ½)·t instead of zeros, b = 1[‖Δ‖ ≤ C_t]: secure-summed and noised
+with the update, so the release stays one Gaussian mechanism (of sensitivity C_t·z_Δ/z).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from worldlm_secure.aggregation.attentive import AttentionConfig, client_weights
 from worldlm_secure.aggregation.weighted import DeltaCodec
+from worldlm_secure.privacy.adaptive_clip import MemberClip
 from worldlm_secure.privacy.clipping import clip_l2
 
 WEIGHTINGS = ("attention", "examples")
@@ -41,19 +46,22 @@ def member_weights(server: Mapping[str, torch.Tensor], params: Mapping[str, torc
 
 
 def encode_update(codec: DeltaCodec, deltas: Mapping[str, torch.Tensor], weights: np.ndarray,
-                  clip: float | None) -> np.ndarray:
+                  clip: float | MemberClip | None) -> np.ndarray:
     """The member's encoded release: ``deltas`` weighted, flat, with the weights in the last words.
     ``clip`` (user-level DP): the group's update is clipped to L2 <= ``clip`` first, the weights are clamped
-    to [0, 1] and the weight words are zero (the denominator is public; see the module docstring)."""
+    to [0, 1] and the weight words are zero (the denominator is public; see the module docstring); with a
+    `MemberClip` (adaptive clipping) they carry the centered clip bit instead."""
     if clip is None:
         return codec.encode(deltas, weights)
+    adaptive = clip if isinstance(clip, MemberClip) else None
     flat = np.concatenate([deltas[n].detach().to("cpu").reshape(-1).double().numpy() for n in codec.names])
-    clipped = clip_l2(flat, clip).vector  # raises ValueError on NaN/inf: such an update never leaves
+    result = clip_l2(flat, clip.norm if isinstance(clip, MemberClip) else clip)  # raises ValueError on NaN/inf
+    clipped = result.vector
     parts, offset = {}, 0
     for name, shape, size in zip(codec.names, codec.shapes, codec.sizes):
         parts[name] = torch.from_numpy(clipped[offset : offset + size]).reshape(shape)
         offset += size
     w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, 1.0)
     out = codec.encode(parts, w)
-    out[-len(codec.names):] = 0.0
+    out[-len(codec.names):] = 0.0 if adaptive is None else adaptive.count_words(result.norm, len(codec.names))
     return out

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING
 from worldlm_secure.ledger.receipts import exchange
 from worldlm_secure.secagg import IntegerNoise, MemberInput, SecureSum, SumResult, make_secure_sum
 
+if TYPE_CHECKING:
+    from worldlm_secure.policy.authorize import ReleaseGroup
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,26 @@ class ReleaseStats:
 class ReleaseDP:
     """User-level DP for one round: the shared settings and each member's budget tracker."""
 
-    dp: Any  # privacy.UserLevelDP
+    dp: Any  # privacy.UserLevelDP (with adaptive clipping: its clipping_norm is the round's clip C_t)
     trackers: dict[str, Any]  # member -> privacy.BudgetTracker
     plan: Any  # privacy.NoisePlan
+    clip_round: Any = None  # privacy.adaptive_clip.ClipRound when adaptive clipping is on (protocols/dp.md §2.7)
+
+    @property
+    def member_clip(self) -> Any:
+        """What each member clips with: the norm, or the adaptive round's `MemberClip` (norm + count words)."""
+        return self.clip_round.member if self.clip_round is not None else self.dp.clipping_norm
+
+
+def with_adaptive_clip(adaptive: Any, stream: Any, dp: Any, plan: Any, cohort: int, words: int) -> tuple[Any, Any, Any]:
+    """``(dp, plan, clip_round)`` of one adaptive-clip round (protocols/dp.md §2.7): the clip C_t (never above
+    the policy's clipping_norm), the plan at the joint sensitivity C_t·z_Δ/z, so that the noise std is z_Δ·C_t
+    on the update and σ_b on the count and the accountant's z is the round's whole cost. Unchanged when off."""
+    if adaptive is None:
+        return dp, plan, None
+    rnd = adaptive.round_for(stream, max_clip=dp.clipping_norm, noise_multiplier=dp.noise_multiplier,
+                             cohort=cohort, words=words)
+    return replace(dp, clipping_norm=rnd.clip), replace(plan, sensitivity=rnd.sensitivity), rnd
 
 
 class ReleasePath:
@@ -94,10 +113,15 @@ class ReleasePath:
         # One protocol instance per aggregating node: CKKS keys live for an epoch of rounds, not one call.
         self._protocols: dict[tuple[str, str], SecureSum] = {}
         self._ledgers: dict[str, Any] = {}
+        # SHA-256 of the base weights the releasing nodes loaded (model.base_hash): sealed into every entry
+        self.base_hash: str | None = None
         self._trackers: dict[str, Any] = {}
         # Record-level DP: site -> privacy.record_stream.RecordStream of the sites that train with DP-SGD
         # (filled by the engine); a release charges the steps its site took since its last release.
         self.record_streams: dict[str, Any] = {}
+        # Adaptive clipping (aggregation.adaptive_clip; protocols/dp.md §2.7): the clip of every
+        # (destination, group) stream, updated from each release's noised count. None: off.
+        self.adaptive = _adaptive_clip(world)
 
     # --- policies ------------------------------------------------------------------------------
     def chain(self, member: str, final_destination: str) -> list[Any]:
@@ -187,12 +211,13 @@ class ReleasePath:
         codec = DeltaCodec(tuple(names), tuple(tuple(shapes[n]) for n in names))
         final = final_destination or destination
         plan = self.plan(sorted(updates), final)
-        dp = None if derived else self._dp_for(sorted(updates), final, codec.length, plan)
-        clip = dp.dp.clipping_norm if dp is not None else None  # member side: clip the group's update
+        dp = None if derived else self._dp_for(sorted(updates), final, codec.length, plan, (destination, group), len(names))
+        clip = dp.member_clip if dp is not None else None  # member side: clip the group's update
         vectors = {member: encode_update(codec, upd.deltas, upd.weights, clip) for member, upd in updates.items()}
-        total = self._release(round_id, group, destination, sorted(vectors), _in_process(round_id, plan, vectors),
-                              names, final, plan, dp, derived).total
-        return decode(codec, total, len(vectors) if dp is not None else None)
+        result = self._release(round_id, group, destination, sorted(vectors), _in_process(round_id, plan, vectors),
+                               names, final, plan, dp, derived)
+        self._adapt_clip((destination, group), dp, result)
+        return decode(codec, result.total, len(vectors) if dp is not None else None)
 
     def average_remote(
         self,
@@ -216,8 +241,8 @@ class ReleasePath:
         final = final_destination or destination
         cohort = sorted(members)
         plan = self.plan(cohort, final)
-        dp = self._dp_for(cohort, final, codec.length, plan)
-        clip = dp.dp.clipping_norm if dp is not None else None
+        dp = self._dp_for(cohort, final, codec.length, plan, (destination, group), len(names))
+        clip = dp.member_clip if dp is not None else None  # a float, or the adaptive round's MemberClip
 
         def run(secure: SecureSum, noise: IntegerNoise | None) -> SumResult:
             out = remote(round_id, secure, plan, noise, clip, codec.length)
@@ -226,8 +251,14 @@ class ReleasePath:
             # the members sent their encoded vectors as such: protocol none, or CKKS (encrypted here)
             return _in_process(round_id, plan, out)(secure, noise)
 
-        total = self._release(round_id, group, destination, cohort, run, names, final, plan, dp, False).total
-        return decode(codec, total, len(cohort) if dp is not None else None)
+        result = self._release(round_id, group, destination, cohort, run, names, final, plan, dp, False)
+        self._adapt_clip((destination, group), dp, result)
+        return decode(codec, result.total, len(cohort) if dp is not None else None)
+
+    def _adapt_clip(self, stream: Any, dp: ReleaseDP | None, result: SumResult) -> None:
+        """Adaptive clipping: the next clip of ``stream`` from this release's noised count (post-processing)."""
+        if dp is not None and dp.clip_round is not None and self.adaptive is not None:
+            self.adaptive.update(stream, dp.clip_round, result.total, len(result.contributors))
 
     def secure_sum(
         self,
@@ -278,7 +309,7 @@ class ReleasePath:
                     source=member,
                     destination=destination,
                     round=round_id,
-                    group=group,
+                    group=cast("ReleaseGroup", group),  # the pipeline's groups are the phases: key, shared, residual
                     tensor_names=tuple(names),
                     protocol=plan.protocol,
                     dp_level=levels[member],
@@ -368,13 +399,18 @@ class ReleasePath:
 
         return plan_round({m: self.effective(m, final) for m in members})
 
-    def _dp_for(self, members: list[str], final: str, dim: int, plan: Any) -> ReleaseDP | None:
-        """User-level DP settings for a round whose members' policies ask for it (None otherwise)."""
+    def _dp_for(self, members: list[str], final: str, dim: int, plan: Any, stream: Any = None,
+                words: int = 1) -> ReleaseDP | None:
+        """User-level DP settings for a round whose members' policies ask for it (None otherwise).
+        ``stream`` (destination, group) and ``words`` (tensors): the adaptive clip's stream and count words."""
         dp = round_user_dp(self, members, final, plan)
         if dp is None:
             return None
         trackers = {m: self.member_tracker(m, dp) for m in members}
-        return ReleaseDP(dp, trackers, dp.plan(expected_members=len(members), dim=dim, w_max=None))
+        noise_plan = dp.plan(expected_members=len(members), dim=dim, w_max=None)
+        dp, noise_plan, rnd = with_adaptive_clip(self.adaptive if stream is not None else None, stream, dp,
+                                                 noise_plan, len(members), words)
+        return ReleaseDP(dp, trackers, noise_plan, rnd)
 
     def member_tracker(self, member: str, fallback: Any = None) -> Any:
         """``member``'s one user-level budget stream ``MEMBER/user``, rebuilt from its ledger: every group and
@@ -421,7 +457,7 @@ class ReleasePath:
 
         if node not in self._ledgers:
             assert self.ledger_dir is not None
-            self._ledgers[node] = Ledger(self.ledger_dir / f"{node}.sqlite", self.identities[node])
+            self._ledgers[node] = Ledger(self.ledger_dir / f"{node}.sqlite", self.identities[node], base_hash=self.base_hash)
         return self._ledgers[node]
 
     def record_release(
@@ -457,6 +493,7 @@ class ReleasePath:
             stream=f"{member}/{POST_PROCESSING if (dp is None and dp_level != 'none') else dp_level}",
             delta=float(eff.differential_privacy.delta or 0.0),
             key_id=str(result.stats.extra.get("key_id", "")),
+            extra=adaptive_clip_extra(dp.clip_round) if dp is not None and dp.clip_round is not None else None,
         )
         self.ledger(member).append(entry, policy_document=eff.canonical_json())
 
@@ -520,12 +557,14 @@ class RemoteSum(Protocol):
     protocol's sum (`SumResult`, e.g. a masked round routed to the members), or the members' encoded
     vectors by name when the plan sends them as such (protocol none; CKKS, which encrypts in this process).
 
-    ``clip``: the DP clipping norm each member applies to its whole update (None: no user-level DP);
+    ``clip``: the DP clipping norm each member applies to its whole update (None: no user-level DP), or
+    with adaptive clipping a `privacy.adaptive_clip.MemberClip` (the round's clip and count words), which the
+    members hand to `aggregation.member.encode_update` as they would the norm;
     ``dim``: the encoded vector's length; ``noise``: the distributed DP shares members add (or None).
     """
 
     def __call__(self, round_id: int, secure: SecureSum, plan: Any, noise: IntegerNoise | None,
-                 clip: float | None, dim: int) -> SumResult | Mapping[str, np.ndarray]: ...
+                 clip: float | None, dim: int, /) -> SumResult | Mapping[str, np.ndarray]: ...
 
 
 _SumStep = Callable[[SecureSum, "IntegerNoise | None"], SumResult]
@@ -556,11 +595,32 @@ def decode(codec: DeltaCodec, total: np.ndarray, public_count: int | None) -> di
     return codec.decode_mean(total, public_count)
 
 
+def adaptive_clip_extra(rnd: Any) -> dict[str, float]:
+    """The ledger entry's record of an adaptive-clip round (`clipping_norm` is the clip used, C_t): how z
+    splits between the update (z_Δ) and the count (σ_b), and the cap. The entry's noise_multiplier is z."""
+    return {"adaptive_clip_max": float(rnd.max_clip), "adaptive_clip_vector_z": float(rnd.vector_noise_multiplier),
+            "adaptive_clip_count_stddev": float(rnd.count_stddev)}
+
+
+def _adaptive_clip(world: World) -> Any:
+    from worldlm_secure.federation.settings import adaptive_clip_of
+    from worldlm_secure.privacy.adaptive_clip import AdaptiveClip
+
+    cfg = adaptive_clip_of(world)
+    return AdaptiveClip(cfg) if cfg is not None else None
+
+
 def _check_quantizer_range(plan: Any, dp: ReleaseDP) -> None:
     """Under user-level DP every value a member sends is within ±C (clipped update times a weight in [0, 1];
     the weight words are zero), so a quantizer range >= C never saturates and the clipped-value count the
-    protocol reports (masking's last word, CKKS' `clipped`) is always 0: it carries nothing about the data."""
+    protocol reports (masking's last word, CKKS' `clipped`) is always 0: it carries nothing about the data.
+    With adaptive clipping the count words are ±t/2 as well (`ClipRound.max_word`)."""
     rng = getattr(getattr(plan, "params", None), "clip_range", None)
+    if dp.clip_round is not None and rng is not None and rng < dp.clip_round.max_word:
+        raise PolicyError(
+            f"secure_aggregation {plan.protocol}.clip_range {rng:g} is below the adaptive clip's count word "
+            f"{dp.clip_round.max_word:g}: raise clip_range or aggregation.adaptive_clip.count_stddev"
+        )
     if rng is not None and rng < dp.dp.clipping_norm:
         raise PolicyError(
             f"secure_aggregation {plan.protocol}.clip_range {rng:g} is below differential_privacy.clipping_norm "
@@ -602,6 +662,6 @@ def _with_member_noise(dp: ReleaseDP, secure: SecureSum, roster: int) -> tuple[R
 
     if not secure.carries_integer_noise:  # plan_round only pairs distributed mechanisms with masking
         raise PolicyError(f"{dp.dp.mechanism.name}: protocol {secure.name!r} cannot carry distributed noise")
-    noise = integer_noise(dp.dp.mechanism, dp.plan, roster)  # type: ignore[arg-type]
+    noise = integer_noise(dp.dp.mechanism, dp.plan, roster)
     scale = secure.quantization(roster, noise).scale  # type: ignore[attr-defined]
     return replace(dp, plan=replace(dp.plan, quant_step=1.0 / scale)), noise

@@ -91,6 +91,15 @@ class ScheduleSection(_Strict):
     eval_every: int = Field(1, ge=1)
 
 
+class AdaptiveClipSection(_Strict):
+    """Adaptive clipping (Andrew et al. 2021; protocols/dp.md §2.7), user-level DP only; off when absent."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    learning_rate: float = Field(0.2, gt=0, le=10)
+    initial_clip: float | None = Field(None, gt=0)  # default: the policy's clipping_norm (never above it)
+    count_stddev: float | None = Field(None, gt=0)  # σ_b; default max(cohort/20, z/(2·sqrt(0.1)))
+
+
 class AggregationSection(_Strict):
     key_step: float = Field(1.0, gt=0, le=2)
     key_temperature: float = Field(1.0, gt=0)
@@ -103,6 +112,7 @@ class AggregationSection(_Strict):
     # Under DP example weights are min(n, cap) / cap with this public cap (None: uniform weights). A policy
     # field would be the natural home (differential_privacy.weight_cap); until then it is a world setting.
     dp_weight_cap: int | None = Field(None, ge=1)
+    adaptive_clip: AdaptiveClipSection | None = None
 
 
 class Settings(BaseModel):
@@ -123,6 +133,7 @@ class Settings(BaseModel):
     server_lr: float = 1.0
     server_momentum: float = 0.0
     dp_weight_cap: int | None = None
+    adaptive_clip: Any = None  # privacy.adaptive_clip.AdaptiveClipConfig, or None (off)
     device: str = "auto"
 
     @property
@@ -141,6 +152,19 @@ def _parse(world_path: Path, section: str, cls: type[_Strict], raw: dict[str, An
         loc = ".".join(str(p) for p in (section, *err["loc"]))
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         raise ConfigError(f"{world_path} {loc}: {err['msg']}{got}") from None
+
+
+def adaptive_clip_of(world: World) -> Any:
+    """``aggregation.adaptive_clip`` of ``world`` as a `privacy.adaptive_clip.AdaptiveClipConfig` (None: off).
+    The release path reads it from the world itself, so every backend runs the same setting."""
+    from worldlm_secure.privacy.adaptive_clip import AdaptiveClipConfig
+
+    agg_raw = getattr(world, "aggregation", None)
+    raw = agg_raw.get("adaptive_clip") if isinstance(agg_raw, dict) else None
+    if raw is None:
+        return None
+    agg = _parse(world.path, "aggregation", AggregationSection, {"adaptive_clip": raw})
+    return AdaptiveClipConfig(**agg.adaptive_clip.model_dump())
 
 
 def _pretrained_folder(world: World, model: ModelSection) -> str | None:
@@ -222,6 +246,7 @@ def settings_for(world: World, *, rounds: int | None = None, device: str = "auto
         server_lr=agg.server_lr,
         server_momentum=agg.server_momentum,
         dp_weight_cap=agg.dp_weight_cap,
+        adaptive_clip=adaptive_clip_of(world),
         seed=world.seed if seed is None else seed,
         device=device,
     )

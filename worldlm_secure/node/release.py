@@ -101,6 +101,11 @@ def check_supported(ctx: WorldContext) -> None:
     from worldlm_secure.node.ckks_link import CkksRound
 
     path = ReleasePath(ctx.world, {})
+    if path.adaptive is not None:  # protocols/dp.md §2.7: the clip and its count are engine and Ray only for now
+        raise ConfigError(
+            f"{ctx.world.path} aggregation.adaptive_clip: adaptive clipping is not supported by `node start` yet "
+            "(deployed aggregators do not announce the clip or read the count); remove it to run nodes, or use simulate"
+        )
     for fed in ctx.world.federations:
         links = [(ctx.members(fed.name), fed.name), (ctx.members(ctx.root), ctx.root)]
         for members, final in links:
