@@ -120,3 +120,15 @@ def assert_like_simulate(world_path: Path, deployed_sites: dict[str, dict], stat
         rep = verify(path)
         assert rep.ok, f"{path}: {rep.problem}"
         assert ids.get(rep.node, []) == [e.release_id for e in rep.entries], rep.node
+    assert_receipts_clean(state)
+
+
+def assert_receipts_clean(state: Path) -> None:
+    """Every release of the deployed world is countersigned by its receiver, both copies are kept and agree
+    with both ledgers (`ledger audit --require-receipts`, keys pinned from the world's certificates): no
+    receipt finding, also after a kill -9 and restart."""
+    from worldlm_secure.ledger.audit import audit_ledgers
+
+    rep = audit_ledgers([state], state / "keys", require_receipts=True)
+    bad = [line for f, line in zip(rep.findings, rep.lines()) if f.rule.startswith("receipt.")]
+    assert not bad, bad

@@ -38,12 +38,13 @@ FED_POLICY = effective_policy(
 
 def build_world(
     d: Path, *, rounds: int = 2, receipts: bool = True, identities: dict[str, NodeIdentity] | None = None,
-    lie: dict[str, object] | None = None, snapshot_after: int | None = None,
+    lie: dict[str, object] | None = None, snapshot_after: int | None = None, base: dict[str, str] | None = None,
 ) -> dict[str, NodeIdentity]:
     """Ledgers in ``d/ledgers``. ``lie``: fields a's round-1 entry records instead of the truth (re-signed
-    by a's own key). ``snapshot_after``: copy every ledger to ``d/snap-R`` after round R."""
+    by a's own key). ``snapshot_after``: copy every ledger to ``d/snap-R`` after round R. ``base``: node ->
+    the base-weights hash its ledger records in every entry (none by default)."""
     ids = identities or {n: NodeIdentity.generate(n) for n in (*SITES, "fed", "world")}
-    led = {n: Ledger(d / "ledgers" / f"{n}.sqlite", ids[n]) for n in ids}
+    led = {n: Ledger(d / "ledgers" / f"{n}.sqlite", ids[n], base_hash=(base or {}).get(n)) for n in ids}
     trackers = {s: BudgetTracker(budget=8.0, delta=1e-5, stream=f"{s}/user") for s in SITES}
     try:
         for r in range(rounds):

@@ -1,12 +1,14 @@
 """`ledger audit` over a real `world up` deployment (separate processes, gRPC + mTLS): the state folder
 audits clean with the signing keys pinned from the world's own certificates (STATE/keys), and the
-tamper table is caught on the deployed ledgers. Rollback and truncation need receipts, which the
-deployed release path does not write yet (protocols/ledger.md §7): that row is an xfail until it does."""
+tamper table is caught on the deployed ledgers. Rollback and truncation are caught through the receipts the
+deployed nodes exchange with every release (protocols/ledger.md §7: the member's update carries its ledger
+head, the aggregator countersigns it and both keep the receipt)."""
 
 from __future__ import annotations
 
 import shutil
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -42,12 +44,17 @@ def _ledger(state: Path, node: str) -> Path:
 
 def test_a_deployed_world_audits_clean_with_keys_pinned_from_its_certificates(deployed: Path) -> None:
     keys = load_keys(deployed / "keys")
-    rep = audit_ledgers([deployed], deployed / "keys")
+    rep = audit_ledgers([deployed], deployed / "keys", require_receipts=True)
     assert rep.ok, rep.lines()
     (w,) = rep.worlds
     nodes = {r.node for r in w.reports}
     assert nodes and nodes <= set(keys)
     assert all(keys[r.node] == r.public_key for r in w.reports)
+    # every release was countersigned by its receiver and both copies are kept: no release uncovered
+    assert "world" in nodes and not w.notes, w.notes
+    roles = Counter(role for role, _ in w.receipts)
+    assert roles["issued"] == roles["held"] > 0
+    assert {rc.child for _, rc in w.receipts} == nodes - {"world"}
 
 
 def _rename(state: Path) -> None:
@@ -91,12 +98,44 @@ def _identity(state: Path, node: str) -> NodeIdentity:
     return NodeIdentity.load(node, key)
 
 
+def _truncate(state: Path, node: str, *, entries: int = 1, receipts: int = 0) -> None:
+    """``node``'s operator drops its last entries (and receipts rows) and re-signs the head with the node's
+    own key: the ledger verifies alone, as a genuine older copy restored over it would."""
+    path = _ledger(state, node)
+    with Ledger(path, _identity(state, node)) as led:
+        led._con.execute("BEGIN IMMEDIATE")
+        for table, n in (("entries", entries), ("receipts", receipts)):
+            if n:
+                led._con.execute(f"DELETE FROM {table} WHERE seq > (SELECT max(seq) FROM {table}) - ?", (n,))
+        led._write_head()
+        led._con.execute("COMMIT")
+    assert verify(path, require_policies=True).ok
+
+
+def _rolled_back_federation(state: Path) -> None:
+    """eu's upward releases to the root: no other member ledger holds them, only the root's receipts do."""
+    _truncate(state, "eu", entries=2, receipts=2)
+
+
+def _rolled_back_root(state: Path) -> None:
+    """The root has no parent: its rollback shows through the receipts its children hold."""
+    _truncate(state, "world", entries=0, receipts=3)
+
+
+def _rolled_back_site_receipts(state: Path) -> None:
+    """A site that keeps its entries but drops the receipts it holds (to hide which head its parent saw)."""
+    _truncate(state, "us-c", entries=0, receipts=1)
+
+
 TAMPERS = {
     "renamed ledger": (_rename, "eu-a", "verify"),
     "deleted policy row": (_delete_policy, "eu-a", "verify"),
     "changed meta.node": (_meta_node, "us-a", "verify"),
     "deleted ledger": (_delete_ledger, "us", "aggregation."),
     "impostor key": (_impostor, "eu-a", "keys.pinned"),
+    "federation truncated and re-signed": (_rolled_back_federation, "eu", "receipt.child_head"),
+    "root receipts rolled back": (_rolled_back_root, "world", "receipt.missing_issued"),
+    "site's held receipts rolled back": (_rolled_back_site_receipts, "us-c", "receipt.missing_held"),
 }
 
 
@@ -109,20 +148,14 @@ def test_the_tamper_table_on_deployed_ledgers(deployed: Path, tmp_path: Path, na
     assert any(f.node == node and f.rule.startswith(rule) for f in rep.findings), rep.lines()
 
 
-@pytest.mark.xfail(strict=True, reason="the deployed release path does not write receipts yet (protocols/ledger.md §7)")
 def test_a_whole_cohort_truncated_and_resigned_by_its_operators_is_caught(deployed: Path, tmp_path: Path) -> None:
     """One site's lost entry already shows as a short cohort; every member of the cohort dropping its last
-    entry together (each head re-signed with the site's own key) is consistent everywhere but in the
-    receipts its federation would hold."""
+    entry together (with the receipt it held for it, each head re-signed with the site's own key) is
+    consistent everywhere but in the receipts its federation issued."""
     state = _copy(deployed, tmp_path)
     sites = sorted(p.name for p in (state / "nodes").iterdir() if p.name.startswith("eu-"))
-    for node in sites:
-        path = _ledger(state, node)
-        with Ledger(path, _identity(state, node)) as led:
-            led._con.execute("BEGIN IMMEDIATE")
-            led._con.execute("DELETE FROM entries WHERE seq = (SELECT max(seq) FROM entries)")
-            led._write_head()
-            led._con.execute("COMMIT")
-        assert verify(path, require_policies=True).ok
+    for node in sites:  # the last entry and the receipt held for it: each ledger verifies alone
+        _truncate(state, node, entries=1, receipts=1)
     rep = audit_ledgers([state], state / "keys")
-    assert not rep.ok, "a cohort rolled back together is invisible without receipts"
+    caught = {f.node for f in rep.findings if f.rule == "receipt.child_head"}
+    assert caught == set(sites), rep.lines()  # each site's head contradicts the receipt eu issued it

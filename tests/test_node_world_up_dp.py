@@ -19,6 +19,7 @@ FIELDS = (
     "release_id", "round", "stream", "level", "source", "destination", "group", "tensor_names", "protocol",
     "cohort_size", "dropouts", "dp_level", "mechanism", "clipping_norm", "noise_multiplier", "sample_rate",
     "steps", "accountant", "delta", "epsilon", "epsilon_cumulative", "epsilon_budget", "policy_sha256",
+    "base_hash",  # every node, deployed or simulated, records the same base model
 )
 
 
@@ -29,9 +30,9 @@ def deployed_ledgers_equal_simulated(world: Path, tmp_path: Path) -> dict:
     assert payload.get("failed_nodes") is None, payload["exit_codes"]
     assert all(math.isfinite(v["val_ppl"]) for v in payload["methods"]["worldlm"]["sites"].values())
     simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=tmp_path / "sim")
-    # simulate's root ledger holds only the receipts it countersigned (nodes do not write receipts yet)
+    # the root's ledger (both here and in simulate) holds only the receipts it countersigned
     sim = {r.node: r for r in (verify(p) for p in (tmp_path / "sim").glob("*.sqlite")) if r.entries}
-    dep = {verify(p).node: verify(p) for p in (tmp_path / "state" / "nodes").glob("*/ledger/*.sqlite")}
+    dep = {r.node: r for r in (verify(p) for p in (tmp_path / "state" / "nodes").glob("*/ledger/*.sqlite")) if r.entries}
     assert set(dep) == set(sim)
     for node, rep in dep.items():
         assert rep.ok, (node, rep.problem)

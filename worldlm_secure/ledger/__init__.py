@@ -4,7 +4,9 @@
 - `verify(path, expected_public_key=None, expected_node=None, require_policies=False) -> VerifyReport`
   (meta, chain, signatures, head, every entry against its stored policy, receipts, ε recomputed)
 - `audit_ledgers(paths, keys=None) -> AuditReport`: a whole world across nodes (audit.py)
-- `receipts.exchange / countersign / hold`: a parent's signed receipt of a child's ledger head
+- `receipts.exchange / countersign / hold / issued`: a parent's signed receipt of a child's ledger head
+  (in one process, or split over a deployed link: `node.receipts`)
+- `Ledger(path, identity, base_hash=...)`: every entry records the base model's weights hash (`base_hash`)
 - `read_entries(path)`, `export_jsonl(path)`, `dp_events.export_ledger(path)`, `report(paths, out_html)`
 - `release_entry(..., charge=tracker.charge(z_eff, q))`: an entry from a BudgetTracker `Charge` + the release's facts
 """

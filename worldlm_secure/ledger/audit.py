@@ -13,6 +13,7 @@ be NAME's, the pinned key when `keys` names the node). Across the world (protoco
 - member.budget: each member's ε composed over all its releases (every group, destination and stream
   of a DP level) stays within the strictest budget of every policy its releases fell under;
 - keys.pinned / keys.unpinned: each ledger is signed by the key the world's identities give the node;
+- world.base_hash: every entry that records the base weights' hash names the same base;
 - receipt.*: every countersigned head (receipts.py) is signed by the parent's key, and the child's and
   parent's ledgers still contain the heads it names (a rolled-back or truncated ledger fails), and both
   copies exist.
@@ -312,6 +313,7 @@ def _audit_world(root: Path, files: Sequence[Path], keys: Mapping[str, str], req
             w.parent[n] = dests.most_common(1)[0][0]
 
     _check_aggregations(entries, by_node, find)
+    _check_base(entries, find)
     w.members = _member_spend(entries, by_node, find)
     _check_receipts(w, by_node, entries, keys, find, require_receipts)
     return w
@@ -367,6 +369,22 @@ def _check_aggregations(entries: Mapping[str, list[LedgerEntry]], by_node: Mappi
         if len(es) > cohort:
             find(dest, f"release {rid}", "aggregation.contributors",
                  f"{len(es)} members hold this release but its recorded cohort is {cohort} ({', '.join(holders)})")
+
+
+def _check_base(entries: Mapping[str, list[LedgerEntry]], find: Any) -> None:
+    """world.base_hash: every entry of the world that records the base weights' hash names the same base
+    (entries written before the field existed record none). The majority's base is taken as the world's; each
+    node whose first entry naming another is reported once."""
+    bases = Counter(e.base_hash for es in entries.values() for e in es if e.base_hash)
+    if len(bases) < 2:
+        return
+    (world_base, n), = bases.most_common(1)
+    for node, es in sorted(entries.items()):
+        other = next((e for e in es if e.base_hash and e.base_hash != world_base), None)
+        if other is not None:
+            find(node, _where(other), "world.base_hash",
+                 f"trained from base weights {other.base_hash[:16]}…, not the world's {world_base[:16]}… "
+                 f"({n} entries): its releases do not update the same model")
 
 
 def _member_spend(entries: Mapping[str, list[LedgerEntry]], by_node: Mapping[str, VerifyReport], find: Any) -> list[MemberSpend]:

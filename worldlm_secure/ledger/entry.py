@@ -70,6 +70,9 @@ class LedgerEntry:
     code_version: str
     key_id: str = ""  # e.g. the CKKS key id of the context used
     extra: Mapping[str, ExtraValue] = field(default_factory=dict)
+    # hex SHA-256 of the base weights the node trained from (`model.pretrained.base_weights_hash`); "" in
+    # entries written before it was recorded, and then absent from the body, so those still verify
+    base_hash: str = ""
     # --- seal: filled by Ledger.append ---
     seq: int = -1
     timestamp: str = ""  # UTC, ISO 8601
@@ -95,9 +98,12 @@ class LedgerEntry:
         return d
 
     def body_bytes(self) -> bytes:
-        """Canonical bytes of everything but `entry_hash` and `signature` (what is hashed and signed)."""
+        """Canonical bytes of everything but `entry_hash` and `signature` (what is hashed and signed).
+        An empty `base_hash` is left out: an entry written before the field existed has one encoding still."""
         d = self.to_dict()
         del d["entry_hash"], d["signature"]
+        if not d["base_hash"]:
+            del d["base_hash"]
         return canonical_json(d)
 
     def compute_hash(self) -> str:

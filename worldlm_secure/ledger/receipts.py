@@ -14,8 +14,9 @@ parent contradicts its children's held ones); `ledger audit` compares them. Wire
 protocols/ledger.md §7.
 
 In-process (`simulate`, Ray driver): `exchange(parent_ledger, child_ledger, release_id=..., round=...)`.
-Over the network: the child sends `child_head(ledger)` with its release; the parent calls `countersign`
-and returns `receipt.to_json()`; the child calls `hold(ledger, Receipt.from_json(...), expected_parent_key)`.
+Over the network (`node.receipts`): the child sends `child_head(ledger)` with its release; the parent calls
+`countersign` and returns `receipt.to_json()`; the child calls `hold(ledger, Receipt.from_json(...),
+expected_parent_key)`; a child that crashed in between asks again and the parent answers with `issued`.
 """
 
 from __future__ import annotations
@@ -189,6 +190,14 @@ def hold(child: Any, receipt: Receipt, *, expected_parent_key: str | None = None
         raise LedgerError(f"{receipt}: names a head this ledger does not have ({count} entries)")
     stored = child.add_receipt_row(receipt.receipt_id(HELD), lambda seq, prev: row_body(seq, prev, HELD, receipt))
     return decode_row(stored).receipt
+
+
+def issued(parent: Any, *, child: str, release_id: str, child_count: int) -> Receipt | None:
+    """The receipt `parent` (its open `Ledger`) issued to `child` for `release_id` at `child_count` entries, if
+    any: what a child that crashed before storing it asks for again (a deployed parent answers from here)."""
+    rid = f"{ISSUED}:{parent.identity.name}>{child}:{release_id}:{child_count}"
+    body = parent.receipt_body(rid)
+    return decode_row(body).receipt if body is not None else None
 
 
 def exchange(parent: Any, child: Any, *, release_id: str, round: int) -> Receipt:

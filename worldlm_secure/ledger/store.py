@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,8 @@ def _add_head_body(con: sqlite3.Connection) -> None:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+    # Shared between threads under `Ledger._lock` (an aggregator countersigns in its server's threads).
+    con = sqlite3.connect(str(path), isolation_level=None, timeout=30.0, check_same_thread=False)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=FULL")
     return con
@@ -212,11 +214,17 @@ def export_jsonl(path: Path | str) -> Iterator[str]:
 
 
 class Ledger:
-    """The node's own ledger, opened for appending with its signing identity."""
+    """The node's own ledger, opened for appending with its signing identity. Thread-safe: every use of its
+    connection holds one lock (a node's aggregator countersigns receipts in server threads while its main
+    thread appends)."""
 
-    def __init__(self, path: Path | str, identity: NodeIdentity) -> None:
+    def __init__(self, path: Path | str, identity: NodeIdentity, *, base_hash: str | None = None) -> None:
+        """``base_hash``: the SHA-256 of the base weights this node loaded; `append` seals it into every
+        entry that does not carry one, and refuses an entry that names another."""
         self.path = Path(path)
         self.identity = identity
+        self.base_hash = base_hash.lower() if base_hash else None
+        self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             _create(self.path, identity)
@@ -255,7 +263,8 @@ class Ledger:
         return self.identity.public_bytes.hex()
 
     def close(self) -> None:
-        self._con.close()
+        with self._lock:
+            self._con.close()
 
     def __enter__(self) -> "Ledger":
         return self
@@ -264,16 +273,18 @@ class Ledger:
         self.close()
 
     def entries(self) -> list[LedgerEntry]:
-        return list(self._iter())
+        with self._lock:
+            return list(self._iter())
 
     def _iter(self) -> Iterator[LedgerEntry]:
         for body, h, sig in self._con.execute("SELECT body, entry_hash, signature FROM entries ORDER BY seq"):
             yield entry_from_body(bytes(body), h, sig)
 
     def get(self, release_id: str) -> LedgerEntry | None:
-        row = self._con.execute(
-            "SELECT body, entry_hash, signature FROM entries WHERE release_id = ?", (release_id,)
-        ).fetchone()
+        with self._lock:
+            row = self._con.execute(
+                "SELECT body, entry_hash, signature FROM entries WHERE release_id = ?", (release_id,)
+            ).fetchone()
         return entry_from_body(bytes(row[0]), row[1], row[2]) if row else None
 
     def append(self, entry: LedgerEntry, *, policy_document: str | bytes | None = None) -> LedgerEntry:
@@ -285,6 +296,14 @@ class Ledger:
         `policy_document` (the effective policy's canonical JSON) is stored once per hash so
         `verify` can check `policy_sha256`. Raises BudgetExceeded if epsilon_cumulative > epsilon_budget.
         """
+        if self.base_hash is not None:
+            if not entry.base_hash:
+                entry = dataclasses.replace(entry, base_hash=self.base_hash)
+            elif entry.base_hash != self.base_hash:
+                raise LedgerError(
+                    f"{self.path}: entry {entry.release_id!r} names base weights {entry.base_hash} but this node "
+                    f"loaded {self.base_hash}; a release of another base is refused"
+                )
         _validate(entry, self.path)
         doc = policy_document.encode() if isinstance(policy_document, str) else policy_document
         if doc is not None and hashlib.sha256(doc).hexdigest() != entry.policy_sha256:
@@ -326,12 +345,14 @@ class Ledger:
     # ---- the signed head --------------------------------------------------------------------------
     def head(self) -> tuple[int, str]:
         """(entry count, last entry hash) — what a parent countersigns (`receipts.countersign`)."""
-        last = self._con.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        with self._lock:
+            last = self._con.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         return (int(last[0]) + 1, str(last[1])) if last else (0, GENESIS_HASH)
 
     def entry_hash_at(self, seq: int) -> str | None:
         """The stored entry_hash of entry `seq` (None when there is no such entry)."""
-        row = self._con.execute("SELECT entry_hash FROM entries WHERE seq = ?", (seq,)).fetchone()
+        with self._lock:
+            row = self._con.execute("SELECT entry_hash FROM entries WHERE seq = ?", (seq,)).fetchone()
         return str(row[0]) if row else None
 
     def _write_head(self) -> None:
@@ -354,17 +375,18 @@ class Ledger:
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """One write under BEGIN IMMEDIATE: the signed head is rewritten and committed with it; an error
         rolls everything back. A block that finds its write already done rolls back itself (idempotence)."""
-        con = self._con
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            yield con
-            if con.in_transaction:
-                self._write_head()
-                con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
+        with self._lock:
+            con = self._con
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+                if con.in_transaction:
+                    self._write_head()
+                    con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
 
     # ---- receipts (see receipts.py) ---------------------------------------------------------------
     def add_receipt_row(self, receipt_id: str, make_body: "Callable[[int, str], bytes]") -> bytes:
@@ -385,7 +407,14 @@ class Ledger:
         return body
 
     def receipt_bodies(self) -> list[bytes]:
-        return [bytes(r[0]) for r in self._con.execute("SELECT body FROM receipts ORDER BY seq")]
+        with self._lock:
+            return [bytes(r[0]) for r in self._con.execute("SELECT body FROM receipts ORDER BY seq")]
+
+    def receipt_body(self, receipt_id: str) -> bytes | None:
+        """The stored receipts row with id ``receipt_id`` (None when there is none)."""
+        with self._lock:
+            row = self._con.execute("SELECT body FROM receipts WHERE receipt_id = ?", (receipt_id,)).fetchone()
+        return bytes(row[0]) if row else None
 
 
 
@@ -407,6 +436,8 @@ def _validate(e: LedgerEntry, path: Path) -> None:
         raise LedgerError(f"{where}: dp_level must be one of {DP_LEVELS} (got {e.dp_level!r})")
     if not _HEX64.match(e.policy_sha256):
         raise LedgerError(f"{where}: policy_sha256 must be 64 lowercase hex digits (pass eff.sha256)")
+    if e.base_hash and not _HEX64.match(e.base_hash):
+        raise LedgerError(f"{where}: base_hash must be empty or 64 lowercase hex digits (model.base_hash)")
     if e.cohort_size < 0 or not 0 <= e.dropouts <= e.cohort_size or e.steps < 0:
         raise LedgerError(f"{where}: need 0 <= dropouts <= cohort_size and steps >= 0")
     if e.mechanism == POST_PROCESSING:

@@ -9,7 +9,8 @@ failure (everything after a broken link is unverifiable):
    the Ed25519 signature verifies; its `source` is the ledger's node;
 4. policy_sha256 is a SHA-256; the stored policy document hashes to it, and the entry obeys it
    (budget, clip, mechanism, δ, accountant, protocols, min_cohort, destinations, layers: policy_rules.py);
-   with `require_policies` an entry without its document fails;
+   with `require_policies` an entry without its document fails; every entry that records the base weights'
+   hash (`base_hash`) names the same one;
 5. ε of the release and cumulative ε of its stream, recomputed with the recorded accountant
    from the recorded (noise_multiplier, sample_rate, steps, δ), agree with the recorded ones,
    and cumulative ε never exceeds the recorded budget;
@@ -87,6 +88,18 @@ class VerifyReport:
             )
         return f"{self.path}: FAILED — {self.problem}"
 
+    def to_dict(self) -> dict[str, object]:
+        """The report as JSON-ready data (`ledger verify --json`): `findings` holds the first problem, if any."""
+        p = self.problem
+        return {
+            "path": str(self.path), "node": self.node, "ok": self.ok, "format": self.format,
+            "entries": self.total_rows, "verified_entries": len(self.entries), "receipts": len(self.receipts),
+            "public_key": self.public_key, "spent": dict(self.spent),
+            "findings": [] if p is None else [{"seq": p.seq, "release_id": p.release_id, "what": p.what,
+                                               "message": str(p)}],
+            "notes": list(self.notes),
+        }
+
 
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=EPS_REL_TOL, abs_tol=1e-12)
@@ -143,6 +156,7 @@ def verify(
     curves: dict[str, list[float]] = {}
     stream_params: dict[str, tuple[float, str]] = {}
     docs: dict[str, dict | str] = {}  # sha -> parsed document, or why it is unusable
+    base: LedgerEntry | None = None  # the first entry that names its base weights
     prev = GENESIS_HASH
     for pos, row in enumerate(lf.rows):
         def bad(what: str, e: LedgerEntry | None = None) -> VerifyReport:
@@ -172,6 +186,13 @@ def verify(
             return bad("signature does not verify under the ledger's public key", e)
         if e.source != node:
             return bad(f"signed source {e.source!r} is not this ledger's node {node!r} (meta.node changed?)", e)
+        if e.base_hash and not _is_hex64(e.base_hash):
+            return bad(f"base_hash {e.base_hash[:20]!r} is not a SHA-256", e)
+        if e.base_hash and base is not None and e.base_hash != base.base_hash:
+            return bad(f"base_hash {e.base_hash[:16]}… differs from entry {base.seq}'s {base.base_hash[:16]}…: "
+                       "one node released updates of two different base models", e)
+        if e.base_hash and base is None:
+            base = e
         why = _check_policy(e, lf.policies, docs, require_policies)
         if why:
             return bad(why, e)
@@ -268,6 +289,10 @@ def _check_receipts(lf: LedgerFile, node: str, pk: str, entries: list[LedgerEntr
         out.append(row)
         prev = row_hash
     return None
+
+
+def _is_hex64(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
 
 
 def _is_hex(s: str) -> bool:

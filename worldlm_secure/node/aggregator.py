@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import LinkOutcome, Liveness, aggregate_round
+from worldlm_secure.node.receipts import AggregatorReceipts
 from worldlm_secure.node.release import NodeRelease
 from worldlm_secure.node.state import NodeState, write_atomic
 from worldlm_secure.transport.chunks import Payload
@@ -47,6 +49,12 @@ class Aggregator:
             raise ConfigError(f"{cfg.serve.credentials}: the certificate does not bind {self.name!r}'s signing key; "
                               "re-issue it with `keys issue --signing-key` and the node's signing.key")
         self.board = NodeBoard(self.name, start_round=int(state.get("link_round", 0)))
+        # Members send their ledger head with their update; this node countersigns it in its own ledger and
+        # returns the receipt (protocols/ledger.md §7). link round -> (world round, phase) it was announced for.
+        self._phases: dict[int, tuple[int, str]] = {}
+        if release.path.ledger_dir is not None:
+            ledger = release.path.ledger(self.name)  # opened here, in the main thread; thread-safe after
+            self.board.countersigner = AggregatorReceipts(ledger, self._phases.get)
         self.server = FederationServer(
             credentials, roster, self.board,
             ServerConfig(bind=cfg.serve.listen, heartbeat_seconds=max(1, int(cfg.timeouts.heartbeat))),
@@ -82,8 +90,10 @@ class Aggregator:
 
     def announce(self, phase: Phase, model: Payload | None, protocol: str, cohort: Sequence[str]) -> Announcement:
         rid = self.state.next_link_round()  # persisted before use: ids never repeat across restarts
+        phase = replace(phase, base=self.ctx.base_hash or "")  # members refuse a round of another base model
         deadline = int((time.time() + self.cfg.timeouts.train) * 1000)
         ann = Announcement(rid, tuple(cohort), protocol, phase.to_bytes(), deadline, aggregator_key=self.identity.public_bytes)
+        self._phases[rid] = (phase.world_round, phase.phase)
         self.board.announce(ann, model)
         ann = self.board.announcement(rid) or ann  # with the cohort's enrolled signing keys filled in
         self.emit("announced", round=phase.world_round, phase=phase.phase, link_round=rid, cohort=len(cohort))

@@ -31,6 +31,13 @@ class WorldContext:
     init: Tensors
     key_names: list[str]
     shared_names: list[str]
+    base_hash: str | None = None  # SHA-256 of the base weights loaded (model.pretrained.base_weights_hash)
+
+    @property
+    def model_field(self) -> str:
+        """Where the base model comes from, for messages: the world file and its model field."""
+        m = self.settings.model
+        return f"{self.world.path} model.pretrained ({m.pretrained})" if m.pretrained else f"{self.world.path} model"
 
     @property
     def root(self) -> str:
@@ -86,7 +93,7 @@ def load_context(world_path: Path, *, rounds: int | None = None, device: str = "
                 f"{world.path}: sites {first!r} and {site!r} group their parameters differently (their policies' "
                 "layers: sections); every site of the world must agree"
             )
-    return WorldContext(world, settings, vocab, init, key, shared)
+    return WorldContext(world, settings, vocab, init, key, shared, getattr(model, "base_hash", None))
 
 
 def _vocab(world: World, settings: Settings) -> int:

@@ -6,6 +6,8 @@ Per world round r (the engine's `_aggregate_key`, `_aggregate_shared`, `_exchang
                                 mix the residual blend of r-1 into the key layers
     sites key(r)    -> attentive key aggregation:  fed_key += step * (avg_w(w*delta) )
     sites shared(r) -> shared aggregation:         fed_shared += avg_examples(delta)
+                       (both through DP-FedAvgM's `aggregation.server.server_step`, as the engine: server_lr,
+                       server_momentum; the momentum buffer is checkpointed with the layers)
     root shared(r)  <- release fed_shared - root_shared (derived: computed from DP-protected aggregates)
     root residual(r)-> download the new root_shared and the reference; release the key residual embedding
     root final      -> fed_shared = root_shared, mix the last blend, broadcast final to the sites
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from worldlm_secure.aggregation import blend_from_sum, embed, flatten, mix_in, unflatten
+from worldlm_secure.aggregation.server import server_step
 from worldlm_secure.errors import SecAggError, TransportError, WorldLMError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.aggregator import Aggregator
@@ -34,6 +37,7 @@ from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import member_round
+from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
 from worldlm_secure.node.release import NodeRelease
 from worldlm_secure.node.state import NodeState
 from worldlm_secure.transport.client import RetryPolicy, SiteClient
@@ -53,12 +57,15 @@ class FederationNode:
         self.name, self.root = cfg.name, cfg.parent.name
         self.state = NodeState(cfg.state)
         self.release = NodeRelease(ctx, identity, cfg.ledger_dir, self.state)
+        self.release.path.base_hash = ctx.base_hash  # recorded in every ledger entry; announced to its sites
         self.agg = Aggregator(cfg, ctx, self.release, self.state, emit)
+        self.receipts = MemberReceipts(self.release.path.ledger(self.name), self.state, self.root, emit)
         init = ctx.init
         self.key: Tensors = {n: init[n].clone() for n in ctx.key_names}
         self.shared: Tensors = {n: init[n].clone() for n in ctx.shared_names}
         self.pending: dict[str, np.ndarray] | None = None  # own embedding and reference of the last residual release
         self.released: Tensors = {}  # this round's aggregated shared layers, kept to re-release if the root restarts
+        self.momentum: dict[str, Tensors] = {}  # DP-FedAvgM buffer per group (key, shared), checkpointed with them
         self.stage: list[Any] = self.state.get("stage", [0, "done"])
         self._restore()
 
@@ -67,6 +74,7 @@ class FederationNode:
         arrays = {f"key/{n}": t.numpy() for n, t in self.key.items()}
         arrays.update({f"shared/{n}": t.numpy() for n, t in self.shared.items()})
         arrays.update({f"released/{n}": t.numpy() for n, t in self.released.items()})
+        arrays.update({f"momentum/{g}/{n}": t.numpy() for g, buf in self.momentum.items() for n, t in buf.items()})
         if self.pending is not None:
             arrays.update({f"pending/{k}": v for k, v in self.pending.items()})
         self.state.save_tensors("federation", arrays)
@@ -81,6 +89,11 @@ class FederationNode:
         self.key = {k[4:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("key/")}
         self.shared = {k[7:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("shared/")}
         self.released = {k[9:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("released/")}
+        self.momentum = {}
+        for k, v in arrays.items():
+            if k.startswith("momentum/"):
+                _, group, name = k.split("/", 2)
+                self.momentum.setdefault(group, {})[name] = torch.from_numpy(v.copy())
         pend = {k[8:]: v.copy() for k, v in arrays.items() if k.startswith("pending/")}
         self.pending = pend or None
         self.emit("restored", round=self.stage[0], stage=self.stage[1])
@@ -107,8 +120,10 @@ class FederationNode:
         r, group = phase.world_round, phase.phase
         prep = self.release.prepare(r, group, self.root, self.root, ann.cohort, deltas, weights, names,
                                     shapes or {}, derived=True, raw_vector=raw)
+        # The update carries this federation's ledger head; the root's receipt is checked and held.
+        link = ReceiptingClient(parent, self.receipts, release_id(r, group, self.root), ann.aggregator_key)
         member_round(
-            parent, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
+            link, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
             before_input=lambda cohort, key_id="": self.release.record(r, group, self.root, names, prep, cohort, ann.cohort,
                                                                      ann.round_id, key_id=key_id),
             timeout=self.cfg.timeouts.step,
@@ -122,16 +137,23 @@ class FederationNode:
         if ctx.key_names:
             new = self.agg.weighted(Phase(r, "key"), model, self.name, self.key, ctx.key_names, derived=False)
             if new is not None:
-                step = ctx.settings.attention.step * ctx.settings.server_lr
-                self.key = {n: self.key[n] + step * (new[n] - self.key[n]) for n in ctx.key_names}
+                self.key = self._server_step("key", self.key, new, ctx.key_names, ctx.settings.attention.step * ctx.settings.server_lr)
         if ctx.shared_names:
             n_max = self.release.example_scale([self.agg.board.examples.get(m, 0) for m in self.agg.members])
             new = self.agg.weighted(Phase(r, "shared", float(n_max)), None, ctx.root, self.shared, ctx.shared_names, derived=False)
             if new is not None:
-                lr = ctx.settings.server_lr  # DP-FedAvgM's server step (momentum: engine only, see protocols/dp.md)
-                self.shared = {n: self.shared[n] + lr * (new[n] - self.shared[n]) for n in ctx.shared_names}
+                self.shared = self._server_step("shared", self.shared, new, ctx.shared_names, ctx.settings.server_lr)
         self.released = {n: t.clone() for n, t in self.shared.items()}
         self._save(r, "aggregated")
+
+    def _server_step(self, group: str, server: Tensors, new: Tensors, names: list[str], lr: float) -> Tensors:
+        """DP-FedAvgM on the released mean, as the engine (`aggregation.server.server_step`); the momentum buffer
+        is checkpointed with the layers by the `_save` that follows, so a restart continues it exactly."""
+        out, buf = server_step(server, new, names, lr=lr, momentum=self.ctx.settings.server_momentum,
+                               buffer=self.momentum.get(group))
+        if buf is not None:
+            self.momentum[group] = {n: t.detach().clone().contiguous() for n, t in buf.items()}
+        return out
 
     def run(self) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
@@ -158,8 +180,10 @@ class FederationNode:
                 except SecAggError as exc:
                     self.emit("round_failed", link_round=ann.round_id, group="announcement", error=str(exc))
                     continue
+                phase.check_base(ctx.base_hash, node=self.name, aggregator=self.root, where=ctx.model_field)
                 r = phase.world_round
                 try:
+                    self.receipts.recover(parent, ann.aggregator_key)  # receipts a crash left unheld
                     if phase.phase == "final":
                         self._sync_from_root(ann, parent)
                         self.agg.finish(Phase(r, "final"), model_payload({"key": self.key, "shared": self.shared}))

@@ -33,6 +33,7 @@ class RootNode:
         self.cfg, self.ctx, self.emit = cfg, ctx, emit
         self.state = NodeState(cfg.state)
         self.release = NodeRelease(ctx, identity, cfg.ledger_dir)
+        self.release.path.base_hash = ctx.base_hash  # announced with every round: members refuse another base
         self.agg = Aggregator(cfg, ctx, self.release, self.state, emit)
         self.shared = {n: ctx.init[n].clone() for n in ctx.shared_names}
         self.reference = {n: ctx.init[n].clone() for n in ctx.key_names}

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from worldlm_secure.errors import SecAggError
+from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg.masking import RoundConfig
 from worldlm_secure.transport.handler import Announcement
 
 
 PHASES = frozenset({"key", "shared", "residual", "final"})
+
+
+class BaseMismatch(ConfigError):
+    """A round was announced for another base model than the one this node loaded: the node stops."""
 
 
 @dataclass(frozen=True)
@@ -25,20 +30,36 @@ class Phase:
     world_round: int
     phase: str
     n_max: float = 1.0
+    base: str = ""  # SHA-256 of the base weights the aggregator loaded (model.base_hash); "" when unknown
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"world_round": self.world_round, "phase": self.phase, "n_max": self.n_max}, sort_keys=True).encode()
+        raw: dict[str, object] = {"world_round": self.world_round, "phase": self.phase, "n_max": self.n_max}
+        if self.base:
+            raw["base"] = self.base
+        return json.dumps(raw, sort_keys=True).encode()
+
+    def check_base(self, loaded: str | None, *, node: str, aggregator: str, where: str) -> None:
+        """Refuse to join a round announced for another base model than the one this node loaded
+        (`BaseMismatch`, naming ``where``: the world file and its model field, and both hashes)."""
+        if self.base and loaded and self.base != loaded:
+            raise BaseMismatch(
+                f"{where}: {node} loaded base weights {loaded}, but {aggregator} announced round {self.world_round} "
+                f"({self.phase}) for base {self.base}; {node} refuses to join. Give every node the same checkpoint "
+                "(model.pretrained) and dtype, or pin it with model.base_sha256"
+            )
 
     @classmethod
     def from_announcement(cls, ann: Announcement) -> "Phase":
         """Decode the announcement's params; anything malformed is a `SecAggError` (the round is skipped)."""
         try:
             raw = json.loads(ann.params.decode() or "{}")
-            phase = cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)))
+            phase = cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)), str(raw.get("base", "")))
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise SecAggError(f"round {ann.round_id}: the announcement's params do not parse ({type(exc).__name__}); skipped") from None
         if phase.phase not in PHASES or not math.isfinite(phase.n_max) or phase.n_max <= 0:
             raise SecAggError(f"round {ann.round_id}: the announcement names an unknown phase or a bad n_max; skipped")
+        if phase.base and not re.fullmatch(r"[0-9a-f]{64}", phase.base):
+            raise SecAggError(f"round {ann.round_id}: the announcement's base hash is not a SHA-256; skipped")
         return phase
 
 

@@ -32,6 +32,7 @@ from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.link import member_round
+from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
 from worldlm_secure.node.release import NodeRelease
 from worldlm_secure.node.state import NodeState, write_atomic
 from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
@@ -64,6 +65,10 @@ class SiteNode:
         self.opt_state: dict | None = None
         self.state = NodeState(cfg.state)
         self.release = NodeRelease(ctx, identity, cfg.ledger_dir, self.state)
+        # The base this site loaded: recorded in every ledger entry, and every announced round must be for it.
+        self.base_hash: str | None = getattr(self.model, "base_hash", None) or ctx.base_hash
+        self.release.path.base_hash = self.base_hash
+        self.receipts = MemberReceipts(self.release.path.ledger(self.name), self.state, self.fed, emit)
         self.trained = 0
         self.history: dict[str, Any] = self.state.get("history", {"losses": {}, "evals": {}})
         self.record, self.private = self._plan_record_dp()
@@ -176,8 +181,10 @@ class SiteNode:
         prep = self.release.prepare(r, group, self.fed, final, ann.cohort, deltas, weights, names, shapes, derived=False)
         if prep.plan.protocol != ann.protocol:
             raise SecAggError(f"round {ann.round_id}: federation announced {ann.protocol!r} but the policies' round plan is {prep.plan.protocol!r}; refused")
+        # The update carries this site's ledger head; the federation's countersigned receipt is checked and held.
+        link = ReceiptingClient(client, self.receipts, release_id(r, group, self.fed), ann.aggregator_key)
         member_round(
-            client, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
+            link, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
             before_input=lambda cohort, key_id="": self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort,
                                                                      ann.round_id, key_id=key_id),
             timeout=self.cfg.timeouts.step, noise=prep.noise,
@@ -222,8 +229,10 @@ class SiteNode:
                 except SecAggError as exc:
                     refused(ann.round_id, exc)
                     continue
+                phase.check_base(self.base_hash, node=self.name, aggregator=self.fed, where=self.ctx.model_field)
                 r = phase.world_round
                 try:
+                    self.receipts.recover(client, ann.aggregator_key)  # receipts a crash left unheld
                     if phase.phase == "final":
                         self._load_broadcast(client, ann)
                         self._evaluate(rounds)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.chunks import Payload
 from worldlm_secure.transport.federation_pb2 import RefusalReason as R
-from worldlm_secure.transport.handler import Announcement, FederationHandler, Inbound, Member
+from worldlm_secure.transport.handler import Announcement, Countersigner, FederationHandler, Inbound, LedgerHead, Member
 from worldlm_secure.transport.refusal import Refused
 
 
@@ -43,10 +43,13 @@ class BoardLimits:
 class RoundBoard(FederationHandler):
     """Rounds, models, updates and secure-aggregation mailboxes for one federation."""
 
-    def __init__(self, name: str, start_round: int = 0, limits: BoardLimits | None = None) -> None:
-        """``start_round``: the last round id used before a restart (persisted by the node), so ids never repeat."""
+    def __init__(self, name: str, start_round: int = 0, limits: BoardLimits | None = None,
+                 countersigner: Countersigner | None = None) -> None:
+        """``start_round``: the last round id used before a restart (persisted by the node), so ids never repeat.
+        ``countersigner``: the aggregator's ledger, which countersigns members' ledger heads (None: no receipts)."""
         self.name = name
         self.limits = limits or BoardLimits()
+        self.countersigner = countersigner
         self._cond = threading.Condition()
         self._round = start_round
         self._announcements: dict[int, Announcement] = {}
@@ -85,9 +88,9 @@ class RoundBoard(FederationHandler):
         for table in (self._announcements, self._models, self._updates, self._to_aggregator):
             for r in [r for r in table if r < oldest]:
                 del table[r]
-        for table in (self._mailbox, self._quota):  # type: ignore[assignment]
-            for key in [k for k in table if k[0] < oldest]:
-                del table[key]
+        for keyed in (self._mailbox, self._quota):  # keyed by (round, member)
+            for key in [k for k in keyed if k[0] < oldest]:
+                del keyed[key]
 
     def rounds_held(self) -> list[int]:
         """Round ids the board still holds anything for (announcement, model, updates, messages)."""
@@ -191,6 +194,14 @@ class RoundBoard(FederationHandler):
                 raise Refused(R.REFUSAL_REJECTED, f"{message.sender!r} already uploaded a different update for round {message.round_id}")
             self._updates[message.round_id][message.sender] = message
             self._cond.notify_all()
+
+    def countersign(self, message: Inbound, signing_public_key: bytes) -> bytes:
+        if self.countersigner is None or message.ledger_head is None:
+            return b""
+        return self.countersigner.countersign(message.sender, signing_public_key, message.round_id, message.ledger_head)
+
+    def ledger_receipt(self, member: str, signing_public_key: bytes, head: LedgerHead) -> bytes:
+        return b"" if self.countersigner is None else self.countersigner.issued(member, signing_public_key, head)
 
     def admit_transfer(self, sender: str, round_id: int, kind: int, secagg_kind: int, total_bytes: int) -> None:
         if kind != pb.PAYLOAD_KIND_SECAGG:

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -37,12 +37,13 @@ from worldlm_secure.transport import federation_pb2_grpc as pb_grpc
 from worldlm_secure.transport.chunks import DEFAULT_CHUNK_BYTES, Assembler, Payload, TransferLimits, iter_parts
 from worldlm_secure.transport.envelope import enroll_message, make_envelope
 from worldlm_secure.transport.federation_pb2 import RefusalReason as R
-from worldlm_secure.transport.handler import Announcement, Inbound
+from worldlm_secure.transport.handler import Announcement, Inbound, LedgerHead
 from worldlm_secure.transport.refusal import Refused
 from worldlm_secure.transport.tls import NodeCredentials, verify_certificate
 
 log = logging.getLogger("worldlm_secure.transport")
 T = TypeVar("T")
+MAX_LEDGER_RECEIPT = 64 << 10  # a ledger receipt is about 1 KB of canonical JSON
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,21 @@ class Receipt:
     round_id: int
     total_bytes: int
     sha256: bytes
+    ledger_receipt: bytes = b""  # the aggregator's signed ledger receipt of the head we sent (ledger.md §7)
+
+
+class MemberLink(Protocol):
+    """What a member's side of a secure-aggregation round uses of its connection: a `SiteClient`, or a
+    wrapper around one (node.receipts.ReceiptingClient)."""
+
+    @property
+    def federation(self) -> str: ...
+
+    def upload_update(self, payload: Payload, *, secagg_kind: int = 0, round_id: int | None = None) -> Receipt: ...
+
+    def send_secagg(self, secagg_kind: int, payload: Payload, *, round_id: int | None = None) -> Receipt: ...
+
+    def fetch_secagg(self, secagg_kind: int = 0, *, round_id: int | None = None) -> list[Inbound]: ...
 
 
 class SiteClient:
@@ -151,12 +167,13 @@ class SiteClient:
         """Prove possession of the Ed25519 signing key the CA bound into our certificate."""
         if self.identity is None:
             raise TransportError(f"{self.name}: enroll needs the node's signing key; pass identity=NodeIdentity.load(...)")
+        identity = self.identity
         fingerprint = self.credentials.fingerprint
 
         def call() -> pb.EnrollReply:
             env = make_envelope(self.name, self.round_id)
-            sig = self.identity.sign(enroll_message(env, self.federation, fingerprint))  # type: ignore[union-attr]
-            req = pb.EnrollRequest(envelope=env, signing_public_key=self.identity.public_bytes, signature=sig)  # type: ignore[union-attr]
+            sig = identity.sign(enroll_message(env, self.federation, fingerprint))
+            req = pb.EnrollRequest(envelope=env, signing_public_key=identity.public_bytes, signature=sig)
             return self._stub.Enroll(req, timeout=self.timeout)
 
         reply = self._retrying("Enroll", call)
@@ -292,10 +309,26 @@ class SiteClient:
 
         return self._retrying("DownloadModel", call)
 
-    def upload_update(self, payload: Payload, *, secagg_kind: int = 0, round_id: int | None = None) -> Receipt:
-        """Upload this member's update: plain (``secagg_kind`` 0) or protected (MASKED_INPUT / CKKS_CIPHERTEXT)."""
+    def upload_update(self, payload: Payload, *, secagg_kind: int = 0, round_id: int | None = None,
+                      ledger_head: LedgerHead | None = None) -> Receipt:
+        """Upload this member's update: plain (``secagg_kind`` 0) or protected (MASKED_INPUT / CKKS_CIPHERTEXT).
+        ``ledger_head``: this member's ledger head, for the federation to countersign (the receipt comes back in
+        ``Receipt.ledger_receipt``; the caller checks it, `ledger.receipts.hold`)."""
         kind = pb.PAYLOAD_KIND_UPDATE_PROTECTED if secagg_kind else pb.PAYLOAD_KIND_UPDATE_PLAIN
-        return self._upload("UploadUpdate", self._stub.UploadUpdate, payload, kind, secagg_kind, "", round_id)
+        return self._upload("UploadUpdate", self._stub.UploadUpdate, payload, kind, secagg_kind, "", round_id, ledger_head)
+
+    def fetch_ledger_receipt(self, head: LedgerHead) -> bytes:
+        """The ledger receipt the federation issued for ``head`` (sent with an earlier update), b"" if none."""
+        reply = self._retrying(
+            "FetchLedgerReceipt",
+            lambda: self._stub.FetchLedgerReceipt(
+                pb.LedgerReceiptRequest(envelope=make_envelope(self.name, self.round_id), head=head.to_pb()), timeout=self.timeout
+            ),
+        )
+        self._check_server_envelope(reply.envelope, None)
+        if len(reply.ledger_receipt) > MAX_LEDGER_RECEIPT:
+            raise Refused(R.REFUSAL_OVERSIZED, f"ledger receipt of {len(reply.ledger_receipt)} bytes; at most {MAX_LEDGER_RECEIPT}")
+        return bytes(reply.ledger_receipt)
 
     def send_secagg(self, secagg_kind: int, payload: Payload, *, recipient: str = "", round_id: int | None = None) -> Receipt:
         """Send a secure-aggregation message to the aggregator. ``recipient`` must stay "": v1 defines no
@@ -331,13 +364,15 @@ class SiteClient:
         secagg_kind: int,
         recipient: str,
         round_id: int | None,
+        ledger_head: LedgerHead | None = None,
     ) -> Receipt:
         rid = self.round_id if round_id is None else round_id
         sha = payload.sha256()  # once, not per retry
 
         def call() -> pb.Receipt:
             header = pb.TransferHeader(
-                envelope=make_envelope(self.name, rid), kind=kind, secagg_kind=secagg_kind, recipient=recipient
+                envelope=make_envelope(self.name, rid), kind=kind, secagg_kind=secagg_kind, recipient=recipient,
+                ledger_head=ledger_head.to_pb() if ledger_head is not None else None,
             )
             return rpc(iter_parts(header, payload, self.chunk_bytes, sha256=sha))
 
@@ -345,7 +380,9 @@ class SiteClient:
         self._check_server_envelope(reply.envelope, rid)
         if reply.sha256 != sha or reply.total_bytes != payload.nbytes:
             raise Refused(R.REFUSAL_INTEGRITY, f"{method}: the federation acknowledged different bytes than we sent")
-        return Receipt(rid, reply.total_bytes, bytes(reply.sha256))
+        if len(reply.ledger_receipt) > MAX_LEDGER_RECEIPT:
+            raise Refused(R.REFUSAL_OVERSIZED, f"{method}: ledger receipt of {len(reply.ledger_receipt)} bytes; at most {MAX_LEDGER_RECEIPT}")
+        return Receipt(rid, reply.total_bytes, bytes(reply.sha256), bytes(reply.ledger_receipt))
 
     def _receive(self, stream: Iterator[pb.TransferPart], round_id: int, expect_sender: str | None) -> Iterator[tuple[pb.TransferHeader, Payload]]:
         """Assemble consecutive transfers from a server stream, verifying each."""

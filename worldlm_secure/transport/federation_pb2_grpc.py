@@ -69,6 +69,11 @@ class FederationStub(object):
                 request_serializer=worldlm__secure_dot_transport_dot_federation__pb2.FetchSecAggRequest.SerializeToString,
                 response_deserializer=worldlm__secure_dot_transport_dot_federation__pb2.TransferPart.FromString,
                 _registered_method=True)
+        self.FetchLedgerReceipt = channel.unary_unary(
+                '/worldlm.v1.Federation/FetchLedgerReceipt',
+                request_serializer=worldlm__secure_dot_transport_dot_federation__pb2.LedgerReceiptRequest.SerializeToString,
+                response_deserializer=worldlm__secure_dot_transport_dot_federation__pb2.LedgerReceiptReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer(object):
@@ -116,6 +121,12 @@ class FederationServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchLedgerReceipt(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.FetchSecAgg,
                     request_deserializer=worldlm__secure_dot_transport_dot_federation__pb2.FetchSecAggRequest.FromString,
                     response_serializer=worldlm__secure_dot_transport_dot_federation__pb2.TransferPart.SerializeToString,
+            ),
+            'FetchLedgerReceipt': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchLedgerReceipt,
+                    request_deserializer=worldlm__secure_dot_transport_dot_federation__pb2.LedgerReceiptRequest.FromString,
+                    response_serializer=worldlm__secure_dot_transport_dot_federation__pb2.LedgerReceiptReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class Federation(object):
             '/worldlm.v1.Federation/FetchSecAgg',
             worldlm__secure_dot_transport_dot_federation__pb2.FetchSecAggRequest.SerializeToString,
             worldlm__secure_dot_transport_dot_federation__pb2.TransferPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchLedgerReceipt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/worldlm.v1.Federation/FetchLedgerReceipt',
+            worldlm__secure_dot_transport_dot_federation__pb2.LedgerReceiptRequest.SerializeToString,
+            worldlm__secure_dot_transport_dot_federation__pb2.LedgerReceiptReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,8 +8,10 @@ implementation.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from worldlm_secure.transport.chunks import Payload
 
@@ -39,6 +41,46 @@ class Announcement:
     aggregator_key: bytes = b""
 
 
+_RELEASE_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces (e.g. "3:shared:eu")
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """A member's privacy-ledger head sent with its update (protocols/ledger.md §7): the release this update
+    is, and the member's entry count and last entry hash (32 bytes) once that release's entry is written."""
+
+    release_id: str
+    entry_count: int
+    entry_hash: bytes
+
+    @classmethod
+    def from_pb(cls, msg: Any) -> "LedgerHead":
+        """Decode and check a `pb.LedgerHead` (raises `Refused` MALFORMED)."""
+        from worldlm_secure.transport.federation_pb2 import RefusalReason as R
+        from worldlm_secure.transport.refusal import Refused
+
+        rid, count, h = str(msg.release_id), int(msg.entry_count), bytes(msg.entry_hash)
+        if not _RELEASE_ID.match(rid) or len(h) != 32 or count >= 1 << 62:
+            raise Refused(R.REFUSAL_MALFORMED, "a ledger head needs a release id of 1-200 printable ASCII characters, "
+                          "an entry count and a 32-byte entry hash")
+        return cls(rid, count, h)
+
+    def to_pb(self) -> Any:
+        from worldlm_secure.transport import federation_pb2 as pb
+
+        return pb.LedgerHead(release_id=self.release_id, entry_count=self.entry_count, entry_hash=self.entry_hash)
+
+
+class Countersigner(Protocol):
+    """The aggregator's ledger side of updates that carry a `LedgerHead` (the node implements it; the
+    transport never touches a ledger). Both return the receipt's canonical JSON, or b"" for none.
+    ``signing_public_key`` is the member's Ed25519 key from its CA-verified certificate."""
+
+    def countersign(self, member: str, signing_public_key: bytes, round_id: int, head: LedgerHead) -> bytes: ...
+
+    def issued(self, member: str, signing_public_key: bytes, head: LedgerHead) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class Inbound:
     """A transfer that passed admission: an update, or a secure-aggregation message.
@@ -53,6 +95,7 @@ class Inbound:
     secagg_kind: int
     recipient: str
     payload: Payload
+    ledger_head: LedgerHead | None = None  # an update's ledger head, when the member sent one
 
 
 class FederationHandler(ABC):
@@ -84,6 +127,17 @@ class FederationHandler(ABC):
     def admit_transfer(self, sender: str, round_id: int, kind: int, secagg_kind: int, total_bytes: int) -> None:
         """A transfer's header passed admission; raise `Refused` (e.g. ``REFUSAL_OVER_QUOTA``) to refuse it
         before any of its data is read. Default: accept."""
+
+    def countersign(self, message: Inbound, signing_public_key: bytes) -> bytes:
+        """``message`` (an update already accepted by `on_update`) carries the member's ledger head: return the
+        aggregator's signed ledger receipt of it (canonical JSON), or b"" when this aggregator keeps no ledger.
+        ``signing_public_key``: the member's key from its certificate. Default: no ledger."""
+        return b""
+
+    def ledger_receipt(self, member: str, signing_public_key: bytes, head: LedgerHead) -> bytes:
+        """The receipt issued earlier for exactly ``head`` of ``member`` (a member that crashed before storing
+        it asks again), or b"" when there is none. Default: no ledger."""
+        return b""
 
     @abstractmethod
     def on_secagg(self, message: Inbound) -> None:

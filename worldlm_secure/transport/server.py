@@ -45,7 +45,7 @@ from worldlm_secure.transport.envelope import (
     make_envelope,
 )
 from worldlm_secure.transport.federation_pb2 import RefusalReason as R
-from worldlm_secure.transport.handler import Announcement, FederationHandler, Inbound, Member
+from worldlm_secure.transport.handler import Announcement, FederationHandler, Inbound, LedgerHead, Member
 from worldlm_secure.transport.refusal import Refused
 from worldlm_secure.transport.tls import NodeCredentials, PeerCertificate, Roster, peer_certificate_pem, verify_peer
 
@@ -210,6 +210,10 @@ class FederationServer:
                 ),
                 "FetchSecAgg": grpc.unary_stream_rpc_method_handler(
                     self._guard_stream("FetchSecAgg", self._fetch_secagg), _parser(pb.FetchSecAggRequest), out(pb.TransferPart)
+                ),
+                "FetchLedgerReceipt": grpc.unary_unary_rpc_method_handler(
+                    g("FetchLedgerReceipt", self._fetch_ledger_receipt), _parser(pb.LedgerReceiptRequest),
+                    out(pb.LedgerReceiptReply),
                 ),
             },
         )
@@ -401,6 +405,7 @@ class FederationServer:
         header = first.header
         self._admit(peer, header.envelope, round_scoped=True, enrolled=True)
         check_kind(header, peer)
+        head = LedgerHead.from_pb(header.ledger_head) if header.HasField("ledger_head") else None
         assembler = Assembler(header, self.config.limits)  # checks the declared sizes against the limits
         self.handler.admit_transfer(peer.name, header.envelope.round_id, header.kind, header.secagg_kind, header.total_bytes)
         for part in request_iterator:
@@ -409,7 +414,7 @@ class FederationServer:
                 raise Refused(R.REFUSAL_MALFORMED, "only chunks may follow a transfer header")
             assembler.feed(part.chunk)
         payload = assembler.finish()
-        return Inbound(peer.name, header.envelope.round_id, header.kind, header.secagg_kind, header.recipient, payload)
+        return Inbound(peer.name, header.envelope.round_id, header.kind, header.secagg_kind, header.recipient, payload, head)
 
     def _receipt(self, inbound: Inbound) -> pb.Receipt:
         """What we received (the digest was verified on arrival, so this is free)."""
@@ -419,7 +424,24 @@ class FederationServer:
         inbound = self._receive(peer, request_iterator, _check_update_kind)
         self.handler.on_update(inbound)
         log.info("update from %s for round %d: %d bytes", inbound.sender, inbound.round_id, inbound.payload.nbytes)
-        return self._receipt(inbound)
+        reply = self._receipt(inbound)
+        if inbound.ledger_head is not None and peer.signing_public_key is not None:
+            # The update is accepted: countersign the member's ledger head with the key its certificate binds.
+            # A failure here does not take the accepted update back: the member gets no ledger receipt and asks
+            # again later (FetchLedgerReceipt), which returns nothing if none was issued.
+            try:
+                reply.ledger_receipt = self.handler.countersign(inbound, peer.signing_public_key)
+            except Exception as exc:  # noqa: BLE001 - logged; the update itself stands
+                log.warning("no ledger receipt for %s's update of round %d: %s", inbound.sender, inbound.round_id, exc)
+        return reply
+
+    def _fetch_ledger_receipt(self, peer: PeerCertificate, request: Any, context: grpc.ServicerContext) -> pb.LedgerReceiptReply:
+        req: pb.LedgerReceiptRequest = _parsed(request)
+        self._admit(peer, req.envelope, round_scoped=False, enrolled=True)
+        if not req.HasField("head") or peer.signing_public_key is None:
+            raise Refused(R.REFUSAL_MALFORMED, "FetchLedgerReceipt needs the ledger head the update carried")
+        receipt = self.handler.ledger_receipt(peer.name, peer.signing_public_key, LedgerHead.from_pb(req.head))
+        return pb.LedgerReceiptReply(envelope=self._envelope(self.handler.current_round()), ledger_receipt=receipt)
 
     def _send_secagg(self, peer: PeerCertificate, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> pb.Receipt:
         inbound = self._receive(peer, request_iterator, self._check_secagg_kind)
@@ -429,6 +451,8 @@ class FederationServer:
     def _check_secagg_kind(self, header: pb.TransferHeader, peer: PeerCertificate) -> None:
         if header.kind != pb.PAYLOAD_KIND_SECAGG or header.secagg_kind not in pb.SecAggKind.values() or not header.secagg_kind:
             raise Refused(R.REFUSAL_MALFORMED, f"SendSecAgg needs kind SECAGG and a known secagg_kind (got {header.kind}, {header.secagg_kind})")
+        if header.HasField("ledger_head"):
+            raise Refused(R.REFUSAL_MALFORMED, "a ledger head travels with an update (UploadUpdate), not a secure-aggregation message")
         if header.recipient:
             # Every v1 protocol routes member messages through the aggregator (masking: ShareKeys up,
             # the aggregator's signed ShareDelivery down; CKKS: keys and sums posted by the aggregator),
