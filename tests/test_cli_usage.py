@@ -128,3 +128,19 @@ def test_user_text_is_never_an_emoji() -> None:
     with c.capture() as cap:
         c.print("release 2:key:eu at [bold]" + esc("[site]") + "[/]")
     assert cap.get().strip() == "release 2:key:eu at [site]"
+
+
+COMMANDS = [
+    ["simulate"], ["compare"], ["policy", "check"], ["policy", "explain"], ["policy", "effective"],
+    ["policy", "schema"], ["ledger", "verify"], ["ledger", "audit"], ["ledger", "show"], ["ledger", "export"],
+    ["ledger", "pubkey"], ["ledger", "report"], ["keys", "init-ca"], ["keys", "issue"], ["keys", "show"],
+    ["node", "start"], ["world", "up"], ["world", "keys"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_help_shows_an_example(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from worldlm_secure.cli import main
+
+    assert main([*command, "--help"]) == 0
+    assert "Example" in capsys.readouterr().out, f"`worldlm-secure {' '.join(command)} --help` has no example"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Protocol, cast
 
 import typer
 
@@ -73,18 +73,24 @@ def _register() -> None:
 _register()
 
 
-def _click_classes(name: str) -> tuple[type, ...]:
+class _ClickError(Protocol):
+    """What is used of a (click) ClickException beyond BaseException."""
+
+    def show(self) -> None: ...
+
+
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
     """``name`` (ClickException, Exit, Abort) from every click implementation loaded in this process.
 
     typer <= 0.15 runs on the `click` package; typer >= 0.16 bundles its own (`typer._click`), and
     raises `typer.Exit` / `typer.Abort` that are not click's. Only modules already imported are looked
     at (typer imported the one it uses), so `click` need not be installed.
     """
-    found: list[type] = []
+    found: list[type[BaseException]] = []
     for module in ("typer._click.exceptions", "click.exceptions", "typer.exceptions"):
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod is not None else None
-        if isinstance(cls, type) and cls not in found:
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
             found.append(cls)
     extra = {"Exit": typer.Exit, "Abort": typer.Abort}.get(name)
     if extra is not None and extra not in found:
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     click_errors = _click_classes("ClickException")
     exits = _click_classes("Exit")
-    aborts = _click_classes("Abort")
+    interrupts: tuple[type[BaseException], ...] = (KeyboardInterrupt, *_click_classes("Abort"))
     try:
         rv = app(args=argv, standalone_mode=False, prog_name=PROG)
     except WorldLMError as exc:
@@ -125,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.exit_code
     except click_errors as exc:  # usage errors: one line, exit 2
         if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: `group` alone prints its help
-            exc.show()
+            cast(_ClickError, exc).show()
             code = 0
         else:
             err_console.print(_usage_error_line(exc), markup=False)
             code = int(getattr(exc, "exit_code", 2) or 2)
     except exits as exc:
         code = int(getattr(exc, "exit_code", 0) or 0)
-    except (KeyboardInterrupt, *aborts):
+    except interrupts:
         err_console.print("interrupted", markup=False)
         code = 130
     except BrokenPipeError:  # `worldlm-secure ... | head`

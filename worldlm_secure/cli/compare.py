@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,9 @@ from worldlm_secure.cli import app
 from worldlm_secure.cli._console import make_console, stdout_is_terminal
 from worldlm_secure.cli.simulate import BACKENDS, check_choice
 from worldlm_secure.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 console = make_console()
 
@@ -28,10 +31,10 @@ class _Lines:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def add_task(self, *a: object, **k: object) -> int:
-        return 0
+    def add_task(self, *a: object, **k: object) -> TaskID:
+        return cast("TaskID", 0)  # rich's TaskID is an int (NewType); imported lazily
 
-    def update(self, task: int, description: str | None = None, **k: object) -> None:
+    def update(self, task: TaskID, description: str | None = None, **k: object) -> None:
         if description and " round " in description:
             console.print(description)
             console.file.flush()
@@ -103,14 +106,18 @@ def compare(
 
 
 def _table(cells: list[dict]) -> object:
+    from rich.console import JustifyMethod
     from rich.table import Table
 
     from worldlm_secure.federation.results import fmt_ppl
 
     t = Table(title="PET trade-offs per cell")
-    for col, just in (("cell", "left"), ("ppl", "right"), ("ε", "right"), ("MB up/round/site", "right"),
-                      ("expansion", "right"), ("train s", "right"), ("protect s", "right"), ("status", "left")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("cell", "left"), ("ppl", "right"), ("ε", "right"), ("MB up/round/site", "right"),
+        ("expansion", "right"), ("train s", "right"), ("protect s", "right"), ("status", "left"),
+    )
+    for col, just in columns:
+        t.add_column(col, justify=just)
     for c in cells:
         if c["status"] != "ok":
             t.add_row(c["cell"], "–", "–", "–", "–", "–", "–", f"[red]failed[/] {escape(c['error'][:60])}")

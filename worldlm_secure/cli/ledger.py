@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from worldlm_secure.cli._console import esc, make_console
 from worldlm_secure.errors import LedgerError
 
-# The ledger library pulls in the Opacus accountants (torch): imported inside each command so that
-# other command groups start fast.
+# The ledger library is light (no torch: the RDP accountant runs without it, tests/test_cli_imports.py),
+# but it is still imported inside each command so that other command groups need not load it.
 
 app = typer.Typer(help="Verify, show, export and report privacy ledgers.", no_args_is_help=True)
-# Wide when piped (tables of many columns); the terminal's width otherwise.
-# emoji=False: release ids such as "1:key:eu" must print as written, not as an emoji.
-console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200, emoji=False)
+# Wide when piped; emoji off: release ids such as "1:key:eu" print as written.
+console = make_console()
 
 
-@app.command("verify")
+@app.command("verify", epilog="Example: worldlm-secure ledger verify runs/default/ledgers/*.sqlite --json")
 def verify_cmd(
     paths: list[Path] = typer.Argument(..., help="Ledger files (DIR/ledgers/NODE.sqlite)."),
     public_key: list[str] = typer.Option(
@@ -34,6 +32,9 @@ def verify_cmd(
     allow_missing_policies: bool = typer.Option(
         False, "--allow-missing-policies", help="Pass entries whose effective policy document is not stored."
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"ok", "ledgers": [{"path", "node", "ok", "findings", ...}]} instead of lines.'
+    ),
 ) -> None:
     """Check meta, chain, signatures, head, receipts, every entry against its stored policy, and recompute
     every ε; exit 1 naming the first bad entry and the rule."""
@@ -43,22 +44,24 @@ def verify_cmd(
         raise LedgerError(f"--public-key given {len(public_key)} times for {len(paths)} paths; give one per PATH")
     if node and len(node) != len(paths):
         raise LedgerError(f"--node given {len(node)} times for {len(paths)} paths; give one per PATH")
-    failed = 0
-    for i, p in enumerate(paths):
-        rep = verify(p, expected_public_key=public_key[i] if public_key else None, recompute=not no_recompute,
-                     expected_node=node[i] if node else p.stem, require_policies=not allow_missing_policies)
-        from rich.markup import escape
-
+    reports = [
+        verify(p, expected_public_key=public_key[i] if public_key else None, recompute=not no_recompute,
+               expected_node=node[i] if node else p.stem, require_policies=not allow_missing_policies)
+        for i, p in enumerate(paths)
+    ]
+    ok = all(r.ok for r in reports)
+    if as_json:
+        print(json.dumps({"ok": ok, "ledgers": [r.to_dict() for r in reports]}, indent=1, ensure_ascii=False))
+    for rep in [] if as_json else reports:
         if rep.ok:
-            console.print(f"[green]OK[/]     {escape(rep.summary())}", highlight=False)
+            console.print(f"[green]OK[/]     {esc(rep.summary())}")
         else:
-            failed += 1
-            console.print(f"[bold red]FAILED[/] {escape(f'{rep.path}: {rep.problem}')}", highlight=False)
-    if failed:
+            console.print(f"[bold red]FAILED[/] {esc(f'{rep.path}: {rep.problem}')}")
+    if not ok:
         raise typer.Exit(1)
 
 
-@app.command("audit")
+@app.command("audit", epilog="Example: worldlm-secure ledger audit runs/local-world --keys runs/local-world/keys")
 def audit_cmd(
     paths: list[Path] = typer.Argument(..., help="Ledger files or folders (simulate's --out, a world up state folder)."),
     keys: Path | None = typer.Option(
@@ -77,19 +80,17 @@ def audit_cmd(
     if as_json:
         print(json.dumps(rep.to_dict(), indent=1))
     else:
-        from rich.markup import escape
-
         for line in rep.lines():
-            console.print(f"[bold red]FINDING[/] {escape(line)}", highlight=False)
+            console.print(f"[bold red]FINDING[/] {esc(line)}")
         for w in rep.worlds:
             for note in w.notes:
-                console.print(f"[yellow]note[/]    {escape(w.root.name)}: {escape(note)}", highlight=False)
-        console.print(("[green]" if rep.ok else "[bold red]") + summary_line(rep) + "[/]", highlight=False)
+                console.print(f"[yellow]note[/]    {esc(w.root.name)}: {esc(note)}")
+        console.print(("[green]" if rep.ok else "[bold red]") + esc(summary_line(rep)) + "[/]")
     if not rep.ok:
         raise typer.Exit(1)
 
 
-@app.command("show")
+@app.command("show", epilog="Example: worldlm-secure ledger show runs/default/ledgers/eu-a.sqlite --json")
 def show_cmd(
     path: Path = typer.Argument(..., help="A ledger file."),
     as_json: bool = typer.Option(False, "--json", help="Print the entries as a JSON list (all fields)."),
@@ -102,21 +103,22 @@ def show_cmd(
         print(json.dumps([e.to_dict() for e in entries], indent=1))
         return
     lf = read_ledger_file(path)
-    t = Table(title=f"{lf.meta.get('node', path)} — key {lf.meta.get('public_key', '')[:16]}…")
+    t = Table(title=esc(f"{lf.meta.get('node', path)} — key {lf.meta.get('public_key', '')[:16]}…"))
     for col in ("seq", "round", "group", "→", "tensors", "protocol", "cohort/drop", "DP", "mechanism",
                 "z", "q", "steps", "ε", "cum ε / budget"):
         t.add_column(col)
     for e in entries:
         cum = "—" if e.epsilon_cumulative is None else f"{e.epsilon_cumulative:.4g} / {e.epsilon_budget or float('inf'):.4g}"
         t.add_row(
-            str(e.seq), str(e.round), e.group, e.destination, str(len(e.tensor_names)), e.protocol,
-            f"{e.cohort_size}/{e.dropouts}", e.dp_level, e.mechanism, f"{e.noise_multiplier:.4g}",
-            f"{e.sample_rate:g}", str(e.steps), "—" if e.epsilon is None else f"{e.epsilon:.4g}", cum,
+            *(esc(v) for v in (e.seq, e.round, e.group, e.destination, len(e.tensor_names), e.protocol,
+                               f"{e.cohort_size}/{e.dropouts}", e.dp_level, e.mechanism)),
+            f"{e.noise_multiplier:.4g}", f"{e.sample_rate:g}", str(e.steps),
+            "—" if e.epsilon is None else f"{e.epsilon:.4g}", cum,
         )
     console.print(t)
 
 
-@app.command("export")
+@app.command("export", epilog="Example: worldlm-secure ledger export runs/default/ledgers/eu-a.sqlite --dp-events --out eu-a.dp.json")
 def export_cmd(
     path: Path = typer.Argument(..., help="A ledger file."),
     jsonl: bool = typer.Option(True, "--jsonl", help="One JSON object per line (the default)."),
@@ -137,7 +139,7 @@ def export_cmd(
             print(text, end="")
         else:
             out.write_text(text, encoding="utf-8")
-            console.print(f"wrote the DpEvents of {path} to {out}", highlight=False)
+            console.print(esc(f"wrote the DpEvents of {path} to {out}"))
         return
     lines = list(export_jsonl(path))
     text = "".join(line + "\n" for line in lines)
@@ -145,10 +147,10 @@ def export_cmd(
         print(text, end="")
     else:
         out.write_text(text, encoding="utf-8")
-        console.print(f"wrote {len(lines)} entries to {out}", highlight=False)
+        console.print(esc(f"wrote {len(lines)} entries to {out}"))
 
 
-@app.command("pubkey")
+@app.command("pubkey", epilog="Example: worldlm-secure ledger pubkey runs/default/ledgers/eu-a.sqlite")
 def pubkey_cmd(path: Path = typer.Argument(..., help="A ledger file.")) -> None:
     """Print the node's recorded Ed25519 public key (hex), to pin with `verify --public-key`."""
     from worldlm_secure.ledger import read_ledger_file
@@ -156,7 +158,7 @@ def pubkey_cmd(path: Path = typer.Argument(..., help="A ledger file.")) -> None:
     print(read_ledger_file(path).meta.get("public_key", ""))
 
 
-@app.command("report")
+@app.command("report", epilog="Example: worldlm-secure ledger report runs/default --out runs/default/report.html")
 def report_cmd(
     paths: list[Path] = typer.Argument(..., help="Ledger files or folders (simulate's --out, a world up state folder)."),
     out: Path = typer.Option(..., "--out", help="The HTML file to write."),
@@ -170,6 +172,6 @@ def report_cmd(
     rep = report(paths, out, keys=keys, require_receipts=require_receipts)
     n = sum(len(w.reports) for w in rep.worlds)
     failed = sum(1 for w in rep.worlds for r in w.reports if not r.ok)
-    console.print(f"wrote {out} ({n} ledgers, {failed} failed verification, {len(rep.findings)} findings)", highlight=False)
+    console.print(esc(f"wrote {out} ({n} ledgers, {failed} failed verification, {len(rep.findings)} findings)"))
     if not rep.ok:
         raise typer.Exit(1)

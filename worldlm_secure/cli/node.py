@@ -44,13 +44,25 @@ def _describe(ev: dict) -> str | None:
     return None
 
 
-@world_app.command("up", epilog="Example: worldlm-secure world up examples/local-world/world.yaml --state runs/local-world")
+@world_app.command("up", epilog="Examples: worldlm-secure world up examples/local-world/world.yaml --dry-run  |  "
+                   "worldlm-secure world up examples/local-world/world.yaml --state runs/local-world")
 def up(
     world: Path = typer.Argument(..., help="World YAML whose folder holds nodes/NAME.yaml (e.g. examples/local-world/world.yaml)."),
     state: Path = typer.Option(Path("runs/local-world"), "--state", help="Folder for keys, node state, ledgers, logs and results.json."),
     timeout: float = typer.Option(1800.0, "--timeout", help="Seconds before unfinished nodes are killed."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (tree, groups, protocol and DP per release, planned ε, bytes per round, "
+        "DP signal-to-noise) and exit: no key issued, nothing written, no process started."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
 ) -> None:
     """Issue keys, start every node as its own OS process on loopback, stream progress, print the table."""
+    if timeout <= 0:
+        raise ConfigError(f"--timeout: must be > 0 seconds (got {timeout:g})")
+    if as_json and not dry_run:
+        raise ConfigError("--json: only with --dry-run (the run's results are in STATE/results.json)")
+    if dry_run:
+        _dry_run(world, as_json)
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from worldlm_secure.cli.simulate import _table
@@ -59,8 +71,6 @@ def up(
     from worldlm_secure.federation.world import load_world
     from worldlm_secure.node.world_up import world_up
 
-    if timeout <= 0:
-        raise ConfigError(f"--timeout: must be > 0 seconds (got {timeout:g})")
     w = load_world(world)
     rounds = checked_settings(w).rounds
     console.print(f"[bold]{esc(w.name)}[/]: {len(w.nodes)} nodes as separate processes on loopback "
@@ -83,6 +93,25 @@ def up(
         console.print(f"[red]nodes that failed:[/] {esc(payload['failed_nodes'])} (logs in {esc(state / 'logs')})")
         raise typer.Exit(1)
     console.print(f"wrote {esc(state / 'results.json')}; ledgers in {esc(state / 'nodes')}/*/ledger/ in {payload['wall_s']:.0f} s")
+
+
+def _dry_run(world: Path, as_json: bool) -> None:
+    """`world up --dry-run`: the plan `simulate --dry-run` prints, for the nodes' one method (worldlm)."""
+    import json
+
+    from worldlm_secure.cli.plan import print_plan
+    from worldlm_secure.node.world_up import plan_world_up
+
+    plan = plan_world_up(world)
+    if as_json:
+        print(json.dumps(plan, indent=1))
+        return
+    n_sites = len(plan["members"])
+    console.print(f"[bold]{esc(plan['world'])}[/] ({esc(plan['file'])}): {plan['rounds']} rounds, seed {plan['seed']}; "
+                  f"model {plan['parameters']:,} parameters; one process per node on loopback ({n_sites} sites), "
+                  "method worldlm")
+    print_plan(plan, console)
+    console.print("dry run: no key issued, nothing written, no process started")
 
 
 @world_app.command("keys", epilog="Example: worldlm-secure world keys examples/local-world/world.yaml --state examples/local-world/state")

@@ -17,18 +17,27 @@ err_console = make_console(stderr=True)
 
 
 @app.command("check", epilog="Examples: worldlm-secure policy check policies/*.yaml  |  "
-             "worldlm-secure policy check --chain policies/eu.yaml policies/research-open.yaml --json")
+             "worldlm-secure policy check --chain policies/eu.yaml policies/research-open.yaml --json  |  "
+             "worldlm-secure policy check --world examples/world-dp.yaml")
 def check(
-    files: list[Path] = typer.Argument(..., help="Policy YAML files to validate."),
+    files: Optional[list[Path]] = typer.Argument(None, help="Policy YAML files to validate."),
     chain: bool = typer.Option(
         False, "--chain", help="Also compose FILES as one release path (releasing node first, root last)."
     ),
+    world: Optional[Path] = typer.Option(
+        None, "--world", help="Also load this world with its policies and print the expected signal-to-noise of every "
+        "DP release it plans, warning when DP cannot learn (builds the model's shapes: imports torch)."
+    ),
     as_json: bool = typer.Option(
-        False, "--json", help='Print {"ok", "files": [{"path", "ok", "name", "jurisdiction", "error"}], "chain"} on stdout.'
+        False, "--json", help='Print {"ok", "files": [{"path", "ok", "name", "jurisdiction", "error"}], "chain", "world"} on stdout.'
     ),
 ) -> int:
     """Validate policy files; print one line per file; exit non-zero (2) if any is invalid."""
     from worldlm_secure.policy import compose, load_policy
+
+    files = files or []
+    if not files and world is None:
+        raise _missing_files()
 
     loaded = []
     failed = 0
@@ -62,11 +71,37 @@ def check(
             if not as_json:
                 console.print(f"ok: chain composes (protocol {eff.secure_aggregation.protocol}, sha256 {eff.sha256[:16]}…)",
                               markup=False)
+    world_report = _check_world(world, as_json) if world is not None and code == 0 else None
     if as_json:
-        print(json.dumps({"ok": code == 0, "files": report, "chain": chain_report}, indent=1, ensure_ascii=False))
+        print(json.dumps({"ok": code == 0, "files": report, "chain": chain_report, "world": world_report},
+                         indent=1, ensure_ascii=False))
     elif failed and len(files) > 1:
         err_console.print(f"{failed} of {len(files)} policy files are invalid", markup=False)
     return code
+
+
+def _missing_files() -> Exception:
+    """Click's MissingParameter (a one-line usage error, exit 2) from the click that this typer runs on:
+    typer >= 0.16 bundles its own copy, older typer uses the `click` package."""
+    import sys
+
+    missing = sys.modules[typer.BadParameter.__module__].MissingParameter
+    return missing("Give policy FILES, --world WORLD.yaml, or both.", param_hint="'FILES...'", param_type="argument")
+
+
+def _check_world(world: Path, as_json: bool) -> dict[str, Any]:
+    """Load ``world`` (tree and every policy; errors name file:line field) and print its DP feasibility."""
+    from worldlm_secure.cli.plan import print_feasibility
+    from worldlm_secure.federation.simulate import plan_world
+
+    plan = plan_world(world)
+    feasibility = plan["dp_feasibility"]
+    if not as_json:
+        console.print(f"ok: {world} ({plan['world']}: {len(plan['members'])} sites, every policy loads and composes)",
+                      markup=False)
+        if not print_feasibility({plan["method"]: feasibility}, console) and not feasibility:
+            console.print("no release is under differential privacy", markup=False)
+    return {"path": str(world), "ok": True, "name": plan["world"], "dp_feasibility": feasibility}
 
 
 @app.command("explain", epilog="Example: worldlm-secure policy explain policies/eu.yaml")

@@ -19,6 +19,7 @@ import typer
 from worldlm_secure.cli import PROG, app
 from worldlm_secure.cli._console import esc, make_console, stdout_is_terminal
 from worldlm_secure.errors import ConfigError
+from worldlm_secure.federation.results import PLOT_FILES, RESULTS_FILE as RESULTS  # light: json, os
 
 console = make_console()
 BACKENDS = ("inprocess", "ray")
@@ -26,7 +27,6 @@ RAY_SCOPES = ("sites", "methods")
 DEVICE_HELP = "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 PARTIAL = "results.partial.json"
-RESULTS = "results.json"
 
 
 def default_world() -> Path:
@@ -128,6 +128,7 @@ def simulate(
     n_rounds = prep.settings.rounds
     info.print(f"[bold]{esc(w.name)}[/]: {len(w.federations)} federations, {len(w.sites)} sites; "
                f"methods {', '.join(m.name for m in chosen)}; {n_rounds} rounds; device {prep.device}; {thread_note}")
+    _print_dp_feasibility(prep, chosen, info)
     if finished:
         info.print(f"--resume: kept {', '.join(finished)} from the earlier run in {esc(out)}; running {', '.join(m.name for m in todo) or 'nothing'}")
     out.mkdir(parents=True, exist_ok=True)
@@ -143,16 +144,10 @@ def simulate(
     except KeyboardInterrupt:
         _interrupted(out, chosen, partial, world, info)
         raise typer.Exit(130) from None
-    from worldlm_secure.federation.results import results_json, write_json_atomic, write_plots
-
-    ordered = {m.name: finished[m.name] for m in chosen if m.name in finished}
-    payload = results_json(result, earlier=ordered)
-    payload["methods"] = {m.name: payload["methods"][m.name] for m in chosen if m.name in payload["methods"]}
-    if finished:
-        payload["resumed_from_earlier_run"] = list(finished)
-    write_json_atomic(out / RESULTS, payload)
+    saved = result.save(out, earlier={m.name: finished[m.name] for m in chosen if m.name in finished},
+                        order=[m.name for m in chosen])
     (out / PARTIAL).unlink(missing_ok=True)
-    plots = write_plots(payload, out)
+    payload, plots = saved.payload, saved.plots
     if as_json:
         print(json.dumps(summary_json(payload, out, plots), indent=1))
         return
@@ -182,11 +177,14 @@ def _run_inprocess(prep: Any, todo: list, out: Path, partial: dict, fingerprint:
             info.print(text, markup=False)
             info.file.flush()
 
+        def finished(m: Any) -> None:
+            done(m)
+            info.print(f"{m.name}: done, mean ppl {_fmt(m.mean_val_ppl)} in {m.wall_s:.1f} s", markup=False)
+
         return run_prepared(
             prep, methods=todo, ledger_root=out / "ledgers", on_progress=line,
             on_method=lambda name: info.print(f"{name}: training", markup=False),
-            on_method_done=lambda m: (done(m), info.print(
-                f"{m.name}: done, mean ppl {_fmt(m.mean_val_ppl)} in {m.wall_s:.1f} s", markup=False)),
+            on_method_done=finished,
         )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -301,7 +299,7 @@ def _resume_state(out: Path, fingerprint: dict, chosen: list[str], info: Any) ->
 
 
 def _clear(out: Path) -> None:
-    for name in (RESULTS, PARTIAL, "perplexity_rounds.png", "perplexity_sites.png"):
+    for name in (RESULTS, PARTIAL, *PLOT_FILES):
         (out / name).unlink(missing_ok=True)
     if (out / "ledgers").is_dir():
         shutil.rmtree(out / "ledgers")
@@ -369,6 +367,7 @@ def summary_json(payload: dict, out: Path, plots: list[Path]) -> dict:
 
 
 def _dry_run(prep: Any, chosen: list, as_json: bool, thread_note: str) -> None:
+    from worldlm_secure.cli.plan import print_plan
     from worldlm_secure.federation.simulate import plan_simulation
 
     plan = plan_simulation(prep)
@@ -377,45 +376,16 @@ def _dry_run(prep: Any, chosen: list, as_json: bool, thread_note: str) -> None:
     if as_json:
         print(json.dumps(plan, indent=1))
         return
-    from rich.table import Table
-    from rich.tree import Tree
-
     console.print(f"[bold]{esc(plan['world'])}[/] ({esc(plan['file'])}): {plan['rounds']} rounds, seed {plan['seed']}, "
                   f"device {plan['device']}, {thread_note}; model {plan['parameters']:,} parameters; "
                   f"methods {', '.join(plan['methods'])} (plan below: worldlm)")
-
-    def label(n: dict) -> str:
-        text = f"[bold]{esc(n['name'])}[/] {n['kind']} ({esc(n['policy'])})"
-        if "groups" in n:
-            g = n["groups"]
-            text += f": local {g['local']:,} / key {g['key']:,} / shared {g['shared']:,} values"
-        return text
-
-    tree = Tree(label(plan["tree"]))
-
-    def grow(branch: Any, n: dict) -> None:
-        for c in n["children"]:
-            grow(branch.add(label(c)), c)
-
-    grow(tree, plan["tree"])
-    console.print(tree)
-    t = Table(title="releases per round")
-    for col in ("group", "from", "to", "values", "protocol", "min cohort", "DP"):
-        t.add_column(col, justify="right" if col in ("values", "min cohort") else "left")
-    for r in plan["releases"]:
-        dp = r["dp"]
-        dp_text = (f"user {dp['mechanism']}, z {dp['noise_multiplier']:.3g}, clip {dp['clipping_norm']:g}"
-                   if dp else ("record (DP-SGD in site)" if r["record_level_dp"] else "none"))
-        t.add_row(r["group"], esc(", ".join(r["from"])), esc(r["to"]), f"{r['values']:,}", r["protocol"],
-                  str(r["min_cohort"]), dp_text)
-    console.print(t)
-    m = Table(title="planned privacy loss per member (over the whole run)")
-    for col in ("member", "DP", "ε planned", "δ", "releases"):
-        m.add_column(col)
-    for name, v in sorted(plan["members"].items()):
-        m.add_row(esc(name), v["level"], "–" if v["epsilon_planned"] is None else f"{v['epsilon_planned']:g}",
-                  "–" if v["delta"] is None else f"{v['delta']:g}", str(v["releases"]))
-    console.print(m)
-    console.print(f"bytes up per round: {plan['bytes_up_per_round'] / 1e6:.2f} MB of float32 values "
-                  "(before the protocol's expansion: masking and CKKS send more; see `compare`)")
+    print_plan(plan, console)
     console.print("dry run: nothing trained, nothing written")
+
+
+def _print_dp_feasibility(prep: Any, chosen: list, info: Any) -> None:
+    """The header's expected signal-to-noise of every DP release of every chosen method, before training."""
+    from worldlm_secure.cli.plan import print_feasibility
+    from worldlm_secure.federation.simulate import plan_simulation
+
+    print_feasibility({m.name: plan_simulation(prep, m)["dp_feasibility"] for m in chosen}, info)

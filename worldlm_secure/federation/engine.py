@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,8 +30,11 @@ from worldlm_secure.federation.settings import Settings
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.model import ParameterGroups, assign_groups, build_model
-from worldlm_secure.privacy.record_stream import RecordStream
+from worldlm_secure.privacy.record_stream import RecordDPParams, RecordStream
 from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
+
+if TYPE_CHECKING:
+    from worldlm_secure.train.private import PrivateTrainer
 
 Tensors = dict[str, torch.Tensor]
 
@@ -89,6 +93,47 @@ class _Site:
     @property
     def examples(self) -> int:
         return int(self.train.shape[0])
+
+
+def plan_feasibility(
+    path: ReleasePath,
+    members: Mapping[str, list[str]],
+    groups: Mapping[str, list[str]],
+    sizes: Mapping[str, int],
+    root: str,
+    *,
+    record: Mapping[str, RecordDPParams] | None = None,
+    trained: int = 0,
+) -> list:
+    """`privacy.feasibility.Feasibility` of every DP release a run plans, before anything trains.
+
+    ``members``: aggregator -> its sites; ``groups``: "key"/"shared" -> released parameter names;
+    ``sizes``: parameter name -> number of values; ``record``: site -> `RecordDPParams` of its DP-SGD;
+    ``trained``: trainable values (the DP-SGD noise dimension). The one definition the engine, the
+    `--dry-run` plan, `policy check --world` and `node start` use.
+    """
+    from worldlm_secure.aggregation.weighted import DeltaCodec
+    from worldlm_secure.federation.release import round_user_dp
+    from worldlm_secure.privacy.feasibility import feasibility
+
+    out = []
+    for agg, sites in sorted(members.items()):
+        cohort = sorted(sites)
+        for group, final in (("key", agg), ("shared", root)):
+            names = list(groups.get(group) or [])
+            if not names:
+                continue
+            dp = round_user_dp(path, cohort, final, path.plan(cohort, final))
+            if dp is None:
+                continue
+            dim = DeltaCodec(tuple(names), tuple((sizes[n],) for n in names)).length
+            out.append(feasibility(f"{group} at {agg}", contributors=len(cohort), clipping_norm=dp.clipping_norm,
+                                   noise_multiplier=dp.noise_multiplier, dim=dim))
+    for site, prm in sorted((record or {}).items()):
+        out.append(feasibility(f"DP-SGD at {site}", contributors=prm.expected_batch,
+                               clipping_norm=prm.max_grad_norm, noise_multiplier=prm.noise_multiplier,
+                               dim=trained, level="record"))
+    return out
 
 
 def planned_site_releases(rounds: int, key_released: bool, shared_released: bool) -> int:
@@ -173,6 +218,7 @@ class Engine:
             # every release of a site composes into its one loss: key + shared per round per site
             planned_releases=planned_site_releases(settings.rounds, key_released, shared_released),
         )
+        self.release.base_hash = self.base_hash  # every ledger entry records the base it updates
         self.sites: list[_Site] = []
         for i, node in enumerate(sorted(world.sites, key=lambda n: n.name)):
             g = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
@@ -204,7 +250,7 @@ class Engine:
         self.momentum: dict[tuple[str, str], Tensors] = {}  # DP-FedAvgM server momentum per (group, aggregator)
         self.feasibility = self._feasibility()
 
-    def _plan_record_dp(self) -> tuple[object | None, dict[str, RecordStream]]:
+    def _plan_record_dp(self) -> tuple[PrivateTrainer | None, dict[str, RecordStream]]:
         """DP-SGD for every site whose effective policy (site -> root) is record-level, fixed before training.
 
         The shared module is wrapped for per-sample gradients once; a model Opacus cannot handle raises
@@ -232,32 +278,17 @@ class Engine:
         return private, streams
 
     def _feasibility(self) -> list[object]:
-        """The expected signal-to-noise of every DP release this run plans (privacy.feasibility), before any
+        """The expected signal-to-noise of every DP release this run plans (`plan_feasibility`), before any
         site trains; each warning is logged and kept in the result (results.json, via MethodResult)."""
         import logging
 
-        from worldlm_secure.aggregation.weighted import DeltaCodec
-        from worldlm_secure.federation.release import round_user_dp
-        from worldlm_secure.privacy.feasibility import feasibility
-
-        sizes = {n: p.numel() for n, p in self.model.named_parameters()}
-        out = []
-        for agg, sites in sorted(self.members.items()):
-            cohort = sorted(s.name for s in sites)
-            for group, names, final in (("key", self.key_names, agg), ("shared", self.shared_names, self.root)):
-                if not names:
-                    continue
-                dp = round_user_dp(self.release, cohort, final, self.release.plan(cohort, final))
-                if dp is None:
-                    continue
-                dim = DeltaCodec(tuple(names), tuple((sizes[n],) for n in names)).length
-                out.append(feasibility(f"{group} at {agg}", contributors=len(cohort), clipping_norm=dp.clipping_norm,
-                                       noise_multiplier=dp.noise_multiplier, dim=dim))
-        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        for site, stream in sorted(self.record.items()):
-            prm = stream.params
-            out.append(feasibility(f"DP-SGD at {site}", contributors=prm.expected_batch, clipping_norm=prm.max_grad_norm,
-                                   noise_multiplier=prm.noise_multiplier, dim=trained, level="record"))
+        out = plan_feasibility(
+            self.release, {agg: [s.name for s in sites] for agg, sites in self.members.items()},
+            {"key": self.key_names, "shared": self.shared_names},
+            {n: p.numel() for n, p in self.model.named_parameters()}, self.root,
+            record={site: stream.params for site, stream in self.record.items()},
+            trained=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+        )
         log = logging.getLogger("worldlm_secure.dp")
         for f in out:
             for w in f.warnings:
@@ -285,8 +316,8 @@ class Engine:
         losses = []
         steps = self.settings.train.local_steps
         start_step = (round_id - 1) * steps
-        for stream in self.record.values():  # refuse the whole round before any site trains (BudgetExceeded)
-            stream.check_round(steps)
+        for held in self.record.values():  # refuse the whole round before any site trains (BudgetExceeded)
+            held.check_round(steps)
         for site in self.sites:
             self.model.load_state_dict(site.params, strict=False)
             opt = self.trainer.make_optimizer()
@@ -294,7 +325,8 @@ class Engine:
                 opt.load_state_dict(site.opt_state)
             stream = self.record.get(site.name)
             if stream is not None:
-                loss, taken = self.private.train_round(site.train, opt, start_step, stream.params)  # type: ignore[attr-defined]
+                assert self.private is not None  # _plan_record_dp makes one whenever a site has a record stream
+                loss, taken = self.private.train_round(site.train, opt, start_step, stream.params)
                 stream.add_steps(taken)
                 losses.append(loss)
             else:
@@ -346,18 +378,16 @@ class Engine:
 
     def _server_step(self, group: str, aggregator: str, server: Tensors, new: Tensors, names: list[str],
                      lr: float) -> Tensors:
-        """DP-FedAvgM on the released mean ``new - server``: m <- beta*m + mean; server + lr * m.
+        """DP-FedAvgM on the released mean ``new - server``: m <- beta*m + mean; server + lr * m
+        (`aggregation.server.server_step`, the one definition deployed federations use too).
         lr = 1 and beta = 0 (the defaults) is plain FedAvg: exactly ``new``."""
-        beta = self.settings.server_momentum
-        if lr == 1.0 and beta == 0.0:
-            return new
-        mean = {n: new[n] - server[n] for n in names}
-        if beta > 0.0:
-            prev = self.momentum.get((group, aggregator))
-            if prev is not None:
-                mean = {n: beta * prev[n] + mean[n] for n in names}
-            self.momentum[(group, aggregator)] = mean
-        return {n: server[n] + lr * mean[n] for n in names}
+        from worldlm_secure.aggregation.server import server_step
+
+        out, buf = server_step(server, new, names, lr=lr, momentum=self.settings.server_momentum,
+                               buffer=self.momentum.get((group, aggregator)))
+        if buf is not None:
+            self.momentum[(group, aggregator)] = buf
+        return out
 
     def _aggregate_key(self, round_id: int) -> None:
         if not self.key_names:

@@ -1,4 +1,5 @@
-"""Writing a simulation's results: `results.json` and PNG plots.
+"""Writing a simulation's results: `results.json` and PNG plots (`save_results`, behind
+`SimulationResult.save` and `worldlm-secure simulate`).
 
 `results.json` (stable keys, documented in the README):
     {"world", "entropy_floor_ppl": float|null, "site_floors": {SITE: ppl},
@@ -24,7 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,39 @@ if TYPE_CHECKING:  # the engine imports torch; this module must not
     from worldlm_secure.federation.engine import MethodResult
 
 DIVERGENCE_FACTOR = 2.0
+RESULTS_FILE = "results.json"
+PLOT_FILES = ("perplexity_rounds.png", "perplexity_sites.png")
+
+
+@dataclass(frozen=True)
+class SavedResults:
+    """What `save_results` wrote: the results.json payload, its path and the plots."""
+
+    payload: dict[str, Any]
+    results: Path
+    plots: list[Path]
+
+
+def save_results(
+    result: Any,
+    out: str | Path,
+    *,
+    earlier: Mapping[str, dict[str, Any]] | None = None,
+    order: Sequence[str] | None = None,
+) -> SavedResults:
+    """Write ``result`` (a `SimulationResult`) into folder ``out``: results.json (atomically) and the plots.
+
+    ``earlier``: methods (their `method_json`) an interrupted run into ``out`` finished (``--resume``);
+    ``order``: the order of the methods in the file and the plots (default: earlier ones, then the run's).
+    """
+    out = Path(out)
+    payload = results_json(result, earlier=dict(earlier or {}))
+    if order is not None:
+        payload["methods"] = {n: payload["methods"][n] for n in order if n in payload["methods"]}
+    if earlier:
+        payload["resumed_from_earlier_run"] = list(earlier)
+    write_json_atomic(out / RESULTS_FILE, payload)
+    return SavedResults(payload, out / RESULTS_FILE, write_plots(payload, out))
 
 
 def divergence_bound(vocab_size: int | None) -> float | None:
@@ -128,7 +163,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
-    """Validation perplexity per round per method, and per-site final perplexity (PNG)."""
+    """Validation perplexity per round per method, and per-site final perplexity (PNG, `PLOT_FILES`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +183,7 @@ def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    paths.append(out / "perplexity_rounds.png")
+    paths.append(out / PLOT_FILES[0])
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -171,7 +206,7 @@ def write_plots(payload: dict[str, Any], out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    paths.append(out / "perplexity_sites.png")
+    paths.append(out / PLOT_FILES[1])
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths

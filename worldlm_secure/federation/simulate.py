@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,20 @@ class SimulationResult:
     @property
     def entropy_floor_ppl(self) -> float | None:
         return float(np.mean(list(self.floors.values()))) if self.floors else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The results.json payload (README "What `simulate` does")."""
+        from worldlm_secure.federation.results import results_json
+
+        return results_json(self)
+
+    def save(self, out: str | Path, *, earlier: dict[str, dict[str, Any]] | None = None,
+             order: Sequence[str] | None = None) -> Any:
+        """Write results.json and the perplexity plots into folder ``out`` (what `worldlm-secure simulate`
+        writes); returns `federation.results.SavedResults`. ``earlier``, ``order``: see `save_results`."""
+        from worldlm_secure.federation.results import save_results
+
+        return save_results(self, out, earlier=earlier, order=order)
 
 
 def load_world_data(world: World, settings: Settings) -> tuple[dict[str, SiteData], int]:
@@ -187,13 +202,13 @@ def run_method(
     cumulative ε of any stream so far, or None) and seconds (since the method started).
     """
     start = time.perf_counter()
-    engine: Any = None
+    engine: Engine | None = None
 
     def round_done(rec: RoundRecord) -> None:
         if on_round:
             on_round(rec)
         if on_progress:
-            eps = dict(getattr(getattr(engine, "release", None), "stats", None).epsilon) if engine is not None else {}
+            eps = dict(engine.release.stats.epsilon) if engine is not None else {}
             on_progress({
                 "method": method.name, "round": rec.round, "rounds": settings.rounds, "loss": rec.train_loss,
                 "ppl": rec.mean_val_ppl, "epsilon": max(eps.values()) if eps else None,
@@ -246,7 +261,7 @@ def run_prepared(
             on_method(method.name)
         results[method.name] = run_method(
             prep.world, prep.settings, prep.data, prep.vocab, method, ledger_root=ledger_root, on_site=on_site,
-            on_round=(lambda rec, m=method.name: on_round(m, rec)) if on_round else None,
+            on_round=partial(on_round, method.name) if on_round else None,
             on_progress=on_progress,
         )
         if on_method_done:
@@ -284,8 +299,9 @@ def simulate(
 
 
 # ------------------------------------------------------------------------------------- the plan (--dry-run)
-def count_model_parameters(settings: Settings, vocab: int) -> dict[str, int]:
-    """Parameter name -> number of values, from a model built on the ``meta`` device (no memory, no init)."""
+def count_model_parameters(settings: Settings, vocab: int, *, trainable: bool = False) -> dict[str, int]:
+    """Parameter name -> number of values, from a model built on the ``meta`` device (no memory, no init);
+    ``trainable``: only the parameters that train (a pretrained base under adapters is frozen)."""
     import torch
     from dataclasses import replace as dc_replace
 
@@ -297,14 +313,14 @@ def count_model_parameters(settings: Settings, vocab: int) -> dict[str, int]:
             model = build_model(spec, seed=settings.seed)
     except Exception:  # noqa: BLE001 - an architecture that cannot be built on meta: the tiny real one
         model = build_model(spec, seed=settings.seed)
-    return {n: int(p.numel()) for n, p in model.named_parameters()}
+    return {n: int(p.numel()) for n, p in model.named_parameters() if p.requires_grad or not trainable}
 
 
 def plan_simulation(prep: Prepared, method: Method | None = None) -> dict[str, Any]:
     """What a run of ``method`` (default: WorldLM) would do, without training: the tree, every site's
     parameter groups, each release (group, from -> to, protocol, DP), each member's planned privacy loss,
     and the float32 bytes sent up per round (before the protocol's expansion). JSON-ready."""
-    from worldlm_secure.federation.engine import _layer_override, plan_groups, planned_site_releases
+    from worldlm_secure.federation.engine import _layer_override, plan_feasibility, plan_groups, planned_site_releases
     from worldlm_secure.federation.methods import METHODS
     from worldlm_secure.federation.release import ReleasePath, round_user_dp
     from worldlm_secure.identity import NodeIdentity
@@ -370,6 +386,12 @@ def plan_simulation(prep: Prepared, method: Method | None = None) -> dict[str, A
         else:
             per_member[s.name] = {"level": "none", "epsilon_planned": None, "delta": None, "releases": planned}
 
+    first = groups[min(groups)]
+    feasible = plan_feasibility(
+        path, members, {"key": list(first.key), "shared": list(first.shared)}, sizes, root,
+        record=_planned_record_dp(prep, path), trained=sum(count_model_parameters(settings, prep.vocab, trainable=True).values()),
+    )
+
     def node(n: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"name": n.name, "kind": n.kind, "policy": n.policy_path.name}
         if n.kind == "site":
@@ -383,4 +405,28 @@ def plan_simulation(prep: Prepared, method: Method | None = None) -> dict[str, A
         "seed": settings.seed, "device": prep.device, "parameters": sum(sizes.values()),
         "tree": node(world.root), "releases": releases, "members": per_member,
         "bytes_up_per_round": bytes_up, "releases_per_site": planned,
+        # expected signal-to-noise of every DP release, with a warning naming the fixes when DP cannot learn
+        "dp_feasibility": [f.to_dict() for f in feasible],
     }
+
+
+def plan_world(world_path: str | Path, *, rounds: int | None = None, device: str = "cpu",
+               seed: int | None = None, method: Method | None = None) -> dict[str, Any]:
+    """`prepare` then `plan_simulation`: the plan of a world file (`--dry-run`, `policy check --world`)."""
+    return plan_simulation(prepare(world_path, rounds=rounds, device=device, seed=seed), method)
+
+
+def _planned_record_dp(prep: Prepared, path: Any) -> dict[str, Any]:
+    """Site -> `RecordDPParams` of its DP-SGD, for every record-level site (as the engine plans them)."""
+    from worldlm_secure.train.private import record_dp_params
+
+    cfg, root = prep.settings.train, prep.world.root.name
+    out = {}
+    for s in sorted(prep.world.sites, key=lambda n: n.name):
+        eff = path.effective(s.name, root)
+        if eff.differential_privacy.record_level:
+            out[s.name] = record_dp_params(
+                eff, records=int(prep.data[s.name].train.size) // prep.settings.seq_len,
+                expected_batch=cfg.batch_size * cfg.grad_accum, planned_steps=prep.settings.rounds * cfg.local_steps,
+            )
+    return out

@@ -55,6 +55,32 @@ def check_policy(cfg: NodeConfig, policy_path: Path, world_policy: Path) -> None
         )
 
 
+def node_feasibility(ctx: Any, name: str) -> list[Any]:
+    """The expected signal-to-noise (`privacy.feasibility.Feasibility`) of every user-level DP release node
+    ``name`` takes part in, as a member or as the aggregator: what `node start` reports before it opens a port.
+    (A record-level site's DP-SGD is planned by the site from its own data: `simulate --dry-run` shows it.)"""
+    from worldlm_secure.federation.engine import plan_feasibility, planned_site_releases
+    from worldlm_secure.federation.release import ReleasePath
+
+    planned = planned_site_releases(ctx.settings.rounds, bool(ctx.key_names), bool(ctx.shared_names))
+    path = ReleasePath(ctx.world, {}, planned_releases=planned)
+    members = {f.name: ctx.members(f.name) for f in ctx.world.federations}
+    mine = {agg: sites for agg, sites in members.items() if name == agg or name in sites}
+    return plan_feasibility(path, mine, {"key": ctx.key_names, "shared": ctx.shared_names},
+                            {n: int(t.numel()) for n, t in ctx.init.items()}, ctx.root)
+
+
+def report_feasibility(ctx: Any, name: str, emit: Emit) -> None:
+    """One `dp_feasibility` progress event per DP release of this node; each warning also on the log (stderr)."""
+    import logging
+
+    log = logging.getLogger("worldlm_secure.dp")
+    for f in node_feasibility(ctx, name):
+        emit("dp_feasibility", **f.to_dict())
+        for w in f.warnings:
+            log.warning("%s: %s", name, w)
+
+
 def start_node(config_path: str | Path, policy_path: str | Path, *, emit: Emit | None = None) -> dict[str, Any]:
     """Run one node until its world's last round is done; returns a summary. Raises `WorldLMError`s
     that name the file, the field and the fix."""
@@ -72,6 +98,7 @@ def start_node(config_path: str | Path, policy_path: str | Path, *, emit: Emit |
     check_supported(ctx)
     identity = _identity(cfg)
     emit("starting", role=cfg.role, world=str(cfg.world), rounds=ctx.settings.rounds)
+    report_feasibility(ctx, cfg.name, emit)  # before any round: say when DP cannot learn
     if cfg.role == "site":
         from worldlm_secure.node.site import SiteNode
 

@@ -132,11 +132,32 @@ def launch(proc: NodeProcess, on_event: OnEvent, lock: threading.Lock) -> None:
     proc.reader.start()
 
 
-def prepare(world_path: Path, state: Path) -> tuple[World, dict[str, NodeProcess]]:
-    """Keys, rosters and node configs for every node of the world (nothing started)."""
+def _deployable(world_path: str | Path) -> World:
+    """The world, refused unless it is root -> federations -> sites (what nodes run)."""
     world = load_world(world_path)
     if world.is_flat:
         raise ConfigError(f"{world_path}: world up needs root -> federations -> sites")
+    return world
+
+
+def plan_world_up(world_path: str | Path) -> dict[str, Any]:
+    """What `world up` would run, with nothing issued, written or started (`world up --dry-run`).
+
+    The plan `simulate --dry-run` prints for method worldlm (the one nodes run; `plan_simulation`), after
+    the checks `node start` makes before it opens a port (`check_supported`). JSON-ready.
+    """
+    from worldlm_secure.federation.simulate import plan_world
+    from worldlm_secure.node.context import load_context
+    from worldlm_secure.node.release import check_supported
+
+    _deployable(world_path)
+    check_supported(load_context(Path(world_path)))
+    return plan_world(world_path)
+
+
+def prepare(world_path: Path, state: Path) -> tuple[World, dict[str, NodeProcess]]:
+    """Keys, rosters and node configs for every node of the world (nothing started)."""
+    world = _deployable(world_path)
     state = state.resolve()
     issue_world_keys(world, state)
     templates = _templates(world)

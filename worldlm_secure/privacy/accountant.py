@@ -5,6 +5,12 @@ conversion); `prv` is the PRVAccountant (Gopi et al. 2021) with ε error 1e-3 an
 bound reported. Everything here is a pure function of its arguments, so `ledger verify`
 recomputes exactly what the node recorded.
 
+Light at import: Opacus' package imports torch, so nothing from Opacus is imported at module level.
+RDP (the default accountant, and what `ledger verify` replays) runs Opacus' own pure numpy/scipy
+analysis module, `opacus/accountants/analysis/rdp.py`, loaded by file without executing Opacus'
+package `__init__` (same code, same numbers, no torch). PRV and the noise search
+(`derive_noise_multiplier`) import Opacus proper, torch included, when first called.
+
 For user-level DP in a federation round: sample_rate = cohort / population (1.0 when all
 members participate), steps = number of releases on the stream. For record-level DP-SGD:
 sample_rate = batch / records, steps = optimizer steps.
@@ -12,18 +18,22 @@ sample_rate = batch / records, steps = optimizer steps.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from worldlm_secure.errors import PolicyError
+
+_RDP_MODULE = "opacus.accountants.analysis.rdp"
 
 ACCOUNTANTS = ("rdp", "prv")
 PRV_EPS_ERROR = 1e-3  # absolute ε error of the PRV estimate; the upper bound is what we report
@@ -41,6 +51,40 @@ class MechanismStep:
     noise_multiplier: float
     sample_rate: float
     steps: int = 1
+
+
+@cache
+def _rdp_analysis() -> ModuleType:
+    """Opacus' RDP analysis module (`compute_rdp`, `get_privacy_spent`), without importing torch.
+
+    The real module when Opacus is already imported; otherwise the same file loaded under a private
+    name. `find_spec("opacus")` locates the package without executing its `__init__` (which imports
+    torch); the analysis file itself imports only math, numpy and scipy.
+    """
+    loaded = sys.modules.get(_RDP_MODULE)
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.find_spec("opacus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("opacus is not installed (pip install opacus): it computes ε")
+    path = Path(next(iter(spec.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
+    file_spec = importlib.util.spec_from_file_location("worldlm_secure.privacy._opacus_rdp", path)
+    if file_spec is None or file_spec.loader is None:  # pragma: no cover - a broken opacus install
+        raise ImportError(f"cannot load Opacus' RDP analysis from {path}")
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module
+
+
+def _rdp_epsilon(hist: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """ε at δ of (z, q, steps) compositions: exactly Opacus' `RDPAccountant.get_epsilon` at `RDP_ORDERS`."""
+    rdp_analysis = _rdp_analysis()
+    orders = list(RDP_ORDERS)
+    rdp = sum(  # the same expression as RDPAccountant.get_privacy_spent, so the same floating-point sum
+        [rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders) for (z, q, n) in hist]
+    )
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def _check(accountant: str, delta: float, history: Sequence[MechanismStep]) -> None:
@@ -71,9 +115,9 @@ def epsilon_of(history: Sequence[MechanismStep], delta: float, accountant: str =
     if not hist:
         return 0.0
     if accountant == "rdp":
-        acc = RDPAccountant()
-        acc.history = hist
-        return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+        return _rdp_epsilon(hist, delta)
+    from opacus.accountants import PRVAccountant  # imports torch: only PRV streams pay for it
+
     acc_p = PRVAccountant()
     acc_p.history = hist
     with warnings.catch_warnings():
@@ -90,6 +134,7 @@ def rdp_curve(history: Sequence[MechanismStep], start: Sequence[float] | None = 
     """The RDP ε(α) at `RDP_ORDERS` of the composition, optionally added to a `start` curve
     (incremental accounting: one `compute_rdp` per new step instead of replaying the stream)."""
     _check("rdp", 0.5, history)
+    rdp_analysis = _rdp_analysis()
     total = list(start) if start is not None else [0.0] * len(RDP_ORDERS)
     for s in history:
         if s.steps:
@@ -105,7 +150,7 @@ def epsilon_from_rdp(curve: Sequence[float], delta: float) -> float:
     _check("rdp", delta, [])
     if not any(curve):
         return 0.0
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=np.asarray(curve), delta=delta)
+    eps, _ = _rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=np.asarray(curve), delta=delta)
     return float(eps)
 
 
@@ -121,6 +166,8 @@ def derive_noise_multiplier(
         raise PolicyError(f"differential_privacy.epsilon_budget: must be > 0 and finite (got {budget})")
     if steps < 1:
         raise PolicyError(f"planned releases must be >= 1 to derive a noise multiplier (got {steps})")
+    from opacus.accountants.utils import get_noise_multiplier  # imports torch: training paths only
+
     logging.getLogger("opacus").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
