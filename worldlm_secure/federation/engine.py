@@ -463,6 +463,14 @@ class Engine:
         return out
 
     def run(self) -> MethodResult:
+        """Train every round (or until a budget refuses one) and return the result; the ledgers are closed
+        at the end, whatever happened (`ReleasePath.close`)."""
+        try:
+            return self._run()
+        finally:
+            self.release.close()
+
+    def _run(self) -> MethodResult:
         if self.method.pooled:  # `central`: the pooled-data reference (federation.methods.run_central)
             from worldlm_secure.federation.methods import run_central
 

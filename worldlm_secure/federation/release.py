@@ -460,6 +460,14 @@ class ReleasePath:
             self._ledgers[node] = Ledger(self.ledger_dir / f"{node}.sqlite", self.identities[node], base_hash=self.base_hash)
         return self._ledgers[node]
 
+    def close(self) -> None:
+        """Close every open ledger. SQLite then folds its write-ahead log into ``NODE.sqlite``, so that file
+        alone is the whole ledger (an auditor copying only ``*.sqlite`` gets every entry); a later
+        `ledger` call opens it again."""
+        for ledger in self._ledgers.values():
+            ledger.close()
+        self._ledgers.clear()
+
     def record_release(
         self, round_id: int, group: str, member: str, destination: str, names: Sequence[str], plan: Any,
         result: SumResult, eff: Any, dp_level: str, dp: ReleaseDP | None, charge: Any,
