@@ -24,15 +24,18 @@ file, the line and the field, and list the valid keys for a typo, in the mapping
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.methods import METHODS
 from worldlm_secure.federation.world import _where, read_yaml_lines, unknown_key_message
+
+_T = TypeVar("_T")
 
 Protocol = Literal["none", "masking", "ckks"]
 NOISE_MECHANISM = {
@@ -132,8 +135,8 @@ class Cell:
         return {
             "method": self.method,
             "protocol": self.protocol or "base",
-            "dp": "base" if dp is None else ("off" if dp == "off" else dp.label),  # type: ignore[union-attr]
-            "dp_level": "base" if dp is None else ("none" if dp == "off" else dp.level),  # type: ignore[union-attr]
+            "dp": "base" if dp is None else ("off" if dp == "off" else dp.label),
+            "dp_level": "base" if dp is None else ("none" if dp == "off" else dp.level),
             "noise": dp.noise if isinstance(dp, DPSetting) and dp.level == "user" else "",
             "epsilon_target": dp.epsilon if isinstance(dp, DPSetting) else None,
             "delta": dp.delta if isinstance(dp, DPSetting) else None,
@@ -180,15 +183,20 @@ def _dp_settings(values: list[Any] | None) -> list[DPSetting | None | Literal["o
     return out
 
 
+def _or_base(values: Sequence[_T] | None) -> Sequence[_T | None]:
+    """An axis' values, or [None] (what the base world says) when the axis is not given."""
+    return values or [None]
+
+
 def _cross(axes: Axes) -> list[Cell]:
     return [
         Cell(method, protocol, dp, residuals, seed)
         for method, protocol, dp, residuals, seed in itertools.product(
             axes.method or ["worldlm"],
-            axes.protocol or [None],
+            _or_base(axes.protocol),
             _dp_settings(axes.dp),
-            axes.residuals or [None],
-            axes.seed or [None],
+            _or_base(axes.residuals),
+            _or_base(axes.seed),
         )
     ]
 
@@ -297,4 +305,4 @@ def load_grid(path: str | Path) -> Grid:
     if not cells:
         raise ConfigError(f"{_where(path, lines, 'exclude')}: every cell of the grid is excluded; nothing to run")
     return Grid(path, spec.name, world, spec.rounds, spec.device, spec.description,
-                dict(spec.protocol_params), tuple(cells.values()))
+                {name: params for name, params in spec.protocol_params.items()}, tuple(cells.values()))

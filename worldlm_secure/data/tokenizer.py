@@ -6,8 +6,8 @@ document. Its vocabulary is 260 (three ids spare, so embeddings stay a multiple 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -15,7 +15,8 @@ from worldlm_secure.errors import ConfigError
 
 
 class Tokenizer(Protocol):
-    vocab_size: int
+    @property
+    def vocab_size(self) -> int: ...
 
     def encode_documents(self, texts: list[str]) -> np.ndarray: ...
 
@@ -39,6 +40,7 @@ class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local folder (or the hub when online)."""
 
     name: str
+    _tok: Any = field(init=False, repr=False, compare=False)  # the transformers tokenizer, set in __post_init__
 
     def __post_init__(self) -> None:
         from transformers import AutoTokenizer
@@ -52,10 +54,10 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self._tok)  # type: ignore[attr-defined]
+        return len(self._tok)
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
-        tok = self._tok  # type: ignore[attr-defined]
+        tok = self._tok
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         ids: list[int] = []
         for text in texts:

@@ -56,7 +56,9 @@ class RayEngine(Engine):
         from worldlm_secure.federation.ray_backend import ensure_ray
 
         self._ray = ensure_ray(address)
-        spec = replace(self.settings.model, vocab_size=self.model.get_input_embeddings().num_embeddings)
+        # build_model's transformers (or peft) model; torch types attributes it does not know as Tensor | Module
+        embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
+        spec = replace(self.settings.model, vocab_size=embeddings.num_embeddings)
         config = (spec, self.settings.train, self.trainer.total_steps, self.settings.device,
                   max(1, int(cpus_per_site)), self.settings.seed)
         cluster = float(self._ray.cluster_resources().get("CPU", 0.0))
@@ -84,8 +86,8 @@ class RayEngine(Engine):
     def _train_sites(self, round_id: int) -> float:
         steps = self.settings.train.local_steps
         start_step = (round_id - 1) * steps
-        for stream in self.record.values():  # refuse the whole round before any site trains (BudgetExceeded)
-            stream.check_round(steps)
+        for held in self.record.values():  # refuse the whole round before any site trains (BudgetExceeded)
+            held.check_round(steps)
         refs = {}
         for s in self.sites:
             stream = self.record.get(s.name)

@@ -318,7 +318,10 @@ def load_world(path: str | Path, *, check_policies: bool = True) -> World:
         seed=_int(path, "seed", raw.get("seed", 0), lines),
         nodes=nodes,
         lines=lines,
-        **sections,
+        model=sections["model"],
+        data=sections["data"],
+        schedule=sections["schedule"],
+        aggregation=sections["aggregation"],
     )
     if check_policies:
         check_world_policies(world)
@@ -344,7 +347,8 @@ def _check_site_data(
         return _fail(path, f"nodes[{entries[node.name]['_index']}].data", msg, lines)
 
     for n in given:
-        if not n.data.exists():  # type: ignore[union-attr]
+        assert n.data is not None  # `given` holds only the sites with a data file
+        if not n.data.exists():
             raw = entries[n.name]["data"]
             raise fail(n, f"site {n.name!r}: data file {raw!r} not found (looked in {n.data})")
     source = next((k for k in ("synthetic", "files", "hub") if data.get(k) is not None), None)

@@ -56,7 +56,7 @@ def export_dp_events(entries: Sequence[LedgerEntry], *, node: str = "", public_k
     for e in entries:
         if _charged(e):
             streams.setdefault(e.stream, []).append(e)
-    out_streams = []
+    out_streams: list[dict[str, Any]] = []
     for stream, es in streams.items():
         last = es[-1]
         out_streams.append({

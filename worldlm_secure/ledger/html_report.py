@@ -83,8 +83,8 @@ def _epsilon_plots(w: WorldAudit) -> list[tuple[str, str]]:
         top = max([e for m in members for _, e in m.rounds] + list(budgets))
         for b, sources in sorted(budgets.items()):
             ax.axhline(b, color="#b00", ls="--", lw=1)
-            names = sorted({s.replace("policy ", "") for s in sources if s.startswith("policy ")})
-            ax.text(first_round - 1, b, f" budget ε={b:g}" + (f" ({', '.join(names)})" if names else ""),
+            policy_names = sorted({s.replace("policy ", "") for s in sources if s.startswith("policy ")})
+            ax.text(first_round - 1, b, f" budget ε={b:g}" + (f" ({', '.join(policy_names)})" if policy_names else ""),
                     va="bottom", ha="left", fontsize=8, color="#b00")
         ax.set_ylim(0, top * 1.15 if top > 0 else 1)
         ax.set_xlim(first_round - 1, last_round + 0.5)
@@ -218,7 +218,7 @@ def _world_section(w: WorldAudit, multi: bool) -> list[str]:
         for e in r.entries:
             users[e.policy_sha256].add(e.source)
         docs.update(r.policies)
-    for sha, nodes in sorted(users.items(), key=lambda kv: _policy_label(docs.get(kv[0]))):
+    for sha, policy_users in sorted(users.items(), key=lambda kv: _policy_label(docs.get(kv[0]))):
         doc = docs.get(sha) or {}
         dp = doc.get("differential_privacy") or {}
         sa = doc.get("secure_aggregation") or {}
@@ -230,7 +230,7 @@ def _world_section(w: WorldAudit, multi: bool) -> list[str]:
         dest = "; ".join(f"{k}: {'/'.join(v)}" for k, v in (eg.get("groups") or {}).items()) or "nowhere"
         local = ", ".join((doc.get("layers") or {}).get("local") or []) or "none"
         parts.append("<tr>" + _td(_policy_label(doc) if doc else "(document not stored)", "" if doc else "bad")
-                     + _td(", ".join(sorted(nodes))) + _td(dp_txt, "bad" if dp_txt == "none" else "") + _td(sa_txt)
+                     + _td(", ".join(sorted(policy_users))) + _td(dp_txt, "bad" if dp_txt == "none" else "") + _td(sa_txt)
                      + _td(dest) + _td(local) + f"<td><code>{_esc(sha[:16])}…</code></td></tr>")
     parts.append("</table>")
 

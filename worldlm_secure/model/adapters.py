@@ -94,11 +94,12 @@ def apply_adapters(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0) -> 
 
     if spec.r < 1:
         raise ConfigError(f"model.adapters.lora.r: must be at least 1 (got {spec.r})")
-    targets = list(spec.target_modules) if spec.target_modules else None
+    targets: list[str] | str | None = list(spec.target_modules) if spec.target_modules else None
     if targets == ["all-linear"]:
-        targets = "all-linear"  # type: ignore[assignment]
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")
+        targets = "all-linear"
+    # peft annotates lora_alpha as int, but only uses it in scaling = lora_alpha / r: a float alpha is kept as is
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha,  # type: ignore[arg-type]
+                        lora_dropout=spec.dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -109,6 +110,7 @@ def apply_adapters(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0) -> 
     trainable = [n for n, _ in peft_model.named_parameters()]
     if not trainable:
         raise ConfigError("model.adapters.lora.target_modules: matched no module, so nothing would train")
-    peft_model.base_weight_names = tuple(frozen)  # type: ignore[attr-defined]
+    # torch types Module.__setattr__ values as Tensor | Module; a plain attribute is fine at runtime
+    peft_model.base_weight_names = tuple(frozen)  # type: ignore[assignment]
     return peft_model
 

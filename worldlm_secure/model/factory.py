@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
@@ -104,9 +104,11 @@ def build_model(spec: ModelSpec, *, seed: int = 0) -> torch.nn.Module:
     Raises ConfigError naming the world-file field when the data's vocabulary (``spec.vocab_size``) or the
     sequence length does not fit a pretrained model, or when the base does not hash to ``base_sha256``.
     """
+    model: torch.nn.Module
     if spec.pretrained is not None:
         model = load_pretrained(spec.pretrained, dtype=spec.dtype, seed=seed)
-        n_vocab = model.get_input_embeddings().num_embeddings
+        # transformers types it as nn.Module; a causal LM's input embedding is an nn.Embedding
+        n_vocab = cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings
         if spec.vocab_size > n_vocab:
             raise ConfigError(
                 f"model.pretrained: {spec.pretrained} has {n_vocab} token embeddings but the data's tokenizer uses "
@@ -128,7 +130,7 @@ def build_model(spec: ModelSpec, *, seed: int = 0) -> torch.nn.Module:
         )
     if spec.adapters is not None:
         model = apply_adapters(model, spec.adapters, seed=seed)
-    model.base_hash = base_hash  # type: ignore[assignment]
+    model.base_hash = base_hash  # type: ignore[assignment]  # torch types Module.__setattr__ values as Tensor | Module
     return model
 
 
@@ -137,4 +139,4 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def save_config(model: torch.nn.Module, path: Path) -> None:
-    model.config.to_json_file(str(path))
+    cast(PretrainedConfig, model.config).to_json_file(str(path))  # a transformers (or peft) model's config

@@ -28,10 +28,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from worldlm_secure.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 HASH_TAG = b"worldlm-base-v1\0"
 
@@ -75,7 +79,7 @@ def check_pretrained_folder(path: str) -> Path:
     return folder
 
 
-def load_pretrained(path: str, *, dtype: str = "float32", seed: int = 0) -> torch.nn.Module:
+def load_pretrained(path: str, *, dtype: str = "float32", seed: int = 0) -> PreTrainedModel:
     """The causal LM saved in the local folder ``path``, its weights as stored (cast to ``dtype``).
 
     ``seed`` seeds the initialisation of any weight the checkpoint lacks (transformers warns about those),

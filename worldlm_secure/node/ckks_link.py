@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -55,11 +56,15 @@ from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.board import RoundBoard
 from worldlm_secure.transport.chunks import Payload
-from worldlm_secure.transport.client import SiteClient
+from worldlm_secure.transport.client import MemberLink
 from worldlm_secure.transport.handler import Announcement, Inbound
+
+if TYPE_CHECKING:
+    from worldlm_secure.policy.round import RoundPlan
 
 log = logging.getLogger("worldlm_secure.node")
 POLL_SECONDS = 0.1  # how often a waiting side looks again
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,10 @@ class CkksRound:
     min_cohort: int
 
     @classmethod
-    def from_plan(cls, plan: object) -> "CkksRound":
+    def from_plan(cls, plan: RoundPlan) -> "CkksRound":
         """From a `policy.plan_round` plan whose protocol is ckks (as the engine builds its CkksSecureSum)."""
-        params = plan.params  # type: ignore[attr-defined]
-        return cls(CkksParams.from_policy(params, getattr(params, "clip_range", None)), max(int(plan.min_cohort), 1))  # type: ignore[attr-defined]
+        params = plan.params
+        return cls(CkksParams.from_policy(params, getattr(params, "clip_range", None)), max(int(plan.min_cohort), 1))
 
     def holders(self, cohort: Iterable[str]) -> tuple[str, ...]:
         """The key holders of a round: the policy's choice among the cohort (holders outside it cannot take part)."""
@@ -102,7 +107,7 @@ class CkksOutcome:
 # ---- member side ------------------------------------------------------------------------------------
 
 
-def _messages(client: SiteClient, kind: int, rid: int) -> list[wire.Message]:
+def _messages(client: MemberLink, kind: int, rid: int) -> list[wire.Message]:
     """The decodable messages waiting for this member; a malformed one is logged and ignored."""
     out = []
     for got in client.fetch_secagg(kind, round_id=rid):
@@ -113,8 +118,8 @@ def _messages(client: SiteClient, kind: int, rid: int) -> list[wire.Message]:
     return out
 
 
-def _poll(client: SiteClient, kind: int, rid: int, tag: str, deadline: float,
-          read: Callable[[wire.Message], object] = lambda m: m) -> object:
+def _poll(client: MemberLink, kind: int, rid: int, tag: str, deadline: float,
+          read: Callable[[wire.Message], _T]) -> _T:
     """The first ``tag`` message that ``read`` accepts (a SecAggError from ``read`` skips the message)."""
     while True:
         for msg in _messages(client, kind, rid):
@@ -132,7 +137,7 @@ def _poll(client: SiteClient, kind: int, rid: int, tag: str, deadline: float,
 
 
 def member_round(
-    client: SiteClient,
+    client: MemberLink,
     identity: NodeIdentity,
     ann: Announcement,
     setup: CkksRound,
@@ -193,7 +198,7 @@ def member_round(
     client.upload_update(Payload.from_bytes(body), secagg_kind=pb.SECAGG_CKKS_CIPHERTEXT, round_id=rid)
     if holder is None:
         return
-    summed, n_values = _poll(client, pb.SECAGG_CKKS_AGGREGATE, rid, wire.SUMMED, deadline(), wire.summed_from)  # type: ignore[misc]
+    summed, n_values = _poll(client, pb.SECAGG_CKKS_AGGREGATE, rid, wire.SUMMED, deadline(), wire.summed_from)
     # decrypts only a sum it re-adds from >= min_cohort contributions signed by their members (else SecAggError)
     sums, conf = holder.decrypt(summed, setup.spec(rid, epoch.key_id, n_values, tuple(ann.cohort)))
     client.send_secagg(pb.SECAGG_CKKS_DECRYPTED, Payload.from_bytes(wire.decrypted_bytes(sums, conf)), round_id=rid)
@@ -257,9 +262,9 @@ def aggregate_round(
         raise SecAggError(f"round {rid}: no key holder of the policy ({', '.join(setup.params.key_holders) or 'first member'}) is in the cohort; nothing released")
     got = _collect(board, rid, pb.SECAGG_CKKS_PUBLIC_CONTEXT, wire.TRANSPORT_CERT, holders, first_timeout, alive)
     certs = {}
-    for h, m in got.items():
+    for h, cert_msg in got.items():
         try:
-            certs[h] = wire.cert_from(m)
+            certs[h] = wire.cert_from(cert_msg)
         except SecAggError as exc:
             log.warning("round %d: transport key of holder %s: %s; left out", rid, h, exc)
     bad = [h for h, c in certs.items() if c.holder != h or h not in peers or not c.verify(peers[h])]
@@ -320,9 +325,9 @@ def aggregate_round(
     if not got:
         raise SecAggError(f"round {rid}: no key holder ({', '.join(sorted(certs))}) decrypted the sum; nothing released")
     results = {}
-    for h, m in got.items():
+    for h, decrypted_msg in got.items():
         try:
-            results[h] = wire.decrypted_from(m)
+            results[h] = wire.decrypted_from(decrypted_msg)
         except SecAggError as exc:
             log.warning("round %d: decryption from key holder %s dropped: %s", rid, h, exc)
     if not results:

@@ -42,10 +42,11 @@ from worldlm_secure.secagg.masking_messages import (
     UnmaskRequest,
 )
 from worldlm_secure.secagg.masking_round import STEPS, MaskingSession, aggregate
+from worldlm_secure.secagg.protocol import IntegerNoise
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.board import RoundBoard
 from worldlm_secure.transport.chunks import Payload
-from worldlm_secure.transport.client import SiteClient
+from worldlm_secure.transport.client import MemberLink
 from worldlm_secure.transport.handler import Announcement, Inbound
 
 log = logging.getLogger("worldlm_secure.node")
@@ -84,7 +85,7 @@ def _is(message: Inbound, cls: type[Message]) -> bool:
     return len(head) == 5 and head[4] == cls.TAG
 
 
-def _poll(client: SiteClient, kind: int, round_id: int, deadline: float, cls: type[Message]) -> bytes:
+def _poll(client: MemberLink, kind: int, round_id: int, deadline: float, cls: type[Message]) -> bytes:
     """The first message of ``kind`` claiming to be a ``cls`` that the federation holds for this member
     (bytes: the member session decodes and checks it)."""
     while True:
@@ -100,7 +101,7 @@ def _poll(client: SiteClient, kind: int, round_id: int, deadline: float, cls: ty
 
 
 def member_round(
-    client: SiteClient,
+    client: MemberLink,
     identity: NodeIdentity,
     ann: Announcement,
     config: RoundConfig | None,
@@ -108,7 +109,7 @@ def member_round(
     *,
     before_input: Callable[..., None],
     timeout: float,
-    noise: object | None = None,
+    noise: IntegerNoise | None = None,
     ckks: CkksRound | None = None,
     wait_timeout: float | None = None,
 ) -> None:
@@ -129,7 +130,7 @@ def member_round(
         return
     if ann.protocol != "masking" or config is None:
         raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking, ckks or none)")
-    session = MaskingSession(MaskingMember(identity, config, noise=noise), lambda: vector,  # type: ignore[arg-type]
+    session = MaskingSession(MaskingMember(identity, config, noise=noise), lambda: vector,
                              before_input=before_input)
     step = lambda: time.monotonic() + timeout  # noqa: E731
     client.send_secagg(pb.SECAGG_MASKING_ADVERTISE_KEYS, Payload.from_bytes(session.handle(b"")), round_id=rid)

@@ -6,7 +6,7 @@ met together refuses to start (naming both files) instead of failing at round 57
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from worldlm_secure.errors import PolicyError
@@ -17,7 +17,8 @@ from worldlm_secure.policy.schema import MEMBERS, Policy
 class _World(Protocol):
     """What `check_world` needs of `federation.world.World`."""
 
-    nodes: dict[str, Any]
+    @property
+    def nodes(self) -> Mapping[str, Any]: ...
 
     def chain(self, name: str) -> list[Any]: ...
 

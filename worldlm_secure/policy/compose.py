@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +40,10 @@ from worldlm_secure.policy.schema import (
 
 _LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}
 _NEEDS_MASKING = {"distributed_discrete_gaussian", "distributed_skellam"}  # integer-domain noise
+_GROUPS: tuple[Group, ...] = ("key", "shared", "residual")
+_REQUIREMENTS: tuple[Requirement, ...] = ("differential_privacy", "secure_aggregation")
+_M = TypeVar("_M", bound=str)
+_Num = TypeVar("_Num", int, float)
 
 
 class _Frozen(BaseModel):
@@ -57,7 +61,8 @@ class EffectiveSecureAggregation(_Frozen):
     @property
     def params(self) -> MaskingParams | CkksParams | None:
         """The parameter section of the chosen protocol (what `make_secure_sum(params=...)` takes)."""
-        return {"masking": self.masking, "ckks": self.ckks}.get(self.protocol)
+        by_protocol: dict[str, MaskingParams | CkksParams] = {"masking": self.masking, "ckks": self.ckks}
+        return by_protocol.get(self.protocol)
 
 
 class EffectiveDifferentialPrivacy(_Frozen):
@@ -208,7 +213,7 @@ def _show(values: Sequence[str], drop: set[str]) -> str:
     return "[" + _join(shown) + "]" if shown else "[nothing usable]"
 
 
-def _max_num_or_auto(values: Sequence[float | str]) -> float | str:
+def _max_num_or_auto(values: Sequence[_Num | Literal["auto"]]) -> _Num | Literal["auto"]:
     nums = [v for v in values if not isinstance(v, str)]
     return max(nums) if nums else "auto"
 
@@ -252,12 +257,13 @@ def compose(chain: Sequence[Policy], nodes: Sequence[str] | None = None) -> Effe
     )
 
     # ---- requirements (union) and secure aggregation
-    require = tuple(r for r in ("differential_privacy", "secure_aggregation") if any(r in p.egress.require for p in chain))
+    require = tuple(r for r in _REQUIREMENTS if any(r in p.egress.require for p in chain))
     src["egress.require"] = _join(p.where("egress.require") for p in chain if p.egress.require) or "(none)"
     drop = {"none"} if "secure_aggregation" in require else set()
     why = next((p for p in chain if "secure_aggregation" in p.egress.require), None)
     because = f"{why.where('egress.require')} egress.require lists secure_aggregation" if why else ""
-    _, acceptable = b.choose("secure_aggregation.protocol", drop=drop, what="protocol", because=because)
+    _, chosen = b.choose("secure_aggregation.protocol", drop=drop, what="protocol", because=because)
+    acceptable = cast(list[Protocol], chosen)  # values of the policies' secure_aggregation.protocol lists
     # ---- differential privacy (only policies that ask for DP constrain it); may narrow the protocols
     dp, acceptable = _compose_dp(b, chain, acceptable)
     protocol = acceptable[0]
@@ -338,14 +344,14 @@ def compose(chain: Sequence[Policy], nodes: Sequence[str] | None = None) -> Effe
     )
 
 
-def usable_mechanisms(mechanisms: Sequence[str], protocol: str) -> list[str]:
+def usable_mechanisms(mechanisms: Sequence[_M], protocol: str) -> list[_M]:
     """The mechanisms that work with `protocol`: distributed (integer) noise needs masking."""
     return [m for m in mechanisms if protocol == "masking" or m not in _NEEDS_MASKING]
 
 
 def _compose_dp(
-    b: _Builder, chain: Sequence[Policy], protocols: Sequence[str]
-) -> tuple[EffectiveDifferentialPrivacy, list[str]]:
+    b: _Builder, chain: Sequence[Policy], protocols: Sequence[Protocol]
+) -> tuple[EffectiveDifferentialPrivacy, list[Protocol]]:
     """The composed DP section, and the protocols (of `protocols`) that some acceptable mechanism works with."""
     src = b.sources
     with_dp = [p for p in chain if p.differential_privacy.level != "none"]
@@ -358,7 +364,8 @@ def _compose_dp(
         ), list(protocols)
     level = b.pick("differential_privacy.level", lambda a, c: _LEVEL_ORDER[a] > _LEVEL_ORDER[c], among=with_dp)
     sub = _Builder(with_dp)
-    _, mechanisms = sub.choose("differential_privacy.mechanism", drop=set(), what="noise mechanism")
+    _, chosen = sub.choose("differential_privacy.mechanism", drop=set(), what="noise mechanism")
+    mechanisms = cast(list[Mechanism], chosen)  # values of the policies' differential_privacy.mechanism lists
     usable = [p for p in protocols if usable_mechanisms(mechanisms, p)]
     if not usable:
         raise PolicyError(
@@ -423,7 +430,7 @@ def _resolve(d: Destination, chain: Sequence[Policy]) -> tuple[list[str], str]:
     return [], f"{d.label} ({why}): {groups}"
 
 
-def _compose_egress(chain: Sequence[Policy], require: tuple[str, ...], src: dict[str, str]) -> EffectiveEgress:
+def _compose_egress(chain: Sequence[Policy], require: tuple[Requirement, ...], src: dict[str, str]) -> EffectiveEgress:
     rules = []
     for p in chain:
         dests: list[tuple[str, tuple[Group, ...]]] = []
@@ -438,11 +445,11 @@ def _compose_egress(chain: Sequence[Policy], require: tuple[str, ...], src: dict
         names.insert(0, ANY)
     groups: dict[str, tuple[Group, ...]] = {}
     for name in names:
-        ok = tuple(g for g in ("key", "shared", "residual") if _refusing_rule(rules, name, g) is None)
+        ok = tuple(g for g in _GROUPS if _refusing_rule(rules, name, g) is None)
         if ok:
-            groups[name] = ok  # type: ignore[assignment]
+            groups[name] = ok
     src["egress.destinations"] = _join(p.where("egress.destinations") for p in chain)
-    return EffectiveEgress(destinations=tuple(groups), groups=groups, require=require, rules=tuple(rules))  # type: ignore[arg-type]
+    return EffectiveEgress(destinations=tuple(groups), groups=groups, require=require, rules=tuple(rules))
 
 
 def _refusing_rule(

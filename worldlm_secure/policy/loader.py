@@ -18,6 +18,7 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from worldlm_secure.errors import PolicyError
 from worldlm_secure.policy.schema import FieldProblem, Policy
@@ -28,7 +29,7 @@ FieldPath = tuple[Union[str, int], ...]
 _Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: about 20x faster
 
 
-class _Loader(_Base):  # type: ignore[misc,valid-type]
+class _Loader(_Base):
     """SafeLoader that reads YAML 1.2 floats (``1e-5``) as floats, not strings (PyYAML is YAML 1.1)."""
 
 
@@ -237,7 +238,7 @@ def _model_in(tp: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(err: dict[str, Any], path: FieldPath) -> str:
+def _describe(err: ErrorDetails, path: FieldPath) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "extra_forbidden":
         model = _model_at(path[:-1])

@@ -8,14 +8,16 @@ demands. If no protocol is acceptable to all, it names two members' policy files
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Optional
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from worldlm_secure.errors import PolicyError
 from worldlm_secure.policy.compose import EffectivePolicy, usable_mechanisms
 from worldlm_secure.policy.schema import CkksParams, MaskingParams, Mechanism, Protocol
+
+_T = TypeVar("_T", bound=str)
 
 _TIE_ORDER = ("masking", "ckks", "none", "central_gaussian", "distributed_discrete_gaussian", "distributed_skellam")
 
@@ -34,18 +36,21 @@ class RoundPlan(BaseModel):
 
     @property
     def params(self) -> MaskingParams | CkksParams | None:
-        return {"masking": self.masking, "ckks": self.ckks}.get(self.protocol)
+        by_protocol: dict[str, MaskingParams | CkksParams] = {"masking": self.masking, "ckks": self.ckks}
+        return by_protocol.get(self.protocol)
 
 
-def _rank(options: set[str], prefs: list[tuple[str, ...]]) -> list[str]:
+def _rank(options: set[_T], prefs: Sequence[tuple[_T, ...]]) -> list[_T]:
     """Order `options` by total preference rank over members (Borda count); ties in a fixed order."""
-    def score(option: str) -> tuple[int, int]:
+    def score(option: _T) -> tuple[int, int]:
         return sum(p.index(option) for p in prefs), _TIE_ORDER.index(option)
 
     return sorted(options, key=score)
 
 
-def _conflict(members: Mapping[str, EffectivePolicy], field: str, get) -> PolicyError:  # type: ignore[no-untyped-def]
+def _conflict(
+    members: Mapping[str, EffectivePolicy], field: str, get: Callable[[EffectivePolicy], Iterable[str]]
+) -> PolicyError:
     names = list(members)
     sets = {m: set(get(members[m])) for m in names}
     pair = next(
@@ -69,7 +74,7 @@ def plan_round(members: Mapping[str, EffectivePolicy]) -> RoundPlan:
     if not common:
         raise _conflict(members, "secure_aggregation.protocol", lambda e: e.secure_aggregation.acceptable)
     with_dp = [e for e in effs if e.differential_privacy.level != "none"]
-    mechanisms: list[str] = []
+    mechanisms: list[Mechanism] = []
     if with_dp:
         shared = set.intersection(*(set(e.differential_privacy.acceptable_mechanisms) for e in with_dp))
         if not shared:

@@ -25,7 +25,7 @@ import types
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
@@ -77,7 +77,7 @@ class PrivateTraining:
 
     def unwrap(self) -> torch.nn.Module:
         """The original model (same parameters), e.g. to split into groups and release."""
-        return self.model._module  # type: ignore[no-any-return]
+        return cast(torch.nn.Module, self.model._module)  # GradSampleModule keeps the wrapped model in _module
 
 
 def _secure_add_noise(self: Any) -> None:
@@ -119,7 +119,7 @@ def _probe(gsm: torch.nn.Module, optimizer: Any, batch: Mapping[str, torch.Tenso
     finally:
         optimizer.zero_grad(set_to_none=True)
         for p in gsm.parameters():
-            p.grad_sample = None
+            p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' hooks add it; torch does not declare it
 
 
 def _position_ids_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -192,8 +192,8 @@ def _check_layers(model: torch.nn.Module) -> None:
 
 
 def _use_secure_noise(dp_opt: DPOptimizer) -> None:
-    dp_opt._worldlm_rng = SecureRandom()  # type: ignore[attr-defined]
-    dp_opt.add_noise = types.MethodType(_secure_add_noise, dp_opt)  # type: ignore[method-assign]
+    dp_opt._worldlm_rng = SecureRandom()
+    dp_opt.add_noise = types.MethodType(_secure_add_noise, dp_opt)
 
 
 def _probe_or_fix(

@@ -397,7 +397,7 @@ class CkksKeyHolder:
             if any(v is None for v in vecs):
                 raise self._refuse(spec.round_id, f"a ciphertext of {c.member!r} does not load under key {summed.key_id}")
             if total is None:
-                total = vecs  # type: ignore[assignment]
+                total = vecs
             else:
                 for acc, v in zip(total, vecs):
                     acc.add_(v)

@@ -132,7 +132,7 @@ def pack(v: np.ndarray, layout: Layout) -> np.ndarray:
     """Centered slot values (float64, exact integers) for unsigned values `v`; length = slots_for(len(v))."""
     k = layout.block_values
     blocks = math.ceil(v.size / k)
-    vals = np.zeros(blocks * k, dtype=np.int64)
+    vals: np.ndarray = np.zeros(blocks * k, dtype=np.int64)  # reshaped to 2-d below
     vals[: v.size] = v
     vals = vals.reshape(blocks, k)
     slots = np.full((blocks, layout.block_slots), -layout.center, dtype=np.int64)

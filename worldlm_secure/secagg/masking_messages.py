@@ -9,10 +9,11 @@ Bytes-sent figures in `ProtectionStats` are the lengths of these encodings.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -38,23 +39,23 @@ class _Writer:
     def u32(self, v: int) -> None:
         self.parts.append(struct.pack(">I", v))
 
-    def strs(self, items: tuple[str, ...]) -> None:
+    def strs(self, items: tuple[builtins.str, ...]) -> None:
         self.u32(len(items))
         for s in items:
             self.str(s)
 
-    def blobs(self, items: tuple[bytes, ...]) -> None:
+    def blobs(self, items: tuple[builtins.bytes, ...]) -> None:
         self.u32(len(items))
         for b in items:
             self.bytes(b)
 
-    def pairs(self, items: tuple[tuple[str, bytes], ...]) -> None:
+    def pairs(self, items: tuple[tuple[builtins.str, builtins.bytes], ...]) -> None:
         self.u32(len(items))
         for s, b in items:
             self.str(s)
             self.bytes(b)
 
-    def done(self) -> bytes:
+    def done(self) -> builtins.bytes:
         return b"".join(self.parts)
 
 
@@ -95,13 +96,13 @@ class _Reader:
             raise SecAggError(f"malformed {self.kind} message: list of {n} items cannot fit; refused")
         return n
 
-    def strs(self) -> tuple[str, ...]:
+    def strs(self) -> tuple[builtins.str, ...]:
         return tuple(self.str() for _ in range(self._count()))
 
-    def blobs(self) -> tuple[bytes, ...]:
+    def blobs(self) -> tuple[builtins.bytes, ...]:
         return tuple(self.bytes() for _ in range(self._count()))
 
-    def pairs(self) -> tuple[tuple[str, bytes], ...]:
+    def pairs(self) -> tuple[tuple[builtins.str, builtins.bytes], ...]:
         return tuple((self.str(), self.bytes()) for _ in range(self._count()))
 
     def end(self) -> None:
@@ -117,6 +118,9 @@ class Message:
 
     TAG: ClassVar[int]
     round_id: int
+    # Every concrete message is a frozen dataclass; declared here (annotation only) so that
+    # `dataclasses.replace` type-checks on the base classes and their type variables.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def _write(self, w: _Writer) -> None:
         raise NotImplementedError
@@ -151,7 +155,7 @@ class AggregatorMessage(Message):
     signature: bytes
 
     def signed_payload(self) -> bytes:
-        return AGGREGATOR_LABEL + dataclasses.replace(self, signature=b"").to_bytes()  # type: ignore[type-var]
+        return AGGREGATOR_LABEL + dataclasses.replace(self, signature=b"").to_bytes()
 
 
 def _nested(cls: type[M], blobs: tuple[bytes, ...], round_id: int) -> tuple[M, ...]:

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -227,7 +228,7 @@ def drive_round(
     Members in ``dropouts`` vanish at their stage: before advertising keys, after sharing keys, or after
     sending their masked input (they then never sign the survivor list nor answer the unmask request).
     A member that refuses a request raises here (`SecAggError`): in-process, a refusal stops the round."""
-    sessions = {n: MaskingSession(m, lambda n=n: vectors[n]) for n, m in members.items()}  # type: ignore[misc]
+    sessions = {n: MaskingSession(m, partial(vectors.__getitem__, n)) for n, m in members.items()}
     silent = {
         "advertise": dropouts.before_keys,
         "masked_input": dropouts.after_keys,

@@ -61,7 +61,7 @@ def apply_masks(out: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
         src = zeros[: size * count]
         ks = words[:count]
         for stream, sign in streams:
-            stream.update_into(src, block)
+            stream.update_into(src, block.data)
             if sign > 0:
                 np.add(target, ks, out=target)
             else:

@@ -13,9 +13,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from worldlm_secure.secagg.quantize import QuantizationSpec
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,20 @@ class SecureSum(ABC):
     ) -> SumResult:
         """Sum the members' vectors; raise `SecAggError` and release nothing when fewer than
         `min_cohort` members (or fewer than the protocol's own threshold) survive."""
+
+
+class IntegerNoiseSum(Protocol):
+    """What a `SecureSum` with ``carries_integer_noise`` offers beyond the base interface (masking.MaskingSum):
+    ``run_round(..., noise=)`` and the fixed-point spec whose scale sizes the members' integer noise."""
+
+    def run_round(
+        self,
+        round_id: int,
+        inputs: Sequence[MemberInput],
+        *,
+        min_cohort: int,
+        dropouts: DropoutPlan = ...,
+        noise: IntegerNoise | None = None,
+    ) -> SumResult: ...
+
+    def quantization(self, n_members: int, noise: IntegerNoise | None = None) -> QuantizationSpec: ...

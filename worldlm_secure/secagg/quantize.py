@@ -128,7 +128,7 @@ def quantize(x: np.ndarray, spec: QuantizationSpec, *, rounding_seed: bytes | No
             np.abs(xs, out=ts)
             clipped += int(np.count_nonzero(np.greater(ts, c, out=over[:m])))
             np.clip(ys, -limit, limit, out=ys)
-        stream.update_into(memoryview(zeros)[: 4 * m], block)
+        stream.update_into(memoryview(zeros)[: 4 * m], block.data)
         np.multiply(noise[:m], 2.0**-32, out=ts)  # u ~ U[0, 1) with 32-bit resolution
         ys += ts
         np.floor(ys, out=ys)

@@ -79,7 +79,7 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
     the result, which the caller's commitment check then catches. Raises SecAggError when there are too few or duplicate shares, or when the result is not a 32-byte
     secret (a sign of tampered or mismatched shares).
     """
-    points = {}
+    points: dict[int, int] = {}
     for s in shares:
         if s.x in points and points[s.x] != s.y:
             raise SecAggError(f"two different Shamir shares for point x={s.x}; shares were tampered with")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,7 +81,7 @@ class Payload:
             layout = TensorLayout(name, arr.dtype.str, tuple(int(s) for s in arr.shape))
             _check_layout(layout)
             layouts.append(layout)
-            bufs.append(memoryview(arr.reshape(-1).view(np.uint8)))
+            bufs.append(arr.reshape(-1).view(np.uint8).data)  # .data: the same memoryview, typed
         return cls(tuple(bufs), tuple(layouts))
 
     @property
@@ -101,14 +101,17 @@ class Payload:
 
     def as_tensors(self) -> dict[str, np.ndarray]:
         """The payload as named arrays (views, no copy, when the layout allows)."""
+        views: Sequence[memoryview]
         if len(self.buffers) == len(self.tensors):
             views = self.buffers
         else:
             whole = self.buffers[0] if len(self.buffers) == 1 else memoryview(self.to_bytes())
-            views, offset = [], 0
+            cut: list[memoryview] = []
+            offset = 0
             for t in self.tensors:
-                views.append(whole[offset : offset + t.nbytes])
+                cut.append(whole[offset : offset + t.nbytes])
                 offset += t.nbytes
+            views = cut
         return {t.name: np.frombuffer(v, dtype=t.dtype).reshape(t.shape) for t, v in zip(self.tensors, views)}
 
 

@@ -9,6 +9,7 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.transport import keys
@@ -30,14 +31,14 @@ class Pki:
     def ca_dir(self) -> Path:
         return self.root / f"ca-{self.ca_name}"
 
-    def issue(self, node: str, *, expired: bool = False, label: str | None = None, **kwargs: object) -> Path:
+    def issue(self, node: str, *, expired: bool = False, label: str | None = None, **kwargs: Any) -> Path:
         """Issue ``node``; ``expired`` makes a certificate whose validity ended yesterday."""
         out = self.root / (label or node)
         if expired:
             now = dt.datetime.now(dt.timezone.utc)
             kwargs.setdefault("not_before", now - dt.timedelta(days=10))
             kwargs.setdefault("not_after", now - dt.timedelta(days=1))
-        keys.issue_node(self.ca_dir, node, out, **kwargs)  # type: ignore[arg-type]
+        keys.issue_node(self.ca_dir, node, out, **kwargs)
         self.nodes[label or node] = out
         return out
 
@@ -67,7 +68,7 @@ def start_federation(
     return server, board
 
 
-def connect(server: FederationServer, pki: Pki, label: str, *, attempts: int = 1, **kwargs: object) -> SiteClient:
+def connect(server: FederationServer, pki: Pki, label: str, *, attempts: int = 1, **kwargs: Any) -> SiteClient:
     """A `SiteClient` for node ``label`` of ``pki`` (no retries by default: tests want the first answer)."""
     return SiteClient(
         server.target,
@@ -75,5 +76,5 @@ def connect(server: FederationServer, pki: Pki, label: str, *, attempts: int = 1
         server.name,
         identity=pki.identity(label),
         retry=RetryPolicy(attempts=attempts, initial_backoff=0.05),
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
