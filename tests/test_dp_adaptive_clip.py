@@ -248,6 +248,12 @@ def test_distributed_noise_under_masking_carries_the_count_too(tmp_path: Path) -
     assert {e.mechanism for e in entries} == {"distributed_discrete_gaussian"} and {e.protocol for e in entries} == {"masking"}
     assert [e.clipping_norm for e in entries][:2] == [0.5, 0.5] and all(e.clipping_norm <= 1.0 for e in entries)
     assert all(e.extra["adaptive_clip_vector_z"] > 1.0 for e in entries)
+    # The split is recorded at the entry's z_eff (distributed shares: z_eff != the planned z in general, e.g. with
+    # dropouts), not at the planned z: recombined, it is the noise_multiplier the accountant charged.
+    for e in entries:
+        assert combined_noise_multiplier(e.extra["adaptive_clip_vector_z"], e.extra["adaptive_clip_count_stddev"]) == \
+            pytest.approx(e.noise_multiplier, rel=1e-9)
+        assert "quantization_slack" not in e.extra  # distributed: rounding is in Δ₂ already (dp.md §3.2)
     assert verify(out / "f0-s0.sqlite").ok
 
 

@@ -31,6 +31,7 @@ from worldlm_secure.secagg import IntegerNoise, MemberInput, SecureSum, SumResul
 
 if TYPE_CHECKING:
     from worldlm_secure.policy.authorize import ReleaseGroup
+    from worldlm_secure.secagg.protocol import IntegerNoiseSum
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,16 @@ class ReleaseDP:
         return self.clip_round.member if self.clip_round is not None else self.dp.clipping_norm
 
 
-def with_adaptive_clip(adaptive: Any, stream: Any, dp: Any, plan: Any, cohort: int, words: int) -> tuple[Any, Any, Any]:
+def with_adaptive_clip(adaptive: Any, stream: Any, dp: Any, plan: Any, cohort: int, words: int,
+                       min_clip: float = 0.0) -> tuple[Any, Any, Any]:
     """``(dp, plan, clip_round)`` of one adaptive-clip round (protocols/dp.md §2.7): the clip C_t (never above
-    the policy's clipping_norm), the plan at the joint sensitivity C_t·z_Δ/z, so that the noise std is z_Δ·C_t
-    on the update and σ_b on the count and the accountant's z is the round's whole cost. Unchanged when off."""
+    the policy's clipping_norm, never below ``min_clip``, the public quantizer floor of §2.8), the plan at the
+    joint sensitivity C_t·z_Δ/z, so that the noise std is z_Δ·C_t on the update and σ_b on the count and the
+    accountant's z is the round's whole cost. Unchanged when off."""
     if adaptive is None:
         return dp, plan, None
     rnd = adaptive.round_for(stream, max_clip=dp.clipping_norm, noise_multiplier=dp.noise_multiplier,
-                             cohort=cohort, words=words)
+                             cohort=cohort, words=words, min_clip=min_clip)
     return replace(dp, clipping_norm=rnd.clip), replace(plan, sensitivity=rnd.sensitivity), rnd
 
 
@@ -336,7 +339,8 @@ class ReleasePath:
         total = result.total
         charges: dict[str, Any] = {}
         if dp is not None:
-            if noise is None:  # central Gaussian at the aggregator, after unmasking / decryption
+            if noise is None:  # central Gaussian at the aggregator, after unmasking / decryption, of std
+                dp = _checked_slack(dp, result)  # z·S_q: S_q = S + √d·e, the decoded sum's sensitivity (§2.8)
                 total = dp.dp.mechanism.add_noise(total, dp.plan)
             # z_eff of what was released: distributed shares of dropped members are missing from the sum.
             # Every contributor's charge is checked before any is recorded: a refusal charges nobody.
@@ -408,8 +412,12 @@ class ReleasePath:
             return None
         trackers = {m: self.member_tracker(m, dp) for m in members}
         noise_plan = dp.plan(expected_members=len(members), dim=dim, w_max=None)
+        from worldlm_secure.privacy.quantization import clip_floor
+
+        # the adaptive clip's public floor: 10·√d·e (central noise on a quantizing protocol; else e = 0: no floor)
+        floor = clip_floor(dim, dp.rounding_error) if dp.rounding_error > 0 else 0.0
         dp, noise_plan, rnd = with_adaptive_clip(self.adaptive if stream is not None else None, stream, dp,
-                                                 noise_plan, len(members), words)
+                                                 noise_plan, len(members), words, floor)
         return ReleaseDP(dp, trackers, noise_plan, rnd)
 
     def member_tracker(self, member: str, fallback: Any = None) -> Any:
@@ -501,7 +509,7 @@ class ReleasePath:
             stream=f"{member}/{POST_PROCESSING if (dp is None and dp_level != 'none') else dp_level}",
             delta=float(eff.differential_privacy.delta or 0.0),
             key_id=str(result.stats.extra.get("key_id", "")),
-            extra=adaptive_clip_extra(dp.clip_round) if dp is not None and dp.clip_round is not None else None,
+            extra=release_dp_extra(dp, charge),
         )
         self.ledger(member).append(entry, policy_document=eff.canonical_json())
 
@@ -584,7 +592,8 @@ def _in_process(round_id: int, plan: Any, vectors: Mapping[str, np.ndarray]) -> 
     def run(secure: SecureSum, noise: IntegerNoise | None) -> SumResult:
         inputs = [MemberInput(m, vectors[m]) for m in sorted(vectors)]
         if noise is not None:
-            return secure.run_round(round_id, inputs, min_cohort=plan.min_cohort, noise=noise)  # type: ignore[call-arg]
+            # noise is only drawn for a protocol that carries_integer_noise (_with_member_noise)
+            return cast("IntegerNoiseSum", secure).run_round(round_id, inputs, min_cohort=plan.min_cohort, noise=noise)
         return secure.run_round(round_id, inputs, min_cohort=plan.min_cohort)
 
     return run
@@ -603,11 +612,54 @@ def decode(codec: DeltaCodec, total: np.ndarray, public_count: int | None) -> di
     return codec.decode_mean(total, public_count)
 
 
-def adaptive_clip_extra(rnd: Any) -> dict[str, float]:
-    """The ledger entry's record of an adaptive-clip round (`clipping_norm` is the clip used, C_t): how z
-    splits between the update (z_Δ) and the count (σ_b), and the cap. The entry's noise_multiplier is z."""
-    return {"adaptive_clip_max": float(rnd.max_clip), "adaptive_clip_vector_z": float(rnd.vector_noise_multiplier),
-            "adaptive_clip_count_stddev": float(rnd.count_stddev)}
+def adaptive_clip_extra(rnd: Any, noise_multiplier: float | None = None) -> dict[str, float]:
+    """The ledger entry's record of an adaptive-clip round (`clipping_norm` is the clip used, C_t): how the
+    entry's noise_multiplier splits between the update (z_Δ) and the count (σ_b), the cap and the floor.
+
+    ``noise_multiplier``: the entry's (z_eff of what was released; None: the planned z). Distributed noise with
+    dropouts releases z_eff ≠ z, and the whole vector's noise scales by z_eff/z, so both parts do: the split
+    is recorded at z_eff, and combined_noise_multiplier(vector_z, count_stddev) == the entry's noise_multiplier."""
+    from worldlm_secure.privacy.adaptive_clip import combined_noise_multiplier
+
+    z = float(rnd.noise_multiplier)
+    ratio = 1.0 if noise_multiplier is None else float(noise_multiplier) / z
+    out = {"adaptive_clip_max": float(rnd.max_clip), "adaptive_clip_vector_z": float(rnd.vector_noise_multiplier) * ratio,
+           "adaptive_clip_count_stddev": float(rnd.count_stddev) * ratio}
+    if float(getattr(rnd, "min_clip", 0.0)) > 0.0:
+        out["adaptive_clip_min"] = float(rnd.min_clip)
+    combined = combined_noise_multiplier(out["adaptive_clip_vector_z"], out["adaptive_clip_count_stddev"])
+    if not abs(combined - z * ratio) <= 1e-9 * z * ratio:
+        raise AssertionError(f"adaptive clip split recombines to z={combined!r}, not the entry's {z * ratio!r}")
+    return out
+
+
+def release_dp_extra(dp: ReleaseDP | None, charge: Any) -> dict[str, float] | None:
+    """A user-level entry's `extra`: the adaptive clip's split (at the entry's z_eff), and under central noise on
+    a quantizing protocol what the noise was sized for (protocols/dp.md §2.8): ``quantization_slack`` √d·e and
+    ``noise_sensitivity`` S_q = S + √d·e (the noise std on the sum is noise_multiplier × noise_sensitivity).
+    None when there is nothing to add (no DP, protocol none without adaptive clipping: as before)."""
+    if dp is None:
+        return None
+    out: dict[str, float] = {}
+    if dp.clip_round is not None:
+        out.update(adaptive_clip_extra(dp.clip_round, charge.noise_multiplier if charge is not None else None))
+    if not dp.dp.mechanism.distributed and dp.plan.rounding_error > 0.0:
+        out["quantization_slack"] = float(dp.plan.quantization_slack)
+        out["noise_sensitivity"] = float(dp.plan.quantized_sensitivity)
+    return out or None
+
+
+def _checked_slack(dp: ReleaseDP, result: SumResult) -> ReleaseDP:
+    """After the sum, before the noise: never size the noise below what the protocol itself reports. Its
+    ``quantization_error_bound`` (per coordinate, for all contributors) over the contributors is the per-value
+    error e of one member, and the released vector has ``total.size`` values (public). Normally a no-op: the
+    plan's e (`round_user_dp`) is at least the reported one."""
+    bound = result.stats.extra.get("quantization_error_bound") if result.stats.extra else None
+    dim = max(int(dp.plan.dim), int(np.asarray(result.total).size))
+    error = max(dp.plan.rounding_error, float(bound) / len(result.contributors) if bound and result.contributors else 0.0)
+    if error <= 0.0 or (error == dp.plan.rounding_error and dim == dp.plan.dim):
+        return dp
+    return replace(dp, plan=replace(dp.plan, rounding_error=error, dim=dim))
 
 
 def _adaptive_clip(world: World) -> Any:
@@ -656,12 +708,20 @@ def round_user_dp(path: "ReleasePath", members: Sequence[str], final: str, plan:
     # Distributed noise is charged at the z of the fewest contributors the round can release with
     # (min_cohort), so plan for that worst case too, not only for the policy's max_dropout_fraction.
     worst_dropout = 1.0 - min(1.0, max(1, int(getattr(plan, "min_cohort", 1))) / max(1, len(members)))
-    return UserLevelDP.from_policy(
+    dp = UserLevelDP.from_policy(
         strict,
         planned_releases=path.planned_releases,
         max_dropout_fraction=min(0.99, max(worst_dropout, *(effs[m].secure_aggregation.max_dropout_fraction for m in users))),
         mechanism=plan.dp_mechanism,
     )
+    if dp.mechanism.distributed:  # rounding is in the integer sensitivity Δ₂ already (protocols/dp.md §3.2)
+        return dp
+    # Central noise is added to the decoded sum of the members' quantized vectors: every plan of this round
+    # carries the protocol's per-value rounding error e, so the noise is sized at S + √d·e (§2.8).
+    from worldlm_secure.privacy.quantization import rounding_error
+
+    e = rounding_error(str(getattr(plan, "protocol", "none")), getattr(plan, "params", None), len(members))
+    return replace(dp, rounding_error=e) if e > 0 else dp
 
 
 def _with_member_noise(dp: ReleaseDP, secure: SecureSum, roster: int) -> tuple[ReleaseDP, IntegerNoise]:
@@ -671,5 +731,5 @@ def _with_member_noise(dp: ReleaseDP, secure: SecureSum, roster: int) -> tuple[R
     if not secure.carries_integer_noise:  # plan_round only pairs distributed mechanisms with masking
         raise PolicyError(f"{dp.dp.mechanism.name}: protocol {secure.name!r} cannot carry distributed noise")
     noise = integer_noise(dp.dp.mechanism, dp.plan, roster)
-    scale = secure.quantization(roster, noise).scale  # type: ignore[attr-defined]
+    scale = cast("IntegerNoiseSum", secure).quantization(roster, noise).scale  # checked carries_integer_noise above
     return replace(dp, plan=replace(dp.plan, quant_step=1.0 / scale)), noise

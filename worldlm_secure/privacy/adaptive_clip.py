@@ -6,13 +6,16 @@ round's noise multiplier (what the accountant charges), σ_b the count's noise s
 
     z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2)                    the vector's own noise multiplier (> z)
     member k:  b_k = 1[‖Δ_k‖ ≤ C_t]; sends concat(w ⊙ clip(Δ_k, C_t)) ++ (b_k − ½)·t·1_L,   t = C_t·z_Δ / (σ_b·√L)
-    sum + N(0, (z·S)²) per word, S = √(C_t² + L·t²/4) = C_t·z_Δ/z (the joint sensitivity)
+    sum + N(0, (z·S)²) per word, S = √(C_t² + L·t²/4) = C_t·z_Δ/z (the joint sensitivity;
+        central noise on a quantizing protocol: z·S_q, S_q = S + √d·e, protocols/dp.md §2.8)
     b̃ = (mean of the L count words) / (t·m) + ½    m = contributors (public)
-    C_{t+1} = min(C_max, C_t · exp(−η·(b̃ − γ)))      C_max = the policy's clipping_norm
+    C_{t+1} = min(C_max, max(C_floor, C_t · exp(−η·(b̃ − γ))))   C_max = the policy's clipping_norm,
+        C_floor = 10·√d·e (`privacy.quantization.clip_floor`; 0 without a quantizer or with distributed noise)
 
 The count rides in the L weight words of the release (zero under plain user-level DP), so it is secure-summed
 and noised with the update by the same mechanism, central or distributed, and the release *is* one Gaussian
-mechanism of multiplier z on a vector of sensitivity S: its privacy is exactly what the accountant charges.
+mechanism of multiplier z on a vector of sensitivity S (S_q once quantized, which the central noise is sized
+for): its privacy is at least what the accountant charges.
 Seen separately, the vector carries noise std z_Δ·C_t (multiplier z_Δ) and the centered count noise std σ_b.
 
 `AdaptiveClip` is the one implementation: the in-process engine, the Ray driver and (if ever) deployed
@@ -93,6 +96,7 @@ class ClipRound:
     count_stddev: float  # σ_b
     words: int  # L: the weight words that carry the count
     max_clip: float  # C_max: the policy's clipping_norm (the clip never exceeds it)
+    min_clip: float = 0.0  # the public floor (quantization.clip_floor: 10·√d·e under central noise), <= max_clip
 
     @property
     def count_scale(self) -> float:
@@ -142,21 +146,30 @@ class AdaptiveClip:
         return min(self.clips.get(stream, start), max_clip)
 
     def round_for(self, stream: object, *, max_clip: float, noise_multiplier: float, cohort: int,
-                  words: int) -> ClipRound:
-        """The round's clip (never above ``max_clip``, the policy's clipping_norm) and noise split."""
+                  words: int, min_clip: float = 0.0) -> ClipRound:
+        """The round's clip (never above ``max_clip``, the policy's clipping_norm, never below ``min_clip``,
+        the public quantizer floor `quantization.clip_floor`, itself capped at ``max_clip``) and noise split."""
         if words < 1:
             raise PolicyError("adaptive clipping needs at least one weight word to carry the count")
+        if not (min_clip >= 0 and math.isfinite(min_clip)):
+            raise PolicyError(f"adaptive clipping: the clip floor must be >= 0 (got {min_clip})")
+        floor = min(float(min_clip), max_clip)
         sb = self.count_stddev(noise_multiplier, cohort)
-        return ClipRound(self.current(stream, max_clip), noise_multiplier,
-                         vector_noise_multiplier(noise_multiplier, sb), sb, words, max_clip)
+        return ClipRound(max(self.current(stream, max_clip), floor), noise_multiplier,
+                         vector_noise_multiplier(noise_multiplier, sb), sb, words, max_clip, floor)
 
     def update(self, stream: object, rnd: ClipRound, total: np.ndarray, contributors: int) -> float:
         """After the release: C ← min(C_max, C·exp(−η(b̃ − γ))) from the released sum; returns the new clip."""
-        new = next_clip(rnd.clip, rnd.noised_fraction(total, contributors), self.config, rnd.max_clip)
+        new = next_clip(rnd.clip, rnd.noised_fraction(total, contributors), self.config, rnd.max_clip, rnd.min_clip)
         self.clips[stream] = new
         return new
 
 
-def next_clip(clip: float, noised_fraction: float, config: AdaptiveClipConfig, max_clip: float) -> float:
-    """The geometric update C·exp(−η(b̃ − γ)), capped at ``max_clip`` (the policy's clipping_norm)."""
-    return float(min(max_clip, clip * math.exp(-config.learning_rate * (noised_fraction - config.target_quantile))))
+def next_clip(clip: float, noised_fraction: float, config: AdaptiveClipConfig, max_clip: float,
+              min_clip: float = 0.0) -> float:
+    """The geometric update C·exp(−η(b̃ − γ)), capped at ``max_clip`` (the policy's clipping_norm) and floored
+    at ``min_clip`` (public: `quantization.clip_floor`, QUANTIZATION_FLOOR_FACTOR·√d·e under central noise on a
+    quantizing protocol, so the quantizer's slack √d·e never exceeds 10% of the clip; 0 otherwise). The floor
+    never lifts the clip above ``max_clip``."""
+    new = clip * math.exp(-config.learning_rate * (noised_fraction - config.target_quantile))
+    return float(min(max_clip, max(min_clip, new)))

@@ -1,5 +1,8 @@
 """Central Gaussian noise: the aggregator adds N(0, (z·Δ)²) per coordinate to the unmasked sum.
 
+Δ is the sensitivity of the *decoded* sum: S_q = S + √d·e when the protocol quantizes (e: its per-value
+rounding error, `NoisePlan.rounding_error`; protocols/dp.md §2.8), S itself for protocol none.
+
 The aggregator is trusted to add the noise (it sees the noiseless sum for an instant);
 dropped members do not matter, the noise is added once to whatever sum is released.
 """
@@ -17,8 +20,8 @@ class CentralGaussian(NoiseMechanism):
     distributed = False
 
     def noise_std(self, plan: NoisePlan) -> float:
-        """Standard deviation of the added noise, in parameter units: z · Δ."""
-        return plan.noise_multiplier * plan.sensitivity
+        """Standard deviation of the added noise, in parameter units: z · Δ, Δ = S_q = S + √d·e."""
+        return plan.noise_multiplier * plan.quantized_sensitivity
 
     def add_noise(self, total: np.ndarray, plan: NoisePlan, rng: SecureRandom | None = None) -> np.ndarray:
         """`total` + Gaussian noise of std z·Δ (float64, a new array; secret noise from a CSPRNG)."""

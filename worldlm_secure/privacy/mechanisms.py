@@ -30,6 +30,11 @@ class NoisePlan:
     dim: length of the released vector (distributed mechanisms only; rounding inflates sensitivity).
     quant_step: quantization step in parameter units per integer unit, i.e. 1 / QuantizationSpec.scale
         of secagg/quantize.py (distributed mechanisms only).
+    rounding_error: e, the secure-summation protocol's largest per-value rounding error (central noise only;
+        `privacy.quantization.rounding_error`, 0 for protocol none). The central aggregator noises the decoded
+        sum, which one member moves by its *quantized* vector, so the noise is sized at
+        `quantized_sensitivity` S_q = sensitivity + √dim·e (protocols/dp.md §2.8). Distributed mechanisms
+        count rounding in their own Δ₂ and ignore it.
     """
 
     sensitivity: float
@@ -37,6 +42,7 @@ class NoisePlan:
     expected_members: int = 1
     dim: int = 1
     quant_step: float | None = None
+    rounding_error: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.sensitivity > 0 and math.isfinite(self.sensitivity)):
@@ -49,6 +55,18 @@ class NoisePlan:
             raise PolicyError(
                 f"noise plan: expected_members and dim must be >= 1 (got {self.expected_members}, {self.dim})"
             )
+        if not (self.rounding_error >= 0 and math.isfinite(self.rounding_error)):
+            raise PolicyError(f"noise plan: rounding_error must be >= 0 (got {self.rounding_error})")
+
+    @property
+    def quantization_slack(self) -> float:
+        """√dim·e: how far one member's quantized vector can be from its float vector in L2 (central noise)."""
+        return math.sqrt(self.dim) * self.rounding_error if self.rounding_error > 0 else 0.0
+
+    @property
+    def quantized_sensitivity(self) -> float:
+        """S_q = sensitivity + √dim·e: what one member moves the decoded sum by (the central noise's Δ)."""
+        return self.sensitivity + self.quantization_slack
 
 
 class NoiseMechanism(ABC):

@@ -39,6 +39,9 @@ class UserLevelDP:
     accountant: str
     sample_rate: float
     planned_members_fraction: float  # 1 - max_dropout_fraction: distributed shares are sized for this
+    # e: the round protocol's per-value rounding error (central noise only; privacy.quantization.rounding_error,
+    # set by federation.release.round_user_dp). Every plan carries it, so central noise is sized at S + √d·e.
+    rounding_error: float = 0.0
 
     @classmethod
     def from_policy(
@@ -88,7 +91,8 @@ class UserLevelDP:
         n = expected_members
         if self.mechanism.distributed:
             n = max(1, math.ceil(expected_members * self.planned_members_fraction - 1e-9))
-        return NoisePlan(sens, self.noise_multiplier, n, dim, quant_step)
+            return NoisePlan(sens, self.noise_multiplier, n, dim, quant_step)
+        return NoisePlan(sens, self.noise_multiplier, n, dim, quant_step, self.rounding_error)
 
     def effective_noise_multiplier(self, plan: NoisePlan, contributors: int) -> float:
         return self.mechanism.effective_noise_multiplier(plan, contributors)
