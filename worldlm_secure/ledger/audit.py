@@ -32,7 +32,7 @@ from typing import Any
 from worldlm_secure.errors import LedgerError
 from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, LedgerEntry
 from worldlm_secure.ledger.policy_rules import is_refusal
-from worldlm_secure.ledger.receipts import HELD, ISSUED, Receipt
+from worldlm_secure.ledger.receipts import HELD, ISSUED, Receipt, verify_head
 from worldlm_secure.ledger.verification import VerifyReport, verify
 
 LEDGER_FORMAT_PREFIX = "worldlm-secure-ledger/"
@@ -429,6 +429,18 @@ def _member_spend(entries: Mapping[str, list[LedgerEntry]], by_node: Mapping[str
     return out
 
 
+def _release_of(entry_release_id: str, rid: str) -> bool:
+    """True when a ledger entry's release id is release ``rid``'s: ``rid`` itself, a re-release with fresh noise
+    (``rid:retryLINK``) or a DP-SGD companion entry (``rid:record``, ``rid:retryLINK:record``)."""
+    if entry_release_id == rid:
+        return True
+    if not entry_release_id.startswith(rid + ":"):
+        return False
+    suffix = entry_release_id[len(rid) + 1:]
+    retry = suffix.removesuffix(":record")
+    return suffix == "record" or (retry.startswith("retry") and retry[5:].isdigit())
+
+
 def _check_receipts(
     w: WorldAudit, by_node: Mapping[str, VerifyReport], entries: Mapping[str, list[LedgerEntry]],
     keys: Mapping[str, str], find: Any, require: bool,
@@ -459,11 +471,27 @@ def _check_receipts(
         elif rc.parent_public_key != parent_key or not rc.verify_signature(parent_key):
             find(child, tag, "receipt.signature", f"not signed by {parent}'s key {parent_key[:16]}…")
         child_key = keys.get(child) or (by_node[child].public_key if child in by_node else None)
-        if child_key is not None and rc.child_public_key != child_key:
+        # the head must be one the child signed (v2 receipts), with the key the parent countersigned for it: else
+        # only the parent says the child sent it, and nothing is held against the child (a parent alone could
+        # frame it as rolled back). A key that is not the child's pinned one is the parent's word too.
+        signed = verify_head(child, rc.child_public_key, rid, count, h, rc.child_signature)
+        if not signed:
+            find(parent, tag, "receipt.child_signature",
+                 f"{parent} countersigned a head of {child} ({count} entries) that {child} did not sign"
+                 + (" (a v1 receipt, without the child's signature)" if not rc.child_signature else "")
+                 + ": nothing shows the child sent it; not held against the child")
+        elif child in keys and rc.child_public_key != keys[child]:
+            signed = False
+            find(parent, tag, "receipt.child_key",
+                 f"{parent} countersigned key {rc.child_public_key[:16]}… for {child}, whose pinned key is "
+                 f"{keys[child][:16]}…: not held against the child")
+        elif child_key is not None and rc.child_public_key != child_key:
             find(child, tag, "receipt.child_key",
                  f"{parent} countersigned key {rc.child_public_key[:16]}… but {child}'s ledger/identity key is {child_key[:16]}…")
         # the child's ledger must still hold the head the parent saw
-        if child not in by_node:
+        if not signed:
+            pass
+        elif child not in by_node:
             find(child, tag, "receipt.child_head", f"{parent} countersigned {child}'s head at {count} entries but there is no ledger for {child}")
         else:
             ces = entries[child]
@@ -472,6 +500,16 @@ def _check_receipts(
                         if count > len(ces) else
                         f"rewritten: {parent} countersigned entry {count - 1} as {h[:16]}…, the ledger's is {ces[count - 1].entry_hash[:16]}…")
                 find(child, tag, "receipt.child_head", what)
+            elif by_node[child].ok:
+                # the head must end in the entry of the release countersigned (or its retry / record companion):
+                # a head from before that entry would let the child drop the release and still match its receipt
+                last = ces[count - 1] if count else None
+                if last is None or last.destination != parent or not _release_of(last.release_id, rid):
+                    got = (f"its entry {count - 1} is {last.release_id!r} to {last.destination!r}" if last is not None
+                           else "it had no entries")
+                    find(child, tag, "receipt.child_release",
+                         f"{parent} countersigned {child}'s head at {count} entries for release {rid!r}, but {got}: "
+                         f"the head does not cover that release (stale head; the release may have been dropped)")
             covered[child] = max(covered[child], count)
         # and the parent's ledger the parent head it stated
         if parent in by_node and by_node[parent].ok:
@@ -483,7 +521,7 @@ def _check_receipts(
         if ISSUED not in roles and parent in by_node and by_node[parent].ok:
             find(parent, tag, "receipt.missing_issued",
                  f"{child} holds this receipt signed by {parent}, but {parent}'s ledger has no copy (rolled back)")
-        if HELD not in roles and child in by_node and by_node[child].ok:
+        if HELD not in roles and signed and child in by_node and by_node[child].ok:
             find(child, tag, "receipt.missing_held",
                  f"{parent} issued this receipt but {child}'s ledger has no copy (rolled back, or the receipt never arrived)")
     # releases no receipt covers (written after the last countersigned head)

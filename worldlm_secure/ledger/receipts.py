@@ -31,8 +31,31 @@ from worldlm_secure.errors import LedgerError
 from worldlm_secure.identity import verify_signature
 from worldlm_secure.ledger.entry import canonical_json
 
-RECEIPT_TYPE = "worldlm-secure receipt v1"
+RECEIPT_TYPE = "worldlm-secure receipt v1"  # no child signature (older receipts: still parse and verify)
+RECEIPT_TYPE_V2 = "worldlm-secure receipt v2"  # with `child_signature`, the child's signature of its head
 RECEIPT_CONTEXT = b"worldlm-secure ledger receipt v1\n"
+HEAD_CONTEXT = b"worldlm-secure ledger head v1\n"  # what a child signs: the head it sends with a release
+
+
+def head_message(child: str, release_id: str, count: int, entry_hash: str) -> bytes:
+    """The bytes a child signs with its ledger key for the head it sends with ``release_id`` (domain-separated
+    from entries, ledger heads and receipts): the parent cannot issue a receipt for a head the child never sent."""
+    return HEAD_CONTEXT + canonical_json(
+        {"child": child, "release_id": release_id, "child_count": count, "child_entry_hash": entry_hash})
+
+
+def sign_head(ledger: Any, release_id: str, count: int, entry_hash: str) -> str:
+    """The child's signature (hex) of its head ``(count, entry_hash)`` sent with ``release_id``."""
+    return str(ledger.identity.sign(head_message(ledger.identity.name, release_id, count, entry_hash)).hex())
+
+
+def verify_head(child: str, child_public_key: str, release_id: str, count: int, entry_hash: str, signature: str) -> bool:
+    """True when ``signature`` (hex) is ``child``'s signature of that head under ``child_public_key`` (hex)."""
+    try:
+        pk, sig = bytes.fromhex(child_public_key), bytes.fromhex(signature)
+    except ValueError:
+        return False
+    return bool(sig) and verify_signature(pk, sig, head_message(child, release_id, count, entry_hash))
 ISSUED, HELD = "issued", "held"  # the parent's copy, the child's copy
 
 
@@ -53,11 +76,20 @@ class Receipt:
     round: int
     timestamp: str
     signature: str = ""  # hex, the parent's Ed25519 signature over RECEIPT_CONTEXT + statement bytes
+    child_signature: str = ""  # hex, the child's signature of its head (`head_message`); "" in a v1 receipt
 
     def statement(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         del d["signature"]
-        return {"type": RECEIPT_TYPE, **d}
+        if not self.child_signature:
+            del d["child_signature"]
+            return {"type": RECEIPT_TYPE, **d}
+        return {"type": RECEIPT_TYPE_V2, **d}
+
+    def child_signed(self) -> bool:
+        """True when the receipt carries the child's valid signature of the head it countersigns."""
+        return verify_head(self.child, self.child_public_key, self.release_id, self.child_count,
+                           self.child_entry_hash, self.child_signature)
 
     def statement_bytes(self) -> bytes:
         return canonical_json(self.statement())
@@ -81,9 +113,15 @@ class Receipt:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Receipt":
-        if not isinstance(d, dict) or d.get("type") != RECEIPT_TYPE:
-            raise LedgerError(f"not a {RECEIPT_TYPE!r} receipt")
+        if not isinstance(d, dict) or d.get("type") not in (RECEIPT_TYPE, RECEIPT_TYPE_V2):
+            raise LedgerError(f"not a {RECEIPT_TYPE!r} or {RECEIPT_TYPE_V2!r} receipt")
         names = {f.name: f.type for f in dataclasses.fields(cls)}
+        if d["type"] == RECEIPT_TYPE:
+            if "child_signature" in d:
+                raise LedgerError(f"a {RECEIPT_TYPE!r} receipt has no child_signature")
+            del names["child_signature"]
+        elif not d.get("child_signature"):
+            raise LedgerError(f"a {RECEIPT_TYPE_V2!r} receipt needs a child_signature")
         unknown = set(d) - set(names) - {"type"}
         if unknown:
             raise LedgerError(f"receipt has unknown field(s) {sorted(unknown)}")
@@ -151,19 +189,26 @@ def child_head(ledger: Any) -> tuple[str, str, int, str]:
 
 def countersign(
     parent: Any, *, child: str, child_public_key: str, child_count: int, child_entry_hash: str,
-    release_id: str, round: int,
+    release_id: str, round: int, child_signature: str = "",
 ) -> Receipt:
     """The parent (`parent`: its open `Ledger`) countersigns a child's head on receiving `release_id` and
     stores the receipt in its own ledger ("issued"). Idempotent: the same child head and release give
-    the stored receipt back (a restarted parent re-receiving a release does not add a second row)."""
+    the stored receipt back (a restarted parent re-receiving a release does not add a second row).
+
+    ``child_signature``: the child's signature of the head (`sign_head`), checked here under
+    ``child_public_key`` and embedded (a v2 receipt). Without it (a v1 receipt) `ledger audit` holds the receipt
+    against the parent, not the child: nothing shows the child ever sent that head."""
     if child_count < 0 or len(child_entry_hash) != 64:
         raise LedgerError(f"countersign: bad child head ({child_count}, {child_entry_hash[:16]!r})")
+    if child_signature and not verify_head(child, child_public_key, release_id, child_count, child_entry_hash, child_signature):
+        raise LedgerError(f"countersign: {child}'s signature of its head ({child_count}, {child_entry_hash[:16]}…) "
+                          f"for {release_id!r} does not verify under its key {child_public_key[:16]}…")
     p_count, p_hash = parent.head()
     r = Receipt(
         parent=parent.identity.name, parent_public_key=parent.public_key_hex, parent_count=p_count,
         parent_entry_hash=p_hash, child=child, child_public_key=child_public_key, child_count=child_count,
         child_entry_hash=child_entry_hash, release_id=release_id, round=round,
-        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"), child_signature=child_signature,
     )
     r = dataclasses.replace(r, signature=parent.identity.sign(r.signed_message()).hex())
     stored = parent.add_receipt_row(r.receipt_id(ISSUED), lambda seq, prev: row_body(seq, prev, ISSUED, r))
@@ -205,7 +250,7 @@ def exchange(parent: Any, child: Any, *, release_id: str, round: int) -> Receipt
     give the receipt to the child. Call it right after the child's entry for `release_id` is appended."""
     name, pk, count, h = child_head(child)
     r = countersign(parent, child=name, child_public_key=pk, child_count=count, child_entry_hash=h,
-                    release_id=release_id, round=round)
+                    release_id=release_id, round=round, child_signature=sign_head(child, release_id, count, h))
     return hold(child, r, expected_parent_key=parent.public_key_hex)
 
 

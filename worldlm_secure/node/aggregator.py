@@ -95,6 +95,9 @@ class Aggregator:
         ann = Announcement(rid, tuple(cohort), protocol, phase.to_bytes(), deadline, aggregator_key=self.identity.public_bytes)
         self._phases[rid] = (phase.world_round, phase.phase)
         self.board.announce(ann, model)
+        held = set(self.board.rounds_held())  # pruned with the board: receipts only for rounds it still holds
+        for old in [r for r in self._phases if r != rid and r not in held]:
+            self._phases.pop(old, None)
         ann = self.board.announcement(rid) or ann  # with the cohort's enrolled signing keys filled in
         self.emit("announced", round=phase.world_round, phase=phase.phase, link_round=rid, cohort=len(cohort))
         return ann

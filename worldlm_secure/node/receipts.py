@@ -1,9 +1,11 @@
 """Ledger receipts over a deployed link (protocols/ledger.md §7): the `ledger.receipts` exchange that
 `simulate` and Ray run in one process, split between the member and its aggregator.
 
-    member:     writes its entry (before_input) -> UploadUpdate(update, ledger_head = its head now)
-    aggregator: accepts the update -> countersign(head, the member's key from its certificate)
-                -> "issued" row in its own ledger -> the receipt in the UploadUpdate reply
+    member:     writes its entry (before_input) -> UploadUpdate(update, ledger_head = its head at that entry,
+                signed with its ledger key)
+    aggregator: accepts the update -> checks the head's signature (the member's key from its certificate) and
+                that its entry count grew -> countersign, once per member and link round
+                -> "issued" row in its own ledger -> the receipt (embedding the member's signature) in the reply
     member:     hold(receipt, expected_parent_key = the key of the aggregator's certificate) -> "held" row
 
 Crash safety: before the update leaves, the member stores the head it sends in its node state
@@ -17,6 +19,7 @@ An aggregator restarted after it countersigned gets the same head again when the
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +48,8 @@ class AggregatorReceipts:
     def __init__(self, ledger: Any, phase_of: Callable[[int], tuple[int, str] | None]) -> None:
         self.ledger = ledger
         self.phase_of = phase_of
+        self._lock = threading.Lock()
+        self._last: dict[str, int] = {}  # member -> largest entry count countersigned (see `_last_count`)
 
     def countersign(self, member: str, signing_public_key: bytes, round_id: int, head: LedgerHead) -> bytes:
         phase = self.phase_of(round_id)
@@ -54,11 +59,38 @@ class AggregatorReceipts:
         if head.release_id != want:
             raise LedgerError(f"{member} sent a ledger head for {head.release_id!r} with its update of link round "
                               f"{round_id}, which is release {want!r}; not countersigned")
-        r = receipts.countersign(
-            self.ledger, child=member, child_public_key=signing_public_key.hex(), child_count=head.entry_count,
-            child_entry_hash=head.entry_hash.hex(), release_id=want, round=phase[0],
-        )
+        pk, h = signing_public_key.hex(), head.entry_hash.hex()
+        # The member's own signature of its head (with the key its certificate binds): without it this node
+        # could not show the member ever sent that head, and `ledger audit` would hold the receipt against it.
+        if not head.signature or not receipts.verify_head(member, pk, want, head.entry_count, h, head.signature.hex()):
+            raise LedgerError(f"{member} sent a ledger head for {want!r} {'without a' if not head.signature else 'with a bad'} "
+                              "signature of its ledger key; not countersigned")
+        with self._lock:  # the check and the countersignature together: server threads run concurrently
+            stored = receipts.issued(self.ledger, child=member, release_id=want, child_count=head.entry_count)
+            if stored is not None and stored.child_entry_hash == h and stored.child_public_key == pk:
+                return stored.to_json().encode()  # the same head again (a restart, a retried upload)
+            # A member's ledger only grows, and every release appends an entry: its countersigned entry count
+            # strictly increases across its receipts here. A head not past the last one is stale (it may end
+            # before the release's entry) or rewritten: refused.
+            last = self._last_count(member)
+            if last is not None and head.entry_count <= last:
+                raise LedgerError(f"{member} sent a ledger head of {head.entry_count} entries for {want!r}, not past the "
+                                  f"{last} this node already countersigned for it; not countersigned")
+            r = receipts.countersign(
+                self.ledger, child=member, child_public_key=pk, child_count=head.entry_count,
+                child_entry_hash=h, release_id=want, round=phase[0], child_signature=head.signature.hex(),
+            )
+            self._last[member] = max(r.child_count, self._last.get(member, r.child_count))
         return r.to_json().encode()
+
+    def _last_count(self, member: str) -> int | None:
+        """The largest entry count this node countersigned for ``member`` (read once from its ledger, then kept)."""
+        if member not in self._last:
+            counts = [row.receipt.child_count for row in map(receipts.decode_row, self.ledger.receipt_bodies())
+                      if row.role == receipts.ISSUED and row.receipt.child == member]
+            if counts:
+                self._last[member] = max(counts)
+        return self._last.get(member)
 
     def issued(self, member: str, signing_public_key: bytes, head: LedgerHead) -> bytes:
         r = receipts.issued(self.ledger, child=member, release_id=head.release_id, child_count=head.entry_count)
@@ -83,12 +115,26 @@ class MemberReceipts:
         self.state.put(**{PENDING: [p for p in self._pending() if (p[0], p[1]) != (rid, count)]})
 
     def head(self, rid: str) -> LedgerHead:
-        """This member's head now (its entry for ``rid`` written), remembered as pending before it leaves."""
+        """This member's head at its entry for ``rid`` (normally its head now: the protocol just wrote it),
+        remembered as pending before it leaves. The head ends on that entry (or its latest ``:retryLINK``): a
+        re-release that wrote no new entry, after other releases, still names the head of its own entry, which
+        is what the aggregator countersigned before (and what `ledger audit` checks the receipt against)."""
         count, h = self.ledger.head()
+        if count:
+            from worldlm_secure.ledger.audit import _release_of
+
+            entries = self.ledger.entries()
+            mine = [e for e in entries if e.destination == self.parent and _release_of(e.release_id, rid)]
+            if mine and mine[-1].seq != count - 1:
+                count, h = mine[-1].seq + 1, mine[-1].entry_hash
         pending = self._pending()
         if [rid, count, h] not in pending:
             self.state.put(**{PENDING: pending + [[rid, count, h]]})
-        return LedgerHead(rid, count, bytes.fromhex(h))
+        return self._signed(rid, count, h)
+
+    def _signed(self, rid: str, count: int, h: str) -> LedgerHead:
+        """The head signed with this member's ledger key (Ed25519 is deterministic: the same head, the same bytes)."""
+        return LedgerHead(rid, count, bytes.fromhex(h), bytes.fromhex(receipts.sign_head(self.ledger, rid, count, h)))
 
     def hold(self, head: LedgerHead, body: bytes, parent_key: bytes) -> Receipt | None:
         """Check the aggregator's receipt of ``head`` and store it ("held"). ``parent_key``: the Ed25519 key of
@@ -102,7 +148,8 @@ class MemberReceipts:
             return None
         try:
             r = Receipt.from_json(body)
-            if (r.parent, r.release_id, r.child_count, r.child_entry_hash) != (self.parent, rid, count, h):
+            if (r.parent, r.release_id, r.child_count, r.child_entry_hash) != (self.parent, rid, count, h) or (
+                    head.signature and r.child_signature != head.signature.hex()):
                 raise LedgerError(f"{r} does not countersign the head this member sent ({self.parent}, {rid}, {count}:{h[:12]}…)")
             held = receipts.hold(self.ledger, r, expected_parent_key=parent_key.hex())
         except LedgerError as exc:
@@ -118,7 +165,7 @@ class MemberReceipts:
         """Ask the aggregator again for every receipt this member sent a head for but never held (it crashed,
         or the reply was lost). Kept pending while the aggregator cannot be reached."""
         for rid, count, h in self._pending():
-            head = LedgerHead(rid, int(count), bytes.fromhex(h))
+            head = self._signed(rid, int(count), h)
             try:
                 body = client.fetch_ledger_receipt(head)
             except (Refused, TransportError) as exc:

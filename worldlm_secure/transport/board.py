@@ -60,6 +60,7 @@ class RoundBoard(FederationHandler):
         self._to_aggregator: dict[int, list[Inbound]] = defaultdict(list)
         self._mailbox: dict[tuple[int, str], list[Inbound]] = defaultdict(list)
         self._quota: dict[tuple[int, str], list[int]] = {}  # (round, member) -> [messages, bytes] queued
+        self._countersigned: dict[tuple[int, str], bytes] = {}  # (round, member) -> the ledger receipt issued
 
     # ---- driven by the federation's round logic ----
 
@@ -88,7 +89,7 @@ class RoundBoard(FederationHandler):
         for table in (self._announcements, self._models, self._updates, self._to_aggregator):
             for r in [r for r in table if r < oldest]:
                 del table[r]
-        for keyed in (self._mailbox, self._quota):  # keyed by (round, member)
+        for keyed in (self._mailbox, self._quota, self._countersigned):  # keyed by (round, member)
             for key in [k for k in keyed if k[0] < oldest]:
                 del keyed[key]
 
@@ -196,9 +197,27 @@ class RoundBoard(FederationHandler):
             self._cond.notify_all()
 
     def countersign(self, message: Inbound, signing_public_key: bytes) -> bytes:
+        """Countersign the ledger head of an accepted update, once per (member, round): the head is the one the
+        first accepted update carried; a retried upload of it gets the receipt already issued, and a retry with
+        another head is refused (nothing is countersigned: one update, one receipt)."""
         if self.countersigner is None or message.ledger_head is None:
             return b""
-        return self.countersigner.countersign(message.sender, signing_public_key, message.round_id, message.ledger_head)
+        key = (message.round_id, message.sender)
+        with self._cond:
+            first = self._updates.get(message.round_id, {}).get(message.sender)
+            if first is None:
+                raise Refused(R.REFUSAL_REJECTED, f"no accepted update of {message.sender!r} for round {message.round_id}")
+            if first.ledger_head != message.ledger_head:
+                raise Refused(R.REFUSAL_REJECTED, f"{message.sender!r} re-sent its update of round {message.round_id} "
+                              "with another ledger head than the first; not countersigned")
+            done = self._countersigned.get(key)
+        if done is not None:
+            return done
+        body = self.countersigner.countersign(message.sender, signing_public_key, message.round_id, message.ledger_head)
+        with self._cond:
+            if message.round_id in self._updates:  # not pruned meanwhile
+                self._countersigned.setdefault(key, body)
+        return body
 
     def ledger_receipt(self, member: str, signing_public_key: bytes, head: LedgerHead) -> bytes:
         return b"" if self.countersigner is None else self.countersigner.issued(member, signing_public_key, head)

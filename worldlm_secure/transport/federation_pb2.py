@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)worldlm_secure/transport/federation.proto\x12\nworldlm.v1\"k\n\x08\x45nvelope\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x14\n\x0csent_unix_ms\x18\x05 \x01(\x03\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\"\xb0\x02\n\x0eTransferHeader\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.worldlm.v1.PayloadKind\x12+\n\x0bsecagg_kind\x18\x03 \x01(\x0e\x32\x16.worldlm.v1.SecAggKind\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.worldlm.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x14\n\x0ctotal_chunks\x18\x07 \x01(\r\x12\x0e\n\x06sha256\x18\x08 \x01(\x0c\x12+\n\x0bledger_head\x18\t \x01(\x0b\x32\x16.worldlm.v1.LedgerHead\"I\n\nLedgerHead\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ntry_count\x18\x02 \x01(\x04\x12\x12\n\nentry_hash\x18\x03 \x01(\x0c\"(\n\tChunkData\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"l\n\x0cTransferPart\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.worldlm.v1.TransferHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.worldlm.v1.ChunkDataH\x00\x42\x06\n\x04part\"f\n\rEnrollRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"{\n\x0b\x45nrollReply\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x19\n\x11heartbeat_seconds\x18\x04 \x01(\r\"C\n\tHeartbeat\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x0e\n\x06status\x18\x02 \x01(\t\"O\n\x0eHeartbeatReply\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x15\n\rcurrent_round\x18\x02 \x01(\x04\"K\n\x0cWatchRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x04\"H\n\x07PeerKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\"\xcf\x01\n\x11RoundAnnouncement\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x0e\n\x06\x63ohort\x18\x02 \x03(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x0e\n\x06params\x18\x04 \x01(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12&\n\tpeer_keys\x18\x06 \x03(\x0b\x32\x13.worldlm.v1.PeerKey\x12\x1e\n\x16\x61ggregator_certificate\x18\x07 \x01(\x0c\"9\n\x0f\x44ownloadRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\"i\n\x12\x46\x65tchSecAggRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12+\n\x0bsecagg_kind\x18\x02 \x01(\x0e\x32\x16.worldlm.v1.SecAggKind\"n\n\x07Receipt\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x16\n\x0eledger_receipt\x18\x04 \x01(\x0c\"d\n\x14LedgerReceiptRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12$\n\x04head\x18\x02 \x01(\x0b\x32\x16.worldlm.v1.LedgerHead\"T\n\x12LedgerReceiptReply\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x16\n\x0eledger_receipt\x18\x02 \x01(\x0c\"D\n\x07Refusal\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.worldlm.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\x9e\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PAYLOAD_KIND_MODEL\x10\x01\x12\x1d\n\x19PAYLOAD_KIND_UPDATE_PLAIN\x10\x02\x12!\n\x1dPAYLOAD_KIND_UPDATE_PROTECTED\x10\x03\x12\x17\n\x13PAYLOAD_KIND_SECAGG\x10\x04*\xe8\x02\n\nSecAggKind\x12\x1b\n\x17SECAGG_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dSECAGG_MASKING_ADVERTISE_KEYS\x10\x01\x12\x1d\n\x19SECAGG_MASKING_KEY_BUNDLE\x10\x02\x12#\n\x1fSECAGG_MASKING_ENCRYPTED_SHARES\x10\x03\x12\x1f\n\x1bSECAGG_MASKING_MASKED_INPUT\x10\x04\x12!\n\x1dSECAGG_MASKING_UNMASK_REQUEST\x10\x05\x12 \n\x1cSECAGG_MASKING_UNMASK_SHARES\x10\x06\x12\x1e\n\x1aSECAGG_CKKS_PUBLIC_CONTEXT\x10\x14\x12\x1a\n\x16SECAGG_CKKS_CIPHERTEXT\x10\x15\x12\x19\n\x15SECAGG_CKKS_AGGREGATE\x10\x16\x12\x19\n\x15SECAGG_CKKS_DECRYPTED\x10\x17*\x8f\x04\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REFUSAL_UNAUTHENTICATED\x10\x01\x12!\n\x1dREFUSAL_UNTRUSTED_CERTIFICATE\x10\x02\x12\x1f\n\x1bREFUSAL_CERTIFICATE_EXPIRED\x10\x03\x12\x19\n\x15REFUSAL_NOT_IN_ROSTER\x10\x04\x12\x1b\n\x17REFUSAL_SENDER_MISMATCH\x10\x05\x12\x15\n\x11REFUSAL_MALFORMED\x10\x06\x12\x13\n\x0fREFUSAL_VERSION\x10\x07\x12\x12\n\x0eREFUSAL_REPLAY\x10\x08\x12\x11\n\rREFUSAL_STALE\x10\t\x12\x17\n\x13REFUSAL_WRONG_ROUND\x10\n\x12\x15\n\x11REFUSAL_TRUNCATED\x10\x0b\x12\x15\n\x11REFUSAL_OVERSIZED\x10\x0c\x12\x15\n\x11REFUSAL_INTEGRITY\x10\r\x12\x19\n\x15REFUSAL_BAD_SIGNATURE\x10\x0e\x12\x18\n\x14REFUSAL_NOT_ENROLLED\x10\x0f\x12\x14\n\x10REFUSAL_REJECTED\x10\x10\x12\x17\n\x13REFUSAL_UNAVAILABLE\x10\x11\x12\x18\n\x14REFUSAL_RATE_LIMITED\x10\x12\x12\x16\n\x12REFUSAL_OVER_QUOTA\x10\x13\x32\xc5\x04\n\nFederation\x12<\n\x06\x45nroll\x12\x19.worldlm.v1.EnrollRequest\x1a\x17.worldlm.v1.EnrollReply\x12\x42\n\rSendHeartbeat\x12\x15.worldlm.v1.Heartbeat\x1a\x1a.worldlm.v1.HeartbeatReply\x12H\n\x0bWatchRounds\x12\x18.worldlm.v1.WatchRequest\x1a\x1d.worldlm.v1.RoundAnnouncement0\x01\x12H\n\rDownloadModel\x12\x1b.worldlm.v1.DownloadRequest\x1a\x18.worldlm.v1.TransferPart0\x01\x12?\n\x0cUploadUpdate\x12\x18.worldlm.v1.TransferPart\x1a\x13.worldlm.v1.Receipt(\x01\x12=\n\nSendSecAgg\x12\x18.worldlm.v1.TransferPart\x1a\x13.worldlm.v1.Receipt(\x01\x12I\n\x0b\x46\x65tchSecAgg\x12\x1e.worldlm.v1.FetchSecAggRequest\x1a\x18.worldlm.v1.TransferPart0\x01\x12V\n\x12\x46\x65tchLedgerReceipt\x12 .worldlm.v1.LedgerReceiptRequest\x1a\x1e.worldlm.v1.LedgerReceiptReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)worldlm_secure/transport/federation.proto\x12\nworldlm.v1\"k\n\x08\x45nvelope\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x14\n\x0csent_unix_ms\x18\x05 \x01(\x03\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\"\xb0\x02\n\x0eTransferHeader\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.worldlm.v1.PayloadKind\x12+\n\x0bsecagg_kind\x18\x03 \x01(\x0e\x32\x16.worldlm.v1.SecAggKind\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.worldlm.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12\x14\n\x0ctotal_chunks\x18\x07 \x01(\r\x12\x0e\n\x06sha256\x18\x08 \x01(\x0c\x12+\n\x0bledger_head\x18\t \x01(\x0b\x32\x16.worldlm.v1.LedgerHead\"\\\n\nLedgerHead\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ntry_count\x18\x02 \x01(\x04\x12\x12\n\nentry_hash\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"(\n\tChunkData\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"l\n\x0cTransferPart\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.worldlm.v1.TransferHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.worldlm.v1.ChunkDataH\x00\x42\x06\n\x04part\"f\n\rEnrollRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"{\n\x0b\x45nrollReply\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x19\n\x11heartbeat_seconds\x18\x04 \x01(\r\"C\n\tHeartbeat\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x0e\n\x06status\x18\x02 \x01(\t\"O\n\x0eHeartbeatReply\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x15\n\rcurrent_round\x18\x02 \x01(\x04\"K\n\x0cWatchRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x04\"H\n\x07PeerKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0c\"\xcf\x01\n\x11RoundAnnouncement\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x0e\n\x06\x63ohort\x18\x02 \x03(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x0e\n\x06params\x18\x04 \x01(\x0c\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x03\x12&\n\tpeer_keys\x18\x06 \x03(\x0b\x32\x13.worldlm.v1.PeerKey\x12\x1e\n\x16\x61ggregator_certificate\x18\x07 \x01(\x0c\"9\n\x0f\x44ownloadRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\"i\n\x12\x46\x65tchSecAggRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12+\n\x0bsecagg_kind\x18\x02 \x01(\x0e\x32\x16.worldlm.v1.SecAggKind\"n\n\x07Receipt\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x16\n\x0eledger_receipt\x18\x04 \x01(\x0c\"d\n\x14LedgerReceiptRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12$\n\x04head\x18\x02 \x01(\x0b\x32\x16.worldlm.v1.LedgerHead\"T\n\x12LedgerReceiptReply\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.worldlm.v1.Envelope\x12\x16\n\x0eledger_receipt\x18\x02 \x01(\x0c\"D\n\x07Refusal\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.worldlm.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\x9e\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PAYLOAD_KIND_MODEL\x10\x01\x12\x1d\n\x19PAYLOAD_KIND_UPDATE_PLAIN\x10\x02\x12!\n\x1dPAYLOAD_KIND_UPDATE_PROTECTED\x10\x03\x12\x17\n\x13PAYLOAD_KIND_SECAGG\x10\x04*\xe8\x02\n\nSecAggKind\x12\x1b\n\x17SECAGG_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dSECAGG_MASKING_ADVERTISE_KEYS\x10\x01\x12\x1d\n\x19SECAGG_MASKING_KEY_BUNDLE\x10\x02\x12#\n\x1fSECAGG_MASKING_ENCRYPTED_SHARES\x10\x03\x12\x1f\n\x1bSECAGG_MASKING_MASKED_INPUT\x10\x04\x12!\n\x1dSECAGG_MASKING_UNMASK_REQUEST\x10\x05\x12 \n\x1cSECAGG_MASKING_UNMASK_SHARES\x10\x06\x12\x1e\n\x1aSECAGG_CKKS_PUBLIC_CONTEXT\x10\x14\x12\x1a\n\x16SECAGG_CKKS_CIPHERTEXT\x10\x15\x12\x19\n\x15SECAGG_CKKS_AGGREGATE\x10\x16\x12\x19\n\x15SECAGG_CKKS_DECRYPTED\x10\x17*\x8f\x04\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REFUSAL_UNAUTHENTICATED\x10\x01\x12!\n\x1dREFUSAL_UNTRUSTED_CERTIFICATE\x10\x02\x12\x1f\n\x1bREFUSAL_CERTIFICATE_EXPIRED\x10\x03\x12\x19\n\x15REFUSAL_NOT_IN_ROSTER\x10\x04\x12\x1b\n\x17REFUSAL_SENDER_MISMATCH\x10\x05\x12\x15\n\x11REFUSAL_MALFORMED\x10\x06\x12\x13\n\x0fREFUSAL_VERSION\x10\x07\x12\x12\n\x0eREFUSAL_REPLAY\x10\x08\x12\x11\n\rREFUSAL_STALE\x10\t\x12\x17\n\x13REFUSAL_WRONG_ROUND\x10\n\x12\x15\n\x11REFUSAL_TRUNCATED\x10\x0b\x12\x15\n\x11REFUSAL_OVERSIZED\x10\x0c\x12\x15\n\x11REFUSAL_INTEGRITY\x10\r\x12\x19\n\x15REFUSAL_BAD_SIGNATURE\x10\x0e\x12\x18\n\x14REFUSAL_NOT_ENROLLED\x10\x0f\x12\x14\n\x10REFUSAL_REJECTED\x10\x10\x12\x17\n\x13REFUSAL_UNAVAILABLE\x10\x11\x12\x18\n\x14REFUSAL_RATE_LIMITED\x10\x12\x12\x16\n\x12REFUSAL_OVER_QUOTA\x10\x13\x32\xc5\x04\n\nFederation\x12<\n\x06\x45nroll\x12\x19.worldlm.v1.EnrollRequest\x1a\x17.worldlm.v1.EnrollReply\x12\x42\n\rSendHeartbeat\x12\x15.worldlm.v1.Heartbeat\x1a\x1a.worldlm.v1.HeartbeatReply\x12H\n\x0bWatchRounds\x12\x18.worldlm.v1.WatchRequest\x1a\x1d.worldlm.v1.RoundAnnouncement0\x01\x12H\n\rDownloadModel\x12\x1b.worldlm.v1.DownloadRequest\x1a\x18.worldlm.v1.TransferPart0\x01\x12?\n\x0cUploadUpdate\x12\x18.worldlm.v1.TransferPart\x1a\x13.worldlm.v1.Receipt(\x01\x12=\n\nSendSecAgg\x12\x18.worldlm.v1.TransferPart\x1a\x13.worldlm.v1.Receipt(\x01\x12I\n\x0b\x46\x65tchSecAgg\x12\x1e.worldlm.v1.FetchSecAggRequest\x1a\x18.worldlm.v1.TransferPart0\x01\x12V\n\x12\x46\x65tchLedgerReceipt\x12 .worldlm.v1.LedgerReceiptRequest\x1a\x1e.worldlm.v1.LedgerReceiptReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'worldlm_secure.transport.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAYLOADKIND']._serialized_start=2035
-  _globals['_PAYLOADKIND']._serialized_end=2193
-  _globals['_SECAGGKIND']._serialized_start=2196
-  _globals['_SECAGGKIND']._serialized_end=2556
-  _globals['_REFUSALREASON']._serialized_start=2559
-  _globals['_REFUSALREASON']._serialized_end=3086
+  _globals['_PAYLOADKIND']._serialized_start=2054
+  _globals['_PAYLOADKIND']._serialized_end=2212
+  _globals['_SECAGGKIND']._serialized_start=2215
+  _globals['_SECAGGKIND']._serialized_end=2575
+  _globals['_REFUSALREASON']._serialized_start=2578
+  _globals['_REFUSALREASON']._serialized_end=3105
   _globals['_ENVELOPE']._serialized_start=57
   _globals['_ENVELOPE']._serialized_end=164
   _globals['_TENSORSPEC']._serialized_start=166
@@ -44,37 +44,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERHEADER']._serialized_start=225
   _globals['_TRANSFERHEADER']._serialized_end=529
   _globals['_LEDGERHEAD']._serialized_start=531
-  _globals['_LEDGERHEAD']._serialized_end=604
-  _globals['_CHUNKDATA']._serialized_start=606
-  _globals['_CHUNKDATA']._serialized_end=646
-  _globals['_TRANSFERPART']._serialized_start=648
-  _globals['_TRANSFERPART']._serialized_end=756
-  _globals['_ENROLLREQUEST']._serialized_start=758
-  _globals['_ENROLLREQUEST']._serialized_end=860
-  _globals['_ENROLLREPLY']._serialized_start=862
-  _globals['_ENROLLREPLY']._serialized_end=985
-  _globals['_HEARTBEAT']._serialized_start=987
-  _globals['_HEARTBEAT']._serialized_end=1054
-  _globals['_HEARTBEATREPLY']._serialized_start=1056
-  _globals['_HEARTBEATREPLY']._serialized_end=1135
-  _globals['_WATCHREQUEST']._serialized_start=1137
-  _globals['_WATCHREQUEST']._serialized_end=1212
-  _globals['_PEERKEY']._serialized_start=1214
-  _globals['_PEERKEY']._serialized_end=1286
-  _globals['_ROUNDANNOUNCEMENT']._serialized_start=1289
-  _globals['_ROUNDANNOUNCEMENT']._serialized_end=1496
-  _globals['_DOWNLOADREQUEST']._serialized_start=1498
-  _globals['_DOWNLOADREQUEST']._serialized_end=1555
-  _globals['_FETCHSECAGGREQUEST']._serialized_start=1557
-  _globals['_FETCHSECAGGREQUEST']._serialized_end=1662
-  _globals['_RECEIPT']._serialized_start=1664
-  _globals['_RECEIPT']._serialized_end=1774
-  _globals['_LEDGERRECEIPTREQUEST']._serialized_start=1776
-  _globals['_LEDGERRECEIPTREQUEST']._serialized_end=1876
-  _globals['_LEDGERRECEIPTREPLY']._serialized_start=1878
-  _globals['_LEDGERRECEIPTREPLY']._serialized_end=1962
-  _globals['_REFUSAL']._serialized_start=1964
-  _globals['_REFUSAL']._serialized_end=2032
-  _globals['_FEDERATION']._serialized_start=3089
-  _globals['_FEDERATION']._serialized_end=3670
+  _globals['_LEDGERHEAD']._serialized_end=623
+  _globals['_CHUNKDATA']._serialized_start=625
+  _globals['_CHUNKDATA']._serialized_end=665
+  _globals['_TRANSFERPART']._serialized_start=667
+  _globals['_TRANSFERPART']._serialized_end=775
+  _globals['_ENROLLREQUEST']._serialized_start=777
+  _globals['_ENROLLREQUEST']._serialized_end=879
+  _globals['_ENROLLREPLY']._serialized_start=881
+  _globals['_ENROLLREPLY']._serialized_end=1004
+  _globals['_HEARTBEAT']._serialized_start=1006
+  _globals['_HEARTBEAT']._serialized_end=1073
+  _globals['_HEARTBEATREPLY']._serialized_start=1075
+  _globals['_HEARTBEATREPLY']._serialized_end=1154
+  _globals['_WATCHREQUEST']._serialized_start=1156
+  _globals['_WATCHREQUEST']._serialized_end=1231
+  _globals['_PEERKEY']._serialized_start=1233
+  _globals['_PEERKEY']._serialized_end=1305
+  _globals['_ROUNDANNOUNCEMENT']._serialized_start=1308
+  _globals['_ROUNDANNOUNCEMENT']._serialized_end=1515
+  _globals['_DOWNLOADREQUEST']._serialized_start=1517
+  _globals['_DOWNLOADREQUEST']._serialized_end=1574
+  _globals['_FETCHSECAGGREQUEST']._serialized_start=1576
+  _globals['_FETCHSECAGGREQUEST']._serialized_end=1681
+  _globals['_RECEIPT']._serialized_start=1683
+  _globals['_RECEIPT']._serialized_end=1793
+  _globals['_LEDGERRECEIPTREQUEST']._serialized_start=1795
+  _globals['_LEDGERRECEIPTREQUEST']._serialized_end=1895
+  _globals['_LEDGERRECEIPTREPLY']._serialized_start=1897
+  _globals['_LEDGERRECEIPTREPLY']._serialized_end=1981
+  _globals['_REFUSAL']._serialized_start=1983
+  _globals['_REFUSAL']._serialized_end=2051
+  _globals['_FEDERATION']._serialized_start=3108
+  _globals['_FEDERATION']._serialized_end=3689
 # @@protoc_insertion_point(module_scope)

@@ -52,6 +52,7 @@ class LedgerHead:
     release_id: str
     entry_count: int
     entry_hash: bytes
+    signature: bytes = b""  # the member's Ed25519 signature of the head (`ledger.receipts.head_message`), 64 bytes
 
     @classmethod
     def from_pb(cls, msg: Any) -> "LedgerHead":
@@ -59,16 +60,17 @@ class LedgerHead:
         from worldlm_secure.transport.federation_pb2 import RefusalReason as R
         from worldlm_secure.transport.refusal import Refused
 
-        rid, count, h = str(msg.release_id), int(msg.entry_count), bytes(msg.entry_hash)
-        if not _RELEASE_ID.match(rid) or len(h) != 32 or count >= 1 << 62:
+        rid, count, h, sig = str(msg.release_id), int(msg.entry_count), bytes(msg.entry_hash), bytes(msg.signature)
+        if not _RELEASE_ID.match(rid) or len(h) != 32 or count >= 1 << 62 or len(sig) not in (0, 64):
             raise Refused(R.REFUSAL_MALFORMED, "a ledger head needs a release id of 1-200 printable ASCII characters, "
-                          "an entry count and a 32-byte entry hash")
-        return cls(rid, count, h)
+                          "an entry count, a 32-byte entry hash and a 64-byte signature (or none)")
+        return cls(rid, count, h, sig)
 
     def to_pb(self) -> Any:
         from worldlm_secure.transport import federation_pb2 as pb
 
-        return pb.LedgerHead(release_id=self.release_id, entry_count=self.entry_count, entry_hash=self.entry_hash)
+        return pb.LedgerHead(release_id=self.release_id, entry_count=self.entry_count, entry_hash=self.entry_hash,
+                             signature=self.signature)
 
 
 class Countersigner(Protocol):
