@@ -133,7 +133,9 @@ def test_ray_channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         def _take(self) -> np.ndarray:
             return self._vector
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # another module's fixture may hold this worker's Ray instance
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for case in sorted(CASES):
             with monkeypatch.context() as mp:
@@ -149,7 +151,8 @@ def test_ray_channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                 for a in actors.values():
                     ray.kill(a)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 @pytest.mark.network
