@@ -15,7 +15,9 @@ module's markers are in `MODULE_MARKERS` below (one place to see the lanes), sin
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -143,6 +145,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if heavy:
         config.hook.pytest_deselected(items=heavy)
         items[:] = fast
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[Any]:
+    """One local Ray instance per test process, shared by every Ray test (starting one costs ~30 s; the
+    suite used to start one per module). Skips where the ray extra is not installed."""
+    ray = pytest.importorskip("ray", reason="Ray tests need the ray extra: pip install -e '.[test,ray]'")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import logging
 import math
 import textwrap
 from pathlib import Path
+from typing import Any
 from types import SimpleNamespace
 
 import numpy as np
@@ -258,21 +259,16 @@ def test_distributed_noise_under_masking_carries_the_count_too(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_ray_site_actors_clip_adaptively_through_the_same_pipeline(tmp_path: Path) -> None:
+def test_ray_site_actors_clip_adaptively_through_the_same_pipeline(local_ray: Any, tmp_path: Path) -> None:
     """Sites as Ray actors: the driver hands each actor the round's `MemberClip`, the actor encodes its own
     update and count words (`encode_update`), the driver noises, updates the clip and records it."""
-    ray = pytest.importorskip("ray", reason="Ray backend test needs the ray extra: pip install -e '.[test,ray]'")
     from worldlm_secure.federation.methods import METHODS
     from worldlm_secure.federation.ray_backend import simulate_on_ray
     from worldlm_secure.ledger import read_entries, verify
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        out = tmp_path / "ledgers"
-        simulate_on_ray(_world(tmp_path, rounds=2), methods=[METHODS["worldlm"]], device="cpu", ledger_root=out,
-                        scope="sites")
-    finally:
-        ray.shutdown()
+    out = tmp_path / "ledgers"
+    simulate_on_ray(_world(tmp_path, rounds=2), methods=[METHODS["worldlm"]], device="cpu", ledger_root=out,
+                    scope="sites")
     paths = list(out.rglob("eu-a.sqlite"))
     assert len(paths) == 1 and verify(paths[0]).ok
     entries = [e for e in read_entries(paths[0]) if e.epsilon is not None]

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,8 +93,7 @@ def test_simulate_refuses_an_unknown_backend_and_method(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_simulate_on_ray_returns_the_same_result_type(tmp_path: Path) -> None:
-    pytest.importorskip("ray", reason="the ray extra (worldlm-secure[ray]) is not installed")
+def test_simulate_on_ray_returns_the_same_result_type(local_ray: Any, tmp_path: Path) -> None:
     result = simulate(write_world(tmp_path, rounds=1), backend="ray", methods="worldlm", rounds=1, device="cpu",
                       ray_scope="methods")
     assert isinstance(result, worldlm_secure.SimulationResult) and list(result.methods) == ["worldlm"]

@@ -19,13 +19,6 @@ ray = pytest.importorskip("ray", reason="Ray backend test needs the ray extra: p
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("scope", ["sites", "methods"])
 def test_simulate_on_ray_matches_in_process(local_ray, tmp_path: Path, scope: str) -> None:
     from worldlm_secure.federation.ray_backend import simulate_on_ray

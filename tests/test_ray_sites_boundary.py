@@ -33,13 +33,6 @@ DISTRIBUTED = (
 )
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _world(folder: Path, policy_text: str | None, rounds: int = 2) -> Any:
     from worldlm_secure.federation.settings import settings_for
     from worldlm_secure.federation.simulate import load_world_data

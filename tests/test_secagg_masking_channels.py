@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -115,8 +116,8 @@ def test_in_memory_channel(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ray = pytest.importorskip("ray", reason="the Ray channel needs the ray extra: pip install -e '.[test,ray]'")
+def test_ray_channel(local_ray: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ray = local_ray
     from worldlm_secure.federation.ray_channel import RayChannel
     from worldlm_secure.federation.site_actor import SiteActor
 
@@ -133,26 +134,19 @@ def test_ray_channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         def _take(self) -> np.ndarray:
             return self._vector
 
-    started = not ray.is_initialized()  # another module's fixture may hold this worker's Ray instance
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for case in sorted(CASES):
-            with monkeypatch.context() as mp:
-                ids = {n: NodeIdentity.generate(n) for n in NAMES}
-                for n, identity in ids.items():
-                    identity.save(tmp_path / case / f"{n}.pem")
-                agg = NodeIdentity.generate("fed")
-                cfg = _config(ids, agg)
-                actors = {n: Member.remote(n, tmp_path / case / f"{n}.pem", v) for n, v in _vectors().items()}
-                _tampered(RayChannel, mp, lambda: agg, case)
-                trace = aggregate(MaskingAggregator(cfg, agg), RayChannel(ray, actors, cfg, None))
-                _check(case, trace.outcome.contributors, trace.outcome.total, " | ".join(trace.dropped.values()))
-                for a in actors.values():
-                    ray.kill(a)
-    finally:
-        if started:
-            ray.shutdown()
+    for case in sorted(CASES):
+        with monkeypatch.context() as mp:
+            ids = {n: NodeIdentity.generate(n) for n in NAMES}
+            for n, identity in ids.items():
+                identity.save(tmp_path / case / f"{n}.pem")
+            agg = NodeIdentity.generate("fed")
+            cfg = _config(ids, agg)
+            actors = {n: Member.remote(n, tmp_path / case / f"{n}.pem", v) for n, v in _vectors().items()}
+            _tampered(RayChannel, mp, lambda: agg, case)
+            trace = aggregate(MaskingAggregator(cfg, agg), RayChannel(ray, actors, cfg, None))
+            _check(case, trace.outcome.contributors, trace.outcome.total, " | ".join(trace.dropped.values()))
+            for a in actors.values():
+                ray.kill(a)
 
 
 @pytest.mark.network
