@@ -74,8 +74,8 @@ def test_the_cli_package_itself_is_light() -> None:
 
 
 # `keys *` and `ledger *` call the library inside the command: `worldlm_secure.transport` loads its names
-# lazily (no grpc for `keys`), and the ledger recomputes RDP ε with Opacus' numpy/scipy analysis module
-# loaded without Opacus' package (privacy/accountant.py), so neither imports torch.
+# lazily (no grpc for `keys`), and the ledger recomputes RDP and PRV ε with Opacus' numpy/scipy accountant
+# files loaded without Opacus' package (privacy/accountant.py), so neither imports torch.
 LIBRARY_LIGHT = [
     pytest.param(["keys", "init-ca", "--name", "fed-eu", "--out", "{tmp}/ca"], id="keys init-ca"),
     pytest.param(["ledger", "verify", "{tmp}/missing.sqlite"], id="ledger verify missing"),
@@ -89,13 +89,35 @@ def test_keys_and_ledger_commands_import_no_heavy_module(args: list[str], tmp_pa
     assert heavy == [], f"imported {heavy}"
 
 
-@pytest.fixture(scope="module")
-def dp_ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real ledger with user-level DP entries (ε recomputed by `verify`) and a no-DP entry."""
+def _make_prv(path: Path, node: str) -> None:
+    """A signed ledger whose stream is accounted with PRV (`differential_privacy.accountant: prv`, as in
+    policies/healthcare.yaml): `verify` recomputes every ε with Opacus' PRV accountant."""
+    from test_ledger_chain import effective_policy
+
+    from worldlm_secure.identity import NodeIdentity
+    from worldlm_secure.ledger import Ledger, release_entry
+    from worldlm_secure.privacy import BudgetTracker
+
+    policy = effective_policy(differential_privacy={"epsilon_budget": 40.0, "accountant": "prv"})
+    t = BudgetTracker(budget=40.0, delta=1e-5, accountant="prv", stream=f"{node}/user")
+    with Ledger(path, NodeIdentity.generate(node)) as led:
+        for r, z in enumerate((1.1, 0.9)):  # z changes: the PRV composition is heterogeneous
+            led.append(release_entry(
+                release_id=f"{r}:shared:fed", round=r, level="site", source=node, destination="fed",
+                group="shared", tensor_names=("model.layers.0.w",), protocol="masking", cohort_size=3, dropouts=0,
+                dp_level="user", mechanism="central_gaussian", clipping_norm=1.0, policy_sha256=policy.sha256,
+                charge=t.charge(z, 1.0),
+            ), policy_document=policy.canonical_json())
+
+
+@pytest.fixture(scope="module", params=["rdp", "prv"])
+def dp_ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ledger with user-level DP entries (ε recomputed by `verify`): RDP-accounted with a no-DP entry
+    (test_ledger_cli), or PRV-accounted."""
     from test_ledger_cli import _make
 
     path = tmp_path_factory.mktemp("ledgers") / "ledgers" / "site-a.sqlite"
-    _make(path, "site-a")
+    (_make if request.param == "rdp" else _make_prv)(path, "site-a")
     return path
 
 
@@ -116,8 +138,10 @@ REAL_LEDGER = [
 def test_ledger_commands_on_a_dp_ledger_import_no_heavy_module(
     args: list[str], forbidden: tuple[str, ...], dp_ledger: Path
 ) -> None:
-    """Recomputing every ε of a DP ledger (RDP accountant) needs neither torch nor Opacus' package."""
+    """Recomputing every ε of a DP ledger (RDP or PRV accountant) needs neither torch nor Opacus' package."""
     argv = [a.replace("{ledger}", str(dp_ledger)).replace("{dir}", str(dp_ledger.parent)) for a in args]
     code, heavy, _ = run_probe(argv)
     assert code in (0, 1), f"`worldlm-secure {' '.join(argv)}` exited {code}"
+    if args[1] in ("verify", "export"):  # every ε was recomputed (a failed recomputation would exit 1)
+        assert code == 0, f"`worldlm-secure {' '.join(argv)}` exited {code}"
     assert not set(heavy) & set(forbidden), f"`worldlm-secure {' '.join(args)}` imported {heavy}"

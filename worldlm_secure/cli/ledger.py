@@ -57,6 +57,8 @@ def verify_cmd(
             console.print(f"[green]OK[/]     {esc(rep.summary())}")
         else:
             console.print(f"[bold red]FAILED[/] {esc(f'{rep.path}: {rep.problem}')}")
+        for note in rep.notes:  # what could not be checked (also in --json)
+            console.print(f"[yellow]note[/]   {esc(note)}")
     if not ok:
         raise typer.Exit(1)
 

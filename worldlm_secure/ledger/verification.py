@@ -11,7 +11,10 @@ failure (everything after a broken link is unverifiable):
    (budget, clip, mechanism, δ, accountant, protocols, min_cohort, destinations, layers: policy_rules.py);
    with `require_policies` an entry without its document fails; every entry that records the base weights'
    hash (`base_hash`) names the same one;
-5. ε of the release and cumulative ε of its stream, recomputed with the recorded accountant
+5. the noise was sized for the release's sensitivity: a recorded `extra.noise_sensitivity` is at least
+   S (clip, or C_t·z_Δ/z with adaptive clipping) + `extra.quantization_slack`, and under central noise on a
+   quantizing protocol the slack is at least what the protocol implies (noise_rules.py, protocols/dp.md §2.8);
+6. ε of the release and cumulative ε of its stream, recomputed with the recorded accountant
    from the recorded (noise_multiplier, sample_rate, steps, δ), agree with the recorded ones,
    and cumulative ε never exceeds the recorded budget;
 then the signed head: entry count and last hash (catches deletion of trailing entries), and in
@@ -30,6 +33,7 @@ from pathlib import Path
 from worldlm_secure.errors import LedgerError
 from worldlm_secure.identity import verify_signature
 from worldlm_secure.ledger.entry import POST_PROCESSING, GENESIS_HASH, LedgerEntry, entry_from_body
+from worldlm_secure.ledger.noise_rules import check_noise_sensitivity, unrecorded
 from worldlm_secure.ledger.policy_rules import check_entry, is_refusal
 from worldlm_secure.ledger.receipts import HELD, ISSUED, ReceiptRow, decode_row
 from worldlm_secure.ledger.store import (
@@ -157,6 +161,7 @@ def verify(
     stream_params: dict[str, tuple[float, str]] = {}
     docs: dict[str, dict | str] = {}  # sha -> parsed document, or why it is unusable
     base: LedgerEntry | None = None  # the first entry that names its base weights
+    unsized: list[LedgerEntry] = []  # central noise on a quantizing protocol, no noise_sensitivity recorded
     prev = GENESIS_HASH
     for pos, row in enumerate(lf.rows):
         def bad(what: str, e: LedgerEntry | None = None) -> VerifyReport:
@@ -198,6 +203,13 @@ def verify(
             return bad(why, e)
         # post-processing entries (a federation releasing what it computed from DP-noised aggregates)
         # spend no budget, and refusals released nothing: there is no ε to recompute.
+        if e.dp_level != "none" and e.mechanism != POST_PROCESSING and not is_refusal(e):
+            doc = docs.get(e.policy_sha256)
+            why = check_noise_sensitivity(e, doc if isinstance(doc, dict) else None)
+            if why:
+                return bad(why, e)
+            if unrecorded(e):
+                unsized.append(e)
         if recompute and e.dp_level != "none" and e.mechanism != POST_PROCESSING and not is_refusal(e):
             why = _check_epsilon(e, histories, curves, stream_params)
             if why:
@@ -206,6 +218,13 @@ def verify(
         good.append(e)
         prev = row.entry_hash
     parsed.update({k: v for k, v in docs.items() if isinstance(v, dict)})
+    if unsized:
+        notes.append(
+            f"{len(unsized)} {'entry' if len(unsized) == 1 else 'entries'} under central noise on a quantizing "
+            "protocol record no noise_sensitivity "
+            f"(first: entry {unsized[0].seq} ({unsized[0].release_id})): what their noise was sized at cannot be "
+            "checked (protocols/dp.md §2.8)"
+        )
 
     if lf.head is None:
         if lf.rows or lf.receipts:

@@ -6,10 +6,15 @@ bound reported. Everything here is a pure function of its arguments, so `ledger 
 recomputes exactly what the node recorded.
 
 Light at import: Opacus' package imports torch, so nothing from Opacus is imported at module level.
-RDP (the default accountant, and what `ledger verify` replays) runs Opacus' own pure numpy/scipy
-analysis module, `opacus/accountants/analysis/rdp.py`, loaded by file without executing Opacus'
-package `__init__` (same code, same numbers, no torch). PRV and the noise search
-(`derive_noise_multiplier`) import Opacus proper, torch included, when first called.
+`ledger verify` (and show/export/report/audit) must not import torch, so both accountants run Opacus'
+own files loaded without executing Opacus' package `__init__` (same code, same numbers, no torch):
+Opacus' `accountants/` folder is mounted under a private package name (`_light_accountants`), never
+executing its `__init__`, with a stand-in for `accountants/accountant.py`, the one file there that
+imports torch (for the DPOptimizer hook only; the accountants use nothing of it but `history`). RDP
+then runs `analysis/rdp.py` (pure numpy/scipy); PRV runs `prv.py`, `analysis/prv/*.py` and the
+`rdp.py` accountant they size the PRV domain with (numpy/scipy as well). When Opacus proper is already
+imported (training), its own modules are used. Only the noise search (`derive_noise_multiplier`, a
+training path) imports Opacus proper, torch included, when first called.
 
 For user-level DP in a federation round: sample_rate = cohort / population (1.0 when all
 members participate), steps = number of releases on the stream. For record-level DP-SGD:
@@ -34,6 +39,8 @@ import numpy as np
 from worldlm_secure.errors import PolicyError
 
 _RDP_MODULE = "opacus.accountants.analysis.rdp"
+_PRV_MODULE = "opacus.accountants.prv"
+_LIGHT = "worldlm_secure.privacy._opacus_accountants"  # Opacus' accountants/ folder under a private name
 
 ACCOUNTANTS = ("rdp", "prv")
 PRV_EPS_ERROR = 1e-3  # absolute ε error of the PRV estimate; the upper bound is what we report
@@ -53,27 +60,65 @@ class MechanismStep:
     steps: int = 1
 
 
-@cache
-def _rdp_analysis() -> ModuleType:
-    """Opacus' RDP analysis module (`compute_rdp`, `get_privacy_spent`), without importing torch.
+class _IAccountant:
+    """Stand-in for `opacus.accountants.accountant.IAccountant` in the light package: that file imports torch
+    (`opacus.optimizers`, for `get_optimizer_hook_fn`), while `RDPAccountant` and `PRVAccountant` use nothing of
+    their base class but the `history` list its `__init__` makes."""
 
-    The real module when Opacus is already imported; otherwise the same file loaded under a private
-    name. `find_spec("opacus")` locates the package without executing its `__init__` (which imports
-    torch); the analysis file itself imports only math, numpy and scipy.
+    def __init__(self) -> None:
+        self.history: list[tuple[float, float, int]] = []
+
+
+@cache
+def _light_accountants() -> ModuleType:
+    """Opacus' `accountants` package mounted under a private name, without importing torch.
+
+    `find_spec("opacus")` locates Opacus without executing its `__init__` (which imports torch). The package
+    object is made from `accountants/__init__.py`'s spec but never executed (that `__init__` imports every
+    accountant, hence `accountant.py`, hence torch), and its `accountant` submodule is the stand-in above.
+    Every other submodule imported through it (`rdp`, `prv`, `analysis.rdp`, `analysis.prv.*`) is Opacus'
+    own file, loaded by the import system from Opacus' folder under the private name: relative imports
+    between them resolve inside the private package, so the code and the numbers are Opacus' exactly.
     """
-    loaded = sys.modules.get(_RDP_MODULE)
-    if loaded is not None:
-        return loaded
     spec = importlib.util.find_spec("opacus")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("opacus is not installed (pip install opacus): it computes ε")
-    path = Path(next(iter(spec.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
-    file_spec = importlib.util.spec_from_file_location("worldlm_secure.privacy._opacus_rdp", path)
-    if file_spec is None or file_spec.loader is None:  # pragma: no cover - a broken opacus install
-        raise ImportError(f"cannot load Opacus' RDP analysis from {path}")
-    module = importlib.util.module_from_spec(file_spec)
-    file_spec.loader.exec_module(module)
-    return module
+    folder = Path(next(iter(spec.submodule_search_locations))) / "accountants"
+    pkg_spec = importlib.util.spec_from_file_location(
+        _LIGHT, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if pkg_spec is None:  # pragma: no cover - a broken opacus install
+        raise ImportError(f"cannot load Opacus' accountants from {folder}")
+    package = importlib.util.module_from_spec(pkg_spec)  # not executed: its __init__ would import torch
+    base = ModuleType(f"{_LIGHT}.accountant", "Stand-in for Opacus' accountant.py (no torch).")
+    base.IAccountant = _IAccountant  # type: ignore[attr-defined]
+    package.accountant = base  # type: ignore[attr-defined]
+    sys.modules[_LIGHT] = package
+    sys.modules[base.__name__] = base
+    return package
+
+
+def _light(name: str) -> ModuleType:
+    """Opacus' module ``accountants.NAME`` from the light package (see `_light_accountants`)."""
+    _light_accountants()
+    return importlib.import_module(f"{_LIGHT}.{name}")
+
+
+def _rdp_analysis() -> ModuleType:
+    """Opacus' RDP analysis module (`compute_rdp`, `get_privacy_spent`): the real one when Opacus is already
+    imported, else the same file from the light package (it imports only math, numpy and scipy)."""
+    loaded = sys.modules.get(_RDP_MODULE)
+    return loaded if loaded is not None else _light("analysis.rdp")
+
+
+def _prv_accountant_class() -> type:
+    """Opacus' `PRVAccountant`: the real class when Opacus' accountants are already imported, else the same
+    file (`accountants/prv.py`, with `analysis/prv/` and the RDP accountant that sizes its domain) from the
+    light package, so verifying a PRV-accounted ledger imports no torch either."""
+    loaded = sys.modules.get(_PRV_MODULE)
+    module = loaded if loaded is not None else _light("prv")
+    cls: type = module.PRVAccountant
+    return cls
 
 
 def _rdp_epsilon(hist: Sequence[tuple[float, float, int]], delta: float) -> float:
@@ -116,9 +161,7 @@ def epsilon_of(history: Sequence[MechanismStep], delta: float, accountant: str =
         return 0.0
     if accountant == "rdp":
         return _rdp_epsilon(hist, delta)
-    from opacus.accountants import PRVAccountant  # imports torch: only PRV streams pay for it
-
-    acc_p = PRVAccountant()
+    acc_p = _prv_accountant_class()()
     acc_p.history = hist
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # log(1 - q) at q = 1 inside Opacus is harmless
