@@ -1,15 +1,16 @@
-"""SecAgg+ members as Ray site actors: the `secagg.channel.Channel` the Ray backend's driver talks through.
+"""Ray site actors as protocol members: the `secagg.channel.Channel` the Ray backend's driver talks through.
 
-The driver runs the one aggregator driver (`secagg.masking_round.aggregate`); each site actor runs the one
-member session (`site_actor.SiteActor.masking`, a `MaskingSession`). This channel only carries bytes: a
-member whose step fails (its actor raised or died: `ray_steps.run_step`) has dropped out from that step
-on; SecAgg+ recovers its masks from the others' shares, and the round aborts (nothing released) only
-when fewer than the threshold remain.
+The driver runs each protocol's one aggregator driver (`secagg.masking_round.aggregate`,
+`secagg.ckks_round.aggregate` via `ray_ckks`); each site actor runs the one member session
+(`site_actor.SiteActor.masking`, a `MaskingSession`; `SiteActor.ckks`, a `CkksSession`). This channel only
+carries bytes: a member whose step fails (its actor raised or died: `ray_steps.run_step`) has dropped out
+from that step on; SecAgg+ recovers its masks from the others' shares, CKKS goes on without its
+contribution, and the round aborts (nothing released) only when fewer than the threshold / min_cohort remain.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from worldlm_secure.federation.ray_steps import StepLog, run_step
@@ -20,20 +21,29 @@ from worldlm_secure.secagg.protocol import IntegerNoise, SumResult
 
 
 class RayChannel:
-    """Each request goes to the member's actor method ``masking(data, config, noise)``; the round's first
-    (empty) request also carries the round's public ``config`` and the DP ``noise`` shares to add."""
+    """Each request goes to the member's actor method ``method`` (``masking(data, config, noise)`` by default);
+    the first request a member gets in the round also carries ``opening`` (by default the round's public
+    ``config`` and the DP ``noise`` shares to add; for CKKS the member's `ckks_round.CkksRoundSetup`).
+    ``run``: the step runner (`ray_steps.run_step`; a backend passes its own module's, which tests patch)."""
 
-    def __init__(self, ray: Any, actors: Mapping[str, Any], config: RoundConfig, noise: IntegerNoise | None) -> None:
+    def __init__(self, ray: Any, actors: Mapping[str, Any], config: Any, noise: IntegerNoise | None = None, *,
+                 method: str = "masking", opening: tuple | None = None, run: Callable[..., dict[str, Any]] | None = None) -> None:
         self.ray, self.actors, self.config, self.noise = ray, actors, config, noise
+        self.method, self.opening, self.run = method, (config, noise) if opening is None else opening, run
         self.log = StepLog()
+        self._opened: set[str] = set()
 
     @property
     def dropped(self) -> Mapping[str, str]:
         return self.log.dropped
 
     def exchange(self, step: str, requests: Mapping[str, bytes], timeout: float | None) -> dict[str, bytes]:
-        args = {m: (data, self.config, self.noise) if not data else (data,) for m, data in requests.items() if m not in self.log.dropped}
-        return run_step(self.ray, self.actors, step, args, self.log, self.config.round_id, method="masking")
+        args = {}
+        for m, data in requests.items():
+            if m not in self.log.dropped:
+                args[m] = (data,) if m in self._opened else (data, *self.opening)
+                self._opened.add(m)
+        return (self.run or run_step)(self.ray, self.actors, step, args, self.log, self.config.round_id, method=self.method)
 
 
 def masked_sum(ray: Any, actors: Mapping[str, Any], identity_keys: Mapping[str, bytes], params: object,

@@ -9,10 +9,10 @@ actor to train (in parallel), then for each release of a federation's sites:
   site actor (member):           weights -> w * delta -> clip to the DP norm -> encode -> protect
   driver (aggregator):           secure sum over serialized messages -> central noise -> charge -> ledgers
 
-Under masking the actor runs `MaskingMember` itself (and adds its distributed DP share) and the driver
-runs `MaskingAggregator`, routing bytes (`ray_channel`). Under CKKS the actor encrypts and signs its own
-contribution, key-holder actors make the key epoch and decrypt, and the driver runs `CkksAggregator`
-with the public context only (`ray_ckks`). A member whose step fails has dropped out of that round
+Each protocol runs its one member session in the actor (`SiteActor.masking`, `SiteActor.ckks`) and its
+one aggregator driver in the driver, over a `ray_channel.RayChannel` (bytes only): under masking the
+actor adds its distributed DP share itself; under CKKS the actor encrypts and signs its own contribution,
+key-holder actors make the key epoch and decrypt, and the driver holds the public context only (`ray_ckks`). A member whose step fails has dropped out of that round
 (`ray_steps`). The aggregates go back down to the actors;
 evaluation runs in the actors and only perplexities come back. Same seed, same initial model, same
 per-site generators: per-site results equal the in-process engine's (bit-identical for plain sums;

@@ -8,9 +8,10 @@ round's DP norm, encoded (`DeltaCodec`). It then runs its side of the round's pr
   masking: the one member session (`secagg.masking_round.MaskingSession`) with the site's own
            `NodeIdentity`, serialized protocol messages in and out (bytes); the distributed DP share is
            added inside the masked input;
-  ckks:    `CkksMember` (encrypts and signs its own contribution under the epoch's verified public
-           context); a key holder also makes its X25519 transport key, generates the epoch's keys when it
-           is the generator, unwraps its sealed secret key and decrypts the sum (`CkksKeyHolder`);
+  ckks:    the one member session (`secagg.ckks_round.CkksSession`) over the site's own keys: it encrypts
+           and signs its contribution under the epoch's verified public context; a key holder also makes
+           its X25519 transport key, generates the epoch's keys when it is the generator, unwraps its
+           sealed secret key and decrypts the sum;
   none:    the encoded vector itself (a plain sum: what the network would carry under that policy).
 
 What comes back to the driver is: losses, seconds, perplexities, serialized protocol messages (bytes),
@@ -92,9 +93,8 @@ class SiteActor:
         self.identity = NodeIdentity.generate(name)
         self._vector: np.ndarray | None = None
         self._session: Any = None  # secagg.masking_round.MaskingSession of the round in progress
-        self._ckks: Any = None  # secagg.ckks.CkksMember of the current key epoch
-        self._holder: Any = None  # secagg.ckks.CkksKeyHolder of the current key epoch (key holders only)
-        self._next_holder: Any = None  # the holder whose transport key is out for the next epoch
+        self._ckks: Any = None  # secagg.ckks_round.CkksKeyring: this site's CKKS keys across a key epoch
+        self._ckks_session: Any = None  # secagg.ckks_round.CkksSession of the round in progress
 
     def public_key(self) -> bytes:
         """The raw Ed25519 public key that signs this site's key adverts."""
@@ -168,56 +168,19 @@ class SiteActor:
             raise SecAggError(f"{self.name}: a SecAgg+ request outside a round; refused")
         return self._session.handle(data)
 
-    # ---- CKKS member and key-holder steps: bytes in, bytes out (messages: secagg.ckks_messages) ----
-    def ckks_transport_key(self) -> bytes:
-        """As a key holder of the next key epoch: a fresh X25519 transport key, signed by this site's identity."""
-        from worldlm_secure.secagg import ckks_messages as wire
-        from worldlm_secure.secagg.ckks import CkksKeyHolder
+    # ---- CKKS: the one member session (key holder included), bytes in, bytes out ----
+    def ckks(self, data: bytes, setup: Any = None) -> bytes:
+        """One CKKS request in, this site's answer out (`secagg.ckks_round.CkksSession` over the site's own
+        `CkksKeyring`, kept across the rounds of a key epoch). The first request of a round carries the
+        round's `CkksRoundSetup` (on Ray the driver hands over the named holders and the sites' keys, so the
+        checks guard against faults, not a malicious driver); the prepared release is taken (once) when the
+        contribution is due."""
+        from worldlm_secure.secagg.ckks_round import CkksKeyring, CkksSession
 
-        self._next_holder = CkksKeyHolder(self.identity)
-        return wire.cert_bytes(self._next_holder.transport.cert)
-
-    def ckks_generate(self, params: Any, epoch: int, certs: bytes, identity_keys: dict[str, bytes]) -> bytes:
-        """As the epoch's generator: a new CKKS key, its public context signed, the secret context sealed to
-        each holder's verified transport key (``certs``); returns the epoch's keys message."""
-        from worldlm_secure.secagg import ckks_messages as wire
-        from worldlm_secure.secagg.ckks_keys import generate_epoch_keys
-
-        keys = generate_epoch_keys(self.identity, params, epoch, wire.certs_from(wire.decode(certs)), identity_keys)
-        return wire.epoch_bytes(keys)
-
-    def ckks_install(self, epoch_keys: bytes, trust: Any) -> None:
-        """Join a key epoch: check the generator is a named key holder (`secagg.ckks.EpochTrust`: named holders
-        and peer keys; on Ray the driver hands it over, so this guards against faults, not a malicious driver)
-        and its signature over the public context; a key holder also unwraps the secret key sealed to its
-        transport key (only its own is in ``epoch_keys``)."""
-        from worldlm_secure.secagg import ckks_messages as wire
-        from worldlm_secure.secagg.ckks import CkksMember
-
-        keys = wire.epoch_from(wire.decode(epoch_keys))
-        member = CkksMember(self.identity)
-        member.install(keys, trust)
-        self._ckks, self._holder = member, None
-        if self.name in keys.wrapped:
-            if self._next_holder is None:
-                raise SecAggError(f"{self.name}: a secret key was sealed to it without its transport key; refused")
-            self._next_holder.install(keys, trust)
-            self._holder, self._next_holder = self._next_holder, None
-
-    def ckks_protect(self, spec: Any) -> bytes:
-        """Encrypt and sign this release's vector under the epoch's public context (``spec``: the `RoundSpec`)."""
-        from worldlm_secure.secagg import ckks_messages as wire
-
-        if self._ckks is None:
-            raise SecAggError(f"{self.name}: no CKKS key epoch joined")
-        return wire.contribution_bytes(self._ckks.protect(spec, self._take()))
-
-    def ckks_decrypt(self, summed: bytes, spec: Any) -> bytes:
-        """As a key holder: re-add the forwarded signed contributions, decrypt, and sign a confirmation."""
-        from worldlm_secure.secagg import ckks_messages as wire
-
-        if self._holder is None:
-            raise SecAggError(f"{self.name}: holds no secret key of this epoch")
-        total, _ = wire.summed_from(wire.decode(summed))
-        sums, conf = self._holder.decrypt(total, spec)
-        return wire.decrypted_bytes(sums, conf)
+        if setup is not None:
+            if self._ckks is None:
+                self._ckks = CkksKeyring(self.identity)
+            self._ckks_session = CkksSession(self._ckks, setup, self._take)
+        if self._ckks_session is None:
+            raise SecAggError(f"{self.name}: a CKKS request outside a round; refused")
+        return self._ckks_session.handle(data)

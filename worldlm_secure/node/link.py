@@ -14,8 +14,9 @@ The member side runs the one member session (`secagg.masking_round.MaskingSessio
     aggregator: wait for each step's messages from the members still expected, until all arrived, the
             step's timeout passed, or the member's heartbeat went silent (a dropout); then the next step.
 
-Protocol "ckks" runs `node.ckks_link` (key epoch among the member key holders, ciphertexts added by
-the aggregator, decrypted and confirmed by the holders). Protocol "none" is one
+Protocol "ckks" runs the CKKS member session and aggregator driver (`secagg.ckks_round`) the same way:
+`node.ckks_link` routes its steps through `BoardChannel` (`CKKS_STEPS` there: key epoch among the member
+key holders, contributions checked by the aggregator, re-added, decrypted and confirmed by the holders). Protocol "none" is one
 `UploadUpdate(UPDATE_PLAIN)` per member, summed by the aggregator. Dropouts are SecAgg+'s to recover;
 fewer than min_cohort survivors abort the round (`SecAggError`), nothing released.
 """
@@ -26,12 +27,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
+
 import numpy as np
 
 from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
-from worldlm_secure.node import ckks_link
-from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg.masking import MaskingAggregator, MaskingMember, RoundConfig
 from worldlm_secure.secagg.masking_messages import (
     AggregatorMessage,
@@ -49,6 +51,9 @@ from worldlm_secure.transport.chunks import Payload
 from worldlm_secure.transport.client import MemberLink
 from worldlm_secure.transport.handler import Announcement, Inbound
 
+if TYPE_CHECKING:  # node.ckks_link builds on this module (its steps travel through `BoardChannel`)
+    from worldlm_secure.node.ckks_link import CkksRound
+
 log = logging.getLogger("worldlm_secure.node")
 POLL_SECONDS = 0.1  # how often a waiting side looks again (loopback; members poll the federation)
 
@@ -62,6 +67,18 @@ STEP_KINDS: dict[str, tuple[int | None, int, type[AggregatorMessage] | None]] = 
     "confirm": (pb.SECAGG_MASKING_UNMASK_REQUEST, pb.SECAGG_MASKING_UNMASK_SHARES, SurvivorList),
     "unmask": (pb.SECAGG_MASKING_UNMASK_REQUEST, pb.SECAGG_MASKING_UNMASK_SHARES, UnmaskRequest),
 }
+
+
+@dataclass(frozen=True)
+class BoardStep:
+    """How one protocol step travels over the board: the kind the aggregator posts its request under (None:
+    members open the step unasked), the kind the member answers under (as an UploadUpdate when ``upload``),
+    and ``claims``: whether a relayed answer claims to be this step's (the member session checks the rest)."""
+
+    post: int | None
+    answer: int
+    upload: bool = False
+    claims: Callable[[Inbound], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,13 @@ def _is(message: Inbound, cls: type[Message]) -> bool:
     """Whether a relayed payload claims to be a ``cls`` (its SecAgg+ tag); decoding checks the rest."""
     head = message.payload.to_bytes()[:5]
     return len(head) == 5 and head[4] == cls.TAG
+
+
+# The SecAgg+ steps as `BoardChannel` carries them (`STEP_KINDS`; the masked input is an upload).
+MASKING_STEPS: dict[str, BoardStep] = {
+    step: BoardStep(post, answer, answer == pb.SECAGG_MASKING_MASKED_INPUT, partial(_is, cls=STEPS[step]))
+    for step, (post, answer, _) in STEP_KINDS.items()
+}
 
 
 def _poll(client: MemberLink, kind: int, round_id: int, deadline: float, cls: type[Message]) -> bytes:
@@ -121,8 +145,8 @@ def member_round(
     for steps that follow other members' training (default ``timeout``)."""
     rid = ann.round_id
     if ann.protocol == "ckks" and ckks is not None:
-        ckks_link.member_round(client, identity, ann, ckks, vector, before_input=before_input,
-                               wait_timeout=max(timeout, wait_timeout or 0.0))
+        ckks.run_member(client, identity, ann, vector, before_input=before_input,
+                        wait_timeout=max(timeout, wait_timeout or 0.0))
         return
     if ann.protocol == "none":
         before_input(ann.cohort)
@@ -146,6 +170,12 @@ def member_round(
 # ---- aggregator side --------------------------------------------------------------------------------
 
 
+class Alive(Protocol):
+    """Whether a member still counts as online (`Liveness`)."""
+
+    def alive(self, member: str) -> bool: ...
+
+
 class Liveness:
     """Members whose heartbeat went silent for ``silent_after`` seconds count as dropped (not waited for)."""
 
@@ -158,18 +188,18 @@ class Liveness:
 
 
 def _wait(
-    board: RoundBoard, rid: int, kind: int, expected: Iterable[str], timeout: float, live: Liveness,
-    cls: type[Message] | None = None,
+    board: RoundBoard, rid: int, kind: int, expected: Iterable[str], timeout: float, live: Alive,
+    claims: Callable[[Inbound], bool] | None = None,
 ) -> dict[str, Inbound]:
-    """First message of ``kind`` (and SecAgg+ type ``cls``, if given) from each expected member, until all
-    arrived, timeout, or the rest went silent."""
+    """First message of ``kind`` (that ``claims`` to be the step's answer, if given) from each expected member,
+    until all arrived, timeout, or the rest went silent."""
     expected = set(expected)
     deadline = time.monotonic() + timeout
     while True:
         got: dict[str, Inbound] = {}
         for m in board.secagg_received(rid, kind):
-            if m.sender in expected and (cls is None or _is(m, cls)):
-                got.setdefault(m.sender, m)
+            if m.sender in expected and m.sender not in got and (claims is None or claims(m)):
+                got[m.sender] = m
         missing = expected - set(got)
         if not missing or time.monotonic() > deadline or not any(live.alive(m) for m in missing):
             if missing:
@@ -178,7 +208,7 @@ def _wait(
         time.sleep(POLL_SECONDS)
 
 
-def _wait_updates(board: RoundBoard, rid: int, expected: Iterable[str], timeout: float, live: Liveness) -> dict[str, Inbound]:
+def _wait_updates(board: RoundBoard, rid: int, expected: Iterable[str], timeout: float, live: Alive) -> dict[str, Inbound]:
     expected = set(expected)
     deadline = time.monotonic() + timeout
     while True:
@@ -193,10 +223,14 @@ def _wait_updates(board: RoundBoard, rid: int, expected: Iterable[str], timeout:
 
 class BoardChannel:
     """The federation's `secagg.channel.Channel` over gRPC/mTLS: requests are posted on its `RoundBoard`
-    for the member to fetch; answers are what the member sent (its mTLS identity is the sender)."""
+    for the member to fetch; answers are what the member sent (its mTLS identity is the sender).
+    ``steps``: how each protocol step travels (`MASKING_STEPS`, `node.ckks_link.CKKS_STEPS`);
+    ``wait_updates(expected, timeout)``: how uploads are awaited (default: until all, timeout or silence)."""
 
-    def __init__(self, board: RoundBoard, round_id: int, live: Liveness) -> None:
-        self.board, self.round_id, self.live = board, round_id, live
+    def __init__(self, board: RoundBoard, round_id: int, live: Alive, steps: Mapping[str, BoardStep] = MASKING_STEPS,
+                 wait_updates: Callable[[Iterable[str], float], dict[str, Inbound]] | None = None) -> None:
+        self.board, self.round_id, self.live, self.steps = board, round_id, live, steps
+        self.wait_updates = wait_updates or (lambda expected, t: _wait_updates(board, round_id, expected, t, live))
         self._dropped: dict[str, str] = {}
 
     @property
@@ -204,15 +238,15 @@ class BoardChannel:
         return self._dropped
 
     def exchange(self, step: str, requests: Mapping[str, bytes], timeout: float | None) -> dict[str, bytes]:
-        post_kind, answer_kind, _ = STEP_KINDS[step]
+        how = self.steps[step]
         rid, wait = self.round_id, float("inf") if timeout is None else timeout
-        if post_kind is not None:
+        if how.post is not None:
             for member, data in requests.items():
-                self.board.post_secagg(Inbound(self.board.name, rid, pb.PAYLOAD_KIND_SECAGG, post_kind, member, Payload.from_bytes(data)))
-        if step == "masked_input":
-            got = _wait_updates(self.board, rid, requests, wait, self.live)
+                self.board.post_secagg(Inbound(self.board.name, rid, pb.PAYLOAD_KIND_SECAGG, how.post, member, Payload.from_bytes(data)))
+        if how.upload:
+            got = self.wait_updates(requests, wait)
         else:
-            got = _wait(self.board, rid, answer_kind, requests, wait, self.live, STEPS[step])
+            got = _wait(self.board, rid, how.answer, requests, wait, self.live, how.claims)
         for member in requests:
             if member not in got:
                 self._dropped.setdefault(member, f"{step}: no answer in time (or its heartbeat went silent)")
@@ -235,10 +269,7 @@ def aggregate_round(
     this federation's, which signs every message it sends to members."""
     rid, cohort = ann.round_id, ann.cohort
     if ann.protocol == "ckks" and ckks is not None:
-        out = ckks_link.aggregate_round(
-            board, ann, ckks, lambda expected, t: _wait_updates(board, rid, expected, t, live),
-            first_timeout=first_timeout, step_timeout=step_timeout, alive=live.alive,
-        )
+        out = ckks.run_aggregator(board, ann, live, first_timeout=first_timeout, step_timeout=step_timeout)
         return LinkOutcome(out.total, out.contributors, tuple(m for m in cohort if m not in out.contributors),
                            out.bytes_up, out.rejected, out.key_id)
     if ann.protocol == "none":

@@ -2,8 +2,8 @@
 
 A `Channel` sends each member one request per protocol step and returns the answers of the members that
 answered in time. It carries bytes only: every check on what a member is told happens in the member's
-session (`masking_round.MaskingSession`), every check on what the aggregator is told in the driver, so
-one fix holds in every backend. Three channels exist:
+session (`masking_round.MaskingSession`, `ckks_round.CkksSession`), every check on what the aggregator is
+told in the driver, so one fix holds in every backend. Three channels exist:
 
   in-memory  `InMemoryChannel` (below): members are sessions in this process (simulate, tests);
   Ray        `federation.ray_channel.RayChannel`: members are site actors;

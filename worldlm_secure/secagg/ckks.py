@@ -1,10 +1,12 @@
 """CKKS secure summation (TenSEAL): members encrypt, the aggregator adds ciphertexts it cannot read,
 key holders decrypt the sum and confirm it. Spec: protocols/ckks.md.
 
-Roles and messages of one round (all in-process here; each role holds only its own keys):
+This module holds the roles, each with only its own keys and every check it makes; `ckks_round` runs
+them over a channel (the one member session, the one aggregator driver), `CkksSecureSum` below in process.
 - key ceremony (at the start of every key epoch): the generator (first available key holder, sorted)
   makes the key and publishes `EpochKeys` (ckks_keys);
-- the aggregator announces a `RoundSpec` (round, key id, vector length, cohort, packing layout);
+- the round's `RoundSpec` (round, key id, vector length, cohort, packing layout) is computed by every
+  party from its own setup;
 - each `CkksMember` quantizes and packs its vector and sends a signed `Contribution` (one
   `ckks_vector` per ciphertext, every slot used);
 - the `CkksAggregator` checks each contribution (rejecting it with an error that names the member)
@@ -13,20 +15,18 @@ Roles and messages of one round (all in-process here; each role holds only its o
   (`EpochTrust`, `check_epoch`);
 - every available `CkksKeyHolder` verifies the forwarded contributions (>= min_cohort distinct members,
   each signed for this round and key), adds them itself, decrypts, unpacks the exact integer sums and
-  signs a `Confirmation`
-  of their SHA-256; the releaser (first available holder, sorted) sends a `DecryptedAggregate` with all
-  confirmations; `verify_aggregate` (run by the aggregator or the parent) accepts it only when every
-  confirmation verifies and agrees.
+  signs a `Confirmation` of their SHA-256; the releaser (first available holder, sorted) sends a
+  `DecryptedAggregate` with all confirmations; `verify_aggregate` (run by the aggregator or the parent)
+  accepts it only when every confirmation verifies and agrees.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import tenseal as ts
@@ -34,10 +34,10 @@ import tenseal as ts
 from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.identity import NodeIdentity, verify_signature
 from worldlm_secure.secagg import ckks_packing as packing
+from worldlm_secure.secagg.channel import InMemoryChannel
 from worldlm_secure.secagg.ckks_keys import (
     EpochKeys,
     TransportKey,
-    generate_epoch_keys,
     load_public_context,
     unwrap_secret_context,
 )
@@ -242,6 +242,11 @@ class CkksMember:
         ctx = load_public_context(keys, check_epoch(keys, trust, self.name))
         self._ctx, self._key_id = ctx, keys.key_id
 
+    @property
+    def key_id(self) -> str:
+        """The key id of the epoch joined ("" before any)."""
+        return self._key_id
+
     def protect(self, spec: RoundSpec, vector: np.ndarray) -> Contribution:
         """Quantize, pack and encrypt `vector` (one ckks_vector per full ciphertext) and sign the result."""
         if self._ctx is None:
@@ -444,8 +449,30 @@ class CkksSumResult(SumResult):
     aggregate: DecryptedAggregate | None = field(default=None, repr=False)
 
 
+def key_holders(params: CkksParams, members: Sequence[str]) -> tuple[str, ...]:
+    """The key holders of a cohort: the policy's names among ``members`` ("members" = the whole cohort), else
+    the first member in sorted order. A named holder outside the cohort (e.g. the aggregator itself) never
+    receives the key; none inside is a `ConfigError`."""
+    named = set(params.key_holders) - {MEMBERS_TOKEN}
+    if MEMBERS_TOKEN in params.key_holders:
+        named |= set(members)  # the policy's "members": every member of the cohort holds the key
+    if named:
+        inside = named & set(members)
+        if not inside:
+            raise ConfigError(
+                f"secure_aggregation.ckks.key_holders: none of {', '.join(sorted(named))} is a member of this "
+                f"round ({', '.join(sorted(members))}); name members of the cohort, never the aggregator"
+            )
+        return tuple(sorted(inside))
+    if not members:
+        raise ConfigError("secure_aggregation.ckks.key_holders: no members to choose a key holder from; name one")
+    return (sorted(members)[0],)
+
+
 class CkksSecureSum(SecureSum):
-    """The `ckks` protocol behind the SecureSum interface (every run_round really encrypts)."""
+    """The `ckks` protocol behind the SecureSum interface, among in-process members (every run_round really
+    encrypts): each member is a `ckks_round.CkksSession` over its own `CkksKeyring`, the aggregator the one
+    driver `ckks_round.aggregate`, all messages through bytes over an `InMemoryChannel`."""
 
     name = "ckks"
 
@@ -456,15 +483,10 @@ class CkksSecureSum(SecureSum):
         # identity is generated after a key epoch started is known to the holders that check its signature.
         self._peer_keys: dict[str, bytes] = {n: i.public_bytes for n, i in self.identities.items()}
         self.intercept: Callable[[Contribution], Contribution] | None = None  # the "network": fault injection
-        self._members: dict[str, CkksMember] = {}
-        self._holders: dict[str, CkksKeyHolder] = {}
-        self._epoch: int | None = None
+        self._keyrings: dict[str, ckks_round.CkksKeyring] = {}
+        self._epoch: ckks_round.CkksEpoch | None = None
         self._holder_names: tuple[str, ...] | None = None
         self.last_spec: RoundSpec | None = None
-        self._keys: EpochKeys | None = None
-        self._aggregator: CkksAggregator | None = None
-
-    # ---- roles --------------------------------------------------------------------------------
 
     def _identity(self, name: str) -> NodeIdentity:
         if name not in self.identities:  # simulation convenience: a member without a configured identity gets one
@@ -472,64 +494,48 @@ class CkksSecureSum(SecureSum):
             self._peer_keys[name] = self.identities[name].public_bytes
         return self.identities[name]
 
-    def holder_names(self, members: Sequence[str]) -> tuple[str, ...]:
-        """The key holders: the policy's names ("members" = the whole cohort), else the first member in
-        sorted order; fixed at the first round."""
-        if self._holder_names is None:
-            self._holder_names = self._choose_holders(members)
-        return self._holder_names
+    def _keyring(self, name: str) -> ckks_round.CkksKeyring:
+        if name not in self._keyrings:
+            self._keyrings[name] = ckks_round.CkksKeyring(self._identity(name))
+        return self._keyrings[name]
 
-    def _choose_holders(self, members: Sequence[str]) -> tuple[str, ...]:
-        named = set(self.params.key_holders) - {MEMBERS_TOKEN}
-        if MEMBERS_TOKEN in self.params.key_holders:
-            named |= set(members)  # the policy's "members": every member of the cohort holds the key
-        if named:
-            inside = named & set(members)  # as over links and on Ray: a holder outside the cohort (e.g. the
-            if not inside:  # aggregator itself) never receives the key
-                raise ConfigError(
-                    f"secure_aggregation.ckks.key_holders: none of {', '.join(sorted(named))} is a member of this "
-                    f"round ({', '.join(sorted(members))}); name members of the cohort, never the aggregator"
-                )
-            return tuple(sorted(inside))
-        if not members:
-            raise ConfigError("secure_aggregation.ckks.key_holders: no members to choose a key holder from; name one")
-        return (sorted(members)[0],)
+    @property
+    def _members(self) -> dict[str, CkksMember]:
+        """Each member's joined epoch (for inspection and tests)."""
+        return {n: k.member for n, k in self._keyrings.items() if k.member is not None}
+
+    @property
+    def _holders(self) -> dict[str, CkksKeyHolder]:
+        """The key holders of the current epoch (for inspection and tests)."""
+        return {n: k.holder for n, k in self._keyrings.items() if k.holder is not None}
+
+    @property
+    def _aggregator(self) -> CkksAggregator:
+        if self._epoch is None:
+            raise SecAggError("ckks: no key epoch started yet")
+        return self._epoch.aggregator
+
+    def holder_names(self, members: Sequence[str]) -> tuple[str, ...]:
+        """The key holders (`key_holders`), fixed at the first round."""
+        if self._holder_names is None:
+            self._holder_names = key_holders(self.params, members)
+        return self._holder_names
 
     def epoch_of(self, round_id: int) -> int:
         r = self.params.rotate_every_rounds
         return round_id // r if r > 0 else 0
 
-    def _ceremony(self, epoch: int, holders: Sequence[str], offline: frozenset[str]) -> None:
-        for h in holders:
-            if h not in self._holders:
-                self._holders[h] = CkksKeyHolder(self._identity(h))
-        online = [h for h in holders if h not in offline]
-        if not online:
-            raise SecAggError(f"ckks epoch {epoch}: no key holder online to generate the key ({', '.join(holders)})")
-        gen = self._holders[online[0]]
-        certs = {h: self._holders[h].transport.cert for h in holders}
-        pubs = {h: self._identity(h).public_bytes for h in holders}
-        keys = generate_epoch_keys(gen.identity, self.params, epoch, certs, pubs)
-        self._trust = EpochTrust(tuple(holders), self._peer_keys)
-        for h in holders:
-            self._holders[h].install(keys, self._trust)
-        self._aggregator = CkksAggregator(keys, gen.identity.public_bytes, self.params)
-        self._keys, self._epoch = keys, epoch
-        for m in self._members.values():
-            m.install(keys, self._trust)
+    def _started(self, epoch: ckks_round.CkksEpoch) -> None:
+        self._epoch = epoch
 
     @property
     def key_id(self) -> str:
-        return self._keys.key_id if self._keys else ""
+        return self._epoch.keys.key_id if self._epoch else ""
 
     @property
     def public_context(self) -> ts.Context:
         """The aggregator's context (public key only), for inspection and tests."""
-        if self._aggregator is None:
-            raise SecAggError("ckks: no key epoch started yet")
         return self._aggregator.context
-
-    # ---- one round ----------------------------------------------------------------------------
 
     def run_round(
         self,
@@ -539,77 +545,53 @@ class CkksSecureSum(SecureSum):
         min_cohort: int,
         dropouts: DropoutPlan = DropoutPlan(),
     ) -> CkksSumResult:
+        """As `SecureSum.run_round`. Dropouts: ``before_keys`` and ``after_keys`` members never answer (a key
+        holder among them neither makes nor receives the epoch's key), ``after_input`` members contribute but
+        answer nothing after (a key holder among them does not decrypt)."""
         names = [m.member for m in inputs]
         if len(set(names)) != len(names):
             raise SecAggError(f"round {round_id}: duplicate member names in the cohort")
         self.params.check_cohort(len(inputs))
-        gone = dropouts.before_keys | dropouts.after_keys
-        offline = gone | dropouts.after_input
         holders = self.holder_names(names)
-        epoch = self.epoch_of(round_id)
-        new_epoch = self._epoch != epoch or self._keys is None
-        if new_epoch:
-            self._ceremony(epoch, holders, offline)
-        assert self._keys is not None and self._aggregator is not None
-        keys = self._keys
-
-        lengths = Counter(int(np.asarray(m.vector).size) for m in inputs)
-        n_values = max(sorted(lengths), key=lambda n: lengths[n]) if lengths else 0
-        spec = RoundSpec.plan(self.params, round_id, keys.key_id, n_values, names, min_cohort)
-
-        self.last_spec = spec
-        agg = self._aggregator
-        agg.open_round(spec)
-        member_seconds = 0.0
-        server_seconds = 0.0
-        up_bytes: list[int] = []
-        for inp in inputs:
-            if inp.member in gone:
-                continue
-            member = self._members.get(inp.member)
-            if member is None:
-                member = self._members[inp.member] = CkksMember(self._identity(inp.member))
-                member.install(keys, self._trust)
-            t0 = time.perf_counter()
-            try:
-                contribution = member.protect(spec, np.asarray(inp.vector, dtype=np.float64))
-            except ValueError as exc:
-                agg.rejected.append(ContributionRejected(inp.member, f"cannot encode its vector ({exc})"))
-                continue
-            member_seconds += time.perf_counter() - t0
-            if self.intercept is not None:
-                contribution = self.intercept(contribution)
-            up_bytes.append(contribution.nbytes)
-            t0 = time.perf_counter()
-            agg.receive(contribution, self._identity(inp.member).public_bytes)
-            server_seconds += time.perf_counter() - t0
-
-        rejected = tuple(str(e) for e in agg.rejected)
-        if len(agg.contributors) < max(min_cohort, 1):
-            detail = f"; rejected: {' | '.join(rejected)}" if rejected else ""
-            raise SecAggError(
-                f"round {round_id}: only {len(agg.contributors)} of {len(inputs)} members contributed, "
-                f"below min_cohort={min_cohort}; nothing was released{detail}"
-            )
-        t0 = time.perf_counter()
-        summed = agg.summed()
-        server_seconds += time.perf_counter() - t0
-
-        online = [h for h in holders if h not in offline]
-        if not online:
-            raise SecAggError(f"round {round_id}: no key holder online to decrypt ({', '.join(holders)}); nothing released")
-        t0 = time.perf_counter()
-        results = [self._holders[h].decrypt(summed, spec) for h in online]
-        holder_seconds = time.perf_counter() - t0
-        releaser_sums = results[0][0]
-        aggregate = DecryptedAggregate(
-            round_id, keys.key_id, summed.contributors, releaser_sums, online[0], tuple(c for _, c in results)
-        )
-        verify_aggregate(aggregate, {h: self._identity(h).public_bytes for h in holders}, online)
-        trace = CkksRoundTrace(spec, keys.key_id, keys.public_context, epoch, new_epoch, tuple(holders), tuple(online),
-                               aggregate, rejected, agg.clipped, tuple(up_bytes), member_seconds, server_seconds,
-                               holder_seconds)
+        keyrings = {n: self._keyring(n) for n in names}
+        setup = ckks_round.CkksRoundSetup(self.params, round_id, self.epoch_of(round_id), tuple(names),
+                                          max(min_cohort, 1), EpochTrust(holders, self._peer_keys))
+        vectors = {m.member: m.vector for m in inputs}
+        sessions = {n: ckks_round.CkksSession(keyrings[n], setup, partial(vectors.__getitem__, n)) for n in names}
+        gone = dropouts.before_keys | dropouts.after_keys
+        silent = {ckks_round.TRANSPORT_KEY: gone, ckks_round.CONTRIBUTE: gone, ckks_round.DECRYPT: dropouts.after_input}
+        channel = _Intercepted(InMemoryChannel(sessions, silent, refusals="drop"), self.intercept)
+        trace, self._epoch = ckks_round.aggregate(setup, channel, self._epoch, on_epoch=self._started)
+        self.last_spec = trace.spec
         return round_result(self.params, names, trace)
+
+
+class _Intercepted:
+    """An in-process `Channel` whose contributions pass through ``intercept`` (fault injection: a tampering
+    network); a contribution it makes unencodable arrives as bytes that do not decode."""
+
+    def __init__(self, inner: InMemoryChannel, intercept: Callable[[Contribution], Contribution] | None) -> None:
+        self.inner, self.intercept = inner, intercept
+
+    @property
+    def dropped(self) -> Mapping[str, str]:
+        return self.inner.dropped
+
+    def exchange(self, step: str, requests: Mapping[str, bytes], timeout: float | None) -> dict[str, bytes]:
+        answers = self.inner.exchange(step, requests, timeout)
+        if self.intercept is None or step != ckks_round.CONTRIBUTE:
+            return answers
+        out = {}
+        for m, data in answers.items():
+            msg = wire.decode(data)
+            if msg.tag != wire.CONTRIBUTION:
+                out[m] = data
+                continue
+            try:
+                out[m] = wire.contribution_bytes(self.intercept(wire.contribution_from(msg)))
+            except (TypeError, ValueError, AttributeError):  # fields no encoder takes
+                out[m] = b""
+        return out
 
 
 @dataclass(frozen=True)
@@ -632,6 +614,9 @@ class CkksRoundTrace:
     member_seconds: float
     server_seconds: float
     holder_seconds: float
+    uploaded: int = 0  # bytes of every contribution message received (each member's upload)
+    bytes_up: Mapping[str, int] = field(default_factory=dict)  # member -> bytes of all its answers
+    bytes_down: Mapping[str, int] = field(default_factory=dict)  # member -> bytes of all requests it was sent
 
 
 def round_result(params: CkksParams, names: Sequence[str], t: CkksRoundTrace) -> CkksSumResult:
@@ -681,3 +666,8 @@ def make_ckks(
 ) -> CkksSecureSum:
     """Registry factory: `params` is the policy's ckks section or a CkksParams; unknown kwargs are ignored."""
     return CkksSecureSum(CkksParams.from_policy(params, clip_range), identities)
+
+
+# The one member session and aggregator driver (built on the roles above) run the in-process rounds too.
+from worldlm_secure.secagg import ckks_messages as wire  # noqa: E402
+from worldlm_secure.secagg import ckks_round  # noqa: E402

@@ -27,6 +27,7 @@ EPOCH_KEYS = "epoch_keys"  # generator -> aggregator, aggregator -> every member
 CONTRIBUTION = "contribution"  # member -> aggregator (UploadUpdate CIPHERTEXT)
 SUMMED = "summed"  # aggregator -> key holders (AGGREGATE)
 DECRYPTED = "decrypted"  # key holder -> aggregator (DECRYPTED)
+ABSTAIN = "abstain"  # member -> aggregator, instead of a contribution it cannot encode (UploadUpdate CIPHERTEXT)
 
 
 @dataclass(frozen=True)
@@ -275,3 +276,16 @@ def decrypted_from(m: Message) -> tuple[np.ndarray, Confirmation]:
     conf = Confirmation(_str(f, "holder"), _int(f, "round_id"), _key_id(f), _names(f, "contributors"),
                         _blob(m, 1, DIGEST_BYTES, "digest"), _blob(m, 2, SIGNATURE_BYTES, "signature"))
     return sums, conf
+
+
+def abstain_bytes(round_id: int, member: str, reason: str) -> bytes:
+    """A member that cannot encode its own vector (NaN, infinity) says so instead of contributing; it stays in
+    the round (a key holder still decrypts). The aggregator rejects it by name with ``reason``."""
+    return encode(ABSTAIN, {"round_id": round_id, "member": member, "reason": reason[:MAX_NAME_CHARS] or "?"})
+
+
+def abstain_from(m: Message) -> tuple[int, str, str]:
+    """(round_id, member, reason) of an abstention."""
+    f = _expect(m, ABSTAIN)
+    _blob_count(m, 0)
+    return _int(f, "round_id"), _str(f, "member"), _str(f, "reason")
