@@ -25,12 +25,14 @@ from worldlm_secure.aggregation import blend_from_sum, embed, flatten, mix_in, u
 from worldlm_secure.aggregation.member import member_weights
 from worldlm_secure.errors import BudgetExceeded, ConfigError
 from worldlm_secure.federation.methods import Method
-from worldlm_secure.federation.release import MemberUpdate, ReleasePath, ReleaseStats
+from worldlm_secure.federation.release import MemberUpdate, ReleasePath
 from worldlm_secure.federation.settings import Settings
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.model import ParameterGroups, assign_groups, build_model
+from worldlm_secure.policy import LayerPatterns
 from worldlm_secure.privacy.record_stream import RecordDPParams, RecordStream
+from worldlm_secure.release import ReleaseStats, round_user_dp
 from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
 
 if TYPE_CHECKING:
@@ -113,7 +115,6 @@ def plan_feasibility(
     `--dry-run` plan, `policy check --world` and `node start` use.
     """
     from worldlm_secure.aggregation.weighted import DeltaCodec
-    from worldlm_secure.federation.release import round_user_dp
     from worldlm_secure.privacy.feasibility import feasibility
 
     out = []
@@ -163,14 +164,12 @@ def plan_groups(method: Method, world: World, names: list[str]) -> dict[str, Par
     return out
 
 
-def _layer_override(method: Method, world: World) -> object | None:
+def _layer_override(method: Method, world: World) -> LayerPatterns | None:
     """The layer plan a baseline is authorized under (None: the policies' own layers).
 
     Baselines share differently from what the policies' ``layers:`` say (that is what makes them
     baselines), so simulate authorizes them under their own plan and marks them as such.
     """
-    from worldlm_secure.policy import LayerPatterns
-
     if method.groups == "policy":
         return None
     if method.groups == "all_shared":

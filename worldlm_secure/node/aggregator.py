@@ -7,7 +7,6 @@ import logging
 import time
 from dataclasses import replace
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
@@ -20,6 +19,7 @@ from worldlm_secure.node.link import LinkOutcome, Liveness, aggregate_round
 from worldlm_secure.node.receipts import AggregatorReceipts
 from worldlm_secure.node.release import NodeRelease
 from worldlm_secure.node.state import NodeState, write_atomic
+from worldlm_secure.secagg import IntegerNoise
 from worldlm_secure.transport.chunks import Payload
 from worldlm_secure.transport import keys
 from worldlm_secure.transport.handler import Announcement
@@ -103,7 +103,8 @@ class Aggregator:
         return ann
 
     def run_phase(self, phase: Phase, model: Payload | None, final: str,
-                  noise_for: Callable[[Sequence[str]], Any] | None = None) -> tuple[LinkOutcome, Any] | None:
+                  noise_for: Callable[[Sequence[str]], IntegerNoise | None] | None = None
+                  ) -> tuple[LinkOutcome, Announcement] | None:
         """Announce ``phase`` to the live children and aggregate their releases; None if the round aborted.
         ``noise_for(cohort)``: the distributed DP noise the members add (sizes the quantizer), or None."""
         cohort = self.cohort()
