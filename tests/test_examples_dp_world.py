@@ -6,7 +6,10 @@ tree) would confound "what DP costs". These tests keep them in sync and check th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import yaml
 from conftest import REPO
@@ -99,3 +102,68 @@ def test_record_dp_policy_extends_research_open_and_only_adds_dp() -> None:
     assert rec.layers == base.layers and rec.secure_aggregation == base.secure_aggregation
     assert rec.egress == base.egress and rec.audit == base.audit and rec.residuals == base.residuals
     assert rec.differential_privacy.level == "record"
+
+
+# --- examples/world-100-sites.yaml: 100 small sites in one federation, the user-level DP world of issue 14 ---
+SITES100_POLICY = EXAMPLES / "policies" / "sites100-dp-eps8.yaml"
+
+
+def test_100_site_world_loads_with_at_least_100_sites_and_is_non_private() -> None:
+    world = load_world(EXAMPLES / "world-100-sites.yaml")
+    assert len(world.sites) >= 100 and len(world.federations) == 1
+    assert {len(f.children) for f in world.federations} == {100}
+    for site in world.sites:
+        assert compose(world.policy_chain(site.name)).differential_privacy.level == "none"
+
+
+def test_100_site_world_finds_its_model_config_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model.config: world-100-sites.model` is relative to the world file, not to where the command runs."""
+    from worldlm_secure.federation.settings import settings_for
+    from worldlm_secure.model.factory import build_model
+
+    monkeypatch.chdir(tmp_path)
+    spec = settings_for(load_world(EXAMPLES / "world-100-sites.yaml")).model
+    assert spec.config is not None and Path(spec.config) == EXAMPLES / "world-100-sites.model"
+    assert sum(p.numel() for p in build_model(spec).parameters()) == 2072
+
+
+def test_100_site_dp_world_differs_from_its_non_private_world_only_in_policies_and_name() -> None:
+    base = yaml.safe_load((EXAMPLES / "world-100-sites.yaml").read_text())
+    dp = yaml.safe_load((EXAMPLES / "world-100-sites-dp.yaml").read_text())
+    assert _without_policies_and_name(dp) == _without_policies_and_name(base)
+    assert dp["name"] != base["name"]
+    assert {n["policy"] for n in dp["nodes"]} == {"policies/sites100-dp-eps8.yaml"}
+    assert {n["policy"] for n in base["nodes"]} == {"../policies/research-open.yaml"}
+    world = load_world(EXAMPLES / "world-100-sites-dp.yaml")
+    assert len(world.sites) >= 100
+    for site in world.sites:
+        eff = compose(world.policy_chain(site.name))
+        dp_sec = eff.differential_privacy
+        assert (dp_sec.level, dp_sec.epsilon_budget, dp_sec.delta) == ("user", 8.0, 1e-5)
+        assert tuple(dp_sec.acceptable_mechanisms) == ("central_gaussian",)
+
+
+def test_100_site_policy_variants_change_only_dp_and_for_distributed_noise_the_protocol() -> None:
+    base = load_policy(REPO / "policies" / "research-open.yaml")
+    eps8 = load_policy(SITES100_POLICY)
+    eps1 = load_policy(EXAMPLES / "policies" / "sites100-dp-eps1.yaml")
+    skellam = load_policy(EXAMPLES / "policies" / "sites100-dp-eps8-skellam.yaml")
+    for p in (eps8, eps1, skellam):
+        assert p.layers == base.layers and p.differential_privacy.level == "user"
+    assert eps8.secure_aggregation == base.secure_aggregation == eps1.secure_aggregation
+    assert eps1.differential_privacy.epsilon_budget == 1.0
+    assert eps1.differential_privacy.model_copy(update={"epsilon_budget": 8.0}) == eps8.differential_privacy
+    assert tuple(skellam.secure_aggregation.protocol) == ("masking",)
+    assert tuple(skellam.differential_privacy.mechanism) == ("distributed_skellam",)
+    assert skellam.secure_aggregation.masking.clip_range >= skellam.differential_privacy.clipping_norm
+
+
+def test_record_dp_policy_variants_differ_from_record_dp_only_in_the_budget() -> None:
+    rec = load_policy(RECORD_POLICY)
+    for eps in (1.0, 4.0):
+        p = load_policy(EXAMPLES / "policies" / f"record-dp-eps{eps:g}.yaml")
+        assert p.differential_privacy.epsilon_budget == eps
+        assert p.differential_privacy.model_copy(update={"epsilon_budget": 8.0}) == rec.differential_privacy
+        assert (p.layers, p.secure_aggregation, p.residuals) == (rec.layers, rec.secure_aggregation, rec.residuals)

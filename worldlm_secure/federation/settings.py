@@ -184,6 +184,17 @@ def _pretrained_folder(world: World, model: ModelSection) -> str | None:
     return str(folder.resolve())
 
 
+def _config_ref(world: World, model: ModelSection) -> str | None:
+    """``model.config``: a local path relative to the world file when one exists there (so a world runs from any
+    working directory), else as given (an absolute path, or a hub name the model factory resolves)."""
+    if model.config is None:
+        return None
+    local = Path(model.config).expanduser()
+    if not local.is_absolute() and (Path(world.path).parent / local).exists():
+        return str((Path(world.path).parent / local).resolve())
+    return model.config
+
+
 def _with_checkpoint_tokenizer(data: DataSection, folder: str) -> DataSection:
     """Text is encoded with the checkpoint's own tokenizer unless the world file names one."""
     if data.tokenizer is not None or (data.files is not None and data.files.tokenizer is not None):
@@ -214,7 +225,7 @@ def settings_for(world: World, *, rounds: int | None = None, device: str = "auto
         model=ModelSpec(
             arch=model.arch,
             size=model.size,
-            config=model.config,
+            config=_config_ref(world, model),
             tie_embeddings=model.tie_embeddings,
             vocab_size=vocab,
             max_seq_len=sched.seq_len,
