@@ -141,7 +141,8 @@ class ReleasePath(Pipeline):
         run = members_side(codec, plan, dp.member_clip if dp is not None else None)
         result = self._release(round_id, group, destination, cohort, run, names, final, plan, dp, derived)
         self.adapt_clip((destination, group), dp, result)
-        return decode(codec, result.total, len(cohort) if dp is not None else None)
+        return decode(codec, result.total, len(cohort) if dp is not None else None,
+                      dp.dp.clipping_norm if dp is not None else None)
 
     def secure_sum(
         self,

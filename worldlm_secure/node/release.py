@@ -193,7 +193,8 @@ class NodeRelease:
         if dp is not None:  # central; distributed shares are in the sum already
             dp, total = self.path.add_noise(dp, total, len(cohort))
         # Under DP: divide by the public cohort size, never by the noisy weight sum (as the engine does).
-        return decode(codec, total, len(cohort) if dp is not None else None)
+        return decode(codec, total, len(cohort) if dp is not None else None,
+                      dp.dp.clipping_norm if dp is not None else None)
 
     def member_noise(self, cohort: Sequence[str], final: str, names: Sequence[str],
                      shapes: Mapping[str, tuple[int, ...]]) -> IntegerNoise | None:

@@ -98,13 +98,27 @@ def checked_slack(dp: ReleaseDP, total: np.ndarray, error_bound: float | None, c
     return replace(dp, plan=replace(dp.plan, rounding_error=error, dim=dim))
 
 
-def decode(codec: DeltaCodec, total: np.ndarray, public_count: int | None) -> dict[str, torch.Tensor]:
+def decode(codec: DeltaCodec, total: np.ndarray, public_count: int | None,
+           bound: float | None = None) -> dict[str, torch.Tensor]:
     """The average delta per tensor from a released sum. Under user-level DP (``public_count``: the round's
     invited cohort, public before it starts) the noised sum of weighted, clipped deltas is divided by that
-    count, never by the (noisy, data-dependent) weight sum: the fixed-denominator DP-FedAvg estimator."""
+    count, never by the (noisy, data-dependent) weight sum: the fixed-denominator DP-FedAvg estimator.
+
+    ``bound`` (under DP: the round's clip C): the average is projected onto the L2 ball of radius C over all
+    its tensors. Every member's weighted, clipped delta has norm <= C and absent members add zero, so the true
+    average lies in that ball; projecting onto a convex set that holds the true value never moves the estimate
+    away from it (post-processing, no privacy cost). It keeps a noise norm of z·C·√d/n >> C (few members, many
+    values) from throwing the model away in one step (protocols/dp.md §2.9)."""
     if public_count is None:
         return codec.decode_average(total)
-    return codec.decode_mean(total, public_count)
+    mean = codec.decode_mean(total, public_count)
+    if bound is None:
+        return mean
+    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in mean.values())))
+    if norm <= bound:
+        return mean
+    scale = bound / norm
+    return {name: (t.double() * scale).to(t.dtype) for name, t in mean.items()}
 
 
 def adaptive_clip_extra(rnd: ClipRound, noise_multiplier: float | None = None) -> dict[str, float]:
