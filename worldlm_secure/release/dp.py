@@ -114,7 +114,7 @@ def decode(codec: DeltaCodec, total: np.ndarray, public_count: int | None,
     mean = codec.decode_mean(total, public_count)
     if bound is None:
         return mean
-    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in mean.values())))
+    norm = float(np.sqrt(sum(float((t.double() ** 2).sum()) for t in mean.values())))
     if norm <= bound:
         return mean
     scale = bound / norm
