@@ -124,6 +124,22 @@ def test_a_slack_below_what_the_protocol_implies_is_refused(tmp_path: Path) -> N
         assert protocol in what
 
 
+def test_a_slack_for_a_smaller_d_than_released_is_refused(tmp_path: Path) -> None:
+    """With `released_dim` recorded the slack must cover √d·e for that d: a slack computed for one value while
+    the entry says 10^6 were released (noise sized as if the rounding of 999,999 values did not exist) fails,
+    and so does a released_dim below the number of released tensors."""
+    one_value = rounding_error_floor("masking", 1.0, COHORT) * 2  # above the d = 1 floor, far below √10^6 of it
+    path = _ledger(tmp_path / "small-d.sqlite", [
+        {"extra": {"quantization_slack": one_value, "noise_sensitivity": 1.0 + one_value, "released_dim": 10**6}},
+    ])
+    what = _problem(path)
+    assert "extra.quantization_slack" in what and "d >= 1000000" in what, what
+    path = _ledger(tmp_path / "zero-d.sqlite", [
+        {"extra": {"quantization_slack": SLACK, "noise_sensitivity": 1.0 + SLACK, "released_dim": 0}},
+    ])
+    assert "extra.released_dim" in _problem(path)
+
+
 def test_half_a_record_is_refused(tmp_path: Path) -> None:
     path = _ledger(tmp_path / "site-a.sqlite", [{"extra": {"noise_sensitivity": 2.0}}])
     what = _problem(path)
@@ -181,4 +197,5 @@ def test_what_the_release_path_writes_verifies(tmp_path: Path, monkeypatch: pyte
         rep = verify(ledger, require_policies=True, expected_node=node)
         assert rep.ok, rep.problem
         (entry,) = [e for e in rep.entries if e.release_id == "1:key:eu"]
-        assert {"noise_sensitivity", "quantization_slack"} <= set(entry.extra) and not rep.notes
+        assert {"noise_sensitivity", "quantization_slack", "released_dim"} <= set(entry.extra) and not rep.notes
+        assert isinstance(entry.extra["released_dim"], int) and entry.extra["released_dim"] > len(entry.tensor_names)

@@ -111,6 +111,6 @@ def test_a_deployed_member_entry_has_the_fields_simulate_records(tmp_path: Path)
     for m in COHORT:
         assert [e.release_id for e in node[m]] == [e.release_id for e in sim[m]] == ["1:key:f0"]
         (deployed,), (simulated,) = node[m], sim[m]
-        assert set(deployed.extra) == {"quantization_slack", "noise_sensitivity"}
+        assert set(deployed.extra) == {"quantization_slack", "noise_sensitivity", "released_dim"}
         assert _content(deployed) | {"epsilon_cumulative": deployed.epsilon_cumulative} == \
             _content(simulated) | {"epsilon_cumulative": simulated.epsilon_cumulative}

@@ -10,12 +10,14 @@ member moves by its quantized vector, so the noise must be sized at S_q = S + �
   mechanism defines it: `clipping_norm` (the weight words are zero under DP, every weight ≤ 1), or with
   adaptive clipping S = C_t·z_Δ/z (update and count words; `extra.adaptive_clip_vector_z` at the entry's z,
   whose split must recombine to `noise_multiplier`);
-- under central noise on `masking` / `ckks`: ``quantization_slack ≥ √d_min · e_min``. The released dimension d
-  is not recorded, so d_min = the number of released tensors (each has at least one value); e_min is the
+- under central noise on `masking` / `ckks`: ``quantization_slack ≥ √d_min · e_min``. d_min is the recorded
+  `extra.released_dim` (an integer ≥ the number of released tensors); entries written before it was recorded
+  use the number of released tensors (each has at least one value), a weaker bound. e_min is the
   smallest per-value rounding error any round this member could have been in has (`rounding_error_floor`):
   the round's precision is the largest of its members' policies, at most the schema's cap, its clip_range
-  at least this member's and at least the clip, its roster at least the contributors (`cohort_size`). So the bound is sound for every valid ledger and catches a
-  slack of zero or far below the protocol's rounding, but not a slack computed for a smaller d than released.
+  at least this member's and at least the clip, its roster at least the contributors (`cohort_size`). So the
+  bound is sound for every valid ledger and catches a slack of zero or far below the protocol's rounding, and
+  with `released_dim` recorded also a slack computed for a smaller d than the one recorded.
 
 An entry under central noise on a quantizing protocol that records neither field (written before §2.8, or by
 hand) is not a failure: verify cannot tell what its noise was sized at, and says so in the report's notes.
@@ -30,6 +32,7 @@ from worldlm_secure.ledger.entry import LedgerEntry
 
 NOISE_SENSITIVITY = "noise_sensitivity"
 QUANTIZATION_SLACK = "quantization_slack"
+RELEASED_DIM = "released_dim"
 QUANTIZING = ("masking", "ckks")
 CENTRAL = "central_gaussian"
 # The policy schema's precision caps (policy/schema.py: MaskingParams.bits, CkksParams.value_bits; a test checks):
@@ -124,6 +127,12 @@ def check_noise_sensitivity(e: LedgerEntry, doc: dict[str, Any] | None) -> str |
                 "sum (protocols/dp.md §2.8)")
     if e.mechanism == CENTRAL and e.protocol in QUANTIZING:
         d_min = max(1, len(e.tensor_names))
+        dim = e.extra.get(RELEASED_DIM)
+        if dim is not None:  # recorded since released_dim exists: the length released, so √d is exact
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < d_min:
+                return (f"extra.{RELEASED_DIM}: recorded {dim!r}, must be an integer >= {d_min} (one value per "
+                        "released tensor at least)")
+            d_min = dim
         c = _quantizer_range(e, doc)
         floor = math.sqrt(d_min) * rounding_error_floor(e.protocol, c, e.cohort_size)
         if qs < floor * (1.0 - _REL_TOL):

@@ -140,17 +140,20 @@ def adaptive_clip_extra(rnd: ClipRound, noise_multiplier: float | None = None) -
     return out
 
 
-def release_dp_extra(dp: ReleaseDP | None, charge: Charge | None) -> dict[str, float] | None:
+def release_dp_extra(dp: ReleaseDP | None, charge: Charge | None) -> dict[str, float | int] | None:
     """A user-level entry's `extra`: the adaptive clip's split (at the entry's z_eff), and under central noise on
-    a quantizing protocol what the noise was sized for (protocols/dp.md §2.8): ``quantization_slack`` √d·e and
-    ``noise_sensitivity`` S_q = S + √d·e (the noise std on the sum is noise_multiplier × noise_sensitivity).
+    a quantizing protocol what the noise was sized for (protocols/dp.md §2.8): ``quantization_slack`` √d·e,
+    ``noise_sensitivity`` S_q = S + √d·e (the noise std on the sum is noise_multiplier × noise_sensitivity) and
+    ``released_dim`` d (values in the released vector, weight words included).
     None when there is nothing to add (no DP, protocol none without adaptive clipping: as before)."""
     if dp is None:
         return None
-    out: dict[str, float] = {}
+    out: dict[str, float | int] = {}
     if dp.clip_round is not None:
         out.update(adaptive_clip_extra(dp.clip_round, charge.noise_multiplier if charge is not None else None))
     if not dp.dp.mechanism.distributed and dp.plan.rounding_error > 0.0:
         out["quantization_slack"] = float(dp.plan.quantization_slack)
         out["noise_sensitivity"] = float(dp.plan.quantized_sensitivity)
+        # d, so an auditor checks the slack at √d·e for the length actually released, not a lower bound
+        out["released_dim"] = int(dp.plan.dim)
     return out or None
