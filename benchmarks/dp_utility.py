@@ -11,8 +11,10 @@ Parts (`--part`, comma-separated, or `all`), each a list of runs; a run is one w
                   (policies/dp-eps8.yaml, central Gaussian). The low-SNR feasibility warning is expected.
     user100       user level on examples/world-100-sites.yaml (one federation of 100 small sites, a 2k-parameter
                   model): examples/world-100-sites-dp.yaml (policies/sites100-dp-eps8.yaml, central Gaussian),
-                  the same world with sites100-dp-eps1.yaml (central, eps 1) and sites100-dp-eps8-skellam.yaml
-                  (distributed Skellam noise over pairwise masking, eps 8)
+                  the same world with sites100-dp-eps1.yaml (central, eps 1); and distributed Skellam noise over
+                  pairwise masking at eps 8 on examples/world-100-sites-skellam.yaml (the same sites as two
+                  federations of 50: the shares are sized for min_cohort, which must be near the cohort and at
+                  most each aggregator's children) beside the same tree under research-open
 
 The non-private baselines (`default/non-private`, `sites100/non-private`) run with the first part that needs
 them. A variant without its own world file is the shipped DP world with every node's policy replaced (a
@@ -28,7 +30,7 @@ eps spent per stream, the noise multiplier z and clip read from the ledger, the 
 of every DP release and whether the feasibility warning fired (`MethodResult.feasibility`, computed by
 `federation.engine.plan_feasibility` before training), and the seconds the run took.
 
-Run from the repository root (examples/world-100-sites.yaml names its model config relative to it):
+Run from the repository root:
 
     python benchmarks/dp_utility.py --part all --threads 1
     python benchmarks/dp_utility.py --part user100 --methods worldlm --rounds 2 --out /tmp/probe.json
@@ -76,9 +78,13 @@ RUNS: dict[str, dict[str, Any]] = {
     "sites100/user-eps8-central": {"world": EX / "world-100-sites-dp.yaml", "policy": None, "level": "user",
                                    "epsilon": 8.0, "mechanism": "central_gaussian",
                                    "baseline": "sites100/non-private"},
-    "sites100/user-eps8-skellam": {"world": EX / "world-100-sites-dp.yaml",
-                                   "policy": POL / "sites100-dp-eps8-skellam.yaml", "level": "user", "epsilon": 8.0,
-                                   "mechanism": "distributed_skellam", "baseline": "sites100/non-private"},
+    # distributed noise needs a root with >= 2 children (world-100-sites-skellam.yaml: 2 x 50 sites), so its own
+    # baseline: the same tree with every node under research-open
+    "sites100x2/non-private": {"world": EX / "world-100-sites-skellam.yaml", "policy": REPO / "policies" / "research-open.yaml",
+                               "level": "none", "epsilon": None, "mechanism": None, "baseline": None},
+    "sites100x2/user-eps8-skellam": {"world": EX / "world-100-sites-skellam.yaml", "policy": None, "level": "user",
+                                     "epsilon": 8.0, "mechanism": "distributed_skellam",
+                                     "baseline": "sites100x2/non-private"},
     "sites100/user-eps1-central": {"world": EX / "world-100-sites-dp.yaml", "policy": POL / "sites100-dp-eps1.yaml",
                                    "level": "user", "epsilon": 1.0, "mechanism": "central_gaussian",
                                    "baseline": "sites100/non-private"},
@@ -94,11 +100,12 @@ RUNS: dict[str, dict[str, Any]] = {
 PARTS: dict[str, list[str]] = {
     "record": ["default/non-private", "default/record-eps8", "default/record-eps4", "default/record-eps1"],
     "user-default": ["default/non-private", "default/user-eps8"],
-    "user100": ["sites100/non-private", "sites100/user-eps8-central", "sites100/user-eps8-skellam",
-                "sites100/user-eps1-central"],
+    "user100": ["sites100/non-private", "sites100/user-eps8-central", "sites100/user-eps1-central",
+                "sites100x2/non-private", "sites100x2/user-eps8-skellam"],
 }
 ALL_ORDER = ["default/non-private", "default/record-eps8", "default/user-eps8", "sites100/non-private",
-             "sites100/user-eps8-central", "sites100/user-eps8-skellam", "sites100/user-eps1-central",
+             "sites100/user-eps8-central", "sites100/user-eps1-central", "sites100x2/non-private",
+             "sites100x2/user-eps8-skellam",
              "default/record-eps4", "default/record-eps1"]
 
 
@@ -110,6 +117,9 @@ def variant_world(run: dict[str, Any], scratch: Path) -> Path:
         return world
     doc = yaml.safe_load(world.read_text())
     doc["name"] = f"{doc['name']}-{run['policy'].stem}"
+    config = (doc.get("model") or {}).get("config")
+    if config and (world.parent / config).exists():  # the copy lives elsewhere: keep the model config it names
+        doc["model"]["config"] = str((world.parent / config).resolve())
     for node in doc["nodes"]:
         node["policy"] = str(run["policy"])
     out = scratch / f"{world.stem}-{run['policy'].stem}.yaml"

@@ -160,6 +160,26 @@ def test_100_site_policy_variants_change_only_dp_and_for_distributed_noise_the_p
     assert skellam.secure_aggregation.masking.clip_range >= skellam.differential_privacy.clipping_norm
 
 
+def test_skellam_world_is_the_100_site_world_as_two_federations_with_min_cohort_near_the_cohort() -> None:
+    """Distributed noise is sized for min_cohort contributors: the sites' rounds (50 members) run at min_cohort
+    45, the root's round (2 federations) at 2, and every site's release is Skellam over masking at ε 8."""
+    base = yaml.safe_load((EXAMPLES / "world-100-sites.yaml").read_text())
+    sk = yaml.safe_load((EXAMPLES / "world-100-sites-skellam.yaml").read_text())
+    for key in ("model", "data", "schedule", "aggregation", "seed"):
+        assert sk[key] == base[key], key
+    world = load_world(EXAMPLES / "world-100-sites-skellam.yaml")
+    assert len(world.sites) == 100 and {len(f.children) for f in world.federations} == {50}
+    assert len(world.federations) == 2
+    for site in world.sites:
+        eff = compose(world.policy_chain(site.name))
+        assert eff.secure_aggregation.min_cohort == 45 and tuple(eff.secure_aggregation.acceptable) == ("masking",)
+        dp_sec = eff.differential_privacy
+        assert (dp_sec.level, dp_sec.epsilon_budget, tuple(dp_sec.acceptable_mechanisms)) == (
+            "user", 8.0, ("distributed_skellam",))
+    for fed in world.federations:
+        assert compose(world.policy_chain(fed.name)).secure_aggregation.min_cohort == 2
+
+
 def test_record_dp_policy_variants_differ_from_record_dp_only_in_the_budget() -> None:
     rec = load_policy(RECORD_POLICY)
     for eps in (1.0, 4.0):
