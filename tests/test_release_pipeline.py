@@ -81,9 +81,9 @@ def test_a_retried_entry_carries_every_extra_of_the_release(tmp_path: Path, monk
     assert retry.extra == first.extra
 
 
-def _central_world(folder: Path) -> Path:
-    """A 2x2 world under masking with central Gaussian noise: entries carry the quantizer's slack (§2.8)."""
-    path = write_world(folder, policy="central.yaml")
+def _central_world(folder: Path, sites: int = 2) -> Path:
+    """A 2xSITES world under masking with central Gaussian noise: entries carry the quantizer's slack (§2.8)."""
+    path = write_world(folder, policy="central.yaml", sites=sites)
     (folder / "policies" / "central.yaml").write_text(
         "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nextends: research-open.yaml\nname: central\n"
         "jurisdiction: test\nsecure_aggregation: {protocol: [masking], min_cohort: 2}\n"
@@ -114,3 +114,32 @@ def test_a_deployed_member_entry_has_the_fields_simulate_records(tmp_path: Path)
         assert set(deployed.extra) == {"quantization_slack", "noise_sensitivity", "released_dim"}
         assert _content(deployed) | {"epsilon_cumulative": deployed.epsilon_cumulative} == \
             _content(simulated) | {"epsilon_cumulative": simulated.epsilon_cumulative}
+
+
+def test_a_release_without_fresh_noise_goes_again_only_to_its_first_cohort_and_only_whole(tmp_path: Path) -> None:
+    """A federation re-running a release (restarted, or saying so) gets the same update again only from the
+    cohort it announced the first time, and only into a sum of all of it: with different contributors the
+    difference of the two sums would be one member's update (SECURITY.md, "Re-run rounds")."""
+    from worldlm_secure.errors import SecAggError
+
+    ctx = load_context(_central_world(tmp_path, sites=3))  # central noise: nothing fresh in a re-release
+    cohort = ["f0-s0", "f0-s1", "f0-s2"]
+    names, shapes = ctx.key_names, {n: ctx.init[n].shape for n in ctx.key_names}
+    state = NodeState(tmp_path / "state" / "f0-s0")
+    release = NodeRelease(ctx, NodeIdentity.generate("f0-s0"), tmp_path / "ledger" / "f0-s0", state)
+    deltas, weights = _deltas(ctx, "f0-s0"), np.ones(len(names))
+
+    def prepare(cohort: list[str]):  # type: ignore[no-untyped-def]
+        return release.prepare(1, "key", "f0", "f0", cohort, deltas, weights, names, shapes, derived=False)
+
+    try:
+        first = prepare(cohort)
+        assert first.plan.min_cohort == 2  # the policy's
+        release.record(1, "key", "f0", names, first, cohort, cohort, link_round=1)
+        again = prepare(cohort)  # link round 2, the same cohort: every member must be in the sum
+        assert again.plan.min_cohort == len(cohort) and np.array_equal(again.vector, first.vector)
+        with pytest.raises(SecAggError, match="refusing to release 1:key:f0 again.*left out now: f0-s1"):
+            prepare(["f0-s0", "f0-s2"])  # the victim f0-s1 left out: refused before anything is sent
+    finally:
+        state.close()
+        release.path.close()

@@ -36,7 +36,7 @@ import torch
 
 from worldlm_secure.aggregation.member import encode_update
 from worldlm_secure.aggregation.weighted import DeltaCodec
-from worldlm_secure.errors import ConfigError
+from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.federation.engine import planned_site_releases
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.ckks_link import CkksRound
@@ -142,7 +142,30 @@ class NodeRelease:
                                     cohort=len(cohort), derived=derived)[self.me]
         if dp is not None:
             self.path.check_budget(world_round, group, destination, names, final, plan, dp)
+        if dp is None or dp.noise is None:
+            plan = self._rerun_plan(f"{world_round}:{group}:{destination}", cohort, plan)
         return Prepared(vector, plan, dp, level, self.path.effective(self.me, final), final, derived)
+
+    def _rerun_plan(self, rid: str, cohort: Sequence[str], plan: RoundPlan) -> RoundPlan:
+        """The plan of a release without fresh noise, which may already have gone into an earlier link round
+        (the aggregator restarted, or says it did). Two released sums over the same unchanged vectors with
+        different contributors give their difference, one member's update. So the same update goes again only
+        to the cohort announced the first time, and only into a sum of all of it (min_cohort = the cohort: a
+        member's session refuses to unmask or decrypt if anyone is left out). SECURITY.md, "Re-run rounds"."""
+        if self.state is None:
+            return plan
+        first = self.state.get(f"cohort:{rid}")
+        if first is None:
+            return plan
+        if sorted(first) != sorted(cohort):
+            left, new = sorted(set(first) - set(cohort)), sorted(set(cohort) - set(first))
+            raise SecAggError(
+                f"{self.me}: refusing to release {rid} again into a round of {', '.join(sorted(cohort))}: it went "
+                f"into a round of {', '.join(sorted(first))} before (left out now: {', '.join(left) or 'none'}; "
+                f"new: {', '.join(new) or 'none'}), and the difference of two sums over the same update is one "
+                "member's update"
+            )
+        return plan.model_copy(update={"min_cohort": len(cohort)})
 
     def record(self, world_round: int, group: str, destination: str, names: Sequence[str], prep: Prepared,
                cohort: Sequence[str], invited: Sequence[str], link_round: int, key_id: str = "") -> None:
@@ -165,7 +188,8 @@ class NodeRelease:
             if self.path.ledger(self.me).get(retry) is not None:
                 return
         if self.state is not None and retry is None:
-            self.state.put(**{key: link_round})
+            # the announced cohort too: a later link round re-running this release must announce the same one
+            self.state.put(**{key: link_round, f"cohort:{rid}": sorted(invited)})
         stats = ProtectionStats(prep.plan.protocol, extra={"key_id": key_id} if key_id else {})
         result = SumResult(np.zeros(0), tuple(sorted(cohort)), tuple(sorted(set(invited) - set(cohort))), stats)
         charge = None
