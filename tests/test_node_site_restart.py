@@ -32,7 +32,7 @@ def test_restarted_dp_sgd_site_charges_its_checkpointed_steps_once(tmp_path: Pat
     assert again.trained == 1 and again.record.uncharged_steps == steps  # not lost
     # the key release charges them (and writes the DP-SGD entry) ...
     names = ctx.key_names
-    prep = again.release.prepare(1, "key", "f0", "f0", ["f0-s0"], {n: again.params[n] - ctx.init[n] for n in names},
+    prep = again.release.prepare(1, "key", "f0", "f0", ["f0-s0"], {n: again.site.params[n] - ctx.init[n] for n in names},
                                  __import__("numpy").ones(len(names)), names, {n: ctx.init[n].shape for n in names}, derived=False)
     again.release.record(1, "key", "f0", names, prep, ["f0-s0"], ["f0-s0"], link_round=1)
     entries = again.release.path.ledger_entries("f0-s0")

@@ -34,6 +34,7 @@ from worldlm_secure.policy import LayerPatterns
 from worldlm_secure.privacy.record_stream import RecordDPParams, RecordStream
 from worldlm_secure.release import ReleaseStats, round_user_dp
 from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
+from worldlm_secure.train.site import SiteState, site_generator
 
 if TYPE_CHECKING:
     from worldlm_secure.train.private import PrivateTrainer
@@ -83,18 +84,10 @@ class MethodResult:
 
 
 @dataclass
-class _Site:
-    name: str
-    aggregator: str
-    params: Tensors
-    train: torch.Tensor
-    val: torch.Tensor
-    generator: torch.Generator
-    opt_state: dict | None = None
+class _Site(SiteState):
+    """A site in the engine: its `SiteState` and the aggregator its releases go to."""
 
-    @property
-    def examples(self) -> int:
-        return int(self.train.shape[0])
+    aggregator: str = field(kw_only=True)
 
 
 def plan_feasibility(
@@ -220,7 +213,6 @@ class Engine:
         self.release.base_hash = self.base_hash  # every ledger entry records the base it updates
         self.sites: list[_Site] = []
         for i, node in enumerate(sorted(world.sites, key=lambda n: n.name)):
-            g = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
             self.sites.append(
                 _Site(
                     name=node.name,
@@ -228,7 +220,7 @@ class Engine:
                     params={n: t.clone() for n, t in init.items()},
                     train=as_sequences(data[node.name].train, settings.seq_len),
                     val=as_sequences(data[node.name].val, settings.seq_len),
-                    generator=g,
+                    generator=site_generator(settings.seed, i),
                 )
             )
         self.members: dict[str, list[_Site]] = {}
@@ -257,19 +249,14 @@ class Engine:
         Each site's `SITE/record` stream is rebuilt from its ledger and shared with the release path,
         which charges the steps on the site's next release.
         """
-        from worldlm_secure.train.private import PrivateTrainer, record_dp_params
+        from worldlm_secure.train.private import PrivateTrainer, site_record_dp
 
-        cfg = self.settings.train
         streams: dict[str, RecordStream] = {}
         for s in self.sites:
-            eff = self.release.effective(s.name, self.root)
-            if not eff.differential_privacy.record_level:
-                continue
-            params = record_dp_params(
-                eff, records=s.examples, expected_batch=cfg.batch_size * cfg.grad_accum,
-                planned_steps=self.settings.rounds * cfg.local_steps,
-            )
-            streams[s.name] = RecordStream(s.name, params, self.release.ledger_entries(s.name))
+            params = site_record_dp(self.release.effective(s.name, self.root), records=s.examples,
+                                    cfg=self.settings.train, rounds=self.settings.rounds)
+            if params is not None:
+                streams[s.name] = RecordStream(s.name, params, self.release.ledger_entries(s.name))
         if not streams:
             return None, {}
         private = PrivateTrainer(self.trainer)
@@ -318,20 +305,13 @@ class Engine:
         for held in self.record.values():  # refuse the whole round before any site trains (BudgetExceeded)
             held.check_round(steps)
         for site in self.sites:
-            self.model.load_state_dict(site.params, strict=False)
-            opt = self.trainer.make_optimizer()
-            if site.opt_state is not None:
-                opt.load_state_dict(site.opt_state)
             stream = self.record.get(site.name)
+            # _plan_record_dp makes self.private whenever a site has a record stream
+            loss, taken = site.train_round(self.trainer, start_step, private=self.private,
+                                           record=stream.params if stream is not None else None)
             if stream is not None:
-                assert self.private is not None  # _plan_record_dp makes one whenever a site has a record stream
-                loss, taken = self.private.train_round(site.train, opt, start_step, stream.params)
                 stream.add_steps(taken)
-                losses.append(loss)
-            else:
-                losses.append(self.trainer.train_round(site.train, opt, start_step, site.generator))
-            site.params = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()}
-            site.opt_state = opt.state_dict()
+            losses.append(loss)
             if self.on_site:
                 self.on_site(site.name, round_id)
         return float(np.nanmean(losses)) if not np.all(np.isnan(losses)) else float("nan")
@@ -457,8 +437,7 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         out = {}
         for s in self.sites:
-            self.model.load_state_dict(s.params, strict=False)
-            out[s.name] = self.trainer.evaluate(s.val)
+            out[s.name] = s.evaluate(self.trainer)
         return out
 
     def run(self) -> MethodResult:

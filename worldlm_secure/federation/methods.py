@@ -84,6 +84,7 @@ def run_central(engine: Engine) -> MethodResult:
 
     from worldlm_secure.federation.engine import MethodResult, RoundRecord
     from worldlm_secure.train.loop import LocalTrainer
+    from worldlm_secure.train.site import site_generator
 
     start = time.perf_counter()
     settings, sites = engine.settings, engine.sites
@@ -92,7 +93,7 @@ def run_central(engine: Engine) -> MethodResult:
     engine.model.load_state_dict(sites[0].params, strict=False)  # every site starts from the same weights
     pooled = torch.cat([s.train for s in sites])
     optimizer = trainer.make_optimizer()
-    generator = torch.Generator().manual_seed(settings.seed * 1_000_003)
+    generator = site_generator(settings.seed, 0)  # the pooled data draws its batches as the first site would
     rounds: list[RoundRecord] = []
     site_ppl: dict[str, float] = {}
     train_s = 0.0

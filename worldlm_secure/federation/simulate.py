@@ -418,15 +418,14 @@ def plan_world(world_path: str | Path, *, rounds: int | None = None, device: str
 
 def _planned_record_dp(prep: Prepared, path: Any) -> dict[str, Any]:
     """Site -> `RecordDPParams` of its DP-SGD, for every record-level site (as the engine plans them)."""
-    from worldlm_secure.train.private import record_dp_params
+    from worldlm_secure.train.private import site_record_dp
 
-    cfg, root = prep.settings.train, prep.world.root.name
+    root = prep.world.root.name
     out = {}
     for s in sorted(prep.world.sites, key=lambda n: n.name):
-        eff = path.effective(s.name, root)
-        if eff.differential_privacy.record_level:
-            out[s.name] = record_dp_params(
-                eff, records=int(prep.data[s.name].train.size) // prep.settings.seq_len,
-                expected_batch=cfg.batch_size * cfg.grad_accum, planned_steps=prep.settings.rounds * cfg.local_steps,
-            )
+        params = site_record_dp(path.effective(s.name, root),
+                                records=int(prep.data[s.name].train.size) // prep.settings.seq_len,
+                                cfg=prep.settings.train, rounds=prep.settings.rounds)
+        if params is not None:
+            out[s.name] = params
     return out

@@ -17,8 +17,8 @@ round's DP norm, encoded (`DeltaCodec`). It then runs its side of the round's pr
 What comes back to the driver is: losses, seconds, perplexities, serialized protocol messages (bytes),
 and plain vectors only under protocol `none`. Parameters go down (the aggregates' broadcast), never up.
 
-The member-side computation (weights, deltas, clip, encode) is `aggregation.member`'s, the same the
-in-process engine and a site node (`node.site`) use.
+The member-side computation (weights, deltas, clip, encode) is `aggregation.member`'s and the local round
+is `train.site`'s: the same the in-process engine and a site node (`node.site`) use.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,11 @@ from worldlm_secure.aggregation.member import encode_update, member_weights
 from worldlm_secure.aggregation.weighted import DeltaCodec
 from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
+from worldlm_secure.train.site import SiteState
+
+if TYPE_CHECKING:
+    from worldlm_secure.privacy.record_stream import RecordDPParams
+    from worldlm_secure.train.private import PrivateTrainer
 
 Tensors = dict[str, torch.Tensor]
 
@@ -82,14 +87,12 @@ class SiteActor:
         self.name = name
         model = build_model(spec, seed=seed)  # weights are replaced by `init` and the broadcasts
         self.trainer = LocalTrainer(model, cfg, pick_device(device), total_steps)
-        self.params = {n: t.clone() for n, t in init.items()}
+        generator = torch.Generator()
+        generator.set_state(generator_state)
+        # Weights, data, generator and optimizer state: the one site runner's (`train.site`) state.
+        self.site = SiteState(name, {n: t.clone() for n, t in init.items()}, train, val, generator)
         self.server = {n: t.clone() for n, t in init.items()}  # the last broadcast: what deltas are taken from
-        self.train_seq, self.val_seq = train, val
-        self.examples = int(train.shape[0])
-        self.generator = torch.Generator()
-        self.generator.set_state(generator_state)
-        self.opt_state: dict | None = None
-        self._private: Any = None  # train.private.PrivateTrainer, made on the first record-level DP round
+        self._private: PrivateTrainer | None = None  # made on the first record-level DP round
         self.identity = NodeIdentity.generate(name)
         self._vector: np.ndarray | None = None
         self._session: Any = None  # secagg.masking_round.MaskingSession of the round in progress
@@ -101,46 +104,34 @@ class SiteActor:
         return self.identity.public_bytes
 
     # ---- training and evaluation ----
-    def train(self, start_step: int, record: Any = None) -> tuple[float, float, int]:
+    def train(self, start_step: int, record: RecordDPParams | None = None) -> tuple[float, float, int]:
         """One local round from ``start_step``; returns (mean loss, seconds spent in this actor, DP-SGD steps).
 
         ``record``: the site's `RecordDPParams` when its policy asks for record-level DP (Opacus DP-SGD,
         Poisson sampling and noise from the CSPRNG, in this actor); None: plain training (0 DP-SGD steps).
         """
         t0 = time.perf_counter()
-        model = self.trainer.model
-        model.load_state_dict(self.params, strict=False)
-        opt = self.trainer.make_optimizer()
-        if self.opt_state is not None:
-            opt.load_state_dict(self.opt_state)
-        taken = 0
-        if record is not None:
-            if self._private is None:
-                from worldlm_secure.train.private import PrivateTrainer
+        if record is not None and self._private is None:
+            from worldlm_secure.train.private import PrivateTrainer
 
-                self._private = PrivateTrainer(self.trainer)  # wraps the module once for per-sample gradients
-            loss, taken = self._private.train_round(self.train_seq, opt, start_step, record)
-        else:
-            loss = self.trainer.train_round(self.train_seq, opt, start_step, self.generator)
-        self.params = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters()}
-        self.opt_state = opt.state_dict()
-        return float(loss), time.perf_counter() - t0, int(taken)
+            self._private = PrivateTrainer(self.trainer)  # wraps the module once for per-sample gradients
+        loss, taken = self.site.train_round(self.trainer, start_step, private=self._private, record=record)
+        return loss, time.perf_counter() - t0, taken
 
     def receive(self, tensors: Tensors) -> None:
         """The federation's broadcast (aggregated key and shared layers): becomes the site's and the new base."""
         for n, t in tensors.items():
-            self.params[n] = t.clone()
+            self.site.params[n] = t.clone()
             self.server[n] = t.clone()
 
     def evaluate(self) -> float:
         """Validation perplexity of the site's current model (only this number leaves)."""
-        self.trainer.model.load_state_dict(self.params, strict=False)
-        return float(self.trainer.evaluate(self.val_seq))
+        return self.site.evaluate(self.trainer)
 
     # ---- one release ----
     def prepare(self, spec: ReleaseSpec) -> int:
         """Compute and keep this release's encoded vector; returns its length (public: the codec's)."""
-        self._vector = member_vector(self.params, self.server, self.examples, spec)
+        self._vector = member_vector(self.site.params, self.server, self.site.examples, spec)
         self._session = None
         return int(self._vector.size)
 

@@ -3,7 +3,7 @@
 It dials out to its federation (no open port), enrolls, and follows the federation's rounds:
 
     key(r):    download the federation's key + shared layers (the broadcast of round r-1), evaluate if
-               due, train round r (the engine's `LocalTrainer`, same seed and generator as `simulate`),
+               due, train round r (`train.site`, the engine's site runner: same seed and generator as `simulate`),
                release w*delta of the key layers (w = FedAtt attention weight computed on site)
     shared(r): release the shared-layer delta, weighted by examples / n_max
     final:     download the last broadcast, evaluate, write results.json, say done
@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,10 +36,15 @@ from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, relea
 from worldlm_secure.node.release import NodeRelease
 from worldlm_secure.node.state import NodeState, write_atomic
 from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
+from worldlm_secure.train.site import SiteState, site_generator
 from worldlm_secure.transport.client import RetryPolicy, SiteClient
 from worldlm_secure.transport.handler import Announcement
 from worldlm_secure.transport.refusal import Refused
 from worldlm_secure.transport.tls import NodeCredentials
+
+if TYPE_CHECKING:
+    from worldlm_secure.privacy.record_stream import RecordStream
+    from worldlm_secure.train.private import PrivateTrainer
 
 log = logging.getLogger("worldlm_secure.node")
 Event = Callable[..., None]
@@ -53,16 +58,15 @@ class SiteNode:
         self.fed = cfg.parent.name
         s = ctx.settings
         data = ctx.site_data(self.name)
-        self.train_seq = as_sequences(data.train, s.seq_len)
-        self.val_seq = as_sequences(data.val, s.seq_len)
-        self.examples = int(self.train_seq.shape[0])
+        # Weights, data, generator and optimizer state: the one site runner's (`train.site`), seeded as `simulate`'s.
+        self.site = SiteState(self.name, {n: t.clone() for n, t in ctx.init.items()},
+                              as_sequences(data.train, s.seq_len), as_sequences(data.val, s.seq_len),
+                              site_generator(s.seed, ctx.site_index(self.name)))
+        self.examples = self.site.examples
         self.device = pick_device(cfg.device)
         self.model = ctx.new_model()
         self.trainer = LocalTrainer(self.model, s.train, self.device, s.rounds * s.train.local_steps)
-        self.generator = torch.Generator().manual_seed(s.seed * 1_000_003 + ctx.site_index(self.name))
-        self.params = {n: t.clone() for n, t in ctx.init.items()}
         self.server: dict[str, torch.Tensor] = {}
-        self.opt_state: dict | None = None
         self.state = NodeState(cfg.state)
         self.release = NodeRelease(ctx, identity, cfg.ledger_dir, self.state)
         # The base this site loaded: recorded in every ledger entry, and every announced round must be for it.
@@ -74,33 +78,33 @@ class SiteNode:
         self.record, self.private = self._plan_record_dp()
         self._restore()
 
-    def _plan_record_dp(self) -> tuple[Any, Any]:
+    def _plan_record_dp(self) -> tuple[RecordStream | None, PrivateTrainer | None]:
         """DP-SGD when this site's composed policy (site -> root) is record-level, as the engine's
         `_plan_record_dp`: the `SITE/record` stream rebuilt from the ledger, shared with the release path."""
-        eff = self.release.path.effective(self.name, self.ctx.root)
-        if not eff.differential_privacy.record_level:
-            return None, None
         from worldlm_secure.privacy.record_stream import RecordStream
-        from worldlm_secure.train.private import PrivateTrainer, record_dp_params
+        from worldlm_secure.train.private import PrivateTrainer, site_record_dp
 
         s = self.ctx.settings
-        params = record_dp_params(eff, records=self.examples, expected_batch=s.train.batch_size * s.train.grad_accum,
-                                  planned_steps=s.rounds * s.train.local_steps)
+        params = site_record_dp(self.release.path.effective(self.name, self.ctx.root), records=self.examples,
+                                cfg=s.train, rounds=s.rounds)
+        if params is None:
+            return None, None
         stream = RecordStream(self.name, params, self.release.path.ledger_entries(self.name))
         self.release.path.record_streams[self.name] = stream
         return stream, PrivateTrainer(self.trainer)
 
     # ---- durability ----
     def _checkpoint(self) -> None:
-        arrays: dict[str, np.ndarray] = {f"p/{n}": t.numpy() for n, t in self.params.items()}
+        site = self.site
+        arrays: dict[str, np.ndarray] = {f"p/{n}": t.numpy() for n, t in site.params.items()}
         arrays.update({f"s/{n}": t.numpy() for n, t in self.server.items()})
-        arrays["generator"] = self.generator.get_state().numpy()
+        arrays["generator"] = site.generator.get_state().numpy()
         groups: list[Any] = []
-        if self.opt_state is not None:
-            for idx, st in self.opt_state["state"].items():
+        if site.opt_state is not None:
+            for idx, st in site.opt_state["state"].items():
                 for k, v in st.items():
                     arrays[f"o/{idx}/{k}"] = v.detach().cpu().numpy()
-            groups = self.opt_state["param_groups"]
+            groups = site.opt_state["param_groups"]
         self.state.save_tensors("site", arrays, {"param_groups": json.dumps(groups)})
         # The checkpoint is in place before the state says so: a crash between them retrains, never skips.
         self.state.put(trained_round=self.trained, history=self.history)
@@ -117,15 +121,15 @@ class SiteNode:
             return
         with safe_open(str(self.state.checkpoint_path("site")), framework="numpy") as f:
             groups = json.loads((f.metadata() or {}).get("param_groups", "[]"))
-        self.params = {k[2:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("p/")}
+        self.site.params = {k[2:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("p/")}
         self.server = {k[2:]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("s/")}
-        self.generator.set_state(torch.from_numpy(arrays["generator"].copy()))
+        self.site.generator.set_state(torch.from_numpy(arrays["generator"].copy()))
         state: dict[int, dict[str, torch.Tensor]] = {}
         for k, v in arrays.items():
             if k.startswith("o/"):
                 _, idx, key = k.split("/", 2)
                 state.setdefault(int(idx), {})[key] = torch.from_numpy(v.copy())
-        self.opt_state = {"state": state, "param_groups": groups} if groups else None
+        self.site.opt_state = {"state": state, "param_groups": groups} if groups else None
         if self.record is not None:
             entries = self.release.path.ledger_entries(self.name)
             if not any(e.round == self.trained and e.stream == f"{self.name}/record" for e in entries):
@@ -135,29 +139,22 @@ class SiteNode:
 
     # ---- the round steps ----
     def _train(self, r: int) -> None:
-        self.model.load_state_dict(self.params, strict=False)
-        opt = self.trainer.make_optimizer()
-        if self.opt_state is not None:
-            opt.load_state_dict(self.opt_state)
         t0 = time.perf_counter()
-        start = (r - 1) * self.ctx.settings.train.local_steps
+        steps = self.ctx.settings.train.local_steps
         if self.record is not None:
-            self.record.check_round(self.ctx.settings.train.local_steps)  # refuse before training (BudgetExceeded)
-            loss, taken = self.private.train_round(self.train_seq, opt, start, self.record.params)
+            self.record.check_round(steps)  # refuse before training (BudgetExceeded)
+        loss, taken = self.site.train_round(self.trainer, (r - 1) * steps, private=self.private,
+                                            record=self.record.params if self.record is not None else None)
+        if self.record is not None:
             self.record.add_steps(taken)
             self.history.setdefault("dp_steps", {})[str(r)] = taken
-        else:
-            loss = self.trainer.train_round(self.train_seq, opt, start, self.generator)
-        self.params = {n: p.detach().to("cpu").clone() for n, p in self.model.named_parameters()}
-        self.opt_state = opt.state_dict()
         self.trained = r
         self.history["losses"][str(r)] = loss
         self._checkpoint()
         self.emit("trained", round=r, loss=loss, seconds=time.perf_counter() - t0)
 
     def _evaluate(self, r: int) -> float:
-        self.model.load_state_dict(self.params, strict=False)
-        ppl = self.trainer.evaluate(self.val_seq)
+        ppl = self.site.evaluate(self.trainer)
         self.history["evals"][str(r)] = ppl
         self.state.put(history=self.history)
         self.emit("evaluated", round=r, val_ppl=ppl)
@@ -166,16 +163,17 @@ class SiteNode:
     def _load_broadcast(self, client: SiteClient, ann: Announcement) -> None:
         groups, _ = split_payload(client.download_model(ann.round_id))
         self.server = {**groups.get("key", {}), **groups.get("shared", {})}
-        self.params.update({n: t.clone() for n, t in self.server.items()})
+        self.site.params.update({n: t.clone() for n, t in self.server.items()})
 
     def _release(self, client: SiteClient, ann: Announcement, phase: Phase) -> None:
         r, ctx = phase.world_round, self.ctx
         key = phase.phase == "key"
         names, final = (ctx.key_names, self.fed) if key else (ctx.shared_names, ctx.root)
-        weights = member_weights(self.server, self.params, names, "attention" if key else "examples",
+        params = self.site.params
+        weights = member_weights(self.server, params, names, "attention" if key else "examples",
                                  examples=self.examples, n_max=phase.n_max,
                                  attention=ctx.settings.attention)
-        deltas = {n: self.params[n] - self.server[n] for n in names}
+        deltas = {n: params[n] - self.server[n] for n in names}
         shapes = {n: self.server[n].shape for n in names}
         group = phase.phase
         prep = self.release.prepare(r, group, self.fed, final, ann.cohort, deltas, weights, names, shapes, derived=False)

@@ -1,7 +1,8 @@
 """Record-level DP inside a site: one DP-SGD local round on the engine's shared module.
 
 `record_dp_params` fixes a site's DP-SGD parameters from its effective policy before it trains
-(z derived ONCE from the record budget when the policy says `auto`); `PrivateTrainer.train_round`
+(z derived ONCE from the record budget when the policy says `auto`), `site_record_dp` with the
+engine's batch and step plan; `PrivateTrainer.train_round`
 is `LocalTrainer.train_round` with the three DP-SGD changes:
 - Poisson sampling: each of the site's N sequences (= records) joins a step's batch independently
   with probability q = batch_size·grad_accum / N, drawn from SecureRandom (the batch composition is
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,7 +33,10 @@ from worldlm_secure.privacy.record import PerSampleModel, secure_dp_optimizer, w
 from worldlm_secure.privacy.record_stream import RecordDPParams
 from worldlm_secure.privacy.secure_random import SecureRandom
 from worldlm_secure.train.device import autocast_for
-from worldlm_secure.train.loop import LocalTrainer, lr_at
+from worldlm_secure.train.loop import LocalTrainer, TrainConfig, lr_at
+
+if TYPE_CHECKING:
+    from worldlm_secure.policy.compose import EffectivePolicy
 
 
 def record_dp_params(eff: Any, *, records: int, expected_batch: int, planned_steps: int) -> RecordDPParams:
@@ -67,6 +71,19 @@ def record_dp_params(eff: Any, *, records: int, expected_batch: int, planned_ste
             ) from None
     return RecordDPParams(float(z), float(rec.max_grad_norm), q, max(1, round(q * records)), float(dp.delta),
                           float(budget), str(dp.accountant))
+
+
+def site_record_dp(eff: EffectivePolicy, *, records: int, cfg: TrainConfig, rounds: int) -> RecordDPParams | None:
+    """A site's DP-SGD parameters when ``eff`` (its policy composed up to the root) is record-level, else None.
+
+    ``records``: the site's training sequences N; the expected batch q·N is ``batch_size·grad_accum`` and
+    the steps are planned over ``rounds × local_steps``. The one plan the engine, a site node and the
+    `--dry-run` plan use (raises PolicyError as `record_dp_params`).
+    """
+    if not eff.differential_privacy.record_level:
+        return None
+    return record_dp_params(eff, records=records, expected_batch=cfg.batch_size * cfg.grad_accum,
+                            planned_steps=rounds * cfg.local_steps)
 
 
 class PrivateTrainer:
