@@ -125,10 +125,11 @@ def test_ray_channel(local_ray: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
     class Member:
         """The site actor's own `masking` method (the one member session) on an actor without a model."""
 
-        masking = SiteActor.masking
+        masking, _open = SiteActor.masking, SiteActor._open
 
         def __init__(self, name: str, key_file: Path, vector: np.ndarray) -> None:
             self.name, self._session, self._vector = name, None, vector
+            self._opened = False  # as after SiteActor.prepare: one session over this vector
             self.identity = NodeIdentity.load(name, key_file)
 
         def _take(self) -> np.ndarray:

@@ -98,6 +98,7 @@ class SiteActor:
         self._session: Any = None  # secagg.masking_round.MaskingSession of the round in progress
         self._ckks: Any = None  # secagg.ckks_round.CkksKeyring: this site's CKKS keys across a key epoch
         self._ckks_session: Any = None  # secagg.ckks_round.CkksSession of the round in progress
+        self._opened = False  # whether a protocol session was opened over the prepared release
 
     def public_key(self) -> bytes:
         """The raw Ed25519 public key that signs this site's key adverts."""
@@ -132,8 +133,16 @@ class SiteActor:
     def prepare(self, spec: ReleaseSpec) -> int:
         """Compute and keep this release's encoded vector; returns its length (public: the codec's)."""
         self._vector = member_vector(self.site.params, self.server, self.site.examples, spec)
-        self._session = None
+        self._session = self._ckks_session = None
+        self._opened = False  # one protocol session per prepared release (see `_open`)
         return int(self._vector.size)
+
+    def _open(self) -> None:
+        """A protocol session may open once per prepared release: a second opening would start a fresh session
+        over the same release, resetting its once-per-round guards (a holder's one decryption)."""
+        if self._opened:
+            raise SecAggError(f"{self.name}: a second protocol round over the same prepared release; refused")
+        self._opened = True
 
     def plain(self) -> np.ndarray:
         """The encoded vector itself: only for protocol none, which sends it as is."""
@@ -154,6 +163,7 @@ class SiteActor:
         from worldlm_secure.secagg.masking_round import MaskingSession
 
         if not data:
+            self._open()
             self._session = MaskingSession(MaskingMember(self.identity, config, noise=noise), self._take)
         if self._session is None:
             raise SecAggError(f"{self.name}: a SecAgg+ request outside a round; refused")
@@ -169,6 +179,7 @@ class SiteActor:
         from worldlm_secure.secagg.ckks_round import CkksKeyring, CkksSession
 
         if setup is not None:
+            self._open()
             if self._ckks is None:
                 self._ckks = CkksKeyring(self.identity)
             self._ckks_session = CkksSession(self._ckks, setup, self._take)
