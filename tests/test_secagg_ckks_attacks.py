@@ -31,7 +31,7 @@ from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg import MemberInput, make_secure_sum
 from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg import ckks_packing as packing
-from worldlm_secure.secagg.ckks import CkksSecureSum, RoundSpec
+from worldlm_secure.secagg.ckks import CkksSecureSum, RoundSpec, commitments_digest
 from worldlm_secure.secagg.ckks_keys import TransportKey, generate_epoch_keys, unwrap_secret_context
 from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.transport import federation_pb2 as pb
@@ -225,10 +225,14 @@ def test_holder_checks_every_forwarded_contribution():
     ss.run_round(0, [MemberInput(n, rng.uniform(-1, 1, 30)) for n in ids], min_cohort=3)
     spec: RoundSpec = ss.last_spec  # type: ignore[assignment]
     holder = ss._holders["m0"]
-    cs = {n: ss._members[n].protect(spec, rng.uniform(-1, 1, 30)) for n in ids}
+    made = {n: ss._members[n].protect(spec, rng.uniform(-1, 1, 30)) for n in ids}
+    # commit, then reveal: each member commits to its contribution, then signs it with the list's digest
+    listed = tuple(ss._members[n].commit(c.round_id, c.n_values, c.chunks) for n, c in made.items())
+    cs = {n: c.revealed(commitments_digest(listed), ids[n]) for n, c in made.items()}
 
     def attempt(contributors, contributions):
-        return holder.decrypt(SummedCiphertext(spec.round_id, spec.key_id, tuple(contributors), tuple(contributions)), spec)
+        return holder.decrypt(SummedCiphertext(spec.round_id, spec.key_id, tuple(contributors), tuple(contributions),
+                                               listed), spec)
 
     with pytest.raises(SecAggError, match="repeat"):
         attempt(["m1", "m1", "m1"], [cs["m1"]] * 3)
@@ -277,33 +281,61 @@ def _crafted(member, spec, vector) -> bytes:
     return b"".join([struct.pack(">I", len(head)), head, *msg.blobs])
 
 
-def test_link_aggregator_drops_a_malformed_upload_and_a_malformed_holder_answer(monkeypatch):
-    """Over the node link: one member uploads a contribution with ``1e400`` in its header, and a second
-    key holder answers garbage. The aggregator drops both by name and releases the others' sum."""
+def _link_round_with(monkeypatch, holders: tuple[str, ...], crafted: str | None, garbage_holder: str | None):
+    """A link round of site-0..3 (min_cohort 2) where ``crafted`` uploads a contribution with ``1e400`` in its
+    header and ``garbage_holder`` answers garbage sums; returns the outcome (or the SecAggError) and the vectors."""
     ids, board, ann = _world(names=("site-0", "site-1", "site-2", "site-3"), extra=())
-    setup = CkksRound(dataclasses.replace(PARAMS, key_holders=("site-0", "site-1")), 2)
+    setup = CkksRound(dataclasses.replace(PARAMS, key_holders=holders), 2)
     rng = np.random.default_rng(4)
     vectors = {m: rng.uniform(-1, 1, 30) for m in ann.cohort}
     real = wire.decrypted_bytes
 
-    def garbage_from_site_1(sums, conf):  # integer sums of 3 bytes (old decoder: ValueError from numpy)
-        if conf.holder != "site-1":
+    def garbage(sums, conf):  # integer sums of 3 bytes (old decoder: ValueError from numpy)
+        if conf.holder != garbage_holder:
             return real(sums, conf)
         msg = wire.decode(real(sums, conf))
         return wire.encode(msg.tag, msg.fields, [b"abc", *msg.blobs[1:]])
 
-    monkeypatch.setattr(wire, "decrypted_bytes", garbage_from_site_1)
+    monkeypatch.setattr(wire, "decrypted_bytes", garbage)
     errors: dict[str, Exception] = {}
-    threads = [_member(board, ids, ann, setup, m, vectors[m], errors, encrypt=_crafted if m == "site-3" else None,
+    threads = [_member(board, ids, ann, setup, m, vectors[m], errors, encrypt=_crafted if m == crafted else None,
                        timeout=5.0) for m in ann.cohort]
-    out = ckks_link.aggregate_round(board, ann, setup, lambda exp, t: board.wait_for_updates(RID, len(exp), t),
-                                    first_timeout=10, step_timeout=5, alive=lambda m: True)
+    try:
+        out: object = ckks_link.aggregate_round(board, ann, setup,
+                                                lambda exp, t: board.wait_for_updates(RID, len(exp), t),
+                                                first_timeout=10, step_timeout=5, alive=lambda m: True)
+    except SecAggError as exc:
+        out = exc
     for t in threads:
         t.join(10)
-    assert sorted(out.contributors) == ["site-0", "site-1", "site-2"]
-    assert any("'site-3'" in r for r in out.rejected), out.rejected
+    return out, vectors
+
+
+def test_link_aggregator_drops_a_malformed_upload_by_name_and_releases_the_others(monkeypatch):
+    """Over the node link, one key holder: a member uploads a contribution with ``1e400`` in its header. The
+    aggregator drops it by name and releases the others' sum."""
+    out, vectors = _link_round_with(monkeypatch, ("site-0",), "site-3", None)
+    assert not isinstance(out, SecAggError), out
+    assert sorted(out.contributors) == ["site-0", "site-1", "site-2"]  # type: ignore[attr-defined]
+    assert any("'site-3'" in r for r in out.rejected), out.rejected  # type: ignore[attr-defined]
     exact = vectors["site-0"] + vectors["site-1"] + vectors["site-2"]
-    assert np.max(np.abs(out.total - exact)) <= 3 * PARAMS.precision
+    assert np.max(np.abs(out.total - exact)) <= 3 * PARAMS.precision  # type: ignore[attr-defined]
+
+
+def test_link_aggregator_drops_a_malformed_holder_answer_by_name(monkeypatch):
+    """Two key holders, one of which answers garbage: the other's answer releases the sum of all four."""
+    out, vectors = _link_round_with(monkeypatch, ("site-0", "site-1"), None, "site-1")
+    assert not isinstance(out, SecAggError), out
+    assert sorted(out.contributors) == ["site-0", "site-1", "site-2", "site-3"]  # type: ignore[attr-defined]
+    assert np.max(np.abs(out.total - sum(vectors.values()))) <= 4 * PARAMS.precision  # type: ignore[attr-defined]
+
+
+def test_with_two_holders_a_committed_member_left_out_aborts_the_round(monkeypatch):
+    """The price of the cross-holder rule (protocols/ckks.md §6): with several key holders every sum must
+    cover the whole commitment list, so a member whose reveal is rejected after it committed stops the round
+    (nothing released), where one holder would release the others' sum."""
+    out, _ = _link_round_with(monkeypatch, ("site-0", "site-1"), "site-3", None)
+    assert isinstance(out, SecAggError), out
 
 
 def test_a_malicious_member_moves_the_sum_far_beyond_clip_range_and_nothing_flags_it(monkeypatch):

@@ -26,10 +26,11 @@ from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg.channel import InMemoryChannel
-from worldlm_secure.secagg.ckks import EpochTrust, SummedCiphertext
+from worldlm_secure.secagg.ckks import Contribution, EpochTrust, SummedCiphertext
 from worldlm_secure.secagg.ckks_keys import TransportKey, generate_epoch_keys
 from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.secagg.ckks_round import (
+    COMMIT,
     CONTRIBUTE,
     DECRYPT,
     GENERATE,
@@ -49,7 +50,7 @@ Rewrite = Callable[[str, dict[str, bytes], Mapping[str, NodeIdentity]], dict[str
 
 def epoch_from_a_non_holder(step: str, requests: dict[str, bytes], ids: Mapping[str, NodeIdentity]) -> dict[str, bytes]:
     """The aggregator hands the victim an epoch the colluding non-holder made (and holds the secret key of)."""
-    if step == CONTRIBUTE and VICTIM in requests:
+    if step == COMMIT and VICTIM in requests:
         real = wire.epoch_from(wire.decode(requests[VICTIM]))
         tk = TransportKey(ids[MALLORY])
         keys = generate_epoch_keys(ids[MALLORY], PARAMS, real.epoch, {MALLORY: tk.cert}, {MALLORY: ids[MALLORY].public_bytes})
@@ -59,7 +60,7 @@ def epoch_from_a_non_holder(step: str, requests: dict[str, bytes], ids: Mapping[
 
 def forged_epoch_signature(step: str, requests: dict[str, bytes], ids: Mapping[str, NodeIdentity]) -> dict[str, bytes]:
     """The aggregator makes its own key and signs the epoch in the named holder's name (a forged signature)."""
-    if step == CONTRIBUTE and VICTIM in requests:
+    if step == COMMIT and VICTIM in requests:
         real = wire.epoch_from(wire.decode(requests[VICTIM]))
         keys = generate_epoch_keys(NodeIdentity.generate(HOLDER), PARAMS, real.epoch, {}, {})
         requests[VICTIM] = wire.epoch_bytes(keys, only=VICTIM)
@@ -91,6 +92,42 @@ def impersonate(step: str, answers: dict[str, bytes], ids: Mapping[str, NodeIden
     return answers
 
 
+def _resigned(data: bytes, identity: NodeIdentity, chunks: tuple[bytes, ...]) -> Contribution:
+    c = dataclasses.replace(wire.contribution_from(wire.decode(data)), chunks=chunks, signature=b"")
+    return dataclasses.replace(c, signature=identity.sign(c.message()))
+
+
+def reveal_other_than_committed(step: str, answers: dict[str, bytes], ids: Mapping[str, NodeIdentity]) -> dict[str, bytes]:
+    """A malicious member (the victim's channel slot) reveals, validly signed, ciphertexts other than the ones it
+    committed to (here: the colluder's, already revealed)."""
+    if step == CONTRIBUTE and VICTIM in answers and MALLORY in answers:
+        other = wire.contribution_from(wire.decode(answers[MALLORY])).chunks
+        answers[VICTIM] = wire.contribution_bytes(_resigned(answers[VICTIM], ids[VICTIM], other))
+    return answers
+
+
+def swap_after_reveal(step: str, requests: dict[str, bytes], ids: Mapping[str, NodeIdentity]) -> dict[str, bytes]:
+    """The aggregator and the colluder replace the colluder's contribution, once every ciphertext is revealed,
+    by one made from another member's (the victim's ciphertext under the colluder's name, signed by it)."""
+    if step == DECRYPT and HOLDER in requests:
+        summed, n_values = wire.summed_from(wire.decode(requests[HOLDER]))
+        (victim,) = [c for c in summed.contributions if c.member == VICTIM]
+        swapped = tuple(dataclasses.replace(c, chunks=victim.chunks, signature=b"") if c.member == MALLORY else c
+                        for c in summed.contributions)
+        swapped = tuple(dataclasses.replace(c, signature=ids[MALLORY].sign(c.message())) if c.member == MALLORY else c
+                        for c in swapped)
+        requests[HOLDER] = wire.summed_bytes(dataclasses.replace(summed, contributions=swapped), n_values)
+    return requests
+
+
+def list_without_own_commitment(step: str, requests: dict[str, bytes], ids: Mapping[str, NodeIdentity]) -> dict[str, bytes]:
+    """The aggregator asks the victim to reveal under a commitment list without the victim's own commitment."""
+    if step == CONTRIBUTE and VICTIM in requests:
+        listed = wire.commitments_from(wire.decode(requests[VICTIM]))
+        requests[VICTIM] = wire.commitments_bytes(tuple(c for c in listed if c.member != VICTIM))
+    return requests
+
+
 # case -> (rewrite requests, rewrite answers, the refusing party, its refusal, whether the round still releases)
 CASES: dict[str, tuple[Rewrite | None, Rewrite | None, str, str, bool]] = {
     "epoch from a non-holder": (epoch_from_a_non_holder, None, VICTIM,
@@ -103,6 +140,15 @@ CASES: dict[str, tuple[Rewrite | None, Rewrite | None, str, str, bool]] = {
                                   "refuses to decrypt round 1: a sum over 1 signed contributions, below min_cohort=3", False),
     "impersonating member": (None, impersonate, AGGREGATOR,
                              "contribution of member 'site-1' rejected: it is signed as 'site-2'", True),
+    # commit, then reveal (protocols/ckks.md §4): a contribution must be the one its member committed to, and a
+    # member reveals only under a commitment list that carries its own commitment
+    "revealed other than committed": (None, reveal_other_than_committed, AGGREGATOR,
+                                      "contribution of member 'site-1' rejected: does not match its commitment", True),
+    "swapped after the reveal": (swap_after_reveal, None, HOLDER,
+                                 "refuses to decrypt round 1: contribution of 'site-2' does not match its commitment",
+                                 False),
+    "list without own commitment": (list_without_own_commitment, None, VICTIM,
+                                    "the commitment list does not carry its own commitment unchanged", True),
 }
 
 
@@ -177,10 +223,11 @@ def test_ray_channel(local_ray: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
     class Member:
         """The site actor's own `ckks` method (the one member session) on an actor without a model."""
 
-        ckks = SiteActor.ckks
+        ckks, _open = SiteActor.ckks, SiteActor._open
 
         def __init__(self, name: str, key_file: Path, vector: np.ndarray) -> None:
             self.name, self._ckks, self._ckks_session, self._vector = name, None, None, vector
+            self._opened = False  # as after SiteActor.prepare: one session over this vector
             self.identity = NodeIdentity.load(name, key_file)
 
         def _take(self) -> np.ndarray:

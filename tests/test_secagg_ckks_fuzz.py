@@ -29,11 +29,15 @@ from worldlm_secure.secagg.ckks import (
     CkksAggregator,
     CkksKeyHolder,
     CkksMember,
+    Commitment,
     DecryptedAggregate,
     EpochTrust,
     RoundSpec,
     SummedCiphertext,
+    check_commitments,
     check_epoch,
+    chunks_digest,
+    commitments_digest,
     verify_aggregate,
 )
 from worldlm_secure.secagg.ckks_keys import _epoch_message, generate_epoch_keys, key_id_of, unwrap_secret_context
@@ -69,6 +73,17 @@ class World:
 _WORLD: list[World] = []
 
 
+def _committed(ids: dict[str, NodeIdentity], cs: list) -> tuple[tuple[Commitment, ...], tuple]:
+    """Commit, then reveal: each member's signed commitment to its contribution, and the contributions signed
+    with the list's digest."""
+    listed = []
+    for c in cs:
+        k = Commitment(c.round_id, c.member, c.key_id, c.n_values, len(c.chunks), chunks_digest(c.chunks))
+        listed.append(replace(k, signature=ids[c.member].sign(k.message())))
+    digest = commitments_digest(listed)
+    return tuple(listed), tuple(c.revealed(digest, ids[c.member]) for c in cs)
+
+
 def world() -> World:
     if _WORLD:
         return _WORLD[0]
@@ -86,7 +101,8 @@ def world() -> World:
         m.install(keys, trust)
         cs[n] = m.protect(spec, rng.uniform(-1, 1, N_VALUES))
     agg = CkksAggregator(keys, pubs["m0"], PARAMS)
-    summed = SummedCiphertext(RID, keys.key_id, NAMES, tuple(cs[n] for n in NAMES))
+    listed, revealed = _committed(ids, [cs[n] for n in NAMES])
+    summed = SummedCiphertext(RID, keys.key_id, NAMES, revealed, listed)
     sums, conf = holder.decrypt(summed, spec)
     msgs = {
         "cert": wire.cert_bytes(holder.transport.cert),
@@ -94,6 +110,8 @@ def world() -> World:
         "epoch": wire.epoch_bytes(keys),
         "contribution": wire.contribution_bytes(cs["m1"]),
         "summed": wire.summed_bytes(summed, N_VALUES),
+        "commitment": wire.commitment_bytes(listed[1]),
+        "commitments": wire.commitments_bytes(listed),
         "decrypted": wire.decrypted_bytes(sums, conf),
     }
     _WORLD.append(World(ids, pubs, trust, holder, keys, spec, agg, msgs, cs))
@@ -203,7 +221,8 @@ def resigned(kind: str, w: World, rng: random.Random) -> bytes:
         cs = [w.contributions[n] for n in NAMES]
         j = rng.randrange(len(cs))
         cs[j] = _resign_contribution(cs[j], w.ids[NAMES[j]], rng)
-        return wire.summed_bytes(SummedCiphertext(RID, w.keys.key_id, NAMES, tuple(cs)), N_VALUES)
+        listed, revealed = _committed(w.ids, cs)  # committed to as mutated: the holder's TenSEAL loads it
+        return wire.summed_bytes(SummedCiphertext(RID, w.keys.key_id, NAMES, revealed, listed), N_VALUES)
     raise AssertionError(kind)
 
 
@@ -238,7 +257,17 @@ def _decrypted(w: World, data: bytes) -> None:
     verify_aggregate(agg, w.pubs, [conf.holder])
 
 
+def _commitments(w: World, data: bytes) -> None:
+    check_commitments(wire.commitments_from(wire.decode(data)), w.trust, RID, w.keys.key_id, NAMES, 2, "fuzz")
+
+
+def _commitment(w: World, data: bytes) -> None:
+    check_commitments((wire.commitment_from(wire.decode(data)),), w.trust, RID, w.keys.key_id, NAMES, 1, "fuzz")
+
+
 CONSUMERS: dict[str, tuple[str, Callable[[World, bytes], None]]] = {
+    "commitment": ("commitment", _commitment),
+    "commitments": ("commitments", _commitments),
     "decode": ("contribution", lambda w, d: wire.decode(d)),
     "cert": ("cert", lambda w, d: wire.cert_from(wire.decode(d)).verify(w.pubs["m0"])),
     "certs": ("certs", _certs),

@@ -13,6 +13,7 @@ from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import DropoutPlan, MemberInput, make_secure_sum
 from worldlm_secure.secagg.ckks import (
+    CkksMember,
     CkksSecureSum,
     Contribution,
     DecryptedAggregate,
@@ -180,20 +181,22 @@ def test_ciphertext_from_other_context_is_rejected_naming_member():
     assert "does not load under the federation context" in msg, msg
 
 
-def test_same_parameters_other_key_with_lying_header_aborts_at_decryption():
+def test_same_parameters_other_key_with_lying_header_aborts_at_decryption(monkeypatch):
     """A member that encrypts under another key yet claims the federation's key id cannot be caught by the
-    aggregator (semantic security); the key holders' integrity check catches the garbage sum."""
+    aggregator (semantic security); the key holders' integrity check catches the garbage sum. (The member
+    lies when it encrypts, so it commits to the lie: commit, then reveal, cannot tell it from an honest one.)"""
     rng = np.random.default_rng(6)
     ss, ids = build()
     ins = inputs(rng, 2000)
+    honest = CkksMember.protect
 
-    def liar(c):
-        if c.member != "m3":
+    def liar(self, spec, vector):
+        c = honest(self, spec, vector)
+        if self.name != "m3":
             return c
-        chunks = _other_federation_chunks(c, CkksParams())
-        return resign(c, ids["m3"], chunks=chunks)
+        return resign(c, ids["m3"], chunks=_other_federation_chunks(c, CkksParams()))
 
-    ss.intercept = liar
+    monkeypatch.setattr(CkksMember, "protect", liar)
     with pytest.raises(SecAggError, match="integrity check.*round aborted"):
         ss.run_round(0, ins, min_cohort=3)
 

@@ -9,7 +9,9 @@ Every link round is its own key epoch (a fresh key each round: at least as often
 
     ckks_transport_key  holders send PUBLIC_CONTEXT(transport_cert) unasked   -- X25519 key signed by the identity
     ckks_generate       PUBLIC_CONTEXT(holder_certs) -> generator -> PUBLIC_CONTEXT(epoch_keys)
-    ckks_protect        PUBLIC_CONTEXT(epoch_keys, only its own sealed key) -> every member
+    ckks_commit         PUBLIC_CONTEXT(epoch_keys, only its own sealed key) -> every member
+                        -> PUBLIC_CONTEXT(commitment or abstain)             -- a hash, no ciphertext
+    ckks_protect        PUBLIC_CONTEXT(commitments) -> every committed member
                         -> UploadUpdate(CIPHERTEXT, contribution)             -- chunk-streamed
     ckks_decrypt        AGGREGATE(summed) -> every holder -> DECRYPTED(sums + signed confirmation)
 
@@ -36,6 +38,7 @@ from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg.ckks import EpochTrust, RoundSpec, key_holders, round_result
 from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.secagg.ckks_round import (
+    COMMIT,
     CONTRIBUTE,
     DECRYPT,
     GENERATE,
@@ -58,12 +61,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("worldlm_secure.node")
 
 
-def _claims(tag: str) -> Callable[[Inbound], bool]:
-    """Whether a relayed message decodes as a CKKS message with ``tag`` (the session checks the rest)."""
+def _claims(*tags: str) -> Callable[[Inbound], bool]:
+    """Whether a relayed message decodes as a CKKS message with one of ``tags`` (the session checks the rest)."""
 
     def claims(message: Inbound) -> bool:
         try:
-            return wire.decode(message.payload.to_bytes()).tag == tag
+            return wire.decode(message.payload.to_bytes()).tag in tags
         except SecAggError:
             return False
 
@@ -74,6 +77,8 @@ def _claims(tag: str) -> Callable[[Inbound], bool]:
 CKKS_STEPS: dict[str, BoardStep] = {
     TRANSPORT_KEY: BoardStep(None, pb.SECAGG_CKKS_PUBLIC_CONTEXT, claims=_claims(wire.TRANSPORT_CERT)),
     GENERATE: BoardStep(pb.SECAGG_CKKS_PUBLIC_CONTEXT, pb.SECAGG_CKKS_PUBLIC_CONTEXT, claims=_claims(wire.EPOCH_KEYS)),
+    COMMIT: BoardStep(pb.SECAGG_CKKS_PUBLIC_CONTEXT, pb.SECAGG_CKKS_PUBLIC_CONTEXT,
+                      claims=_claims(wire.COMMITMENT, wire.ABSTAIN)),
     CONTRIBUTE: BoardStep(pb.SECAGG_CKKS_PUBLIC_CONTEXT, pb.SECAGG_CKKS_CIPHERTEXT, upload=True),
     DECRYPT: BoardStep(pb.SECAGG_CKKS_AGGREGATE, pb.SECAGG_CKKS_DECRYPTED, claims=_claims(wire.DECRYPTED)),
 }

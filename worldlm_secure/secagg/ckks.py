@@ -7,14 +7,17 @@ them over a channel (the one member session, the one aggregator driver), `CkksSe
   makes the key and publishes `EpochKeys` (ckks_keys);
 - the round's `RoundSpec` (round, key id, vector length, cohort, packing layout) is computed by every
   party from its own setup;
-- each `CkksMember` quantizes and packs its vector and sends a signed `Contribution` (one
-  `ckks_vector` per ciphertext, every slot used);
+- each `CkksMember` quantizes, packs and encrypts its vector (one `ckks_vector` per ciphertext, every slot
+  used) and first sends only a signed `Commitment` to its ciphertexts; once the aggregator's list of
+  commitments checks out (`check_commitments`) it reveals the signed `Contribution`, whose signature also
+  covers the list's digest (commit, then reveal: no member can build its contribution from another's);
 - the `CkksAggregator` checks each contribution (rejecting it with an error that names the member)
   and forwards the accepted, member-signed ones to the key holders (`SummedCiphertext`);
 - every member installs an epoch only when its generator is a key holder its own policy names
   (`EpochTrust`, `check_epoch`);
 - every available `CkksKeyHolder` verifies the forwarded contributions (>= min_cohort distinct members,
-  each signed for this round and key), adds them itself, decrypts, unpacks the exact integer sums and
+  each signed for this round and key, each matching its commitment, all revealed under one commitment
+  list), adds them itself, decrypts, unpacks the exact integer sums and
   signs a `Confirmation` of their SHA-256; the releaser (first available holder, sorted) sends a
   `DecryptedAggregate` with all confirmations; `verify_aggregate` (run by the aggregator or the parent)
   accepts it only when every confirmation verifies and agrees.
@@ -25,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -46,6 +49,8 @@ from worldlm_secure.secagg.protocol import DropoutPlan, MemberInput, ProtectionS
 
 CONTRIBUTION_LABEL = b"worldlm-secure/ckks/contribution/v1"
 CONFIRM_LABEL = b"worldlm-secure/ckks/confirm/v1"
+COMMIT_LABEL = b"worldlm-secure/ckks/commit/v1"
+COMMITMENTS_LABEL = b"worldlm-secure/ckks/commitments/v1"
 MEMBERS_TOKEN = "members"  # policy key_holders entry meaning "every member of the cohort"
 
 
@@ -95,19 +100,99 @@ class Contribution:
     chunks: tuple[bytes, ...]
     clipped: int
     signature: bytes = b""
+    commitments: bytes = b""  # SHA-256 of the commitment list it was revealed under (`commitments_digest`)
 
     def message(self) -> bytes:
-        h = hashlib.sha256()
-        for c in self.chunks:
-            h.update(hashlib.sha256(c).digest())
         return (
             CONTRIBUTION_LABEL + b"|" + struct.pack(">QQQQ", self.round_id, self.n_values, len(self.chunks), self.clipped)
-            + self.member.encode() + b"|" + self.key_id.encode() + b"|" + h.digest()
+            + self.member.encode() + b"|" + self.key_id.encode() + b"|" + chunks_digest(self.chunks) + b"|"
+            + self.commitments
         )
+
+    def revealed(self, commitments: bytes, identity: NodeIdentity) -> "Contribution":
+        """This contribution bound to the commitment list with digest ``commitments``, signed by ``identity``."""
+        c = replace(self, commitments=commitments, signature=b"")
+        return replace(c, signature=identity.sign(c.message()))
 
     @property
     def nbytes(self) -> int:
         return sum(len(c) for c in self.chunks)
+
+
+def chunks_digest(chunks: Sequence[bytes]) -> bytes:
+    """SHA-256(SHA-256(chunk_0) || SHA-256(chunk_1) || ...): what a commitment fixes and a contribution signs."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(hashlib.sha256(c).digest())
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """A member's signed promise, made before it sees anyone's ciphertext: its contribution to this round has
+    ``n_chunks`` ciphertexts whose `chunks_digest` is ``digest`` (protocols/ckks.md §4, commit then reveal)."""
+
+    round_id: int
+    member: str
+    key_id: str
+    n_values: int
+    n_chunks: int
+    digest: bytes
+    signature: bytes = b""
+
+    def message(self) -> bytes:
+        return (
+            COMMIT_LABEL + b"|" + struct.pack(">QQQ", self.round_id, self.n_values, self.n_chunks)
+            + self.member.encode() + b"|" + self.key_id.encode() + b"|" + self.digest
+        )
+
+    def matches(self, c: "Contribution") -> bool:
+        """Whether ``c`` is the contribution this commitment fixed."""
+        return ((c.round_id, c.member, c.key_id, c.n_values, len(c.chunks)) ==
+                (self.round_id, self.member, self.key_id, self.n_values, self.n_chunks)
+                and chunks_digest(c.chunks) == self.digest)
+
+
+def commitments_digest(commitments: Sequence[Commitment]) -> bytes:
+    """The SHA-256 a revealed contribution signs: of the commitment list (each signed commitment, by member)."""
+    h = hashlib.sha256(COMMITMENTS_LABEL)
+    for c in sorted(commitments, key=lambda c: c.member):
+        h.update(hashlib.sha256(c.message()).digest() + c.signature)
+    return h.digest()
+
+
+def commitments_problem(commitments: Sequence[Commitment], trust: "EpochTrust", round_id: int, key_id: str,
+                        cohort: Sequence[str], floor: int) -> str | None:
+    """Why a commitment list fails the checks a member (before it reveals) and a key holder (before it decrypts)
+    make against their own setup, else None: at least ``floor`` commitments, each of a distinct cohort member
+    with a verified signing key, signed by it, for this round and key id."""
+    seen: set[str] = set()
+    for c in commitments:
+        ok = (isinstance(c, Commitment) and isinstance(c.member, str) and isinstance(c.key_id, str)
+              and isinstance(c.digest, bytes) and isinstance(c.signature, bytes)
+              and all(type(v) is int and 0 <= v < 2**63 for v in (c.round_id, c.n_values, c.n_chunks)))
+        if not ok:
+            return "a malformed commitment"
+        pub = trust.peer_keys.get(c.member)
+        if c.member in seen or c.member not in cohort or pub is None:
+            return f"the commitment of {c.member!r} is a repeat, or not from a cohort member with a verified key"
+        if (c.round_id, c.key_id) != (round_id, key_id):
+            return f"the commitment of {c.member!r} is for another round or key"
+        if not verify_signature(pub, c.signature, c.message()):
+            return f"the commitment of {c.member!r} is not signed by {c.member!r}"
+        seen.add(c.member)
+    if len(seen) < floor:
+        return f"a commitment list of {len(seen)} members, below min_cohort={floor}"
+    return None
+
+
+def check_commitments(commitments: Sequence[Commitment], trust: "EpochTrust", round_id: int, key_id: str,
+                      cohort: Sequence[str], floor: int, who: str) -> bytes:
+    """`commitments_problem` as a `SecAggError` naming ``who``; the list's `commitments_digest` when it passes."""
+    problem = commitments_problem(commitments, trust, round_id, key_id, cohort, floor)
+    if problem:
+        raise SecAggError(f"{who}: {problem}; refused")
+    return commitments_digest(commitments)
 
 
 @dataclass(frozen=True)
@@ -122,6 +207,7 @@ class SummedCiphertext:
     key_id: str
     contributors: tuple[str, ...]
     contributions: tuple[Contribution, ...]
+    commitments: tuple[Commitment, ...] = ()  # the commitment list every contribution was revealed under
 
 
 @dataclass(frozen=True)
@@ -163,8 +249,9 @@ def contribution_problem(c: Contribution) -> str | None:
     ints = (c.round_id, c.n_values, c.clipped)
     if any(type(v) is not int or not 0 <= v < 2**63 for v in ints):
         return "round_id, n_values and clipped must be integers in [0, 2^63)"
-    if not isinstance(c.member, str) or not isinstance(c.key_id, str) or not isinstance(c.signature, bytes):
-        return "member and key_id must be strings, the signature bytes"
+    if (not isinstance(c.member, str) or not isinstance(c.key_id, str) or not isinstance(c.signature, bytes)
+            or not isinstance(c.commitments, bytes)):
+        return "member and key_id must be strings, the signature and commitment digest bytes"
     if not isinstance(c.chunks, tuple) or not c.chunks or not all(isinstance(b, bytes) for b in c.chunks):
         return "chunks must be a non-empty tuple of bytes"
     try:
@@ -261,6 +348,11 @@ class CkksMember:
         c = Contribution(spec.round_id, self.name, self._key_id, int(np.asarray(vector).size), chunks, clipped)
         return Contribution(c.round_id, c.member, c.key_id, c.n_values, c.chunks, c.clipped, self.identity.sign(c.message()))
 
+    def commit(self, round_id: int, n_values: int, chunks: Sequence[bytes]) -> Commitment:
+        """The signed commitment to a contribution of ``chunks`` (made before any other member's is seen)."""
+        c = Commitment(round_id, self.name, self._key_id, n_values, len(chunks), chunks_digest(chunks))
+        return replace(c, signature=self.identity.sign(c.message()))
+
 
 class CkksAggregator:
     """Adds ciphertexts under the public context; never holds a secret key."""
@@ -273,6 +365,8 @@ class CkksAggregator:
         if self._shape.scale != 2.0**params.scale_bits:
             raise SecAggError(f"ckks epoch {keys.epoch}: public context has scale {self._shape.scale}, not 2^{params.scale_bits}; refused")
         self._spec: RoundSpec | None = None
+        self._commitments: dict[str, Commitment] | None = None
+        self._list_digest = b""
         self._accepted: list[Contribution] = []
         self.contributors: list[str] = []
         self.rejected: list[ContributionRejected] = []
@@ -282,8 +376,12 @@ class CkksAggregator:
     def context(self) -> ts.Context:
         return self._ctx
 
-    def open_round(self, spec: RoundSpec) -> None:
+    def open_round(self, spec: RoundSpec, commitments: Sequence[Commitment] | None = None) -> None:
+        """Start checking contributions of ``spec``'s round; with ``commitments`` (the list the driver sent the
+        members), each must match its member's commitment and be revealed under that list."""
         self._spec, self._accepted, self.contributors, self.rejected, self.clipped = spec, [], [], [], 0
+        self._commitments = None if commitments is None else {c.member: c for c in commitments}
+        self._list_digest = b"" if commitments is None else commitments_digest(commitments)
 
     def _load(self, member: str, i: int, blob: bytes) -> None:
         if self._shape.load(self._ctx, blob) is None:
@@ -320,6 +418,13 @@ class CkksAggregator:
             )
         for i, b in enumerate(c.chunks):
             self._load(m, i, b)
+        if self._commitments is not None:
+            promised = self._commitments.get(m)
+            if promised is None or not promised.matches(c):
+                raise ContributionRejected(m, "does not match its commitment (a ciphertext made or changed after the "
+                                           "commitment list was fixed)")
+            if c.commitments != self._list_digest:
+                raise ContributionRejected(m, "revealed under another commitment list")
         self._accepted.append(c)
         self.contributors.append(m)
         self.clipped += c.clipped
@@ -337,7 +442,8 @@ class CkksAggregator:
         spec = self._spec
         if spec is None or not self._accepted:
             raise SecAggError("ckks aggregator: nothing to sum")
-        return SummedCiphertext(spec.round_id, spec.key_id, tuple(self.contributors), tuple(self._accepted))
+        listed = tuple(sorted(self._commitments.values(), key=lambda c: c.member)) if self._commitments else ()
+        return SummedCiphertext(spec.round_id, spec.key_id, tuple(self.contributors), tuple(self._accepted), listed)
 
 
 class CkksKeyHolder:
@@ -386,6 +492,27 @@ class CkksKeyHolder:
             raise self._refuse(rid, f"a sum over {len(seen)} signed contributions, below min_cohort={floor}")
         if tuple(seen) != tuple(summed.contributors):
             raise self._refuse(rid, "the contributor list does not match the signed contributions")
+        # commit, then reveal: every contribution is the one its member committed to before any ciphertext was
+        # revealed, and all were revealed under this one commitment list (protocols/ckks.md §4, §6)
+        problem = commitments_problem(summed.commitments, trust, rid, spec.key_id, spec.cohort, floor)
+        if problem:
+            raise self._refuse(rid, f"commitment list: {problem}")
+        listed = commitments_digest(summed.commitments)
+        promised = {c.member: c for c in summed.commitments}
+        for c in summed.contributions:
+            if c.member not in promised or not promised[c.member].matches(c):
+                raise self._refuse(rid, f"contribution of {c.member!r} does not match its commitment")
+            if c.commitments != listed:
+                raise self._refuse(rid, f"contribution of {c.member!r} was revealed under another commitment list")
+        # With several holders, each decrypts once per round, but the aggregator could hand each a sum over
+        # different members of the same list (all of it to one, all but the victim to another) and subtract.
+        # Every honest member reveals under one list only, so holding every sum to the whole list leaves one
+        # decryptable sum per round. With one holder its once-per-round rule suffices, and a member whose
+        # reveal is rejected is left out as before (protocols/ckks.md §6).
+        missing = sorted(set(promised) - set(seen))
+        if len(trust.holders) > 1 and missing:
+            raise self._refuse(rid, f"the sum leaves out {', '.join(missing)}, committed in its list: with "
+                                    f"{len(trust.holders)} key holders every sum must cover the whole list")
         return tuple(summed.contributions)
 
     def decrypt(self, summed: SummedCiphertext, spec: RoundSpec) -> tuple[np.ndarray, Confirmation]:
@@ -559,7 +686,8 @@ class CkksSecureSum(SecureSum):
         vectors = {m.member: m.vector for m in inputs}
         sessions = {n: ckks_round.CkksSession(keyrings[n], setup, partial(vectors.__getitem__, n)) for n in names}
         gone = dropouts.before_keys | dropouts.after_keys
-        silent = {ckks_round.TRANSPORT_KEY: gone, ckks_round.CONTRIBUTE: gone, ckks_round.DECRYPT: dropouts.after_input}
+        silent = {ckks_round.TRANSPORT_KEY: gone, ckks_round.COMMIT: gone, ckks_round.CONTRIBUTE: gone,
+                  ckks_round.DECRYPT: dropouts.after_input}
         channel = _Intercepted(InMemoryChannel(sessions, silent, refusals="drop"), self.intercept)
         trace, self._epoch = ckks_round.aggregate(setup, channel, self._epoch, on_epoch=self._started)
         self.last_spec = trace.spec

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from worldlm_secure.errors import SecAggError
-from worldlm_secure.secagg.ckks import Confirmation, Contribution, SummedCiphertext
+from worldlm_secure.secagg.ckks import Commitment, Confirmation, Contribution, SummedCiphertext
 from worldlm_secure.secagg.ckks_keys import EpochKeys, TransportCert, WrappedSecretKey
 
 TRANSPORT_CERT = "transport_cert"  # key holder -> aggregator (PUBLIC_CONTEXT)
 HOLDER_CERTS = "holder_certs"  # aggregator -> generator (PUBLIC_CONTEXT)
 EPOCH_KEYS = "epoch_keys"  # generator -> aggregator, aggregator -> every member (PUBLIC_CONTEXT)
+COMMITMENT = "commitment"  # member -> aggregator, before any ciphertext leaves (PUBLIC_CONTEXT)
+COMMITMENTS = "commitments"  # aggregator -> every committed member: the list it reveals under (PUBLIC_CONTEXT)
 CONTRIBUTION = "contribution"  # member -> aggregator (UploadUpdate CIPHERTEXT)
 SUMMED = "summed"  # aggregator -> key holders (AGGREGATE)
 DECRYPTED = "decrypted"  # key holder -> aggregator (DECRYPTED)
@@ -216,7 +218,16 @@ def contribution_bytes(c: Contribution) -> bytes:
 
 
 def _contribution_fields(c: Contribution) -> dict:
-    return {"round_id": c.round_id, "member": c.member, "key_id": c.key_id, "n_values": c.n_values, "clipped": c.clipped}
+    return {"round_id": c.round_id, "member": c.member, "key_id": c.key_id, "n_values": c.n_values, "clipped": c.clipped,
+            "commitments": c.commitments.hex()}
+
+
+def _digest(f: dict, key: str) -> bytes:
+    """A hex SHA-256 field ("" allowed: a contribution not yet revealed under a commitment list)."""
+    v = f.get(key)
+    if not isinstance(v, str) or len(v) not in (0, 2 * DIGEST_BYTES) or any(ch not in "0123456789abcdef" for ch in v):
+        raise _bad(f"field {key!r} must be empty or {2 * DIGEST_BYTES} lowercase hex characters")
+    return bytes.fromhex(v)
 
 
 def _contribution(f: dict, signature: bytes, chunks: tuple[bytes, ...]) -> Contribution:
@@ -225,7 +236,7 @@ def _contribution(f: dict, signature: bytes, chunks: tuple[bytes, ...]) -> Contr
     if len(signature) != SIGNATURE_BYTES:
         raise _bad(f"signature must be {SIGNATURE_BYTES} bytes (got {len(signature)})")
     return Contribution(_int(f, "round_id"), _str(f, "member"), _key_id(f), _int(f, "n_values"), chunks,
-                        _int(f, "clipped"), signature)
+                        _int(f, "clipped"), signature, _digest(f, "commitments"))
 
 
 def contribution_from(m: Message) -> Contribution:
@@ -237,11 +248,13 @@ def contribution_from(m: Message) -> Contribution:
 
 def summed_bytes(s: SummedCiphertext, n_values: int) -> bytes:
     """What the aggregator sends every key holder: the accepted, member-signed contributions (the holder
-    re-adds them itself, so it decrypts nothing but a sum of at least min_cohort signed contributions)."""
+    re-adds them itself, so it decrypts nothing but a sum of at least min_cohort signed contributions) and the
+    commitment list they were revealed under (the commitments' blobs come last)."""
     rows = [dict(_contribution_fields(c), chunks=len(c.chunks)) for c in s.contributions]
     f = {"round_id": s.round_id, "key_id": s.key_id, "contributors": list(s.contributors), "n_values": n_values,
-         "contributions": rows}
-    return encode(SUMMED, f, [b for c in s.contributions for b in (c.signature, *c.chunks)])
+         "contributions": rows, "commitments": [_commitment_fields(c) for c in s.commitments]}
+    return encode(SUMMED, f, [b for c in s.contributions for b in (c.signature, *c.chunks)]
+                  + [b for c in s.commitments for b in (c.digest, c.signature)])
 
 
 def summed_from(m: Message) -> tuple[SummedCiphertext, int]:
@@ -249,16 +262,21 @@ def summed_from(m: Message) -> tuple[SummedCiphertext, int]:
     rows = f.get("contributions")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise _bad("field 'contributions' must be a list of objects")
+    crows = f.get("commitments")
+    if not isinstance(crows, list) or not all(isinstance(r, dict) for r in crows):
+        raise _bad("field 'commitments' must be a list of objects")
     need = 0
     for r in rows:
         need += 1 + _int(r, "chunks", MAX_BLOBS)
-    _blob_count(m, need)
+    _blob_count(m, need + 2 * len(crows))
     out, off = [], 0
     for r in rows:
         k = r["chunks"]
         out.append(_contribution(r, m.blobs[off], tuple(m.blobs[off + 1 : off + 1 + k])))
         off += 1 + k
-    return SummedCiphertext(_int(f, "round_id"), _key_id(f), _names(f, "contributors"), tuple(out)), _int(f, "n_values")
+    listed = _commitment_list(crows, m.blobs[off:])
+    return (SummedCiphertext(_int(f, "round_id"), _key_id(f), _names(f, "contributors"), tuple(out), listed),
+            _int(f, "n_values"))
 
 
 def decrypted_bytes(sums: np.ndarray, c: Confirmation) -> bytes:
@@ -289,3 +307,48 @@ def abstain_from(m: Message) -> tuple[int, str, str]:
     f = _expect(m, ABSTAIN)
     _blob_count(m, 0)
     return _int(f, "round_id"), _str(f, "member"), _str(f, "reason")
+
+
+def _commitment_fields(c: Commitment) -> dict:
+    return {"round_id": c.round_id, "member": c.member, "key_id": c.key_id, "n_values": c.n_values, "n_chunks": c.n_chunks}
+
+
+def _commitment(f: dict, digest: bytes, signature: bytes) -> Commitment:
+    if len(digest) != DIGEST_BYTES or len(signature) != SIGNATURE_BYTES:
+        raise _bad(f"a commitment carries a {DIGEST_BYTES}-byte digest and a {SIGNATURE_BYTES}-byte signature")
+    return Commitment(_int(f, "round_id"), _str(f, "member"), _key_id(f), _int(f, "n_values"),
+                      _int(f, "n_chunks", MAX_BLOBS), digest, signature)
+
+
+def _commitment_list(rows: list, blobs: Sequence[bytes]) -> tuple[Commitment, ...]:
+    if len(blobs) != 2 * len(rows):
+        raise _bad(f"{len(rows)} commitments carried by {len(blobs)} blobs")
+    out = tuple(_commitment(r, blobs[2 * i], blobs[2 * i + 1]) for i, r in enumerate(rows))
+    if len({c.member for c in out}) != len(out):
+        raise _bad("the commitment list names a member twice")
+    return out
+
+
+def commitment_bytes(c: Commitment) -> bytes:
+    """A member's signed commitment (its answer to ckks_commit)."""
+    return encode(COMMITMENT, _commitment_fields(c), [c.digest, c.signature])
+
+
+def commitment_from(m: Message) -> Commitment:
+    f = _expect(m, COMMITMENT)
+    _blob_count(m, 2)
+    return _commitment(f, m.blobs[0], m.blobs[1])
+
+
+def commitments_bytes(cs: Sequence[Commitment]) -> bytes:
+    """The commitment list the aggregator collected (its ckks_protect request to every committed member)."""
+    return encode(COMMITMENTS, {"commitments": [_commitment_fields(c) for c in cs]},
+                  [b for c in cs for b in (c.digest, c.signature)])
+
+
+def commitments_from(m: Message) -> tuple[Commitment, ...]:
+    f = _expect(m, COMMITMENTS)
+    rows = f.get("commitments")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise _bad("field 'commitments' must be a list of objects")
+    return _commitment_list(rows, m.blobs)

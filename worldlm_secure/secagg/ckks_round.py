@@ -18,8 +18,13 @@ Steps (requests and answers are `ckks_messages` bytes; protocols/ckks.md §3, §
 
   ckks_transport_key  b""            -> the named holders: each answers an identity-signed X25519 key
   ckks_generate       holder_certs   -> the generator (first holder, sorted, that answered): epoch_keys
-  ckks_protect        epoch_keys     -> every member (only its own sealed key): installs the epoch if new,
-                                        answers its signed contribution (or an abstention)
+  ckks_commit         epoch_keys     -> every member (only its own sealed key): installs the epoch if new,
+                                        encrypts its vector now and answers a signed commitment to the
+                                        ciphertexts (or an abstention); nothing else leaves yet
+  ckks_protect        commitments    -> every member that committed: checks the list (its own commitment
+                                        unchanged, >= min_cohort distinct cohort members, each signed, this
+                                        round and key), answers the contribution it committed to, its
+                                        signature also covering the list's SHA-256
   ckks_decrypt        summed         -> the epoch's holders: each re-adds the signed contributions itself,
                                         decrypts once per round, answers sums + signed confirmation
 
@@ -46,11 +51,14 @@ from worldlm_secure.secagg.ckks import (
     CkksKeyHolder,
     CkksMember,
     CkksRoundTrace,
+    Commitment,
     Contribution,
     DecryptedAggregate,
     EpochTrust,
     RoundSpec,
     SummedCiphertext,
+    check_commitments,
+    commitments_problem,
     verify_aggregate,
 )
 from worldlm_secure.secagg.ckks_keys import EpochKeys, TransportCert, generate_epoch_keys
@@ -60,11 +68,12 @@ log = logging.getLogger(__name__)
 
 TRANSPORT_KEY = "ckks_transport_key"
 GENERATE = "ckks_generate"
-CONTRIBUTE = "ckks_protect"
+COMMIT = "ckks_commit"
+CONTRIBUTE = "ckks_protect"  # the reveal
 DECRYPT = "ckks_decrypt"
-# step -> the message tag a member answers it with
-STEPS: dict[str, str] = {TRANSPORT_KEY: wire.TRANSPORT_CERT, GENERATE: wire.EPOCH_KEYS, CONTRIBUTE: wire.CONTRIBUTION,
-                         DECRYPT: wire.DECRYPTED}
+# step -> the message tag a member answers it with (ckks_commit and ckks_protect: or an abstention)
+STEPS: dict[str, str] = {TRANSPORT_KEY: wire.TRANSPORT_CERT, GENERATE: wire.EPOCH_KEYS, COMMIT: wire.COMMITMENT,
+                         CONTRIBUTE: wire.CONTRIBUTION, DECRYPT: wire.DECRYPTED}
 
 Encrypt = Callable[[CkksMember, RoundSpec, np.ndarray], bytes]
 
@@ -118,10 +127,12 @@ class CkksKeyring:
 class CkksSession:
     """One member's side of one CKKS round: aggregator request bytes in, the member's answer bytes out.
 
-    ``vector``: called once, when the contribution is due; ``before_input(cohort, key_id=...)``: runs right
+    ``vector``: called once, when the member commits; ``before_input(cohort, key_id=...)``: runs right
     before the contribution leaves (the member's ledger entry); ``encrypt``: replaces the honest encoding of
-    the contribution (fault-injection tests only). Each step is answered at most once per round; a request
-    this member must not serve raises `SecAggError` (the member then leaves the round)."""
+    the contribution (fault-injection tests only). Commit, then reveal: the contribution is encrypted and
+    committed to (`ckks_commit`) before the member sees any commitment list, and revealed (`ckks_protect`) only
+    under a list it checked. Each step is answered at most once per round; a request this member must not
+    serve raises `SecAggError` (the member then leaves the round)."""
 
     def __init__(
         self,
@@ -136,6 +147,9 @@ class CkksSession:
         self._vector, self._before_input, self._encrypt = vector, before_input, encrypt
         self.done: set[str] = set()  # steps answered this round
         self.step = ""  # the step of the last request answered
+        # after ckks_commit: the contribution's bytes, decoded (None: bytes that are no contribution, fault
+        # injection only), and the signed commitment; None if it abstained
+        self._committed: tuple[bytes, Contribution | None, Commitment] | None = None
 
     @property
     def name(self) -> str:
@@ -148,9 +162,12 @@ class CkksSession:
 
     def pending(self) -> tuple[str, ...]:
         """The steps this member may still be asked for this round (none: its part is over)."""
-        if CONTRIBUTE not in self.done:
-            return (GENERATE, CONTRIBUTE) if self.named_holder and GENERATE not in self.done else (CONTRIBUTE,)
-        return (DECRYPT,) if self.keys.holder is not None and DECRYPT not in self.done else ()
+        if COMMIT not in self.done:
+            return (GENERATE, COMMIT) if self.named_holder and GENERATE not in self.done else (COMMIT,)
+        if DECRYPT in self.done:
+            return ()
+        reveal = (CONTRIBUTE,) if self._committed is not None and CONTRIBUTE not in self.done else ()
+        return reveal + ((DECRYPT,) if self.keys.holder is not None else ())
 
     def _refuse(self, why: str) -> SecAggError:
         return SecAggError(f"ckks member {self.name!r}: round {self.setup.round_id}: {why}; refused")
@@ -168,7 +185,9 @@ class CkksSession:
         if msg.tag == wire.HOLDER_CERTS:
             return self._generate(wire.certs_from(msg))
         if msg.tag == wire.EPOCH_KEYS:
-            return self._contribute(wire.epoch_from(msg))
+            return self._commit(wire.epoch_from(msg))
+        if msg.tag == wire.COMMITMENTS:
+            return self._reveal(wire.commitments_from(msg))
         if msg.tag == wire.SUMMED:
             summed, n_values = wire.summed_from(msg)
             return self._decrypt(summed, n_values)
@@ -195,12 +214,13 @@ class CkksSession:
         keys = generate_epoch_keys(self.keys.identity, self.setup.params, self.setup.epoch, certs, trust.peer_keys)
         return wire.epoch_bytes(keys)
 
-    def _contribute(self, keys: EpochKeys) -> bytes:
-        """Join the epoch (if new) after every check, then encrypt and sign this member's vector."""
+    def _commit(self, keys: EpochKeys) -> bytes:
+        """Join the epoch (if new) after every check, encrypt this member's vector now, keep the contribution and
+        answer only a signed commitment to its ciphertexts (nothing of them leaves before the reveal)."""
         setup = self.setup
         if keys.epoch != setup.epoch:
             raise self._refuse(f"key epoch {keys.epoch} is not this round's ({setup.epoch})")
-        self._once(CONTRIBUTE)
+        self._once(COMMIT)
         self.keys.install(keys, setup.trust)
         member = self.keys.member
         assert member is not None
@@ -211,8 +231,37 @@ class CkksSession:
         except ValueError as exc:  # its own vector cannot be encoded (NaN, infinity): it abstains, stays a holder
             log.warning("round %d: %s cannot encode its vector (%s); abstains", setup.round_id, self.name, exc)
             return wire.abstain_bytes(setup.round_id, self.name, f"cannot encode its vector ({exc})")
+        contribution: Contribution | None
+        try:
+            contribution = wire.contribution_from(wire.decode(body))
+            chunks = contribution.chunks
+        except SecAggError:  # fault injection: bytes that are no contribution; committed to as they are
+            contribution, chunks = None, (body,)
+        n_values = contribution.n_values if contribution is not None else spec.n_values
+        commitment = member.commit(setup.round_id, n_values, chunks)
+        self._committed = (body, contribution, commitment)
+        return wire.commitment_bytes(commitment)
+
+    def _reveal(self, commitments: tuple[Commitment, ...]) -> bytes:
+        """Once, after committing: check the aggregator's commitment list against this member's own setup (its
+        own commitment in it unchanged; at least min_cohort distinct cohort members with verified keys, each
+        commitment signed, for this round and key), then answer the contribution it committed to, signed
+        together with the list's SHA-256."""
+        setup = self.setup
+        if self._committed is None:
+            raise self._refuse("asked to reveal a contribution it never committed to this round")
+        body, contribution, own = self._committed
+        self._once(CONTRIBUTE)
+        mine = [c for c in commitments if c.member == self.name]
+        if mine != [own]:
+            raise self._refuse("the commitment list does not carry its own commitment unchanged")
+        floor = max(setup.min_cohort, setup.trust.min_cohort, 1)
+        listed = check_commitments(commitments, setup.trust, setup.round_id, own.key_id, setup.cohort, floor,
+                                   f"ckks member {self.name!r}: round {setup.round_id}")
+        if contribution is not None:
+            body = wire.contribution_bytes(contribution.revealed(listed, self.keys.identity))
         if self._before_input is not None:
-            self._before_input(setup.cohort, key_id=keys.key_id)
+            self._before_input(setup.cohort, key_id=own.key_id)
         return body
 
     def _decrypt(self, summed: SummedCiphertext, n_values: int) -> bytes:
@@ -326,6 +375,47 @@ def _ceremony(setup: CkksRoundSetup, ex: _Exchanges, first_timeout: float | None
     return CkksEpoch(setup.epoch, keys, aggregator, tuple(sorted(certs)))
 
 
+def _abstained(setup: CkksRoundSetup, m: str, msg: wire.Message) -> str | None:
+    """The rejection of member ``m``'s abstention, or None when ``msg`` is no abstention; SecAggError when it is
+    one for another round or member."""
+    if msg.tag != wire.ABSTAIN:
+        return None
+    rid, member, reason = wire.abstain_from(msg)
+    if (rid, member) == (setup.round_id, m):
+        return f"ckks: contribution of member {m!r} rejected: it abstained: {reason}"
+    raise SecAggError("an abstention for another round or member")
+
+
+def _commitments(setup: CkksRoundSetup, answers: Mapping[str, bytes], key_id: str
+                 ) -> tuple[dict[str, Commitment], list[str]]:
+    """The members' commitments that verify (signed by the member, this round and key), and a rejection naming
+    the member for each answer that is none."""
+    out: dict[str, Commitment] = {}
+    rejected: list[str] = []
+    for m in setup.cohort:
+        if m not in answers:
+            continue
+        try:
+            msg = wire.decode(answers[m])
+            why = _abstained(setup, m, msg)
+            if why is not None:
+                rejected.append(why)
+                continue
+            c = wire.commitment_from(msg)
+        except SecAggError as exc:
+            rejected.append(f"ckks: contribution of member {m!r} rejected: not a CKKS commitment ({exc})")
+            continue
+        problem = commitments_problem((c,), setup.trust, setup.round_id, key_id, setup.cohort, 0)
+        if problem:
+            rejected.append(f"ckks: contribution of member {m!r} rejected: {problem}")
+            continue
+        if c.member != m:
+            rejected.append(f"ckks: contribution of member {m!r} rejected: its commitment is signed as {c.member!r}")
+            continue
+        out[m] = c
+    return out, rejected
+
+
 def _contributions(setup: CkksRoundSetup, answers: Mapping[str, bytes]) -> tuple[dict[str, Contribution], list[str]]:
     """The members' decoded contributions, and a rejection (naming the member) for each answer that is none.
     A rejected member stays in the round (a key holder still decrypts)."""
@@ -336,12 +426,10 @@ def _contributions(setup: CkksRoundSetup, answers: Mapping[str, bytes]) -> tuple
             continue
         try:
             msg = wire.decode(answers[m])
-            if msg.tag == wire.ABSTAIN:
-                rid, member, reason = wire.abstain_from(msg)
-                if (rid, member) == (setup.round_id, m):
-                    rejected.append(f"ckks: contribution of member {m!r} rejected: it abstained: {reason}")
-                    continue
-                raise SecAggError("an abstention for another round or member")
+            why = _abstained(setup, m, msg)
+            if why is not None:
+                rejected.append(why)
+                continue
             c = wire.contribution_from(msg)
         except SecAggError as exc:
             rejected.append(f"ckks: contribution of member {m!r} rejected: not a CKKS contribution ({exc})")
@@ -385,14 +473,25 @@ def aggregate(
     assert epoch is not None
     keys, agg = epoch.keys, epoch.aggregator
 
-    answers = ex.send(CONTRIBUTE, {m: wire.epoch_bytes(keys, only=m) for m in setup.cohort}, first_timeout)
-    contributions, rejected = _contributions(setup, answers)
+    # commit, then reveal: no member's ciphertext leaves before every member whose contribution can be summed
+    # has committed to its own (a colluding member cannot build its contribution from the others')
+    answers = ex.send(COMMIT, {m: wire.epoch_bytes(keys, only=m) for m in setup.cohort}, first_timeout)
+    commitments, rejected = _commitments(setup, answers, keys.key_id)
+    if len(commitments) < max(setup.min_cohort, 1):
+        left_out = tuple(rejected) + tuple(f"{m}: {why}" for m, why in sorted({**dict(channel.dropped), **ex.refused}.items()))
+        detail = f"; rejected: {' | '.join(left_out)}" if left_out else ""
+        raise SecAggError(f"round {rid}: only {len(commitments)} of {len(setup.cohort)} members committed, below "
+                          f"min_cohort={setup.min_cohort}; nothing was released{detail}")
+    listed = tuple(commitments[m] for m in sorted(commitments))
+    answers = ex.send(CONTRIBUTE, dict.fromkeys(commitments, wire.commitments_bytes(listed)), first_timeout)
+    contributions, more = _contributions(setup, answers)
+    rejected += more
     start = time.perf_counter()
-    lengths = Counter(c.n_values for c in contributions.values())
+    lengths = Counter(c.n_values for c in listed)
     if n_values is None:
         n_values = max(sorted(lengths), key=lambda n: lengths[n]) if lengths else 0
     spec = setup.spec(keys.key_id, n_values)
-    agg.open_round(spec)
+    agg.open_round(spec, listed)
     for m, c in contributions.items():
         agg.receive(c, peers.get(m))
     rejected += [str(e) for e in agg.rejected]
@@ -425,7 +524,7 @@ def aggregate(
     server_seconds += time.perf_counter() - start
     dropped = {**dict(channel.dropped), **ex.refused}
     left_out = tuple(rejected) + tuple(f"{m}: {why}" for m, why in sorted(dropped.items()))
-    member_seconds = sum(ex.seconds.get(s, 0.0) for s in (TRANSPORT_KEY, GENERATE, CONTRIBUTE))
+    member_seconds = sum(ex.seconds.get(s, 0.0) for s in (TRANSPORT_KEY, GENERATE, COMMIT, CONTRIBUTE))
     trace = CkksRoundTrace(
         spec, keys.key_id, keys.public_context, epoch.number, new_epoch, setup.trust.holders, online, aggregate,
         left_out, agg.clipped, tuple(c.nbytes for c in contributions.values()), member_seconds, server_seconds,
