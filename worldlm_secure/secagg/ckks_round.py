@@ -38,6 +38,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import Protocol, TypeVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -386,59 +387,56 @@ def _abstained(setup: CkksRoundSetup, m: str, msg: wire.Message) -> str | None:
     raise SecAggError("an abstention for another round or member")
 
 
+class _Signed(Protocol):
+    @property
+    def member(self) -> str: ...
+
+
+_A = TypeVar("_A", bound=_Signed)
+
+
+def _answers(setup: CkksRoundSetup, answers: Mapping[str, bytes], what: str, parse: Callable[[wire.Message], _A],
+             check: Callable[[_A], str | None] | None = None) -> tuple[dict[str, _A], list[str]]:
+    """The members' answers that decode as ``what`` (``parse``), come from the member that sent them and pass
+    ``check``; a rejection naming the member for every other answer (an abstention included). A rejected
+    member stays in the round (a key holder still decrypts)."""
+    out: dict[str, _A] = {}
+    rejected: list[str] = []
+    for m in setup.cohort:
+        if m not in answers:
+            continue
+        try:
+            msg = wire.decode(answers[m])
+            why = _abstained(setup, m, msg)
+            if why is not None:
+                rejected.append(why)
+                continue
+            item = parse(msg)
+        except SecAggError as exc:
+            rejected.append(f"ckks: contribution of member {m!r} rejected: not a CKKS {what} ({exc})")
+            continue
+        if item.member != m:
+            rejected.append(f"ckks: contribution of member {m!r} rejected: it is signed as {item.member!r}")
+            continue
+        problem = check(item) if check is not None else None
+        if problem:
+            rejected.append(f"ckks: contribution of member {m!r} rejected: {problem}")
+            continue
+        out[m] = item
+    return out, rejected
+
+
 def _commitments(setup: CkksRoundSetup, answers: Mapping[str, bytes], key_id: str
                  ) -> tuple[dict[str, Commitment], list[str]]:
     """The members' commitments that verify (signed by the member, this round and key), and a rejection naming
     the member for each answer that is none."""
-    out: dict[str, Commitment] = {}
-    rejected: list[str] = []
-    for m in setup.cohort:
-        if m not in answers:
-            continue
-        try:
-            msg = wire.decode(answers[m])
-            why = _abstained(setup, m, msg)
-            if why is not None:
-                rejected.append(why)
-                continue
-            c = wire.commitment_from(msg)
-        except SecAggError as exc:
-            rejected.append(f"ckks: contribution of member {m!r} rejected: not a CKKS commitment ({exc})")
-            continue
-        problem = commitments_problem((c,), setup.trust, setup.round_id, key_id, setup.cohort, 0)
-        if problem:
-            rejected.append(f"ckks: contribution of member {m!r} rejected: {problem}")
-            continue
-        if c.member != m:
-            rejected.append(f"ckks: contribution of member {m!r} rejected: its commitment is signed as {c.member!r}")
-            continue
-        out[m] = c
-    return out, rejected
+    return _answers(setup, answers, "commitment", wire.commitment_from, lambda c: commitments_problem(
+        (c,), setup.trust, setup.round_id, key_id, setup.cohort, 0))
 
 
 def _contributions(setup: CkksRoundSetup, answers: Mapping[str, bytes]) -> tuple[dict[str, Contribution], list[str]]:
-    """The members' decoded contributions, and a rejection (naming the member) for each answer that is none.
-    A rejected member stays in the round (a key holder still decrypts)."""
-    out: dict[str, Contribution] = {}
-    rejected: list[str] = []
-    for m in setup.cohort:
-        if m not in answers:
-            continue
-        try:
-            msg = wire.decode(answers[m])
-            why = _abstained(setup, m, msg)
-            if why is not None:
-                rejected.append(why)
-                continue
-            c = wire.contribution_from(msg)
-        except SecAggError as exc:
-            rejected.append(f"ckks: contribution of member {m!r} rejected: not a CKKS contribution ({exc})")
-            continue
-        if c.member != m:
-            rejected.append(f"ckks: contribution of member {m!r} rejected: it is signed as {c.member!r}")
-            continue
-        out[m] = c
-    return out, rejected
+    """The members' decoded contributions, and a rejection (naming the member) for each answer that is none."""
+    return _answers(setup, answers, "contribution", wire.contribution_from)
 
 
 def aggregate(
