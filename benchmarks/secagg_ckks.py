@@ -3,7 +3,7 @@
 Default (what most CKKS-FL code does): one TenSEAL ckks_vector per layer, N=8192, moduli [60,40,40,60],
 scale 2^40, float values encrypted directly. Ours: worldlm_secure.secagg.ckks (N=4096, [60,49], 2^17,
 values quantized to 2^-21 of the clip range and packed several per slot), through the real member,
-aggregator and key-holder classes.
+aggregator and key-holder classes (commit, then reveal, as a round runs them).
 
 Reported per run (also to benchmarks/results/secagg_ckks.json):
 - expansion = ciphertext bytes sent by one member / float32 bytes of its update;
@@ -31,7 +31,16 @@ import tenseal as ts
 
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import ckks_packing as packing
-from worldlm_secure.secagg.ckks import CkksAggregator, CkksKeyHolder, CkksMember, RoundSpec
+from worldlm_secure.secagg.ckks import (
+    CkksAggregator,
+    CkksKeyHolder,
+    CkksMember,
+    Commitment,
+    Contribution,
+    EpochTrust,
+    RoundSpec,
+    commitments_digest,
+)
 from worldlm_secure.secagg.ckks_keys import generate_epoch_keys
 from worldlm_secure.secagg.ckks_params import CkksParams
 
@@ -110,24 +119,35 @@ def run_default(updates: list[np.ndarray], sizes: list[int], clip: float) -> dic
 
 
 def run_ours(updates: list[np.ndarray], params: CkksParams) -> dict[str, float]:
+    """Our protocol's roles in one process, as a round runs them (protocols/ckks.md §4): every member encrypts
+    and commits, reveals under the commitment list, the aggregator checks and adds, the holder re-adds and
+    decrypts. Timed per phase (commitments and signatures inside encrypt and add)."""
     names = [f"m{i}" for i in range(len(updates))]
     ids = {n: NodeIdentity.generate(n) for n in names}
+    trust = EpochTrust((names[0],), {n: ids[n].public_bytes for n in names}, 1)
     holder = CkksKeyHolder(ids[names[0]])
-    keys = generate_epoch_keys(ids[names[0]], params, 0, {holder.name: holder.transport.cert}, {holder.name: ids[names[0]].public_bytes})
-    gen_pub = ids[names[0]].public_bytes
-    holder.install(keys, gen_pub)
-    agg = CkksAggregator(keys, gen_pub, params)
+    keys = generate_epoch_keys(ids[names[0]], params, 0, {holder.name: holder.transport.cert}, dict(trust.peer_keys))
+    holder.install(keys, trust)
+    agg = CkksAggregator(keys, ids[names[0]].public_bytes, params)
     n = updates[0].size
     layout = packing.plan_layout(params.slot_bits, params.value_bits, packing.headroom_for(len(updates)))
     spec = RoundSpec(0, keys.key_id, n, tuple(names), layout, params.clip_range, params.slot_count)
-    agg.open_round(spec)
     enc, add, dec = Clock(), Clock(), Clock()
     total_bytes = 0
+    made: dict[str, Contribution] = {}
+    commitments: list[Commitment] = []
     for name, u in zip(names, updates):
         member = CkksMember(ids[name])
-        member.install(keys, gen_pub)
+        member.install(keys, trust)
         with enc.run():
             c = member.protect(spec, u)
+            commitments.append(member.commit(spec.round_id, c.n_values, c.chunks))
+        made[name] = c
+    listed = commitments_digest(commitments)
+    agg.open_round(spec, commitments)
+    for name in names:
+        with enc.run():
+            c = made.pop(name).revealed(listed, ids[name])
         total_bytes += c.nbytes
         with add.run():
             ok = agg.receive(c, ids[name].public_bytes)
