@@ -37,6 +37,7 @@ from worldlm_secure.node.link import POLL_SECONDS, Alive, BoardChannel, BoardSte
 from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg.ckks import EpochTrust, RoundSpec, key_holders, round_result
 from worldlm_secure.secagg.ckks_params import CkksParams
+from worldlm_secure.secagg.protocol import BeforeReveal
 from worldlm_secure.secagg.ckks_round import (
     COMMIT,
     CONTRIBUTE,
@@ -115,8 +116,10 @@ class CkksRound:
         return CkksRoundSetup(self.params, ann.round_id, ann.round_id, cohort, self.min_cohort, trust)
 
     def run_member(self, client: MemberLink, identity: NodeIdentity, ann: Announcement, vector: np.ndarray, *,
-                   before_input: Callable[..., None], wait_timeout: float) -> None:
-        member_round(client, identity, ann, self, vector, before_input=before_input, wait_timeout=wait_timeout)
+                   before_input: Callable[..., None], before_reveal: BeforeReveal | None = None,
+                   wait_timeout: float) -> None:
+        member_round(client, identity, ann, self, vector, before_input=before_input, before_reveal=before_reveal,
+                     wait_timeout=wait_timeout)
 
     def run_aggregator(self, board: RoundBoard, ann: Announcement, live: Alive, *, first_timeout: float,
                        step_timeout: float) -> "CkksOutcome":
@@ -154,17 +157,19 @@ def member_round(
     vector: np.ndarray,
     *,
     before_input: Callable[..., None],
+    before_reveal: BeforeReveal | None = None,
     wait_timeout: float,
     encrypt: Encrypt | None = None,
 ) -> None:
     """Contribute ``vector`` to the CKKS sum of round ``ann.round_id`` through the member session; key holders
     also send their transport key, generate (the first) and decrypt. ``wait_timeout`` bounds each wait for
     the aggregator (it covers the other members' training). ``before_input(cohort, key_id=KEY_ID)`` runs
-    right before the ciphertexts leave (the caller's ledger entry records the epoch's key id).
+    right before the ciphertexts leave (the caller's ledger entry records the epoch's key id);
+    ``before_reveal(contributors)``, at a key holder, right before its decryption leaves.
     ``encrypt``: replaces the honest encoding of the contribution (fault-injection tests only)."""
     rid = ann.round_id
     session = CkksSession(CkksKeyring(identity), setup.setup(ann), lambda: vector, before_input=before_input,
-                          encrypt=encrypt)
+                          before_reveal=before_reveal, encrypt=encrypt)
     if session.named_holder:
         _answer(client, rid, TRANSPORT_KEY, session.handle(b""))
     seen: Counter[int] = Counter()  # requests already read, by kind (the board keeps its mailbox)

@@ -33,10 +33,9 @@ from worldlm_secure.node.aggregator import Aggregator
 from worldlm_secure.node.board import EXAMPLES_STATUS, DONE_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
 from worldlm_secure.node.payload import model_payload, split_payload
-from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
+from worldlm_secure.node.rounds import Phase
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
-from worldlm_secure.node.link import member_round
 from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
 from worldlm_secure.node.release import NodeRelease
 from worldlm_secure.node.state import NodeState
@@ -122,13 +121,7 @@ class FederationNode:
                                     shapes or {}, derived=True, raw_vector=raw)
         # The update carries this federation's ledger head; the root's receipt is checked and held.
         link = ReceiptingClient(parent, self.receipts, release_id(r, group, self.root), ann.aggregator_key)
-        member_round(
-            link, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
-            before_input=lambda cohort, key_id="": self.release.record(r, group, self.root, names, prep, cohort, ann.cohort,
-                                                                     ann.round_id, key_id=key_id),
-            timeout=self.cfg.timeouts.step,
-            ckks=ckks_round(prep.plan, ann), wait_timeout=self.cfg.timeouts.train,
-        )
+        self.release.contribute(link, ann, r, group, self.root, names, prep, self.cfg.timeouts)
         self.emit("released", round=r, group=group, to=self.root, protocol=ann.protocol)
 
     def _site_rounds(self, r: int) -> None:

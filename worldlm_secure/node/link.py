@@ -44,7 +44,7 @@ from worldlm_secure.secagg.masking_messages import (
     UnmaskRequest,
 )
 from worldlm_secure.secagg.masking_round import STEPS, MaskingSession, aggregate
-from worldlm_secure.secagg.protocol import IntegerNoise
+from worldlm_secure.secagg.protocol import BeforeReveal, IntegerNoise
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.board import RoundBoard
 from worldlm_secure.transport.chunks import Payload
@@ -132,20 +132,22 @@ def member_round(
     vector: np.ndarray,
     *,
     before_input: Callable[..., None],
+    before_reveal: BeforeReveal | None = None,
     timeout: float,
     noise: IntegerNoise | None = None,
     ckks: CkksRound | None = None,
     wait_timeout: float | None = None,
 ) -> None:
     """Contribute ``vector`` to the sum of round ``ann.round_id``. ``before_input(cohort)`` runs right before
-    the (masked) input leaves: the caller writes its ledger entry there, so a release is never unrecorded.
+    the (masked) input leaves: the caller writes its ledger entry there, so a release is never unrecorded;
+    ``before_reveal(contributors)`` right before what completes a sum leaves (`NodeRelease.reveal_guard`).
     ``noise``: this member's distributed DP share generator (`secagg.IntegerNoise`), added before masking.
     ``ckks``: the round's CKKS parameters when ``ann.protocol`` is ckks (``before_input`` then also gets
     ``key_id=``, the epoch's key id); ``wait_timeout`` bounds its waits
     for steps that follow other members' training (default ``timeout``)."""
     rid = ann.round_id
     if ann.protocol == "ckks" and ckks is not None:
-        ckks.run_member(client, identity, ann, vector, before_input=before_input,
+        ckks.run_member(client, identity, ann, vector, before_input=before_input, before_reveal=before_reveal,
                         wait_timeout=max(timeout, wait_timeout or 0.0))
         return
     if ann.protocol == "none":
@@ -155,7 +157,7 @@ def member_round(
     if ann.protocol != "masking" or config is None:
         raise SecAggError(f"round {rid}: protocol {ann.protocol!r} is not supported by node start (masking, ckks or none)")
     session = MaskingSession(MaskingMember(identity, config, noise=noise), lambda: vector,
-                             before_input=before_input)
+                             before_input=before_input, before_reveal=before_reveal)
     step = lambda: time.monotonic() + timeout  # noqa: E731
     client.send_secagg(pb.SECAGG_MASKING_ADVERTISE_KEYS, Payload.from_bytes(session.handle(b"")), round_id=rid)
     for post_kind, answer_kind, request in (STEP_KINDS[s] for s in STEPS if s != "advertise"):

@@ -40,12 +40,17 @@ from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.federation.engine import planned_site_releases
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.ckks_link import CkksRound
+from worldlm_secure.node.config import TimeoutSection
+from worldlm_secure.node.link import member_round
+from worldlm_secure.node.rounds import ckks_round, masking_config
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.state import NodeState
 from worldlm_secure.policy import EffectivePolicy, RoundPlan
 from worldlm_secure.release import Pipeline, ReleaseDP, decode
 from worldlm_secure.secagg import IntegerNoise
-from worldlm_secure.secagg.protocol import ProtectionStats, SumResult
+from worldlm_secure.secagg.protocol import BeforeReveal, ProtectionStats, SumResult
+from worldlm_secure.transport.client import MemberLink
+from worldlm_secure.transport.handler import Announcement
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ class NodeRelease:
         """``state``: the node's `NodeState` (remembers which link round each entry was written for)."""
         self.ctx = ctx
         self.state = state
-        self.me = identity.name
+        self.me, self.identity = identity.name, identity
         # Same planning as the engine: key + shared per round per site (for noise_multiplier: auto).
         self.planned_releases = planned_site_releases(ctx.settings.rounds, bool(ctx.key_names), bool(ctx.shared_names))
         self.path = Pipeline(ctx.world, {identity.name: identity}, ledger_dir=ledger_dir, planned_releases=self.planned_releases)
@@ -166,6 +171,54 @@ class NodeRelease:
                 "member's update"
             )
         return plan.model_copy(update={"min_cohort": len(cohort)})
+
+    def contribute(self, link: MemberLink, ann: Announcement, world_round: int, group: str, destination: str,
+                   names: Sequence[str], prep: Prepared, timeouts: TimeoutSection) -> None:
+        """Send ``prep`` into the secure sum the aggregator announced (``ann``, verified by this node), through the
+        protocol's member session: the ledger entry is written right before the input leaves (`record`), and
+        `reveal_guard` runs before anything that completes a sum. Refuses (`SecAggError`, nothing sent) a round
+        announced under another protocol than this node's policies plan: an aggregator announcing ``none`` to a
+        member whose policy requires secure aggregation would otherwise get its update in the clear."""
+        if prep.plan.protocol != ann.protocol:
+            raise SecAggError(f"round {ann.round_id}: {self.me}'s aggregator announced {ann.protocol!r} but the "
+                              f"policies' round plan is {prep.plan.protocol!r}; refused, nothing sent")
+        member_round(
+            link, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
+            before_input=lambda cohort, key_id="": self.record(world_round, group, destination, names, prep, cohort,
+                                                               ann.cohort, ann.round_id, key_id=key_id),
+            before_reveal=self.reveal_guard(world_round, group, destination, prep),
+            timeout=timeouts.step, noise=prep.noise, ckks=ckks_round(prep.plan, ann), wait_timeout=timeouts.train,
+        )
+
+    def reveal_guard(self, world_round: int, group: str, destination: str, prep: Prepared) -> BeforeReveal:
+        """This member's `BeforeReveal` for one release: before it reveals what completes a sum (unmask shares, a
+        key holder's decryption) it stores the sum's contributors in its node state, and it never helps complete
+        a second sum of the same update over other contributors (`SecAggError`, nothing revealed).
+
+        Why: the aggregator can take a member's input in the first link round, declare her dropped, release the
+        others' sum and re-run the round with her; the victim cannot tell, but the members that completed the
+        first sum know its contributors, and without their shares or decryption the re-run yields nothing
+        (`_rerun_plan` covers the other order: a re-run that leaves someone out). A release with fresh
+        distributed noise is not guarded: each attempt is noised and charged on its own (`record`).
+        SECURITY.md, "Re-run rounds"."""
+        rid = f"{world_round}:{group}:{destination}"
+
+        def guard(contributors: tuple[str, ...]) -> None:
+            if prep.noise is not None or self.state is None:
+                return
+            key = f"summed:{rid}"
+            before = self.state.get(key)
+            if before is not None and sorted(before) != sorted(contributors):
+                gained, lost = sorted(set(contributors) - set(before)), sorted(set(before) - set(contributors))
+                raise SecAggError(
+                    f"{self.me}: refusing to complete a sum of {rid} over {', '.join(contributors)}: its update "
+                    f"already went into a sum over {', '.join(before)} (now with: {', '.join(gained) or 'none'}; "
+                    f"without: {', '.join(lost) or 'none'}), and the difference of the two is those members' "
+                    "updates; nothing revealed"
+                )
+            self.state.put(**{key: sorted(contributors)})  # stored before anything that completes the sum leaves
+
+        return guard
 
     def record(self, world_round: int, group: str, destination: str, names: Sequence[str], prep: Prepared,
                cohort: Sequence[str], invited: Sequence[str], link_round: int, key_id: str = "") -> None:

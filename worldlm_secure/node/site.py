@@ -28,10 +28,9 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.board import DONE_STATUS, EXAMPLES_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
 from worldlm_secure.node.payload import split_payload
-from worldlm_secure.node.rounds import Phase, ckks_round, masking_config
+from worldlm_secure.node.rounds import Phase
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
-from worldlm_secure.node.link import member_round
 from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
 from worldlm_secure.node.release import NodeRelease
 from worldlm_secure.node.state import NodeState, write_atomic
@@ -177,17 +176,9 @@ class SiteNode:
         shapes = {n: self.server[n].shape for n in names}
         group = phase.phase
         prep = self.release.prepare(r, group, self.fed, final, ann.cohort, deltas, weights, names, shapes, derived=False)
-        if prep.plan.protocol != ann.protocol:
-            raise SecAggError(f"round {ann.round_id}: federation announced {ann.protocol!r} but the policies' round plan is {prep.plan.protocol!r}; refused")
         # The update carries this site's ledger head; the federation's countersigned receipt is checked and held.
         link = ReceiptingClient(client, self.receipts, release_id(r, group, self.fed), ann.aggregator_key)
-        member_round(
-            link, self.identity, ann, masking_config(prep.plan, ann, prep.noise), prep.vector,
-            before_input=lambda cohort, key_id="": self.release.record(r, group, self.fed, names, prep, cohort, ann.cohort,
-                                                                     ann.round_id, key_id=key_id),
-            timeout=self.cfg.timeouts.step, noise=prep.noise,
-            ckks=ckks_round(prep.plan, ann), wait_timeout=self.cfg.timeouts.train,
-        )
+        self.release.contribute(link, ann, r, group, self.fed, names, prep, self.cfg.timeouts)
         self.emit("released", round=r, group=group, protocol=ann.protocol, cohort=len(ann.cohort))
 
     def _results(self) -> dict[str, Any]:

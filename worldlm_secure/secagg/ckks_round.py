@@ -64,6 +64,7 @@ from worldlm_secure.secagg.ckks import (
 )
 from worldlm_secure.secagg.ckks_keys import EpochKeys, TransportCert, generate_epoch_keys
 from worldlm_secure.secagg.ckks_params import CkksParams
+from worldlm_secure.secagg.protocol import BeforeReveal
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,9 @@ class CkksSession:
     """One member's side of one CKKS round: aggregator request bytes in, the member's answer bytes out.
 
     ``vector``: called once, when the member commits; ``before_input(cohort, key_id=...)``: runs right
-    before the contribution leaves (the member's ledger entry); ``encrypt``: replaces the honest encoding of
+    before the contribution leaves (the member's ledger entry); ``before_reveal(contributors)``: runs, at a key
+    holder, after the forwarded sum passed every check and before its decryption leaves
+    (`protocol.BeforeReveal`; it may refuse); ``encrypt``: replaces the honest encoding of
     the contribution (fault-injection tests only). Commit, then reveal: the contribution is encrypted and
     committed to (`ckks_commit`) before the member sees any commitment list, and revealed (`ckks_protect`) only
     under a list it checked. Each step is answered at most once per round; a request this member must not
@@ -142,10 +145,12 @@ class CkksSession:
         vector: Callable[[], np.ndarray],
         *,
         before_input: Callable[..., None] | None = None,
+        before_reveal: BeforeReveal | None = None,
         encrypt: Encrypt | None = None,
     ) -> None:
         self.keys, self.setup = keys, setup
         self._vector, self._before_input, self._encrypt = vector, before_input, encrypt
+        self._before_reveal = before_reveal
         self.done: set[str] = set()  # steps answered this round
         self.step = ""  # the step of the last request answered
         # after ckks_commit: the contribution's bytes, decoded (None: bytes that are no contribution, fault
@@ -273,6 +278,8 @@ class CkksSession:
             raise self._refuse("asked to decrypt, but it holds no secret key of this epoch")
         self._once(DECRYPT)
         sums, conf = holder.decrypt(summed, self.setup.spec(summed.key_id, n_values))
+        if self._before_reveal is not None:
+            self._before_reveal(tuple(sorted(summed.contributors)))
         return wire.decrypted_bytes(sums, conf)
 
 

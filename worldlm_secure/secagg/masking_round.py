@@ -5,8 +5,9 @@ share and check). This module runs them over a channel:
 
   member      `MaskingSession.handle(bytes) -> bytes`: decodes the aggregator's request by its SecAgg+
               tag and answers with the member's next message. The member's checks all happen inside
-              `MaskingMember`; the session adds only the ledger hook (``before_input``), so the
-              release is recorded before the masked input leaves.
+              `MaskingMember`; the session adds only the caller's hooks: ``before_input`` (the ledger
+              entry, written before the masked input leaves) and ``before_reveal`` (a deployed member's
+              memory of the sums its update went into, `protocol.BeforeReveal`).
   aggregator  `aggregate(cfg, identity, channel)`: the five steps of `STEPS`, each one exchange; every
               answer enters through `receive` (the step's message type, from the member it came from).
 
@@ -51,7 +52,7 @@ from worldlm_secure.secagg.masking_messages import (
     UnmaskResponse,
     decode,
 )
-from worldlm_secure.secagg.protocol import DropoutPlan, IntegerNoise, MemberInput, ProtectionStats, SecureSum, SumResult
+from worldlm_secure.secagg.protocol import BeforeReveal, DropoutPlan, IntegerNoise, MemberInput, ProtectionStats, SecureSum, SumResult
 from worldlm_secure.secagg.quantize import QuantizationSpec
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class MaskingSession:
     """One member's side of one masked round: aggregator request bytes in, the member's answer bytes out.
 
     ``vector``: called once, when the masked input is due (so a site hands over its release only then);
-    ``before_input(advertised)``: runs right before the masked input leaves (the member's ledger entry).
+    ``before_input(advertised)``: runs right before the masked input leaves (the member's ledger entry);
+    ``before_reveal(survivors)``: runs after the unmask request passed every check and before the shares that
+    complete the sum over ``survivors`` leave (`protocol.BeforeReveal`; it may refuse).
     Out-of-order, repeated, unsigned or inconsistent requests are refused by `MaskingMember` itself."""
 
     def __init__(
@@ -89,10 +92,12 @@ class MaskingSession:
         member: MemberSteps,
         vector: Callable[[], np.ndarray],
         before_input: Callable[[tuple[str, ...]], None] | None = None,
+        before_reveal: BeforeReveal | None = None,
     ) -> None:
         self.member = member
         self._vector = vector
         self._before_input = before_input
+        self._before_reveal = before_reveal
         self._advertised: tuple[str, ...] = ()
 
     def handle(self, data: bytes) -> bytes:
@@ -112,7 +117,10 @@ class MaskingSession:
         if isinstance(msg, SurvivorList):
             return self.member.confirm(msg).to_bytes()
         if isinstance(msg, UnmaskRequest):
-            return self.member.unmask(msg).to_bytes()
+            shares = self.member.unmask(msg)
+            if self._before_reveal is not None:
+                self._before_reveal(tuple(sorted(msg.survivors)))
+            return shares.to_bytes()
         raise SecAggError(f"round {msg.round_id}: unexpected aggregator request {type(msg).__name__}; refused")
 
 

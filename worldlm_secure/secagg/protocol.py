@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from worldlm_secure.secagg.quantize import QuantizationSpec
 
 
+BeforeReveal = Callable[[tuple[str, ...]], None]
+"""A member session's last hook before it reveals what completes a sum (SecAgg+ unmask shares, a CKKS key
+holder's decryption): called with the sum's contributors, sorted; raises `SecAggError` to reveal nothing.
+A deployed member remembers there which contributors its update was summed with, and refuses a second sum
+of the same update over others (`node.release.NodeRelease.reveal_guard`; SECURITY.md, "Re-run rounds")."""
+
+
 @dataclass(frozen=True)
 class MemberInput:
     """What one member releases this round: a 1-D float64 vector, already clipped and weighted."""
