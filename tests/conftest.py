@@ -163,3 +163,20 @@ def local_ray() -> Iterator[Any]:
 @pytest.fixture
 def small_world(tmp_path: Path) -> Path:
     return write_world(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def deployed_dp_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The DP local world (world.yaml: eu and us under user-level DP with masking), 2 rounds, run once by
+    `world up` over real gRPC/mTLS processes: (world file, state folder). Shared by the tests that compare its
+    ledgers with `simulate` and that audit them (one world up costs ~2 CPU-minutes); they only read it (the
+    tamper tests copy it first). Mark users `xdist_group("deployed_dp_world")` so they share one process."""
+    from nodeworld import small_world
+
+    from worldlm_secure.node.world_up import world_up
+
+    d = tmp_path_factory.mktemp("deployed-dp")
+    world = small_world(d / "w", source="world.yaml", rounds=2)
+    payload = world_up(world, d / "state", timeout=600)
+    assert payload.get("failed_nodes") is None, payload.get("exit_codes")
+    return world, d / "state"

@@ -13,23 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from nodeworld import small_world
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.ledger import Ledger, verify
 from worldlm_secure.ledger.audit import audit_ledgers, load_keys
 
-pytestmark = pytest.mark.slow  # one world up of 2 rounds: real processes
+# one world up of 2 rounds (real processes), shared with test_node_world_up_dp (conftest.deployed_dp_world)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployed_dp_world")]
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worldlm_secure.node.world_up import world_up
-
-    d = tmp_path_factory.mktemp("wup")
-    world = small_world(d / "w", source="world.yaml", rounds=2)
-    payload = world_up(world, d / "state", timeout=600)
-    assert payload.get("failed_nodes") is None, payload.get("exit_codes")
-    return d / "state"
+@pytest.fixture
+def deployed(deployed_dp_world: tuple[Path, Path]) -> Path:
+    return deployed_dp_world[1]
 
 
 def _copy(state: Path, tmp_path: Path) -> Path:

@@ -4,6 +4,7 @@ same releases, protections, noise multipliers and ε (noise values differ: they 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -28,11 +29,18 @@ def deployed_ledgers_equal_simulated(world: Path, tmp_path: Path) -> dict:
     simulated one in FIELDS, entry for entry. Returns the deployed VerifyReports by node."""
     payload = world_up(world, tmp_path / "state", timeout=600)
     assert payload.get("failed_nodes") is None, payload["exit_codes"]
-    assert all(math.isfinite(v["val_ppl"]) for v in payload["methods"]["worldlm"]["sites"].values())
+    return ledgers_equal_simulated(world, tmp_path / "state", tmp_path)
+
+
+def ledgers_equal_simulated(world: Path, state: Path, tmp_path: Path) -> dict:
+    """`simulate` ``world``; every node's ledger deployed in ``state`` verifies and equals the simulated one in
+    FIELDS, entry for entry, and every site ended with a finite perplexity. The deployed VerifyReports by node."""
+    sites = [r for p in (state / "nodes").glob("*/results.json") if "site" in (r := json.loads(p.read_text()))]
+    assert sites and all(math.isfinite(r["val_ppl"]) for r in sites)
     simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=tmp_path / "sim")
     # the root's ledger (both here and in simulate) holds only the receipts it countersigned
     sim = {r.node: r for r in (verify(p) for p in (tmp_path / "sim").glob("*.sqlite")) if r.entries}
-    dep = {r.node: r for r in (verify(p) for p in (tmp_path / "state" / "nodes").glob("*/ledger/*.sqlite")) if r.entries}
+    dep = {r.node: r for r in (verify(p) for p in (state / "nodes").glob("*/ledger/*.sqlite")) if r.entries}
     assert set(dep) == set(sim)
     for node, rep in dep.items():
         assert rep.ok, (node, rep.problem)
@@ -43,9 +51,10 @@ def deployed_ledgers_equal_simulated(world: Path, tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_dp_world_up_ledgers_equal_simulate(tmp_path: Path) -> None:
-    world = small_world(tmp_path / "w", source="world.yaml", rounds=2)
-    dep = deployed_ledgers_equal_simulated(world, tmp_path)
+@pytest.mark.xdist_group("deployed_dp_world")
+def test_dp_world_up_ledgers_equal_simulate(deployed_dp_world: tuple[Path, Path], tmp_path: Path) -> None:
+    world, state = deployed_dp_world
+    dep = ledgers_equal_simulated(world, state, tmp_path)
     eu_site = dep["eu-a"].entries
     assert {e.mechanism for e in eu_site} == {"central_gaussian"} and eu_site[-1].epsilon_cumulative <= 8.0
     assert dep["eu-a"].spent["eu-a/user"] > 0
