@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from worldlm_secure.errors import PolicyError, PolicyViolation
-from worldlm_secure.policy.compose import EffectivePolicy, _refusing_rule, compose, usable_mechanisms
+from worldlm_secure.policy.compose import LEVEL_ORDER, EffectivePolicy, _refusing_rule, compose, usable_mechanisms
 from worldlm_secure.policy.schema import Policy
 
 ReleaseGroup = Literal["key", "shared", "residual"]
-_LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}
 
 
 @dataclass(frozen=True)
@@ -121,10 +120,10 @@ def authorize(
     if r.group == "residual" and eff.residuals.require_dp:
         need_dp = True
     if need_dp:
-        if r.dp_level not in _LEVEL_ORDER or r.dp_level == "none":
+        if r.dp_level not in LEVEL_ORDER or r.dp_level == "none":
             raise _violation(f"{where} differential_privacy.level", dp.level if dp.level != "none" else "user|record",
                              r.dp_level)
-        if dp.level != "none" and _LEVEL_ORDER[r.dp_level] < _LEVEL_ORDER[dp.level]:
+        if dp.level != "none" and LEVEL_ORDER[r.dp_level] < LEVEL_ORDER[dp.level]:
             raise _violation(f"{where} differential_privacy.level", dp.level, r.dp_level)
         # The mechanism list is for noise on released sums (user level); a record-level release is
         # protected by DP-SGD inside its sites instead, which only the sites' training can vouch for.

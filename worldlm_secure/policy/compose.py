@@ -38,7 +38,7 @@ from worldlm_secure.policy.schema import (
     same_jurisdiction,
 )
 
-_LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}
+LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}  # DP levels, weakest first
 _NEEDS_MASKING = {"distributed_discrete_gaussian", "distributed_skellam"}  # integer-domain noise
 _GROUPS: tuple[Group, ...] = ("key", "shared", "residual")
 _REQUIREMENTS: tuple[Requirement, ...] = ("differential_privacy", "secure_aggregation")
@@ -362,7 +362,7 @@ def _compose_dp(
             level="none", mechanism=None, epsilon_budget=None, delta=None, clipping_norm=base.clipping_norm,
             noise_multiplier=base.noise_multiplier, accountant=base.accountant, record=None,
         ), list(protocols)
-    level = b.pick("differential_privacy.level", lambda a, c: _LEVEL_ORDER[a] > _LEVEL_ORDER[c], among=with_dp)
+    level = b.pick("differential_privacy.level", lambda a, c: LEVEL_ORDER[a] > LEVEL_ORDER[c], among=with_dp)
     sub = _Builder(with_dp)
     _, chosen = sub.choose("differential_privacy.mechanism", drop=set(), what="noise mechanism")
     mechanisms = cast(list[Mechanism], chosen)  # values of the policies' differential_privacy.mechanism lists

@@ -36,7 +36,7 @@ from worldlm_secure.ledger import Ledger, LedgerEntry, release_entry
 from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, REFUSED, ExtraValue
 from worldlm_secure.policy import EffectivePolicy, LayerPatterns, Policy, RoundPlan, compose, plan_round
 from worldlm_secure.policy.authorize import ReleaseGroup
-from worldlm_secure.policy.compose import EffectiveDifferentialPrivacy
+from worldlm_secure.policy.compose import LEVEL_ORDER, EffectiveDifferentialPrivacy
 from worldlm_secure.privacy import BudgetTracker, Charge, UserLevelDP
 from worldlm_secure.privacy.adaptive_clip import AdaptiveClip
 from worldlm_secure.privacy.central_gaussian import CentralGaussian
@@ -177,14 +177,29 @@ class Pipeline:
             return eff
         return eff.model_copy(update={"differential_privacy": dp})
 
-    def applied_level(self, member: str, eff: EffectivePolicy, noised: bool, derived: bool) -> str:
+    def applied_level(self, member: str, group: str, eff: EffectivePolicy, noised: bool, derived: bool) -> str:
         """The DP level a release of ``member`` actually has: user when noise is added to the sum; record
-        when the member trained with DP-SGD; a derived release inherits its (DP-protected) inputs' level."""
+        when the member trained with DP-SGD; a derived release inherits its inputs' level (`inputs_level`), and
+        never claims more than its own path's policy level."""
         if noised:
             return "user"
         if derived:
-            return str(eff.differential_privacy.level)
+            return min(str(eff.differential_privacy.level), self.inputs_level(member, group), key=LEVEL_ORDER.__getitem__)
         return "record" if member in self.record_streams else "none"
+
+    def inputs_level(self, member: str, group: str) -> str:
+        """The DP level of what a derived release of ``member`` (of ``group``) is computed from: the weakest over
+        its children's releases of the input group, each at the level its own path's policy enforced towards
+        the destination it had. A residual embedding is computed from ``member``'s key layers, whose releases
+        stop at ``member``: a path that asks for DP only from ``member`` upwards does not make them DP, and
+        the embedding is then no DP post-processing (found by an attacker review: it was recorded as user level)."""
+        children = self.world.nodes[member].children
+        if not children:
+            return "none"
+        source = "key" if group == "residual" else group
+        final = member if source == "key" else self.world.root.name
+        levels = [str(self.effective(c, final).differential_privacy.level) for c in children]
+        return min(levels, key=LEVEL_ORDER.__getitem__)
 
     def trained_with_dp_sgd(self, member: str, eff: EffectivePolicy, derived: bool) -> bool:
         # A derived release's inputs come from the sites below it, whose paths include its policy: if that
@@ -226,7 +241,7 @@ class Pipeline:
         levels = {}
         for member in members:
             eff = self.effective(member, final)
-            level = levels[member] = self.applied_level(member, eff, dp is not None, derived)
+            level = levels[member] = self.applied_level(member, group, eff, dp is not None, derived)
             policy.authorize(
                 policy.Release(
                     source=member, destination=destination, round=round_id, group=release_group,
