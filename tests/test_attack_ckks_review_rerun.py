@@ -31,6 +31,7 @@ def test_a_site_refuses_to_re_release_its_update_into_a_round_without_the_victim
     import torch
     from nodeworld import small_world
 
+    from worldlm_secure.node import release as release_mod
     from worldlm_secure.node import site as site_mod
     from worldlm_secure.node.config import NodeConfig
     from worldlm_secure.node.context import load_context
@@ -90,7 +91,7 @@ def test_a_site_refuses_to_re_release_its_update_into_a_round_without_the_victim
 
     monkeypatch.setattr(site_mod, "SiteClient", FakeClient)
     monkeypatch.setattr(site_mod.NodeCredentials, "load", staticmethod(lambda p: None))
-    monkeypatch.setattr(site_mod, "member_round", member_round)
+    monkeypatch.setattr(release_mod, "member_round", member_round)  # NodeRelease.contribute sends through it
     monkeypatch.setattr(node, "_load_broadcast", load_broadcast)
     monkeypatch.setattr(node, "_train", train)
     monkeypatch.setattr(node, "_evaluate", lambda r: 1.0)

@@ -1,4 +1,8 @@
-"""Attack: a malicious aggregator leaves a member out of the FIRST sum of a release, then re-runs it with her.
+"""Attacks on what a deployed member's sums are bound to: the contributors of any earlier sum of the same update,
+and the round everyone in one sum was told (`test_ckks_members_told_different_rounds_reveal_nothing`; the
+masking case with whole site nodes: test_attack_node_member_review.py, model consistency).
+
+Re-runs: a malicious aggregator leaves a member out of the FIRST sum of a release, then re-runs it with her.
 
 SecAgg+ and CKKS each protect one sum. A federation that re-runs a world-round release (it restarted, or says
 it did: a member cannot tell) gets two sums over the same unchanged updates; if their contributor sets differ,
@@ -188,3 +192,33 @@ def test_ckks_an_honest_rerun_over_the_same_contributors_still_completes(members
     first = _ckks_round(members, 1, victim_discarded=False)
     second = _ckks_round(members, 2, victim_discarded=False)
     assert np.allclose(first, second, atol=1e-3)
+
+
+@pytest.mark.ckks
+@pytest.mark.parametrize("members", ["ckks"], indirect=True)
+def test_ckks_members_told_different_rounds_reveal_nothing(members: dict[str, _Member], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model consistency under CKKS: the aggregator announces one round to the victim and another (say, another
+    served model's hash) to everyone else, and skips its own commitment checks. Every commitment carries the
+    SHA-256 of the announcement its member was told; each member reveals only under a list whose commitments
+    all carry its own, so nobody reveals and there is no sum."""
+    from worldlm_secure.node.rounds import Phase, ckks_round
+    from worldlm_secure.secagg import ckks_round as ckks
+    from worldlm_secure.secagg.ckks_round import CkksKeyring, CkksSession
+
+    monkeypatch.setattr(ckks, "commitments_problem", lambda *a, **k: None)  # the aggregator checks nothing
+    keys = tuple((n, m.identity.public_bytes) for n, m in members.items())
+    anns = {n: Announcement(1, COHORT, "ckks", Phase(1, "key", model=("b" if n == VICTIM else "a") * 64).to_bytes(),
+                            peer_keys=keys) for n in COHORT}
+    sessions = {}
+    for n, m in members.items():
+        prep = m.prepare()
+        setup = ckks_round(prep.plan, anns[n])
+        assert setup is not None
+        sessions[n] = CkksSession(CkksKeyring(m.identity), setup.setup(anns[n]), (lambda v=prep.vector: v),
+                                  before_input=m.hooks(prep, 1)[0])
+    server = ckks_round(members[COHORT[0]].prepare().plan, anns[COHORT[0]])
+    assert server is not None
+    channel = InMemoryChannel(sessions, refusals="drop")
+    with pytest.raises(SecAggError, match="contributed"):
+        ckks.aggregate(server.setup(anns[COHORT[0]]), channel)
+    assert "another round context" in channel.dropped[VICTIM]

@@ -90,7 +90,8 @@ class Aggregator:
 
     def announce(self, phase: Phase, model: Payload | None, protocol: str, cohort: Sequence[str]) -> Announcement:
         rid = self.state.next_link_round()  # persisted before use: ids never repeat across restarts
-        phase = replace(phase, base=self.ctx.base_hash or "")  # members refuse a round of another base model
+        # members refuse a round of another base model, and a served model other than the announced one
+        phase = replace(phase, base=self.ctx.base_hash or "", model=model.sha256().hex() if model is not None else "")
         deadline = int((time.time() + self.cfg.timeouts.train) * 1000)
         ann = Announcement(rid, tuple(cohort), protocol, phase.to_bytes(), deadline, aggregator_key=self.identity.public_bytes)
         self._phases[rid] = (phase.world_round, phase.phase)

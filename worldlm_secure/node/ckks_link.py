@@ -22,6 +22,8 @@ ignored (the member waits on); a request the member refuses ends its part of the
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import time
 from collections import Counter
@@ -113,7 +115,10 @@ class CkksRound:
         peers' keys from CA-verified certificates; the key epoch is the link round."""
         cohort = tuple(ann.cohort)
         trust = EpochTrust(self.holders(cohort), dict(ann.peer_keys), self.min_cohort)
-        return CkksRoundSetup(self.params, ann.round_id, ann.round_id, cohort, self.min_cohort, trust)
+        # the announcement (its phase, the served model's SHA-256) goes into every commitment: members and
+        # holders of one sum check they were all told the same (protocols/ckks.md §4)
+        return CkksRoundSetup(self.params, ann.round_id, ann.round_id, cohort, self.min_cohort, trust,
+                              hashlib.sha256(ann.params).digest())
 
     def run_member(self, client: MemberLink, identity: NodeIdentity, ann: Announcement, vector: np.ndarray, *,
                    before_input: Callable[..., None], before_reveal: BeforeReveal | None = None,

@@ -33,7 +33,7 @@ from worldlm_secure.node.aggregator import Aggregator
 from worldlm_secure.node.board import EXAMPLES_STATUS, DONE_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
 from worldlm_secure.node.payload import model_payload, split_payload
-from worldlm_secure.node.rounds import Phase
+from worldlm_secure.node.rounds import Phase, download_announced
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
@@ -100,7 +100,7 @@ class FederationNode:
     # ---- steps ----
     def _sync_from_root(self, ann: Announcement, parent: SiteClient) -> Tensors:
         """Take the root's shared layers and mix in the residual blend its last sum allows."""
-        groups, extra = split_payload(parent.download_model(ann.round_id))
+        groups, extra = split_payload(download_announced(parent, ann))
         root_shared = groups["shared"]
         self.shared = {n: t.clone() for n, t in root_shared.items()}
         if self.pending is not None and "residual_total" in extra:
@@ -194,7 +194,7 @@ class FederationNode:
                         else:
                             # Our sites' round r is aggregated already (we restarted, or the root did and
                             # re-announced): release the same aggregate again; the ledger keeps one entry.
-                            groups, _ = split_payload(parent.download_model(ann.round_id))
+                            groups, _ = split_payload(download_announced(parent, ann))
                             root_shared = groups["shared"]
                         names = ctx.shared_names
                         deltas = {n: self.released[n] - root_shared[n] for n in names}
@@ -203,7 +203,17 @@ class FederationNode:
                         self._up(parent, ann, phase, names, deltas=deltas, weights=w, shapes={n: root_shared[n].shape for n in names})
                         self._save(r, "released")
                     elif phase.phase == "residual":
-                        groups, _ = split_payload(parent.download_model(ann.round_id))
+                        done_r, stage = self.stage
+                        if r != done_r or stage not in ("released", "residual", "done"):
+                            # The embedding is computed from the key layers as they are now: announced under
+                            # another world round (the root chooses it) it would go into a second sum, keyed by
+                            # another release id, over whatever cohort the root picks; the difference of the two
+                            # sums is a sibling's embedding. One embedding per world round, after its release.
+                            raise SecAggError(
+                                f"{self.name}: residual of world round {r} announced, but its key layers are those "
+                                f"of world round {done_r} ({stage}); refused, nothing sent"
+                            )
+                        groups, _ = split_payload(download_announced(parent, ann))
                         self.shared = {n: t.clone() for n, t in groups["shared"].items()}
                         ref = groups["ref"]
                         names = ctx.key_names

@@ -12,6 +12,8 @@ from typing import Any
 from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg.masking import RoundConfig
+from worldlm_secure.transport.chunks import Payload
+from worldlm_secure.transport.client import SiteClient
 from worldlm_secure.transport.handler import Announcement
 
 
@@ -25,17 +27,22 @@ class BaseMismatch(ConfigError):
 @dataclass(frozen=True)
 class Phase:
     """What a link round is for. ``phase``: key | shared | residual | final; ``n_max``: the largest member
-    example count (shared weights are examples / n_max, as in the engine)."""
+    example count (shared weights are examples / n_max, as in the engine); ``model``: the SHA-256 (hex) of the
+    model payload the aggregator serves for the round. The announcement's params (these bytes) go into what
+    masking members sign (`masking_config`), so members reveal only if enough of them were told the same."""
 
     world_round: int
     phase: str
     n_max: float = 1.0
     base: str = ""  # SHA-256 of the base weights the aggregator loaded (model.base_hash); "" when unknown
+    model: str = ""  # SHA-256 of the model payload served for this round; "" when none is served
 
     def to_bytes(self) -> bytes:
         raw: dict[str, object] = {"world_round": self.world_round, "phase": self.phase, "n_max": self.n_max}
         if self.base:
             raw["base"] = self.base
+        if self.model:
+            raw["model"] = self.model
         return json.dumps(raw, sort_keys=True).encode()
 
     def check_base(self, loaded: str | None, *, node: str, aggregator: str, where: str) -> None:
@@ -53,14 +60,34 @@ class Phase:
         """Decode the announcement's params; anything malformed is a `SecAggError` (the round is skipped)."""
         try:
             raw = json.loads(ann.params.decode() or "{}")
-            phase = cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)), str(raw.get("base", "")))
+            phase = cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)), str(raw.get("base", "")),
+                        str(raw.get("model", "")))
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise SecAggError(f"round {ann.round_id}: the announcement's params do not parse ({type(exc).__name__}); skipped") from None
         if phase.phase not in PHASES or not math.isfinite(phase.n_max) or phase.n_max <= 0:
             raise SecAggError(f"round {ann.round_id}: the announcement names an unknown phase or a bad n_max; skipped")
         if phase.base and not re.fullmatch(r"[0-9a-f]{64}", phase.base):
             raise SecAggError(f"round {ann.round_id}: the announcement's base hash is not a SHA-256; skipped")
+        if phase.model and not re.fullmatch(r"[0-9a-f]{64}", phase.model):
+            raise SecAggError(f"round {ann.round_id}: the announcement's model hash is not a SHA-256; skipped")
         return phase
+
+
+def download_announced(link: SiteClient, ann: Announcement) -> Payload:
+    """The model served for round ``ann``, checked against the SHA-256 its announcement carries (`SecAggError`
+    otherwise, the round skipped). Why: an aggregator serving different members different models (say, one
+    that makes every member's update but the victim's zero) gets the victim's update as "the sum"; the hash
+    is in the announcement, and the announcement is in what members sign, so the members of one sum trained
+    from one model. protocols/federation.md, "Model consistency"."""
+    phase = Phase.from_announcement(ann)
+    payload = link.download_model(ann.round_id)
+    got = payload.sha256().hex()
+    if not phase.model or got != phase.model:
+        raise SecAggError(
+            f"round {ann.round_id}: the model served ({got[:16]}...) is not the one announced "
+            f"({phase.model[:16] + '...' if phase.model else 'none'}); refused, nothing trained or sent"
+        )
+    return payload
 
 
 def masking_config(plan: Any, ann: Announcement, noise: Any = None) -> RoundConfig | None:
@@ -71,7 +98,7 @@ def masking_config(plan: Any, ann: Announcement, noise: Any = None) -> RoundConf
     if ann.protocol != "masking":
         return None
     return RoundConfig.build(plan.params, ann.round_id, ann.cohort, dict(ann.peer_keys), plan.min_cohort, noise,
-                             aggregator_key=ann.aggregator_key)
+                             aggregator_key=ann.aggregator_key, context=ann.params)
 
 
 def ckks_round(plan: Any, ann: Announcement) -> CkksRound | None:

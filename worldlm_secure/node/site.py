@@ -28,7 +28,7 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.board import DONE_STATUS, EXAMPLES_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
 from worldlm_secure.node.payload import split_payload
-from worldlm_secure.node.rounds import Phase
+from worldlm_secure.node.rounds import Phase, download_announced
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
@@ -160,7 +160,7 @@ class SiteNode:
         return ppl
 
     def _load_broadcast(self, client: SiteClient, ann: Announcement) -> None:
-        groups, _ = split_payload(client.download_model(ann.round_id))
+        groups, _ = split_payload(download_announced(client, ann))
         self.server = {**groups.get("key", {}), **groups.get("shared", {})}
         self.site.params.update({n: t.clone() for n, t in self.server.items()})
 

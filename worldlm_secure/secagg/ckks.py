@@ -75,6 +75,7 @@ class RoundSpec:
     clip_range: float
     slot_count: int
     min_cohort: int = 1
+    context: bytes = b""  # SHA-256 of what the round is about beyond its members (over links: the announcement)
 
     @property
     def n_chunks(self) -> int:
@@ -82,11 +83,11 @@ class RoundSpec:
 
     @classmethod
     def plan(cls, params: CkksParams, round_id: int, key_id: str, n_values: int, cohort: Sequence[str],
-             min_cohort: int) -> "RoundSpec":
+             min_cohort: int, context: bytes = b"") -> "RoundSpec":
         """The spec of a round of ``cohort`` under ``params``: the packing leaves headroom for the cohort's sum."""
         layout = packing.plan_layout(params.slot_bits, params.value_bits, packing.headroom_for(len(cohort)))
         return cls(round_id, key_id, n_values, tuple(cohort), layout, params.clip_range, params.slot_count,
-                   max(min_cohort, 1))
+                   max(min_cohort, 1), context)
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,15 @@ class Commitment:
     n_chunks: int
     digest: bytes
     signature: bytes = b""
+    # SHA-256 of the round's context as this member was told it (`RoundSpec.context`; b"" in process): every
+    # member and holder checks that all listed commitments carry its own, so one sum's members were told the same
+    context: bytes = b""
 
     def message(self) -> bytes:
         return (
             COMMIT_LABEL + b"|" + struct.pack(">QQQ", self.round_id, self.n_values, self.n_chunks)
             + self.member.encode() + b"|" + self.key_id.encode() + b"|" + self.digest
+            + (b"|context|" + self.context if self.context else b"")
         )
 
     def matches(self, c: "Contribution") -> bool:
@@ -162,10 +167,10 @@ def commitments_digest(commitments: Sequence[Commitment]) -> bytes:
 
 
 def commitments_problem(commitments: Sequence[Commitment], trust: "EpochTrust", round_id: int, key_id: str,
-                        cohort: Sequence[str], floor: int) -> str | None:
+                        cohort: Sequence[str], floor: int, context: bytes = b"") -> str | None:
     """Why a commitment list fails the checks a member (before it reveals) and a key holder (before it decrypts)
     make against their own setup, else None: at least ``floor`` commitments, each of a distinct cohort member
-    with a verified signing key, signed by it, for this round and key id."""
+    with a verified signing key, signed by it, for this round and key id and under this ``context``."""
     seen: set[str] = set()
     for c in commitments:
         ok = (isinstance(c, Commitment) and isinstance(c.member, str) and isinstance(c.key_id, str)
@@ -178,6 +183,9 @@ def commitments_problem(commitments: Sequence[Commitment], trust: "EpochTrust", 
             return f"the commitment of {c.member!r} is a repeat, or not from a cohort member with a verified key"
         if (c.round_id, c.key_id) != (round_id, key_id):
             return f"the commitment of {c.member!r} is for another round or key"
+        if c.context != context:
+            return (f"the commitment of {c.member!r} was made under another round context (the aggregator told "
+                    "members of one round different things, e.g. served them different models)")
         if not verify_signature(pub, c.signature, c.message()):
             return f"the commitment of {c.member!r} is not signed by {c.member!r}"
         seen.add(c.member)
@@ -187,9 +195,9 @@ def commitments_problem(commitments: Sequence[Commitment], trust: "EpochTrust", 
 
 
 def check_commitments(commitments: Sequence[Commitment], trust: "EpochTrust", round_id: int, key_id: str,
-                      cohort: Sequence[str], floor: int, who: str) -> bytes:
+                      cohort: Sequence[str], floor: int, who: str, context: bytes = b"") -> bytes:
     """`commitments_problem` as a `SecAggError` naming ``who``; the list's `commitments_digest` when it passes."""
-    problem = commitments_problem(commitments, trust, round_id, key_id, cohort, floor)
+    problem = commitments_problem(commitments, trust, round_id, key_id, cohort, floor, context)
     if problem:
         raise SecAggError(f"{who}: {problem}; refused")
     return commitments_digest(commitments)
@@ -348,9 +356,10 @@ class CkksMember:
         c = Contribution(spec.round_id, self.name, self._key_id, int(np.asarray(vector).size), chunks, clipped)
         return Contribution(c.round_id, c.member, c.key_id, c.n_values, c.chunks, c.clipped, self.identity.sign(c.message()))
 
-    def commit(self, round_id: int, n_values: int, chunks: Sequence[bytes]) -> Commitment:
-        """The signed commitment to a contribution of ``chunks`` (made before any other member's is seen)."""
-        c = Commitment(round_id, self.name, self._key_id, n_values, len(chunks), chunks_digest(chunks))
+    def commit(self, round_id: int, n_values: int, chunks: Sequence[bytes], context: bytes = b"") -> Commitment:
+        """The signed commitment to a contribution of ``chunks`` (made before any other member's is seen), under
+        the round ``context`` (a SHA-256, or b"") this member was told."""
+        c = Commitment(round_id, self.name, self._key_id, n_values, len(chunks), chunks_digest(chunks), context=context)
         return replace(c, signature=self.identity.sign(c.message()))
 
 
@@ -494,7 +503,7 @@ class CkksKeyHolder:
             raise self._refuse(rid, "the contributor list does not match the signed contributions")
         # commit, then reveal: every contribution is the one its member committed to before any ciphertext was
         # revealed, and all were revealed under this one commitment list (protocols/ckks.md §4, §6)
-        problem = commitments_problem(summed.commitments, trust, rid, spec.key_id, spec.cohort, floor)
+        problem = commitments_problem(summed.commitments, trust, rid, spec.key_id, spec.cohort, floor, spec.context)
         if problem:
             raise self._refuse(rid, f"commitment list: {problem}")
         listed = commitments_digest(summed.commitments)

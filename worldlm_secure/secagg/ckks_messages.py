@@ -310,14 +310,19 @@ def abstain_from(m: Message) -> tuple[int, str, str]:
 
 
 def _commitment_fields(c: Commitment) -> dict:
-    return {"round_id": c.round_id, "member": c.member, "key_id": c.key_id, "n_values": c.n_values, "n_chunks": c.n_chunks}
+    out = {"round_id": c.round_id, "member": c.member, "key_id": c.key_id, "n_values": c.n_values, "n_chunks": c.n_chunks}
+    return {**out, "context": c.context.hex()} if c.context else out
 
 
 def _commitment(f: dict, digest: bytes, signature: bytes) -> Commitment:
     if len(digest) != DIGEST_BYTES or len(signature) != SIGNATURE_BYTES:
         raise _bad(f"a commitment carries a {DIGEST_BYTES}-byte digest and a {SIGNATURE_BYTES}-byte signature")
+    context = f.get("context", "")
+    if not isinstance(context, str) or (context and (len(context) != 2 * DIGEST_BYTES
+                                                     or any(ch not in "0123456789abcdef" for ch in context))):
+        raise _bad(f"field 'context' must be {2 * DIGEST_BYTES} lowercase hex characters")
     return Commitment(_int(f, "round_id"), _str(f, "member"), _key_id(f), _int(f, "n_values"),
-                      _int(f, "n_chunks", MAX_BLOBS), digest, signature)
+                      _int(f, "n_chunks", MAX_BLOBS), digest, signature, bytes.fromhex(context))
 
 
 def _commitment_list(rows: list, blobs: Sequence[bytes]) -> tuple[Commitment, ...]:

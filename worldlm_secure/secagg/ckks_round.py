@@ -93,9 +93,10 @@ class CkksRoundSetup:
     cohort: tuple[str, ...]
     min_cohort: int
     trust: EpochTrust
+    context: bytes = b""  # SHA-256 of the round's context (over links: the announcement's params), b"" in process
 
     def spec(self, key_id: str, n_values: int) -> RoundSpec:
-        return RoundSpec.plan(self.params, self.round_id, key_id, n_values, self.cohort, self.min_cohort)
+        return RoundSpec.plan(self.params, self.round_id, key_id, n_values, self.cohort, self.min_cohort, self.context)
 
 
 class CkksKeyring:
@@ -244,7 +245,7 @@ class CkksSession:
         except SecAggError:  # fault injection: bytes that are no contribution; committed to as they are
             contribution, chunks = None, (body,)
         n_values = contribution.n_values if contribution is not None else spec.n_values
-        commitment = member.commit(setup.round_id, n_values, chunks)
+        commitment = member.commit(setup.round_id, n_values, chunks, setup.context)
         self._committed = (body, contribution, commitment)
         return wire.commitment_bytes(commitment)
 
@@ -263,7 +264,7 @@ class CkksSession:
             raise self._refuse("the commitment list does not carry its own commitment unchanged")
         floor = max(setup.min_cohort, setup.trust.min_cohort, 1)
         listed = check_commitments(commitments, setup.trust, setup.round_id, own.key_id, setup.cohort, floor,
-                                   f"ckks member {self.name!r}: round {setup.round_id}")
+                                   f"ckks member {self.name!r}: round {setup.round_id}", setup.context)
         if contribution is not None:
             body = wire.contribution_bytes(contribution.revealed(listed, self.keys.identity))
         if self._before_input is not None:
@@ -438,7 +439,7 @@ def _commitments(setup: CkksRoundSetup, answers: Mapping[str, bytes], key_id: st
     """The members' commitments that verify (signed by the member, this round and key), and a rejection naming
     the member for each answer that is none."""
     return _answers(setup, answers, "commitment", wire.commitment_from, lambda c: commitments_problem(
-        (c,), setup.trust, setup.round_id, key_id, setup.cohort, 0))
+        (c,), setup.trust, setup.round_id, key_id, setup.cohort, 0, setup.context))
 
 
 def _contributions(setup: CkksRoundSetup, answers: Mapping[str, bytes]) -> tuple[dict[str, Contribution], list[str]]:

@@ -106,6 +106,9 @@ class RoundConfig:
     identity_keys: Mapping[str, bytes] = field(repr=False)  # raw Ed25519 public keys of the roster
     aggregator_key: bytes = field(default=b"", repr=False)  # raw Ed25519 key that signs aggregator messages
     threshold_fraction: float = MaskingParams.threshold  # the policy's f, 0.5 < f <= 1
+    # What the round is about beyond its members (over links: the announcement's params, with the served
+    # model's SHA-256): in the signed view, so a member reveals only if t_c members were told the same.
+    context: bytes = field(default=b"", repr=False)
 
     def threshold_for(self, n_advertised: int) -> int:
         """t of the graph actually built over the ``n_advertised`` members that advertised keys: a strict
@@ -131,6 +134,7 @@ class RoundConfig:
         noise: IntegerNoise | None = None,
         *,
         aggregator_key: bytes,
+        context: bytes = b"",
     ) -> "RoundConfig":
         """Resolve k, t and the quantization spec from a masking policy section for this roster.
 
@@ -160,7 +164,8 @@ class RoundConfig:
             raise ConfigError("secagg masking: the aggregator's Ed25519 public key is missing; members could not check its messages")
         d = ring_degree(n, k)  # an odd k becomes k + 1 real neighbours: t must come from those
         quant = round_quantization(params, n, noise)
-        cfg = cls(round_id, names, d, 0, max(1, int(min_cohort)), quant, dict(identity_keys), bytes(aggregator_key), frac)
+        cfg = cls(round_id, names, d, 0, max(1, int(min_cohort)), quant, dict(identity_keys), bytes(aggregator_key), frac,
+                  bytes(context))
         return dataclasses.replace(cfg, threshold=cfg.threshold_for(n))
 
     def share_point(self, member: str) -> int:
@@ -221,10 +226,13 @@ def self_mask_commitment(round_id: int, member: str, seed: bytes) -> bytes:
 
 
 def view_statement(cfg: RoundConfig, advertised: Sequence[str], survivors: Sequence[str]) -> bytes:
-    """What a survivor signs in the consistency check: the round, its roster, U1 and U3 (sorted)."""
+    """What a survivor signs in the consistency check: the round, its roster, U1 and U3 (sorted), and the
+    SHA-256 of the round's context when it has one."""
     w = [_ctx(b"worldlm-secagg+/survivor-view/v1", cfg.round_id)]
     for names in (cfg.roster, sorted(advertised), sorted(survivors)):
         w.append(_ctx(b"|", len(names), *names))
+    if cfg.context:
+        w.append(b"|context|" + hashlib.sha256(cfg.context).digest())
     return b"".join(w)
 
 
