@@ -1,93 +1,112 @@
 """The Ray backend on a local Ray instance: same per-site results as the in-process engine, same seed.
 
+The small world is run in process once (`in_process`) and compared with each Ray run; the CLI's
+`simulate --backend ray` run is the scope-``sites`` run of `simulate_on_ray` (`cli_on_ray` records what
+the CLI got from it), so one Ray run backs both the API and the CLI checks. That sites train, evaluate
+and protect their updates in their actors (record-level DP-SGD included) is checked in
+tests/test_ray_sites_boundary.py.
+
 Needs the `ray` extra (`pip install -e ".[test,ray]"`, which .ci/run installs); skipped, saying so,
 where Ray is missing.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from conftest import write_world
 from worldlm_secure.federation.methods import METHODS
-from worldlm_secure.federation.simulate import simulate
+from worldlm_secure.federation.simulate import SimulationResult, simulate
 
 ray = pytest.importorskip("ray", reason="Ray backend test needs the ray extra: pip install -e '.[test,ray]'")
 
-pytestmark = pytest.mark.slow
+# its module-scoped runs are shared by several tests: keep them in one xdist process (--dist loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_ray_backend")]
+
+METHOD_NAMES = ("worldlm", "fedavg")
+ROUNDS = 2
 
 
-@pytest.mark.parametrize("scope", ["sites", "methods"])
-def test_simulate_on_ray_matches_in_process(local_ray, tmp_path: Path, scope: str) -> None:
-    from worldlm_secure.federation.ray_backend import simulate_on_ray
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_world(tmp_path_factory.mktemp("world"))
 
-    world = write_world(tmp_path)
-    methods = [METHODS["worldlm"], METHODS["fedavg"]]
-    local = simulate(world, methods=methods, rounds=2, device="cpu", ledger_root=tmp_path / "a")
-    remote = simulate_on_ray(world, methods=methods, rounds=2, device="cpu", ledger_root=tmp_path / "b",
-                             scope=scope)
-    assert list(remote.methods) == ["worldlm", "fedavg"]
 
-    for name in ("worldlm", "fedavg"):
+@pytest.fixture(scope="module")
+def in_process(world: Path) -> SimulationResult:
+    """Both methods on the small world in process, ledgers under ``world.parent / "a"``."""
+    return simulate(world, methods=[METHODS[m] for m in METHOD_NAMES], rounds=ROUNDS, device="cpu",
+                    ledger_root=world.parent / "a")
+
+
+@pytest.fixture(scope="module")
+def cli_on_ray(local_ray: Any, world: Path) -> tuple[int, Path, list[SimulationResult]]:
+    """`simulate --backend ray` (scope sites, the default) on the small world, both methods: its exit code,
+    its --out folder, and the `SimulationResult` the CLI got from `simulate_on_ray`."""
+    from worldlm_secure.cli import main
+    from worldlm_secure.federation import ray_backend
+
+    got: list[SimulationResult] = []
+    real = ray_backend.simulate_on_ray
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        got.append(real(*args, **kwargs))
+        return got[-1]
+
+    out = world.parent / "cli-out"
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ray_backend, "simulate_on_ray", recorded)
+            code = main(["simulate", str(world), "--out", str(out), "--rounds", str(ROUNDS), "--device", "cpu",
+                         "--methods", ",".join(METHOD_NAMES), "--backend", "ray"])
+    finally:
+        torch.set_num_threads(threads)  # the CLI sets the process's torch threads; later in-process runs keep theirs
+    return code, out, got
+
+
+def _same_as_in_process(remote: SimulationResult, local: SimulationResult, remote_ledgers: Path,
+                        local_ledgers: Path) -> None:
+    assert list(remote.methods) == list(METHOD_NAMES)
+    for name in METHOD_NAMES:
         a, b = local.methods[name].sites, remote.methods[name].sites
         assert set(a) == set(b) == {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}
         for site in a:
             assert b[site] == pytest.approx(a[site], rel=1e-9), (name, site)
         assert remote.methods[name].stats.bytes_up == local.methods[name].stats.bytes_up
     # the tasks kept the same signed ledgers, in the same places
-    assert sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.sqlite")) == sorted(
-        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.sqlite")
+    assert sorted(p.relative_to(remote_ledgers) for p in remote_ledgers.rglob("*.sqlite")) == sorted(
+        p.relative_to(local_ledgers) for p in local_ledgers.rglob("*.sqlite")
     )
 
 
-def test_sites_train_in_their_actors_with_record_level_dp_sgd(local_ray, tmp_path: Path) -> None:
-    from worldlm_secure.federation.engine import Engine
-    from worldlm_secure.federation.ray_sites import RayEngine
-    from worldlm_secure.federation.settings import settings_for
-    from worldlm_secure.federation.simulate import load_world_data
-    from worldlm_secure.federation.world import load_world
-    from worldlm_secure.ledger import Ledger
-    from worldlm_secure.ledger.entry import DP_SGD
+@pytest.mark.parametrize("scope", ["sites", "methods"])
+def test_simulate_on_ray_matches_in_process(
+    local_ray: Any, tmp_path: Path, world: Path, in_process: SimulationResult,
+    cli_on_ray: tuple[int, Path, list[SimulationResult]], scope: str,
+) -> None:
+    """Scope ``sites`` is checked on the CLI's run (`cli_on_ray`: the same call, ledgers in its --out),
+    scope ``methods`` on a run of its own."""
+    from worldlm_secure.federation.ray_backend import simulate_on_ray
 
-    (tmp_path / "rec").mkdir()
-    world_path = write_world(tmp_path / "rec")
-    (tmp_path / "rec" / "policies" / "rdp.yaml").write_text(
-        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: rdp\nextends: research-open.yaml\n"
-        "differential_privacy: {level: record, epsilon_budget: 8.0, delta: 1.0e-5, record: {max_grad_norm: 1.0}}\n"
-    )
-    world_path.write_text(world_path.read_text().replace("policies/research-open.yaml", "policies/rdp.yaml"))
-    world = load_world(world_path)
-    settings = settings_for(world, rounds=2, device="cpu")
-    data, vocab = load_world_data(world, settings)
-    local = Engine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "a")
-    local_res = local.run()
-    engine = RayEngine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=tmp_path / "b")
-    try:
-        res = engine.run()
-        assert set(engine.site_seconds) == {"f0-s0", "f0-s1", "f1-s0", "f1-s1"}  # timed inside each site's actor
-        assert all(t > 0 for t in engine.site_seconds.values())
-    finally:
-        engine.shutdown()
-    assert res.stopped is None and all(p == p for p in res.sites.values())  # finite: DP-SGD trained in the actors
-
-    def charges(folder: str, eng: Engine, site: str) -> list[tuple]:
-        entries = Ledger(tmp_path / folder / f"{site}.sqlite", eng.release.identities[site]).entries()
-        return [(e.release_id, e.mechanism, e.stream, e.steps, e.sample_rate, e.noise_multiplier, e.epsilon_cumulative)
-                for e in entries]
-
-    for site in ("f0-s0", "f0-s1", "f1-s0", "f1-s1"):
-        mine = charges("b", engine, site)
-        # the steps the actor took are charged on its SITE/record stream exactly as in process
-        assert mine == charges("a", local, site), site
-        assert [m[1] for m in mine] == [DP_SGD, DP_SGD] and mine[0][3] == settings.train.local_steps
-        assert mine[1][6] > mine[0][6] > 0
-    # DP-SGD's sampling and noise come from each actor's CSPRNG: a different draw than in process
-    assert any(res.sites[s] != local_res.sites[s] for s in res.sites)
+    if scope == "sites":
+        code, out, got = cli_on_ray
+        assert code == 0 and len(got) == 1
+        remote, ledgers = got[0], out / "ledgers"
+        assert remote.settings.rounds == ROUNDS
+    else:
+        ledgers = tmp_path / "b"
+        remote = simulate_on_ray(world, methods=[METHODS[m] for m in METHOD_NAMES], rounds=ROUNDS, device="cpu",
+                                 ledger_root=ledgers, scope=scope)
+    _same_as_in_process(remote, in_process, ledgers, world.parent / "a")
 
 
-def test_compare_cells_on_ray_match_in_process(local_ray, tmp_path: Path) -> None:
+def test_compare_cells_on_ray_match_in_process(local_ray: Any, tmp_path: Path) -> None:
     from worldlm_secure.compare import load_grid, run_study
 
     write_world(tmp_path)
@@ -107,19 +126,19 @@ def test_compare_cells_on_ray_match_in_process(local_ray, tmp_path: Path) -> Non
     assert (tmp_path / "ray" / "compare.csv").exists()
 
 
-def test_cli_simulate_backend_ray(local_ray, tmp_path: Path) -> None:
-    import json
-
+def test_cli_simulate_backend_ray(world: Path, tmp_path: Path, in_process: SimulationResult,
+                                  cli_on_ray: tuple[int, Path, list[SimulationResult]]) -> None:
     from worldlm_secure.cli import main
 
-    world = write_world(tmp_path)
-    out = tmp_path / "out"
-    assert main(["simulate", str(world), "--out", str(out), "--rounds", "1", "--methods", "worldlm",
-                 "--backend", "ray"]) == 0
+    code, out, _ = cli_on_ray
+    assert code == 0
     res = json.loads((out / "results.json").read_text())
-    local = simulate(world, methods=[METHODS["worldlm"]], rounds=1, device="auto")
-    for site, v in res["methods"]["worldlm"]["sites"].items():
-        assert v["val_ppl"] == pytest.approx(local.methods["worldlm"].sites[site], rel=1e-9)
+    assert list(res["methods"]) == list(METHOD_NAMES)
+    for name in METHOD_NAMES:
+        sites = res["methods"][name]["sites"]
+        assert set(sites) == set(in_process.methods[name].sites)
+        for site, v in sites.items():
+            assert v["val_ppl"] == pytest.approx(in_process.methods[name].sites[site], rel=1e-9)
     assert list((out / "ledgers").glob("*.sqlite"))
     assert main(["simulate", str(world), "--out", str(tmp_path / "o2"), "--backend", "ray",
                  "--ray-scope", "cells"]) == 2
