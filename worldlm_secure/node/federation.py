@@ -33,7 +33,7 @@ from worldlm_secure.node.aggregator import Aggregator
 from worldlm_secure.node.board import EXAMPLES_STATUS, DONE_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
 from worldlm_secure.node.payload import model_payload, split_payload
-from worldlm_secure.node.rounds import Phase, download_announced
+from worldlm_secure.node.rounds import Phase, announced_phases, download_announced
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
@@ -166,13 +166,7 @@ class FederationNode:
         beat.start()
         self.emit("enrolled", federation=enrollment.federation, round=enrollment.current_round)
         try:
-            refused = lambda rid, exc: self.emit("round_failed", link_round=rid, group="announcement", error=str(exc))  # noqa: E731
-            for ann in parent.watch_rounds(after_round=max(0, enrollment.current_round - 1), on_refused=refused):
-                try:
-                    phase = Phase.from_announcement(ann)
-                except SecAggError as exc:
-                    self.emit("round_failed", link_round=ann.round_id, group="announcement", error=str(exc))
-                    continue
+            for ann, phase in announced_phases(parent, enrollment.current_round, self.emit):
                 phase.check_base(ctx.base_hash, node=self.name, aggregator=self.root, where=ctx.model_field)
                 r = phase.world_round
                 try:

@@ -92,6 +92,12 @@ def check_supported(ctx: WorldContext) -> None:
                 )
 
 
+def _change(before: Sequence[str], now: Sequence[str]) -> str:
+    """Who a member list lost and gained, for refusals that name them."""
+    left, new = sorted(set(before) - set(now)), sorted(set(now) - set(before))
+    return f"left out now: {', '.join(left) or 'none'}; new: {', '.join(new) or 'none'}"
+
+
 class NodeRelease:
     """One node's releases (as a member) and aggregations (as an aggregator), with its own ledger."""
 
@@ -163,12 +169,10 @@ class NodeRelease:
         if first is None:
             return plan
         if sorted(first) != sorted(cohort):
-            left, new = sorted(set(first) - set(cohort)), sorted(set(cohort) - set(first))
             raise SecAggError(
                 f"{self.me}: refusing to release {rid} again into a round of {', '.join(sorted(cohort))}: it went "
-                f"into a round of {', '.join(sorted(first))} before (left out now: {', '.join(left) or 'none'}; "
-                f"new: {', '.join(new) or 'none'}), and the difference of two sums over the same update is one "
-                "member's update"
+                f"into a round of {', '.join(sorted(first))} before ({_change(first, cohort)}), and the difference "
+                "of two sums over the same update is one member's update"
             )
         return plan.model_copy(update={"min_cohort": len(cohort)})
 
@@ -209,12 +213,10 @@ class NodeRelease:
             key = f"summed:{rid}"
             before = self.state.get(key)
             if before is not None and sorted(before) != sorted(contributors):
-                gained, lost = sorted(set(contributors) - set(before)), sorted(set(before) - set(contributors))
                 raise SecAggError(
                     f"{self.me}: refusing to complete a sum of {rid} over {', '.join(contributors)}: its update "
-                    f"already went into a sum over {', '.join(before)} (now with: {', '.join(gained) or 'none'}; "
-                    f"without: {', '.join(lost) or 'none'}), and the difference of the two is those members' "
-                    "updates; nothing revealed"
+                    f"already went into a sum over {', '.join(before)} ({_change(before, contributors)}), and the "
+                    "difference of the two is those members' updates; nothing revealed"
                 )
             self.state.put(**{key: sorted(contributors)})  # stored before anything that completes the sum leaves
 

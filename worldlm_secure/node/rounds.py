@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,22 @@ class Phase:
         if phase.model and not re.fullmatch(r"[0-9a-f]{64}", phase.model):
             raise SecAggError(f"round {ann.round_id}: the announcement's model hash is not a SHA-256; skipped")
         return phase
+
+
+def announced_phases(link: SiteClient, current_round: int, emit: Callable[..., None]) -> Iterator[tuple[Announcement, Phase]]:
+    """The aggregator's announcements from ``current_round`` on (its enrollment's), each with its `Phase`. An
+    announcement the member refuses (`SiteClient.verify_announcement`: certificates, roster) or whose params do
+    not parse is skipped and reported as ``round_failed`` (group ``announcement``): the member sits it out."""
+    def refused(rid: int, exc: Exception) -> None:
+        emit("round_failed", link_round=rid, group="announcement", error=str(exc))
+
+    for ann in link.watch_rounds(after_round=max(0, current_round - 1), on_refused=refused):
+        try:
+            phase = Phase.from_announcement(ann)
+        except SecAggError as exc:
+            refused(ann.round_id, exc)
+            continue
+        yield ann, phase
 
 
 def download_announced(link: SiteClient, ann: Announcement) -> Payload:

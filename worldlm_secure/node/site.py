@@ -28,7 +28,7 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.board import DONE_STATUS, EXAMPLES_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
 from worldlm_secure.node.payload import split_payload
-from worldlm_secure.node.rounds import Phase, download_announced
+from worldlm_secure.node.rounds import Phase, announced_phases, download_announced
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
@@ -211,13 +211,7 @@ class SiteNode:
         self.emit("enrolled", federation=enrollment.federation, round=enrollment.current_round)
         eval_every, rounds = self.ctx.settings.eval_every, self.ctx.settings.rounds
         try:
-            refused = lambda rid, exc: self.emit("round_failed", link_round=rid, group="announcement", error=str(exc))  # noqa: E731
-            for ann in client.watch_rounds(after_round=max(0, enrollment.current_round - 1), on_refused=refused):
-                try:
-                    phase = Phase.from_announcement(ann)
-                except SecAggError as exc:
-                    refused(ann.round_id, exc)
-                    continue
+            for ann, phase in announced_phases(client, enrollment.current_round, self.emit):
                 phase.check_base(self.base_hash, node=self.name, aggregator=self.fed, where=self.ctx.model_field)
                 r = phase.world_round
                 try:
