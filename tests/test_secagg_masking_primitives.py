@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from worldlm_secure.errors import ConfigError, SecAggError
@@ -119,6 +119,7 @@ def test_malformed_share_bytes_are_refused(raw: bytes) -> None:
 
 
 @settings(deadline=None, max_examples=40)
+@example(bits=62, n=1, clip=1.0, xs=[-1.0])  # wrapped to the other sign before scale kept a margin above 2^53
 @given(
     bits=st.sampled_from([8, 12, 16, 24, 32, 40, 62]),
     n=st.integers(1, 50),

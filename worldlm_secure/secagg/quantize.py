@@ -59,7 +59,13 @@ class QuantizationSpec:
     def scale(self) -> float:
         """Quantization steps per unit of the input (1 / scale is the step size)."""
         room = 2 ** (self.bits - 1) - 1 - self.n_members - self.reserve_units
-        return min(self.max_scale, room / (self.n_members * self.clip_range + self.reserve_per_scale))
+        scale = room / (self.n_members * self.clip_range + self.reserve_per_scale)
+        if self.bits > 52:
+            # Above 2^53 float64 cannot hold the room exactly: c * scale may round up past 2^(b-1), the one-unit
+            # margins vanish, and a value at the clip wrapped to the other sign (found by hypothesis: bits 62,
+            # x = 1 decoded as -1). Give up 2^-50 of the range instead; below 53 bits nothing changes.
+            scale *= 1.0 - 2.0**-50
+        return min(self.max_scale, scale)
 
     @property
     def dtype(self) -> type[np.unsignedinteger]:
