@@ -39,7 +39,6 @@ from worldlm_secure.node.link import POLL_SECONDS, Alive, BoardChannel, BoardSte
 from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg.ckks import EpochTrust, RoundSpec, key_holders, round_result
 from worldlm_secure.secagg.ckks_params import CkksParams
-from worldlm_secure.secagg.protocol import BeforeReveal
 from worldlm_secure.secagg.ckks_round import (
     COMMIT,
     CONTRIBUTE,
@@ -52,6 +51,7 @@ from worldlm_secure.secagg.ckks_round import (
     Encrypt,
     aggregate,
 )
+from worldlm_secure.secagg.protocol import BeforeReveal
 from worldlm_secure.transport import federation_pb2 as pb
 from worldlm_secure.transport.board import RoundBoard
 from worldlm_secure.transport.chunks import Payload

@@ -42,6 +42,7 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.node.config import TimeoutSection
 from worldlm_secure.node.link import member_round
+from worldlm_secure.node.receipts import release_id
 from worldlm_secure.node.rounds import ckks_round, masking_config
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.state import NodeState
@@ -154,7 +155,7 @@ class NodeRelease:
         if dp is not None:
             self.path.check_budget(world_round, group, destination, names, final, plan, dp)
         if dp is None or dp.noise is None:
-            plan = self._rerun_plan(f"{world_round}:{group}:{destination}", cohort, plan)
+            plan = self._rerun_plan(release_id(world_round, group, destination), cohort, plan)
         return Prepared(vector, plan, dp, level, self.path.effective(self.me, final), final, derived)
 
     def _rerun_plan(self, rid: str, cohort: Sequence[str], plan: RoundPlan) -> RoundPlan:
@@ -205,7 +206,7 @@ class NodeRelease:
         (`_rerun_plan` covers the other order: a re-run that leaves someone out). A release with fresh
         distributed noise is not guarded: each attempt is noised and charged on its own (`record`).
         SECURITY.md, "Re-run rounds"."""
-        rid = f"{world_round}:{group}:{destination}"
+        rid = release_id(world_round, group, destination)
 
         def guard(contributors: tuple[str, ...]) -> None:
             if prep.noise is not None or self.state is None:
@@ -232,7 +233,7 @@ class NodeRelease:
         Which link round an entry belongs to is stored in the node's state before the entry is written.
         ``key_id``: the CKKS key epoch the input is encrypted under ("" for other protocols).
         """
-        rid = f"{world_round}:{group}:{destination}"
+        rid = release_id(world_round, group, destination)
         key = f"released:{rid}"
         existing = self.path.ledger(self.me).get(rid) if self.path.ledger_dir is not None else None
         retry = None
