@@ -25,7 +25,7 @@ def ckks_world(folder: Path, rounds: int) -> Path:
 
 @pytest.mark.slow
 def test_ckks_world_up_matches_simulate(tmp_path: Path) -> None:
-    world = ckks_world(tmp_path / "w", rounds=2)
+    world = ckks_world(tmp_path / "w", rounds=1)
     events: list[dict] = []
     payload = world_up(world, tmp_path / "state", on_event=events.append, timeout=600)
     assert payload.get("failed_nodes") is None, payload["exit_codes"]
