@@ -135,6 +135,27 @@ def test_any_single_byte_change_in_any_entry_is_caught_and_named(template: tuple
     assert rep.problem is not None and rep.problem.seq == i, str(rep.problem)
 
 
+def test_a_signature_with_one_letter_in_upper_case_is_caught(template: tuple[Path, Path]) -> None:
+    """`bytes.fromhex` reads "AB" as "ab": a stored signature with one letter's case flipped decoded to the same
+    bytes and verified (found by the test above, entry 0, signature byte 1 xor 32). Stored hex must be canonical."""
+    path = _copy(template[0])
+    seq, _, _, _, sig = _rows(path)[0]
+    i = next(k for k, c in enumerate(sig) if c in "abcdef")
+    _exec(path, "UPDATE entries SET signature = ? WHERE seq = ?", (sig[:i] + sig[i].upper() + sig[i + 1:], seq))
+    rep = verify(path)
+    assert not rep.ok and rep.problem is not None and "lowercase hex" in rep.problem.what, str(rep.problem)
+
+
+def test_hex_signatures_verify_only_in_canonical_form() -> None:
+    from worldlm_secure.identity import NodeIdentity, verify_hex_signature
+
+    me = NodeIdentity.generate("a")
+    pk, sig = me.public_bytes.hex(), me.sign(b"m").hex()
+    assert verify_hex_signature(pk, sig, b"m")
+    for bad_pk, bad_sig in ((pk, sig.upper()), (pk.upper(), sig), (pk, sig[:2] + " " + sig[2:]), (pk, "")):
+        assert not verify_hex_signature(bad_pk, bad_sig, b"m")
+
+
 CONTENT_FIELDS = {
     "round": st.integers(-5, 10**6),
     "destination": st.text(min_size=1, max_size=12),

@@ -70,3 +70,17 @@ def verify_signature(public_bytes: bytes, signature: bytes, message: bytes) -> b
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def is_canonical_hex(text: str) -> bool:
+    """True when ``text`` is hex exactly as `bytes.hex` writes it: lowercase, even length, nothing else."""
+    return len(text) % 2 == 0 and all(c in "0123456789abcdef" for c in text)
+
+
+def verify_hex_signature(public_hex: str, signature_hex: str, message: bytes) -> bool:
+    """`verify_signature` for a key and signature stored as hex (ledgers, receipts); False unless both are
+    canonical hex. Why: `bytes.fromhex` also takes "AB" and spaces, so a stored signature with one letter's
+    case flipped would still verify, and a byte of a signed file could change without anyone noticing."""
+    if not (signature_hex and is_canonical_hex(public_hex) and is_canonical_hex(signature_hex)):
+        return False
+    return verify_signature(bytes.fromhex(public_hex), bytes.fromhex(signature_hex), message)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worldlm_secure.errors import LedgerError
-from worldlm_secure.identity import verify_signature
+from worldlm_secure.identity import verify_hex_signature
 from worldlm_secure.ledger.entry import canonical_json
 
 RECEIPT_TYPE = "worldlm-secure receipt v1"  # no child signature (older receipts: still parse and verify)
@@ -51,11 +51,7 @@ def sign_head(ledger: Any, release_id: str, count: int, entry_hash: str) -> str:
 
 def verify_head(child: str, child_public_key: str, release_id: str, count: int, entry_hash: str, signature: str) -> bool:
     """True when ``signature`` (hex) is ``child``'s signature of that head under ``child_public_key`` (hex)."""
-    try:
-        pk, sig = bytes.fromhex(child_public_key), bytes.fromhex(signature)
-    except ValueError:
-        return False
-    return bool(sig) and verify_signature(pk, sig, head_message(child, release_id, count, entry_hash))
+    return verify_hex_signature(child_public_key, signature, head_message(child, release_id, count, entry_hash))
 ISSUED, HELD = "issued", "held"  # the parent's copy, the child's copy
 
 
@@ -99,11 +95,7 @@ class Receipt:
 
     def verify_signature(self, parent_public_key: str | None = None) -> bool:
         """True when the signature verifies under `parent_public_key` (default: the key the receipt names)."""
-        try:
-            pk, sig = bytes.fromhex(parent_public_key or self.parent_public_key), bytes.fromhex(self.signature)
-        except ValueError:
-            return False
-        return verify_signature(pk, sig, self.signed_message())
+        return verify_hex_signature(parent_public_key or self.parent_public_key, self.signature, self.signed_message())
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.statement(), "signature": self.signature}

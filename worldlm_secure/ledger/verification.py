@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worldlm_secure.errors import LedgerError
-from worldlm_secure.identity import verify_signature
+from worldlm_secure.identity import is_canonical_hex, verify_hex_signature
 from worldlm_secure.ledger.entry import POST_PROCESSING, GENESIS_HASH, LedgerEntry, entry_from_body
 from worldlm_secure.ledger.noise_rules import check_noise_sensitivity, unrecorded
 from worldlm_secure.ledger.policy_rules import check_entry, is_refusal
@@ -141,13 +141,11 @@ def verify(
 
     if lf.format not in FORMATS:
         return file_problem(f"not a {FORMAT} file (format {lf.meta.get('format')!r})")
-    try:
-        pk_bytes = bytes.fromhex(pk)
-    except ValueError:
-        return file_problem("meta.public_key is not hex")
+    if not is_canonical_hex(pk):
+        return file_problem("meta.public_key is not lowercase hex")
     if lf.format == FORMAT:
         msig = lf.meta.get("meta_signature", "")
-        if not (_is_hex(msig) and verify_signature(pk_bytes, bytes.fromhex(msig), meta_message(lf.meta))):
+        if not verify_hex_signature(pk, msig, meta_message(lf.meta)):
             return file_problem("meta (node, format, key) was changed: its signature does not verify")
     else:
         notes.append("format 1: the meta (node, key) is not signed; it is checked against every entry's signed source")
@@ -183,11 +181,9 @@ def verify(
             return bad("content changed: SHA-256 of the body does not match entry_hash", e)
         if e.public_key != pk:
             return bad(f"signed by key {e.public_key[:16]}…, not this ledger's key {pk[:16]}…", e)
-        try:
-            sig = bytes.fromhex(e.signature)
-        except ValueError:
-            return bad("signature is not hex", e)
-        if not verify_signature(pk_bytes, sig, e.signed_message()):
+        if not is_canonical_hex(e.signature):
+            return bad("signature is not lowercase hex", e)
+        if not verify_hex_signature(pk, e.signature, e.signed_message()):
             return bad("signature does not verify under the ledger's public key", e)
         if e.source != node:
             return bad(f"signed source {e.source!r} is not this ledger's node {node!r} (meta.node changed?)", e)
@@ -234,12 +230,12 @@ def verify(
         return report(None)
     count, head_hash, head_sig = lf.head
     if lf.format == FORMAT_V1:
-        if not verify_signature(pk_bytes, bytes.fromhex(head_sig) if _is_hex(head_sig) else b"", head_message(count, head_hash)):
+        if not verify_hex_signature(pk, head_sig, head_message(count, head_hash)):
             return file_problem("head signature does not verify (entry count / last hash were altered)")
         signed_policies: list[str] | None = None
         n_receipts, receipt_hash = 0, GENESIS_HASH
     else:
-        if not verify_signature(pk_bytes, bytes.fromhex(head_sig) if _is_hex(head_sig) else b"", head_message_v2(lf.head_body)):
+        if not verify_hex_signature(pk, head_sig, head_message_v2(lf.head_body)):
             return file_problem("head signature does not verify (entry count / last hash / policies / receipts were altered)")
         try:
             hb = json.loads(lf.head_body)
@@ -314,17 +310,9 @@ def _is_hex64(s: str) -> bool:
     return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
 
 
-def _is_hex(s: str) -> bool:
-    try:
-        bytes.fromhex(s)
-        return True
-    except ValueError:
-        return False
-
-
 def _check_policy(e: LedgerEntry, policies: dict[str, bytes], docs: dict[str, dict | str], require: bool) -> str | None:
     sha = e.policy_sha256
-    if len(sha) != 64 or not _is_hex(sha):
+    if len(sha) != 64 or not is_canonical_hex(sha):
         return f"policy_sha256 {sha!r} is not a SHA-256 hex digest"
     raw = policies.get(sha)
     if raw is None:
