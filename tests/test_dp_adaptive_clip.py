@@ -12,7 +12,6 @@ import math
 import textwrap
 from pathlib import Path
 from typing import Any
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -181,14 +180,6 @@ def test_release_path_adapts_the_clip_and_records_it(tmp_path: Path) -> None:
     path.average_remote(9, "shared", "eu", ["eu-a", "eu-b"], [SHARED], {SHARED: torch.Size([50])}, remote,
                         final_destination="world")
     assert path.adaptive.current(("eu", "shared"), 1.0) != before  # its own stream, updated from its count
-
-
-def test_node_start_refuses_adaptive_clipping_naming_the_field(tmp_path: Path) -> None:
-    from worldlm_secure.node.release import check_supported
-
-    world = load_world(_world(tmp_path))
-    with pytest.raises(ConfigError, match=r"world.yaml aggregation.adaptive_clip"):
-        check_supported(SimpleNamespace(world=world))  # type: ignore[arg-type]
 
 
 def test_a_bad_setting_names_the_world_file_and_field(tmp_path: Path) -> None:

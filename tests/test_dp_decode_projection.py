@@ -94,7 +94,8 @@ def test_both_aggregators_release_an_average_inside_the_clip_ball(tmp_path: Path
     try:
         total = sum(encode_update(codec, deltas[m], np.ones(len(names)), 1.0) for m in COHORT)
         deployed = node.finish_average(np.asarray(total), COHORT, "f0", names,
-                                       {n: tuple(shapes[n]) for n in names}, derived=False)
+                                       {n: tuple(shapes[n]) for n in names}, derived=False, stream=("f0", "key"),
+                                       contributors=len(COHORT))
     finally:
         state.close()
         node.path.close()

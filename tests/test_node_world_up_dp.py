@@ -32,9 +32,9 @@ def deployed_ledgers_equal_simulated(world: Path, tmp_path: Path) -> dict:
     return ledgers_equal_simulated(world, tmp_path / "state", tmp_path)
 
 
-def ledgers_equal_simulated(world: Path, state: Path, tmp_path: Path) -> dict:
+def ledgers_equal_simulated(world: Path, state: Path, tmp_path: Path, fields: tuple[str, ...] = FIELDS) -> dict:
     """`simulate` ``world``; every node's ledger deployed in ``state`` verifies and equals the simulated one in
-    FIELDS, entry for entry, and every site ended with a finite perplexity. The deployed VerifyReports by node."""
+    ``fields``, entry for entry, and every site ended with a finite perplexity. The deployed VerifyReports by node."""
     sites = [r for p in (state / "nodes").glob("*/results.json") if "site" in (r := json.loads(p.read_text()))]
     assert sites and all(math.isfinite(r["val_ppl"]) for r in sites)
     simulate(world, methods=[METHODS["worldlm"]], device="cpu", ledger_root=tmp_path / "sim")
@@ -44,8 +44,8 @@ def ledgers_equal_simulated(world: Path, state: Path, tmp_path: Path) -> dict:
     assert set(dep) == set(sim)
     for node, rep in dep.items():
         assert rep.ok, (node, rep.problem)
-        got = [tuple(getattr(e, f) for f in FIELDS) for e in rep.entries]
-        want = [tuple(getattr(e, f) for f in FIELDS) for e in sim[node].entries]
+        got = [tuple(getattr(e, f) for f in fields) for e in rep.entries]
+        want = [tuple(getattr(e, f) for f in fields) for e in sim[node].entries]
         assert got == want, node
     return dep
 
@@ -60,15 +60,34 @@ def test_dp_world_up_ledgers_equal_simulate(deployed_dp_world: tuple[Path, Path]
     assert dep["eu-a"].spent["eu-a/user"] > 0
 
 
-def test_distributed_noise_world_up_ledgers_equal_simulate(tmp_path: Path) -> None:
-    """Distributed discrete Gaussian noise added by each site inside SecAgg+ over the network: the
-    aggregator decodes a noisy sum only; the ledgers match simulate's (every invited member contributes,
-    so the conservative min_cohort charge equals simulate's z_eff charge)."""
+def test_distributed_noise_world_up_with_adaptive_clipping_ledgers_equal_simulate(tmp_path: Path) -> None:
+    """Distributed discrete Gaussian noise added by each site inside SecAgg+ over the network, with adaptive
+    clipping (protocols/dp.md §2.7): the aggregator decodes a noisy sum only, updates its clip from the sum's
+    noised count and announces it with the next round; the ledgers match simulate's (every invited member
+    contributes, so the conservative min_cohort charge equals simulate's z_eff charge) in every field but the
+    clip after round 1, which follows each backend's own noise."""
+    import yaml
     from conftest import write_distributed_world
 
     world = write_distributed_world(tmp_path)
-    dep = deployed_ledgers_equal_simulated(world, tmp_path)
+    raw = yaml.safe_load(world.read_text())
+    # C_0 = 0.25 below the policy's 1.0: these updates are larger, so the clip rises (never above 1.0)
+    raw.setdefault("aggregation", {})["adaptive_clip"] = {"target_quantile": 0.5, "initial_clip": 0.25}
+    world.write_text(yaml.safe_dump(raw, sort_keys=False))
+    payload = world_up(world, tmp_path / "state", timeout=600)
+    assert payload.get("failed_nodes") is None, payload["exit_codes"]
+    fields = tuple(f for f in FIELDS if f != "clipping_norm")
+    dep = ledgers_equal_simulated(world, tmp_path / "state", tmp_path, fields)
     assert {e.mechanism for e in dep["f0-s0"].entries} == {"distributed_discrete_gaussian"}
+    for fed in ("f0", "f1"):
+        for group in ("key", "shared"):
+            clips = {r: {e.clipping_norm for s in (f"{fed}-s0", f"{fed}-s1") for e in dep[s].entries
+                         if e.round == r and e.group == group} for r in (1, 2)}
+            assert clips[1] == {0.25}, (fed, group, clips)  # C_0, as in simulate
+            # round 2: both sites clipped at the one C_1 their aggregator announced, moved up from C_0
+            assert len(clips[2]) == 1 and 0.25 < next(iter(clips[2])) <= 1.0, (fed, group, clips)
+            assert all("adaptive_clip_max" in e.extra for s in (f"{fed}-s0", f"{fed}-s1") for e in dep[s].entries
+                       if e.group == group), (fed, group)
 
 
 @pytest.mark.slow

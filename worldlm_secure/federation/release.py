@@ -140,7 +140,7 @@ class ReleasePath(Pipeline):
                                                 stream=(destination, group), words=len(names))
         run = members_side(codec, plan, dp.member_clip if dp is not None else None)
         result = self._release(round_id, group, destination, cohort, run, names, final, plan, dp, derived)
-        self.adapt_clip((destination, group), dp, result)
+        self.adapt_clip((destination, group), dp, result.total, len(result.contributors))
         return decode(codec, result.total, len(cohort) if dp is not None else None,
                       dp.dp.clipping_norm if dp is not None else None)
 

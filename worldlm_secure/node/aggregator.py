@@ -129,14 +129,19 @@ class Aggregator:
 
     def weighted(self, phase: Phase, model: Payload | None, final: str, server: dict[str, torch.Tensor],
                  names: list[str], *, derived: bool) -> dict[str, torch.Tensor] | None:
-        """server + the members' weighted average delta (the engine's `_weighted_round`); None if aborted."""
+        """server + the members' weighted average delta (the engine's `_weighted_round`); None if aborted.
+        Under adaptive clipping the round announces this aggregator's clip of the stream (`Phase.clip`)."""
         shapes = {n: server[n].shape for n in names}
-        noise_for = None if derived else (lambda cohort: self.release.member_noise(cohort, final, names, shapes))
+        stream = (self.name, phase.phase)
+        if not derived:
+            phase = replace(phase, clip=self.release.announced_clip(*stream))
+        noise_for = None if derived else (lambda cohort: self.release.member_noise(cohort, final, names, shapes, stream))
         got = self.run_phase(phase, model, final, noise_for)
         if got is None:
             return None
         out, ann = got
-        avg = self.release.finish_average(out.total, ann.cohort, final, names, {n: server[n].shape for n in names}, derived=derived)
+        avg = self.release.finish_average(out.total, ann.cohort, final, names, shapes, derived=derived, stream=stream,
+                                          contributors=len(out.contributors))
         return {n: server[n] + avg[n] for n in names}
 
     def finish(self, phase: Phase, model: Payload) -> None:

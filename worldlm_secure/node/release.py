@@ -1,9 +1,10 @@
 """The release pipeline (`worldlm_secure.release.Pipeline`) split between the member and the aggregator of
 a deployed link: the same steps as `simulate`, each run where it belongs, none of them written again here.
 
-    member:     plan -> round_dp -> authorize -> clip + encode (`encode_update`) -> check_budget
-                -> charge + ledger entry (`record_member`) before the input leaves -> [secure sum over the link]
+    member:     plan -> round_dp (at the announced adaptive clip) -> authorize -> clip + encode (`encode_update`)
+                -> check_budget -> charge + ledger entry (`record_member`) before the input leaves -> [secure sum]
     aggregator: plan -> round_dp (the members' integer noise) -> [secure sum] -> add_noise (central) -> decode
+                -> the next adaptive clip (`Pipeline.adapt_clip`), kept in node state and announced next round
 
 Ledger entries carry the same release ids and fields as `simulate` (``ROUND:GROUP:DESTINATION``, ROUND = the
 world round), and `Ledger.append` is idempotent by id, so a restarted node never duplicates an entry.
@@ -23,12 +24,18 @@ as the engine) and its first release after training charges those steps on its `
 
 CKKS: members encrypt and the member key holders decrypt (`node.ckks_link`); `check_supported` refuses a
 CKKS link whose policy names key holders none of whom is a member of that link.
+
+Adaptive clipping (protocols/dp.md §2.7): the aggregator holds the clip of each stream (destination, group),
+updates it from each noised sum and announces C_t with the next round (`Phase.clip`); a member takes it as its
+stream's clip, and `AdaptiveClip.round_for` keeps it within [the public floor, the policy's clipping_norm],
+so an aggregator can move it only inside what the member's policy allows (z, hence ε, does not depend on it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +82,6 @@ class Prepared:
 def check_supported(ctx: WorldContext) -> None:
     """Refuse, before any key or port is used, what the networked release path cannot run."""
     path = Pipeline(ctx.world, {})
-    if path.adaptive is not None:  # protocols/dp.md §2.7: the clip and its count are engine and Ray only for now
-        raise ConfigError(
-            f"{ctx.world.path} aggregation.adaptive_clip: adaptive clipping is not supported by `node start` yet "
-            "(deployed aggregators do not announce the clip or read the count); remove it to run nodes, or use simulate"
-        )
     for fed in ctx.world.federations:
         links = [(ctx.members(fed.name), fed.name), (ctx.members(ctx.root), ctx.root)]
         for members, final in links:
@@ -110,6 +112,9 @@ class NodeRelease:
         # Same planning as the engine: key + shared per round per site (for noise_multiplier: auto).
         self.planned_releases = planned_site_releases(ctx.settings.rounds, bool(ctx.key_names), bool(ctx.shared_names))
         self.path = Pipeline(ctx.world, {identity.name: identity}, ledger_dir=ledger_dir, planned_releases=self.planned_releases)
+        if self.path.adaptive is not None and state is not None:  # an aggregator's clips survive a restart
+            for stream, clip in (state.get(ADAPTIVE_CLIPS) or {}).items():
+                self.path.adaptive.clips[tuple(stream.split("|", 1))] = float(clip)
 
     def plan(self, cohort: Sequence[str], final: str) -> RoundPlan:
         return self.path.plan(sorted(cohort), final)
@@ -127,19 +132,45 @@ class NodeRelease:
             return float(self.ctx.settings.dp_weight_cap or 1)
         return float(max(counts, default=1) or 1)
 
-    def _round_dp(self, cohort: Sequence[str], final: str, codec: DeltaCodec, charged: Sequence[str]) -> ReleaseDP | None:
-        """The round's user-level DP (`Pipeline.round_dp`), planned as every other member and the aggregator do."""
-        return self.path.round_dp(cohort, final, codec.length, self.plan(cohort, final), charged=charged)
+    def _round_dp(self, cohort: Sequence[str], final: str, codec: DeltaCodec, charged: Sequence[str],
+                  stream: tuple[str, str]) -> ReleaseDP | None:
+        """The round's user-level DP (`Pipeline.round_dp`), planned as every other member and the aggregator do;
+        ``stream``: (destination, group), whose adaptive clip the round uses."""
+        return self.path.round_dp(cohort, final, codec.length, self.plan(cohort, final), charged=charged,
+                                  stream=stream, words=len(codec.names))
+
+    # ---- adaptive clipping (protocols/dp.md §2.7) ----
+    def announced_clip(self, destination: str, group: str) -> float:
+        """The clip C_t this aggregator holds for stream (``destination``, ``group``), to announce with the round
+        (`Phase.clip`); 0.0 when adaptive clipping is off or the stream has had no release yet (members then start
+        from the same public C_0)."""
+        adaptive = self.path.adaptive
+        return float(adaptive.clips.get((destination, group), 0.0)) if adaptive is not None else 0.0
+
+    def follow_clip(self, destination: str, group: str, clip: float) -> None:
+        """A member takes the announced C_t as its stream's clip (0.0: none announced). `AdaptiveClip.round_for`
+        still bounds it by the public floor and this member's clipping_norm, whatever was announced."""
+        if self.path.adaptive is not None and clip > 0:
+            self.path.adaptive.clips[(destination, group)] = float(clip)
+
+    def _next_clip(self, stream: tuple[str, str], dp: ReleaseDP | None, total: np.ndarray, contributors: int) -> None:
+        """The aggregator's next clip of ``stream`` from this noised sum (`Pipeline.adapt_clip`), stored at once."""
+        self.path.adapt_clip(stream, dp, total, contributors)
+        if self.path.adaptive is not None and self.state is not None:
+            clips = cast(dict[tuple[str, str], float], self.path.adaptive.clips)  # keyed by (destination, group) here
+            self.state.put(**{ADAPTIVE_CLIPS: {"|".join(k): c for k, c in clips.items()}})
 
     # ---- member side ----
     def prepare(
         self, world_round: int, group: str, destination: str, final: str, cohort: Sequence[str],
         deltas: Mapping[str, torch.Tensor] | None, weights: np.ndarray | None, names: Sequence[str],
         shapes: Mapping[str, tuple[int, ...]], *, derived: bool, raw_vector: np.ndarray | None = None,
+        clip: float = 0.0,
     ) -> Prepared:
         """Authorize, clip and encode this node's release (``raw_vector``: a residual embedding, sent as is),
         and refuse it (a signed refusal entry, `BudgetExceeded`) before anything is sent if even the worst
-        case the round can release would exceed this node's budget."""
+        case the round can release would exceed this node's budget. ``clip``: the adaptive clip the aggregator
+        announced (`Phase.clip`, 0.0: none)."""
         cohort = sorted(cohort)
         plan = self.plan(cohort, final)
         dp = None
@@ -148,7 +179,8 @@ class NodeRelease:
         else:
             assert deltas is not None and weights is not None, "a delta release needs its deltas and weights"
             codec = _codec(names, shapes)
-            dp = None if derived else self._round_dp(cohort, final, codec, [self.me])
+            self.follow_clip(destination, group, clip)
+            dp = None if derived else self._round_dp(cohort, final, codec, [self.me], (destination, group))
             vector = encode_update(codec, deltas, weights, dp.member_clip if dp is not None else None)
         level = self.path.authorize(world_round, group, destination, [self.me], names, final, plan, dp,
                                     cohort=len(cohort), derived=derived)[self.me]
@@ -266,21 +298,28 @@ class NodeRelease:
 
     # ---- aggregator side ----
     def finish_average(self, total: np.ndarray, cohort: Sequence[str], final: str, names: Sequence[str],
-                       shapes: Mapping[str, tuple[int, ...]], *, derived: bool) -> dict[str, torch.Tensor]:
-        """Noise (central Gaussian, when the members' policies ask for user-level DP) and decode the average."""
+                       shapes: Mapping[str, tuple[int, ...]], *, derived: bool, stream: tuple[str, str],
+                       contributors: int) -> dict[str, torch.Tensor]:
+        """Noise (central Gaussian, when the members' policies ask for user-level DP), the next adaptive clip of
+        ``stream`` (this aggregator, the group) and the decoded average of a sum of ``contributors`` members."""
         codec = _codec(names, shapes)
-        dp = None if derived else self._round_dp(cohort, final, codec, [])
+        dp = None if derived else self._round_dp(cohort, final, codec, [], stream)
         if dp is not None:  # central; distributed shares are in the sum already
             dp, total = self.path.add_noise(dp, total, len(cohort))
+            self._next_clip(stream, dp, total, contributors)
         # Under DP: divide by the public cohort size, never by the noisy weight sum (as the engine does).
         return decode(codec, total, len(cohort) if dp is not None else None,
                       dp.dp.clipping_norm if dp is not None else None)
 
     def member_noise(self, cohort: Sequence[str], final: str, names: Sequence[str],
-                     shapes: Mapping[str, tuple[int, ...]]) -> IntegerNoise | None:
+                     shapes: Mapping[str, tuple[int, ...]], stream: tuple[str, str]) -> IntegerNoise | None:
         """The integer noise members add in this round (distributed DP), for the aggregator's round config."""
-        dp = self._round_dp(cohort, final, _codec(names, shapes), [])
+        dp = self._round_dp(cohort, final, _codec(names, shapes), [], stream)
         return dp.noise if dp is not None else None
+
+
+#: Node-state key of an aggregator's adaptive clips: {"DESTINATION|GROUP": C_t}.
+ADAPTIVE_CLIPS = "adaptive_clips"
 
 
 def _codec(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> DeltaCodec:

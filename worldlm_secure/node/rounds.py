@@ -29,7 +29,8 @@ class BaseMismatch(ConfigError):
 class Phase:
     """What a link round is for. ``phase``: key | shared | residual | final; ``n_max``: the largest member
     example count (shared weights are examples / n_max, as in the engine); ``model``: the SHA-256 (hex) of the
-    model payload the aggregator serves for the round. The announcement's params (these bytes) go into what
+    model payload the aggregator serves for the round; ``clip``: the adaptive clip C_t of the release (L2 norm,
+    protocols/dp.md §2.7; 0.0: none, members use the public C_0 or their fixed clip). The announcement's params (these bytes) go into what
     masking members sign (`masking_config`), so members reveal only if enough of them were told the same."""
 
     world_round: int
@@ -37,6 +38,7 @@ class Phase:
     n_max: float = 1.0
     base: str = ""  # SHA-256 of the base weights the aggregator loaded (model.base_hash); "" when unknown
     model: str = ""  # SHA-256 of the model payload served for this round; "" when none is served
+    clip: float = 0.0  # adaptive clip C_t announced for this release; 0.0 when none
 
     def to_bytes(self) -> bytes:
         raw: dict[str, object] = {"world_round": self.world_round, "phase": self.phase, "n_max": self.n_max}
@@ -44,6 +46,8 @@ class Phase:
             raw["base"] = self.base
         if self.model:
             raw["model"] = self.model
+        if self.clip:
+            raw["clip"] = self.clip
         return json.dumps(raw, sort_keys=True).encode()
 
     def check_base(self, loaded: str | None, *, node: str, aggregator: str, where: str) -> None:
@@ -62,11 +66,13 @@ class Phase:
         try:
             raw = json.loads(ann.params.decode() or "{}")
             phase = cls(int(raw["world_round"]), str(raw["phase"]), float(raw.get("n_max", 1.0)), str(raw.get("base", "")),
-                        str(raw.get("model", "")))
+                        str(raw.get("model", "")), float(raw.get("clip", 0.0)))
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise SecAggError(f"round {ann.round_id}: the announcement's params do not parse ({type(exc).__name__}); skipped") from None
         if phase.phase not in PHASES or not math.isfinite(phase.n_max) or phase.n_max <= 0:
             raise SecAggError(f"round {ann.round_id}: the announcement names an unknown phase or a bad n_max; skipped")
+        if not math.isfinite(phase.clip) or phase.clip < 0:
+            raise SecAggError(f"round {ann.round_id}: the announcement's adaptive clip is not a finite norm >= 0; skipped")
         if phase.base and not re.fullmatch(r"[0-9a-f]{64}", phase.base):
             raise SecAggError(f"round {ann.round_id}: the announcement's base hash is not a SHA-256; skipped")
         if phase.model and not re.fullmatch(r"[0-9a-f]{64}", phase.model):

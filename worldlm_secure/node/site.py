@@ -175,7 +175,8 @@ class SiteNode:
         deltas = {n: params[n] - self.server[n] for n in names}
         shapes = {n: self.server[n].shape for n in names}
         group = phase.phase
-        prep = self.release.prepare(r, group, self.fed, final, ann.cohort, deltas, weights, names, shapes, derived=False)
+        prep = self.release.prepare(r, group, self.fed, final, ann.cohort, deltas, weights, names, shapes, derived=False,
+                                    clip=phase.clip)
         # The update carries this site's ledger head; the federation's countersigned receipt is checked and held.
         link = ReceiptingClient(client, self.receipts, release_id(r, group, self.fed), ann.aggregator_key)
         self.release.contribute(link, ann, r, group, self.fed, names, prep, self.cfg.timeouts)

@@ -296,10 +296,11 @@ class Pipeline:
                 raise BudgetExceeded(msg)
         return {m: dp.dp.charge(dp.trackers[m], dp.plan, contributors) for m in charged}
 
-    def adapt_clip(self, stream: tuple[str, str], dp: ReleaseDP | None, result: SumResult) -> None:
-        """Adaptive clipping: the next clip of ``stream`` from this release's noised count (post-processing)."""
+    def adapt_clip(self, stream: tuple[str, str], dp: ReleaseDP | None, total: np.ndarray, contributors: int) -> None:
+        """Adaptive clipping: the next clip of ``stream`` from this release's noised sum ``total`` of
+        ``contributors`` members (its count words; post-processing)."""
         if dp is not None and dp.clip_round is not None and self.adaptive is not None:
-            self.adaptive.update(stream, dp.clip_round, result.total, len(result.contributors))
+            self.adaptive.update(stream, dp.clip_round, total, contributors)
 
     # --- step 4: the entries -------------------------------------------------------------------------
     def record_member(self, round_id: int, group: str, member: str, destination: str, names: Sequence[str],
