@@ -91,6 +91,15 @@ def write_distributed_world(folder: Path, *, protocol: str = "masking", noise_mu
     return write_world(folder, policy="dist.yaml", feds=2, sites=2, rounds=2)
 
 
+#: The ledger entry fields every backend (in process, Ray, nodes) records identically for one world and seed.
+LEDGER_FIELDS = (
+    "release_id", "round", "stream", "level", "source", "destination", "group", "tensor_names", "protocol",
+    "cohort_size", "dropouts", "dp_level", "mechanism", "clipping_norm", "noise_multiplier", "sample_rate",
+    "steps", "accountant", "delta", "epsilon", "epsilon_cumulative", "epsilon_budget", "policy_sha256",
+    "base_hash",  # every node, deployed or simulated, records the same base model
+)
+
+
 HEAVY = ("e2e", "network", "ray", "ckks", "slow", "typer_matrix")
 
 # test module -> markers every test in it carries

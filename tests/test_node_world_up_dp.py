@@ -10,18 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LEDGER_FIELDS as FIELDS
 from nodeworld import small_world
 from worldlm_secure.federation.methods import METHODS
 from worldlm_secure.federation.simulate import simulate
 from worldlm_secure.ledger import verify
 from worldlm_secure.node.world_up import world_up
 
-FIELDS = (
-    "release_id", "round", "stream", "level", "source", "destination", "group", "tensor_names", "protocol",
-    "cohort_size", "dropouts", "dp_level", "mechanism", "clipping_norm", "noise_multiplier", "sample_rate",
-    "steps", "accountant", "delta", "epsilon", "epsilon_cumulative", "epsilon_budget", "policy_sha256",
-    "base_hash",  # every node, deployed or simulated, records the same base model
-)
 
 
 def deployed_ledgers_equal_simulated(world: Path, tmp_path: Path) -> dict:

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import write_world
+from conftest import LEDGER_FIELDS, write_world
 from worldlm_secure.federation.methods import METHODS
 from worldlm_secure.federation.simulate import SimulationResult, simulate
+from worldlm_secure.ledger import verify
 
 ray = pytest.importorskip("ray", reason="Ray backend test needs the ray extra: pip install -e '.[test,ray]'")
 
@@ -79,10 +80,14 @@ def _same_as_in_process(remote: SimulationResult, local: SimulationResult, remot
         for site in a:
             assert b[site] == pytest.approx(a[site], rel=1e-9), (name, site)
         assert remote.methods[name].stats.bytes_up == local.methods[name].stats.bytes_up
-    # the tasks kept the same signed ledgers, in the same places
-    assert sorted(p.relative_to(remote_ledgers) for p in remote_ledgers.rglob("*.sqlite")) == sorted(
-        p.relative_to(local_ledgers) for p in local_ledgers.rglob("*.sqlite")
-    )
+    # the tasks kept the same signed ledgers, in the same places, entry for entry
+    files = sorted(p.relative_to(remote_ledgers) for p in remote_ledgers.rglob("*.sqlite"))
+    assert files == sorted(p.relative_to(local_ledgers) for p in local_ledgers.rglob("*.sqlite"))
+    for rel in files:
+        got, want = verify(remote_ledgers / rel), verify(local_ledgers / rel)
+        assert got.ok and want.ok, (rel, got.problem, want.problem)
+        assert [tuple(getattr(e, f) for f in LEDGER_FIELDS) for e in got.entries] == [
+            tuple(getattr(e, f) for f in LEDGER_FIELDS) for e in want.entries], rel
 
 
 @pytest.mark.parametrize("scope", ["sites", "methods"])
