@@ -32,8 +32,8 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.aggregator import Aggregator
 from worldlm_secure.node.board import EXAMPLES_STATUS, DONE_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
-from worldlm_secure.node.payload import model_payload, split_payload
-from worldlm_secure.node.rounds import Phase, announced_phases, download_announced
+from worldlm_secure.node.payload import model_payload
+from worldlm_secure.node.rounds import Phase, announced_phases, download_groups
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
@@ -100,7 +100,7 @@ class FederationNode:
     # ---- steps ----
     def _sync_from_root(self, ann: Announcement, parent: SiteClient) -> Tensors:
         """Take the root's shared layers and mix in the residual blend its last sum allows."""
-        groups, extra = split_payload(download_announced(parent, ann))
+        groups, extra = download_groups(parent, ann, {"shared": self.ctx.shared_names}, self.ctx.init)
         root_shared = groups["shared"]
         self.shared = {n: t.clone() for n, t in root_shared.items()}
         if self.pending is not None and "residual_total" in extra:
@@ -188,7 +188,7 @@ class FederationNode:
                         else:
                             # Our sites' round r is aggregated already (we restarted, or the root did and
                             # re-announced): release the same aggregate again; the ledger keeps one entry.
-                            groups, _ = split_payload(download_announced(parent, ann))
+                            groups, _ = download_groups(parent, ann, {"shared": ctx.shared_names}, ctx.init)
                             root_shared = groups["shared"]
                         names = ctx.shared_names
                         deltas = {n: self.released[n] - root_shared[n] for n in names}
@@ -207,7 +207,8 @@ class FederationNode:
                                 f"{self.name}: residual of world round {r} announced, but its key layers are those "
                                 f"of world round {done_r} ({stage}); refused, nothing sent"
                             )
-                        groups, _ = split_payload(download_announced(parent, ann))
+                        expected = {"shared": ctx.shared_names, "ref": ctx.key_names}
+                        groups, _ = download_groups(parent, ann, expected, ctx.init)
                         self.shared = {n: t.clone() for n, t in groups["shared"].items()}
                         ref = groups["ref"]
                         names = ctx.key_names

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.node.ckks_link import CkksRound
+from worldlm_secure.node.payload import split_payload
 from worldlm_secure.secagg.masking import RoundConfig
 from worldlm_secure.transport.chunks import Payload
 from worldlm_secure.transport.client import SiteClient
@@ -111,6 +115,27 @@ def download_announced(link: SiteClient, ann: Announcement) -> Payload:
             f"({phase.model[:16] + '...' if phase.model else 'none'}); refused, nothing trained or sent"
         )
     return payload
+
+
+def download_groups(link: SiteClient, ann: Announcement, expected: Mapping[str, Sequence[str]],
+                    shapes: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, np.ndarray]]:
+    """The model served for round ``ann`` (`download_announced`), split into its groups and raw extras, refused
+    (`SecAggError`, the round skipped, nothing loaded) unless its groups are exactly ``expected`` (group -> the
+    tensor names this member's own world file puts there; an empty group may be absent) with the shapes of
+    ``shapes`` (the initial model). Why: a member loads what it downloads; an aggregator adding a tensor named
+    like a local layer would overwrite what never leaves the site, and a wrong shape would crash the member."""
+    groups, extra = split_payload(download_announced(link, ann))
+    problems = [f"unexpected group {g!r}" for g in sorted(set(groups) - set(expected))]
+    for group, names in expected.items():
+        got = groups.get(group, {})
+        problems += [f"{group}/{n} not aggregated here" for n in sorted(set(got) - set(names))]
+        problems += [f"{group}/{n} missing" for n in names if n not in got]
+        problems += [f"{group}/{n} shape {tuple(got[n].shape)} is not {tuple(shapes[n].shape)}"
+                     for n in names if n in got and got[n].shape != shapes[n].shape]
+    if problems:
+        raise SecAggError(f"round {ann.round_id}: the served model is not the groups this node aggregates "
+                          f"({'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''}); refused, nothing trained or sent")
+    return groups, extra
 
 
 def masking_config(plan: Any, ann: Announcement, noise: Any = None) -> RoundConfig | None:

@@ -27,8 +27,7 @@ from worldlm_secure.errors import SecAggError, TransportError, WorldLMError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.board import DONE_STATUS, EXAMPLES_STATUS
 from worldlm_secure.node.heartbeat import Heartbeat
-from worldlm_secure.node.payload import split_payload
-from worldlm_secure.node.rounds import Phase, announced_phases, download_announced
+from worldlm_secure.node.rounds import Phase, announced_phases, download_groups
 from worldlm_secure.node.config import NodeConfig
 from worldlm_secure.node.context import WorldContext
 from worldlm_secure.node.receipts import MemberReceipts, ReceiptingClient, release_id
@@ -160,7 +159,8 @@ class SiteNode:
         return ppl
 
     def _load_broadcast(self, client: SiteClient, ann: Announcement) -> None:
-        groups, _ = split_payload(download_announced(client, ann))
+        expected = {"key": self.ctx.key_names, "shared": self.ctx.shared_names}
+        groups, _ = download_groups(client, ann, expected, self.ctx.init)
         self.server = {**groups.get("key", {}), **groups.get("shared", {})}
         self.site.params.update({n: t.clone() for n, t in self.server.items()})
 
