@@ -132,6 +132,11 @@ class NodeRelease:
             return float(self.ctx.settings.dp_weight_cap or 1)
         return float(max(counts, default=1) or 1)
 
+    def member_scale(self, announced: float) -> float:
+        """The ``n_max`` a member weighs its shared update with: under DP the public cap it derives from its own
+        world file (`example_scale`), whatever the aggregator announced; without DP the announced largest count."""
+        return self.example_scale([]) if self.public_weights else announced
+
     def _round_dp(self, cohort: Sequence[str], final: str, codec: DeltaCodec, charged: Sequence[str],
                   stream: tuple[str, str]) -> ReleaseDP | None:
         """The round's user-level DP (`Pipeline.round_dp`), planned as every other member and the aggregator do;

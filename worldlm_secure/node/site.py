@@ -170,7 +170,7 @@ class SiteNode:
         names, final = (ctx.key_names, self.fed) if key else (ctx.shared_names, ctx.root)
         params = self.site.params
         weights = member_weights(self.server, params, names, "attention" if key else "examples",
-                                 examples=self.examples, n_max=phase.n_max,
+                                 examples=self.examples, n_max=self.release.member_scale(phase.n_max),
                                  attention=ctx.settings.attention)
         deltas = {n: params[n] - self.server[n] for n in names}
         shapes = {n: self.server[n].shape for n in names}

@@ -1,7 +1,11 @@
-"""Adaptive clipping on deployed nodes (protocols/dp.md §2.7): the aggregator announces the clip C_t of each
-release (`Phase.clip`) and keeps it in node state; a member clips at the announced C_t, but never above its own
-policy's clipping_norm and never at a malformed value. The world-up run that checks the ledgers against
-`simulate` is in test_node_world_up_dp.py (distributed noise with adaptive clipping)."""
+"""What a member of a deployed DP link decides itself rather than taking from its aggregator.
+
+Adaptive clipping (protocols/dp.md §2.7): the aggregator announces the clip C_t of each release (`Phase.clip`)
+and keeps it in node state; a member clips at the announced C_t, but never above its own policy's
+clipping_norm and never at a malformed value. Public weights (§2): under DP a member weighs its shared update
+with the public cap of its own world file, not the announced n_max. The world-up run that checks adaptive
+clipping's ledgers against `simulate` is in test_node_world_up_dp.py (distributed noise with adaptive clipping).
+"""
 
 from __future__ import annotations
 
@@ -102,3 +106,11 @@ def test_the_clip_is_in_the_announced_params_members_sign() -> None:
     phase = Phase(2, "key", clip=0.625)
     assert Phase.from_announcement(Announcement(3, ("a", "b"), "masking", phase.to_bytes())) == phase
     assert b'"clip": 0.625' in phase.to_bytes() and b"clip" not in Phase(2, "key").to_bytes()
+
+
+def test_under_dp_a_member_weighs_with_its_own_public_cap_not_the_announced_n_max(member: NodeRelease) -> None:
+    """The shared weight min(n, n_max)/n_max must be public under DP (protocols/dp.md §2): the member derives
+    n_max from its world file (`aggregation.dp_weight_cap`, here unset: 1, uniform) instead of trusting the
+    announcement, which an aggregator could set per member."""
+    assert member.public_weights
+    assert member.member_scale(1e9) == member.member_scale(0.5) == 1.0
