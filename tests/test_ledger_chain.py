@@ -266,7 +266,7 @@ def test_tampered_policy_document_is_caught(template: tuple[Path, Path]) -> None
 
 def test_recorded_epsilon_that_was_not_earned_is_caught(tmp_path: Path) -> None:
     ident = NodeIdentity.generate("s")
-    tracker = BudgetTracker(budget=10.0, delta=1e-5, stream="s")
+    tracker = BudgetTracker(budget=10.0, delta=1e-5, stream="s/user")
     with Ledger(tmp_path / "s.sqlite", ident) as led:
         c = tracker.charge(1.5, 1.0)
         e = release_entry(release_id="0", round=0, level="site", source="s", destination="f", group="key",

@@ -68,7 +68,7 @@ def test_a_lying_node_recording_budget_50_clip_10_z_06_under_budget_4_clip_1_is_
 
 VIOLATIONS = {
     # name: (entry overrides, rule named in the message)
-    "budget": (dict(tracker=BudgetTracker(budget=50.0, delta=1e-5, stream="site-a/other"), z=0.6), "epsilon_budget"),
+    "budget": (dict(tracker=BudgetTracker(budget=50.0, delta=1e-5, stream="site-a/user"), z=0.6), "epsilon_budget"),
     "clip": (dict(clipping_norm=10.0), "differential_privacy.clipping_norm"),
     "mechanism": (dict(mechanism="distributed_discrete_gaussian"), "differential_privacy.mechanism"),
     "no DP": (dict(dp_level="none", mechanism="none", charge=None), "differential_privacy.level"),
@@ -77,8 +77,8 @@ VIOLATIONS = {
     "destination": (dict(destination="fed-us"), "egress.destinations"),
     "local layer left": (dict(tensor_names=("lm_head.weight",)), "layers.local"),
     "key tensor as shared": (dict(tensor_names=("model.key.w",)), "layers.shared"),
-    "delta": (dict(tracker=BudgetTracker(budget=4.0, delta=1e-3, stream="site-a/other")), "differential_privacy.delta"),
-    "accountant": (dict(tracker=BudgetTracker(budget=4.0, delta=1e-5, accountant="prv", stream="site-a/other")),
+    "delta": (dict(tracker=BudgetTracker(budget=4.0, delta=1e-3, stream="site-a/user")), "differential_privacy.delta"),
+    "accountant": (dict(tracker=BudgetTracker(budget=4.0, delta=1e-5, accountant="prv", stream="site-a/user")),
                    "differential_privacy.accountant"),
 }
 

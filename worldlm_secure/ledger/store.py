@@ -186,9 +186,11 @@ def read_ledger_file(path: Path | str) -> LedgerFile:
             ) if "receipts" in tables else ()
         finally:
             con.close()
+        head = (int(head_row[0]), str(head_row[1]), str(head_row[2])) if head_row else None
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path}: not a readable ledger database ({exc})") from None
-    head = (int(head_row[0]), str(head_row[1]), str(head_row[2])) if head_row else None
+    except (TypeError, ValueError) as exc:  # e.g. a BLOB column rewritten as TEXT: a damaged ledger, not a crash
+        raise LedgerError(f"{path}: a column holds a value of the wrong type ({exc}); the file was altered") from None
     body = str(head_row[3]) if head_row is not None and len(head_row) > 3 else ""
     return LedgerFile(path, meta, rows, head, policies, body, receipts)
 

@@ -7,7 +7,8 @@ failure (everything after a broken link is unverifiable):
 2. its seq is its position, its prev_hash is the previous entry's hash (genesis: 64 zeros);
 3. entry_hash = SHA-256(body); the signer is the ledger's key (and the auditor's, if pinned);
    the Ed25519 signature verifies; its `source` is the ledger's node;
-4. policy_sha256 is a SHA-256; the stored policy document hashes to it, and the entry obeys it
+4. the entry is one the writer could have produced (entry_rules.py: one entry per release id, the member's
+   one stream per level, steps, refusals, record-level companions); policy_sha256 is a SHA-256; the stored policy document hashes to it, and the entry obeys it
    (budget, clip, mechanism, δ, accountant, protocols, min_cohort, destinations, layers: policy_rules.py);
    with `require_policies` an entry without its document fails; every entry that records the base weights'
    hash (`base_hash`) names the same one;
@@ -33,6 +34,7 @@ from pathlib import Path
 from worldlm_secure.errors import LedgerError
 from worldlm_secure.identity import is_canonical_hex, verify_hex_signature
 from worldlm_secure.ledger.entry import POST_PROCESSING, GENESIS_HASH, LedgerEntry, entry_from_body
+from worldlm_secure.ledger.entry_rules import check_kind
 from worldlm_secure.ledger.noise_rules import check_noise_sensitivity, unrecorded
 from worldlm_secure.ledger.policy_rules import check_entry, is_refusal
 from worldlm_secure.ledger.receipts import HELD, ISSUED, ReceiptRow, decode_row
@@ -127,6 +129,7 @@ def verify(
     lf = read_ledger_file(path)
     node, pk = lf.meta.get("node", ""), lf.meta.get("public_key", "")
     good: list[LedgerEntry] = []
+    by_id: dict[str, LedgerEntry] = {}  # this ledger's entries so far, by release id (`entry_rules.check_kind`)
     spent: dict[str, float] = {}
     receipts: list[ReceiptRow] = []
     notes: list[str] = []
@@ -194,9 +197,10 @@ def verify(
                        "one node released updates of two different base models", e)
         if e.base_hash and base is None:
             base = e
-        why = _check_policy(e, lf.policies, docs, require_policies)
+        why = check_kind(e, by_id) or _check_policy(e, lf.policies, docs, require_policies)
         if why:
             return bad(why, e)
+        by_id[e.release_id] = e
         # post-processing entries (a federation releasing what it computed from DP-noised aggregates)
         # spend no budget, and refusals released nothing: there is no ε to recompute.
         if e.dp_level != "none" and e.mechanism != POST_PROCESSING and not is_refusal(e):
