@@ -52,7 +52,7 @@ STREAMS = {
 @pytest.mark.parametrize("accountant", ["rdp", pytest.param("prv", marks=pytest.mark.slow)])
 def test_recorded_epsilon_matches_dp_accounting_within_1_percent(tmp_path: Path, accountant: str) -> None:
     path = tmp_path / f"{accountant}.sqlite"
-    tracker = BudgetTracker(budget=1e3, delta=DELTA, accountant=accountant, stream="s")
+    tracker = BudgetTracker(budget=1e3, delta=DELTA, accountant=accountant, stream="n/user")
     with Ledger(path, NodeIdentity.generate("n")) as led:
         for r, (z, q) in enumerate(STREAMS[accountant]):
             led.append(release_entry(

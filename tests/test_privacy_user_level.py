@@ -41,7 +41,7 @@ def test_the_eu_policy_configures_user_level_dp_and_its_hash_is_checked_by_verif
         plan = dp.plan(expected_members=5, dim=10)
         for r, delta in enumerate([dp.delta, dp.delta * 10]):  # the second entry misstates δ
             t = tracker if r == 0 else BudgetTracker(
-                budget=dp.budget, delta=delta, accountant=dp.accountant, stream="site/user2")
+                budget=dp.budget, delta=delta, accountant=dp.accountant, stream="site/user")  # the stored policy rule (delta) fails first
             led.append(release_entry(
                 release_id=str(r), round=r, level="site", source="site", destination="eu", group="shared",
                 tensor_names=("model.layers.0.self_attn.q_proj.weight",), protocol=eff.secure_aggregation.protocol, cohort_size=5, dropouts=0,
