@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from worldlm_secure.errors import LedgerError
-from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, LedgerEntry
+from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, RECORD_SUFFIX, LedgerEntry
 from worldlm_secure.ledger.policy_rules import is_refusal
 from worldlm_secure.ledger.receipts import HELD, ISSUED, Receipt, verify_head
 from worldlm_secure.ledger.verification import VerifyReport, verify
@@ -320,14 +320,14 @@ def _audit_world(root: Path, files: Sequence[Path], keys: Mapping[str, str], req
 
 
 def _base_id(rid: str) -> str:
-    return rid[: -len(":record")] if rid.endswith(":record") else rid
+    return rid.removesuffix(RECORD_SUFFIX)
 
 
 def _check_aggregations(entries: Mapping[str, list[LedgerEntry]], by_node: Mapping[str, VerifyReport], find: Any) -> None:
     groups: dict[tuple[str, str], list[LedgerEntry]] = defaultdict(list)
     for n, es in entries.items():
         for e in es:
-            if is_refusal(e) or e.release_id.endswith(":record"):
+            if is_refusal(e) or e.release_id.endswith(RECORD_SUFFIX):
                 continue  # a refusal left nothing; ":record" is the second entry of a release already counted
             groups[(e.destination, e.release_id)].append(e)
     # Only the root may lack a ledger (it releases nothing); with several ledger-less receivers, one of them
@@ -437,7 +437,7 @@ def _release_of(entry_release_id: str, rid: str) -> bool:
     if not entry_release_id.startswith(rid + ":"):
         return False
     suffix = entry_release_id[len(rid) + 1:]
-    retry = suffix.removesuffix(":record")
+    retry = suffix.removesuffix(RECORD_SUFFIX)
     return suffix == "record" or (retry.startswith("retry") and retry[5:].isdigit())
 
 

@@ -38,6 +38,10 @@ DP_SGD = "dp_sgd"
 # refused before anything left. Nothing was released and no ε was spent (dp_level none, ε fields null); the
 # entry is signed and chained like any other so an auditor sees the refusal, and `extra["refused"]` says why.
 REFUSED = "refused"
+# Release-id suffixes: the DP-SGD companion entry of a release noised at user level too
+# (`release.Pipeline.record_dp_sgd`), and a refusal entry (`release.Pipeline.record_refusal`).
+RECORD_SUFFIX = ":record"
+REFUSED_SUFFIX = ":refused"
 
 @dataclass(frozen=True)
 class LedgerEntry:

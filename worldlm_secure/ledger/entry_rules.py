@@ -24,12 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, REFUSED, LedgerEntry
-
-#: The suffix of a release's DP-SGD companion entry (`Pipeline.record_dp_sgd` with ``second``).
-RECORD_SUFFIX = ":record"
-#: The suffix of a refusal entry (`Pipeline.record_refusal`).
-REFUSED_SUFFIX = ":refused"
+from worldlm_secure.ledger.entry import (
+    DP_SGD, POST_PROCESSING, RECORD_SUFFIX, REFUSED, REFUSED_SUFFIX, LedgerEntry,
+)
 
 
 def check_kind(e: LedgerEntry, earlier: Mapping[str, LedgerEntry]) -> str | None:

@@ -12,7 +12,7 @@ import math
 from fnmatch import fnmatchcase
 from typing import Any
 
-from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, LedgerEntry
+from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, RECORD_SUFFIX, LedgerEntry
 
 REFUSED = "refused"  # ledger.entry.REFUSED (a release refused before anything left)
 _LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}
@@ -93,7 +93,7 @@ def check_entry(e: LedgerEntry, doc: dict[str, Any]) -> str | None:
     if required and not dp_ok:
         return _bad("differential_privacy.level", f"the stored policy requires {level if level != 'none' else 'DP'}, the release had none")
     # the ":record" companion of a release protected at both levels: its user-level entry is checked on its own
-    companion = e.mechanism == DP_SGD and e.release_id.endswith(":record")
+    companion = e.mechanism == DP_SGD and e.release_id.endswith(RECORD_SUFFIX)
     if dp_ok and not companion and level in _LEVEL_ORDER and _LEVEL_ORDER.get(e.dp_level, 0) < _LEVEL_ORDER[level]:
         return _bad("differential_privacy.level", f"recorded {e.dp_level}, the stored policy requires {level}")
     if e.dp_level == "user" and not is_pp and e.mechanism != DP_SGD:

@@ -33,7 +33,7 @@ from worldlm_secure.federation.settings import adaptive_clip_of
 from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.ledger import Ledger, LedgerEntry, release_entry
-from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, REFUSED, ExtraValue
+from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, RECORD_SUFFIX, REFUSED, REFUSED_SUFFIX, ExtraValue
 from worldlm_secure.policy import EffectivePolicy, LayerPatterns, Policy, RoundPlan, compose, plan_round
 from worldlm_secure.policy.authorize import ReleaseGroup
 from worldlm_secure.policy.compose import LEVEL_ORDER, EffectiveDifferentialPrivacy
@@ -346,7 +346,7 @@ class Pipeline:
             return
         eff = self.held_to(member, eff, "record")
         params = self.record_streams[member].params
-        self._append(member, eff, f"{round_id}:{group}:{destination}" + (":record" if second else ""), round_id, group,
+        self._append(member, eff, f"{round_id}:{group}:{destination}" + (RECORD_SUFFIX if second else ""), round_id, group,
                      destination, names, plan, result, dp_level="record", mechanism=DP_SGD,
                      clipping_norm=params.max_grad_norm, charge=charge, stream=None, delta=charge.delta,
                      extra={"expected_batch": params.expected_batch})
@@ -376,7 +376,7 @@ class Pipeline:
         for member in sorted(members):
             eff = self.accounting_policy(member, final)
             entry = release_entry(
-                release_id=f"{round_id}:{group}:{destination}:refused", round=round_id,
+                release_id=f"{round_id}:{group}:{destination}{REFUSED_SUFFIX}", round=round_id,
                 level=self.world.nodes[member].kind, source=member, destination=destination, group=group,
                 tensor_names=names, protocol=plan.protocol, cohort_size=len(members),
                 dropouts=len(members), dp_level="none", mechanism=REFUSED, clipping_norm=0.0,
