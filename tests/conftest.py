@@ -200,6 +200,6 @@ def deployed_dp_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
 
     d = tmp_path_factory.mktemp("deployed-dp")
     world = small_world(d / "w", source="world.yaml", rounds=2)
-    payload = world_up(world, d / "state", timeout=600)
+    payload = world_up(world, d / "state", timeout=600, launch="fork")
     assert payload.get("failed_nodes") is None, payload.get("exit_codes")
     return world, d / "state"

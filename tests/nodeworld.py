@@ -77,8 +77,8 @@ def kill9(procs: dict, node: str) -> None:
     import os
     import signal
 
-    os.kill(procs[node].popen.pid, signal.SIGKILL)
-    procs[node].popen.wait()
+    os.kill(procs[node].process.pid, signal.SIGKILL)
+    procs[node].process.wait()
 
 
 def run_with_one_restart(world_path: Path, state: Path, events: Events, node: str, after: dict[str, object], *,
@@ -90,15 +90,15 @@ def run_with_one_restart(world_path: Path, state: Path, events: Events, node: st
 
     world, procs = prepare(world_path, state)
     try:
-        start_world(world, procs, state, events)
+        start_world(world, procs, state, events, how="fork")
         events.wait(wait, **after)
         kill9(procs, node)
-        start_world(world, procs, state, events, only={node})
+        start_world(world, procs, state, events, only={node}, how="fork")
         codes = wait_all(procs, timeout=timeout)
     finally:
         for p in procs.values():
-            if p.popen is not None and p.popen.poll() is None:
-                p.popen.kill()
+            if p.process is not None and p.process.poll() is None:
+                p.process.kill()
     return world, procs, codes
 
 

@@ -45,7 +45,7 @@ def test_lora_world_agrees_in_process_on_ray_and_over_world_up(local_ray: Any, t
     methods = [METHODS["worldlm"]]
     local = simulate(world, methods=methods, device="cpu", ledger_root=tmp_path / "inprocess")
     ray = simulate_on_ray(world, methods=methods, device="cpu", ledger_root=tmp_path / "ray", scope="sites")
-    deployed = world_up(world, tmp_path / "state", timeout=600)
+    deployed = world_up(world, tmp_path / "state", timeout=600, launch="fork")
     assert deployed.get("failed_nodes") is None, deployed.get("exit_codes")
 
     inproc = _ledgers(sorted((tmp_path / "inprocess").glob("*.sqlite")))

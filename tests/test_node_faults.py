@@ -53,29 +53,29 @@ def test_site_killed_slow_site_and_federation_restarted(tmp_path: Path) -> None:
     events = Events()
     world, procs = prepare(world_path, state)
     try:
-        start_world(world, procs, state, events)
+        start_world(world, procs, state, events, how="fork")
         events.wait(180, node="eu-e", event="trained", round=1)
-        os.kill(procs["eu-e"].popen.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        os.kill(procs["eu-e"].process.pid, signal.SIGKILL)  # type: ignore[union-attr]
         events.wait(60, node="eu-d", event="trained", round=1)
-        os.kill(procs["eu-d"].popen.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+        os.kill(procs["eu-d"].process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
         key1 = events.wait(120, node="eu", event="aggregated", round=1, phase="key")
-        os.kill(procs["eu-d"].popen.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        os.kill(procs["eu-d"].process.pid, signal.SIGCONT)  # type: ignore[union-attr]
         assert key1["contributors"] == 3 and set(key1["dropped"]) == {"eu-d", "eu-e"}
 
         events.wait(240, node="us", event="aggregated", round=2, phase="key")
         kill9(procs, "us")
-        start_world(world, procs, state, events, only={"us"})
+        start_world(world, procs, state, events, only={"us"}, how="fork")
 
         events.wait(240, node="lab-a", event="trained", round=3)
         kill9(procs, "lab-a")
-        start_world(world, procs, state, events, only={"lab-a"})
+        start_world(world, procs, state, events, only={"lab-a"}, how="fork")
         _intruders(state)
         codes = wait_all(procs, timeout=600)
     finally:
         for p in procs.values():
-            if p.popen is not None and p.popen.poll() is None:
-                os.kill(p.popen.pid, signal.SIGCONT)
-                p.popen.kill()
+            if p.process is not None and p.process.poll() is None:
+                os.kill(p.process.pid, signal.SIGCONT)
+                p.process.kill()
     assert codes.pop("eu-e") == -signal.SIGKILL
     assert all(c == 0 for c in codes.values()), codes
 

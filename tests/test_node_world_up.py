@@ -14,9 +14,11 @@ from worldlm_secure.node.world_up import world_up
 
 @pytest.mark.slow
 def test_world_up_matches_simulate_and_ledgers_agree(tmp_path: Path) -> None:
+    """Every node a fresh `worldlm-secure node start` interpreter (launch exec), as operators run them; the other
+    world-up tests fork their nodes from a warm interpreter (the default, node.launcher)."""
     world = small_world(tmp_path / "w", rounds=2)
     events: list[dict] = []
-    payload = world_up(world, tmp_path / "state", on_event=events.append, timeout=600)
+    payload = world_up(world, tmp_path / "state", on_event=events.append, timeout=600, launch="exec")
     assert payload.get("failed_nodes") is None, payload["exit_codes"]
     deployed = payload["methods"]["worldlm"]
     assert sorted(deployed["sites"]) == ["eu-a", "eu-b", "eu-c", "lab-a", "us-a", "us-b", "us-c"]

@@ -27,7 +27,7 @@ def ckks_world(folder: Path, rounds: int) -> Path:
 def test_ckks_world_up_matches_simulate(tmp_path: Path) -> None:
     world = ckks_world(tmp_path / "w", rounds=1)
     events: list[dict] = []
-    payload = world_up(world, tmp_path / "state", on_event=events.append, timeout=600)
+    payload = world_up(world, tmp_path / "state", on_event=events.append, timeout=600, launch="fork")
     assert payload.get("failed_nodes") is None, payload["exit_codes"]
     deployed = payload["methods"]["worldlm"]
     released = [e for e in events if e["event"] == "released"]

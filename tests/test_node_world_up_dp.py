@@ -22,7 +22,7 @@ from worldlm_secure.node.world_up import world_up
 def deployed_ledgers_equal_simulated(world: Path, tmp_path: Path) -> dict:
     """Run `world up` and `simulate` on ``world``; every node's deployed ledger verifies and equals the
     simulated one in FIELDS, entry for entry. Returns the deployed VerifyReports by node."""
-    payload = world_up(world, tmp_path / "state", timeout=600)
+    payload = world_up(world, tmp_path / "state", timeout=600, launch="fork")
     assert payload.get("failed_nodes") is None, payload["exit_codes"]
     return ledgers_equal_simulated(world, tmp_path / "state", tmp_path)
 
@@ -73,7 +73,7 @@ def test_distributed_noise_world_up_with_adaptive_clipping_ledgers_equal_simulat
     # C_0 = 0.25, below the policy's 1.0, so the clip can move either way
     raw.setdefault("aggregation", {})["adaptive_clip"] = {"target_quantile": 0.5, "initial_clip": 0.25}
     world.write_text(yaml.safe_dump(raw, sort_keys=False))
-    payload = world_up(world, tmp_path / "state", timeout=600)
+    payload = world_up(world, tmp_path / "state", timeout=600, launch="fork")
     assert payload.get("failed_nodes") is None, payload["exit_codes"]
     fields = tuple(f for f in FIELDS if f != "clipping_norm")
     # z_eff = z·(share sizing at C_t)/C_t: equal in exact arithmetic for any clip, but C_t here and in simulate

@@ -225,27 +225,33 @@ def test_ray_channel(local_ray: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
         ckks, _open = SiteActor.ckks, SiteActor._open
 
-        def __init__(self, name: str, key_file: Path, vector: np.ndarray) -> None:
-            self.name, self._ckks, self._ckks_session, self._vector = name, None, None, vector
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def reset(self, key_file: Path, vector: np.ndarray) -> None:
+            """A new member for the next case (new keys, no keyring, no session), as a fresh actor would be;
+            one actor per member for every case, because each new actor process imports torch (~5 CPU-s)."""
+            self._ckks, self._ckks_session, self._vector = None, None, vector
             self._opened = False  # as after SiteActor.prepare: one session over this vector
-            self.identity = NodeIdentity.load(name, key_file)
+            self.identity = NodeIdentity.load(self.name, key_file)
 
         def _take(self) -> np.ndarray:
             return self._vector
 
+    actors = {n: Member.remote(n) for n in NAMES}
     for case in sorted(CASES):
         with monkeypatch.context() as mp:
             ids = {n: NodeIdentity.generate(n) for n in NAMES}
             for n, identity in ids.items():
                 identity.save(tmp_path / case / f"{n}.pem")
             setup = _setup(ids)
-            actors = {n: Member.remote(n, tmp_path / case / f"{n}.pem", v) for n, v in _vectors().items()}
+            ray.get([actors[n].reset.remote(tmp_path / case / f"{n}.pem", v) for n, v in _vectors().items()])
             _tampered(RayChannel, mp, lambda: ids, case)
             out = _driver(setup, RayChannel(ray, actors, setup, method="ckks", opening=(setup,)))
             # a Ray refusal arrives as the actor's error: the member's SecAggError is its last line
             _check(case, out["refusals"], out["total"], out["contributors"])
-            for a in actors.values():
-                ray.kill(a)
+    for a in actors.values():
+        ray.kill(a)
 
 
 def _grpc_round(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:

@@ -127,14 +127,20 @@ def test_ray_channel(local_ray: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
         masking, _open = SiteActor.masking, SiteActor._open
 
-        def __init__(self, name: str, key_file: Path, vector: np.ndarray) -> None:
-            self.name, self._session, self._vector = name, None, vector
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def reset(self, key_file: Path, vector: np.ndarray) -> None:
+            """A new member for the next case (new keys, no session), as a fresh actor would be; one actor per
+            member for every case, because each new actor process imports torch (~5 CPU-s)."""
+            self._session, self._vector = None, vector
             self._opened = False  # as after SiteActor.prepare: one session over this vector
-            self.identity = NodeIdentity.load(name, key_file)
+            self.identity = NodeIdentity.load(self.name, key_file)
 
         def _take(self) -> np.ndarray:
             return self._vector
 
+    actors = {n: Member.remote(n) for n in NAMES}
     for case in sorted(CASES):
         with monkeypatch.context() as mp:
             ids = {n: NodeIdentity.generate(n) for n in NAMES}
@@ -142,12 +148,12 @@ def test_ray_channel(local_ray: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
                 identity.save(tmp_path / case / f"{n}.pem")
             agg = NodeIdentity.generate("fed")
             cfg = _config(ids, agg)
-            actors = {n: Member.remote(n, tmp_path / case / f"{n}.pem", v) for n, v in _vectors().items()}
+            ray.get([actors[n].reset.remote(tmp_path / case / f"{n}.pem", v) for n, v in _vectors().items()])
             _tampered(RayChannel, mp, lambda: agg, case)
             trace = aggregate(MaskingAggregator(cfg, agg), RayChannel(ray, actors, cfg, None))
             _check(case, trace.outcome.contributors, trace.outcome.total, " | ".join(trace.dropped.values()))
-            for a in actors.values():
-                ray.kill(a)
+    for a in actors.values():
+        ray.kill(a)
 
 
 @pytest.mark.network

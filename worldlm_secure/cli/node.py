@@ -54,12 +54,18 @@ def up(
         False, "--dry-run", help="Print the plan (tree, groups, protocol and DP per release, planned ε, bytes per round, "
         "DP signal-to-noise) and exit: no key issued, nothing written, no process started."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
+    launch: str = typer.Option(
+        "fork", "--launch", help="fork: fork every node from one interpreter that imported torch once (~4 CPU-s less per "
+        "node; a fresh interpreter where the OS cannot fork); exec: every node a fresh `worldlm-secure node start`, as an "
+        "operator runs it."),
 ) -> None:
     """Issue keys, start every node as its own OS process on loopback, stream progress, print the table."""
     if timeout <= 0:
         raise ConfigError(f"--timeout: must be > 0 seconds (got {timeout:g})")
     if as_json and not dry_run:
         raise ConfigError("--json: only with --dry-run (the run's results are in STATE/results.json)")
+    if launch not in ("fork", "exec"):
+        raise ConfigError(f"--launch: must be fork or exec (got {launch!r})")
     if dry_run:
         _dry_run(world, as_json)
         return
@@ -69,8 +75,10 @@ def up(
     from worldlm_secure.federation.results import write_json_atomic
     from worldlm_secure.federation.simulate import checked_settings
     from worldlm_secure.federation.world import load_world
+    from worldlm_secure.node.launcher import Launch
     from worldlm_secure.node.world_up import world_up
 
+    how: Launch = "fork" if launch == "fork" else "exec"
     w = load_world(world)
     rounds = checked_settings(w).rounds
     console.print(f"[bold]{esc(w.name)}[/]: {len(w.nodes)} nodes as separate processes on loopback "
@@ -85,7 +93,7 @@ def up(
             if line:
                 progress.console.print(line, markup=False)
 
-        payload = world_up(world, state, on_event=show, timeout=timeout)
+        payload = world_up(world, state, on_event=show, timeout=timeout, launch=how)
     write_json_atomic(state / "results.json", payload)
     if payload["methods"]["worldlm"]["sites"]:
         console.print(_table(payload))
