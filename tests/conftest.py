@@ -108,7 +108,7 @@ MODULE_MARKERS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys((
         "test_node_link", "test_node_link_attacks", "test_node_peer_keys_attack", "test_node_base_hash",
         "test_node_site_restart", "test_node_load_smoke", "test_node_faults", "test_node_restart_root",
-        "test_node_world_up", "test_node_world_up_dp", "test_node_momentum", "test_ledger_audit_world_up",
+        "test_node_world_up", "test_node_world_up_dp", "test_node_momentum", "test_ledger_audit_world_up", "test_node_launcher",
         "test_ledger_receipts_link", "test_transport_client", "test_transport_caps", "test_transport_refusals",
         "test_transport_relay_attack", "test_fuzz_wire_decoders", "test_cli_world_up_dry_run", "test_flwr_coinstall",
     ), ("network",)),
@@ -140,15 +140,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run every lane (e2e, network, ray, ckks, slow); without it a plain run is the fast lane")
 
 
-# The heaviest modules, slowest first (seconds per module in a `-n 2 --all` run, 2026-12-03: 300 down to 35).
+# The heaviest modules, slowest first (per-test durations of `-n 2 --all` runs on 2026-12-03, after `world up`
+# started forking its nodes and the Ray channel tests kept one actor per member).
 # They run first so that the two workers finish together: xdist hands out work in collection order, and
 # alphabetically they came last, leaving one worker alone with a 4-minute test at the end. Only the
 # order depends on this list.
 HEAVIEST_FIRST = (
-    "test_ray_sites_boundary", "test_node_faults", "test_node_world_up_ckks", "test_node_world_up_dp",
-    "test_ledger_audit_world_up", "test_node_momentum", "test_model_adapters_backends", "test_node_restart_root",
-    "test_node_world_up", "test_secagg_ckks_channels", "test_ray_backend", "test_cli_resume", "test_flwr_coinstall",
-    "test_secagg_masking_channels", "test_attack_member_sums", "test_dp_adaptive_clip",
+    "test_ray_sites_boundary", "test_node_world_up", "test_node_world_up_ckks", "test_node_faults",
+    "test_node_world_up_dp", "test_model_adapters_backends", "test_ray_backend", "test_node_momentum",
+    "test_ledger_audit_world_up", "test_node_restart_root", "test_cli_resume", "test_flwr_coinstall",
+    "test_secagg_ckks_channels", "test_secagg_masking_channels", "test_attack_member_sums", "test_dp_adaptive_clip",
 )
 
 

@@ -12,8 +12,6 @@ import pytest
 from nodeworld import REPO
 from worldlm_secure.node.launcher import Launch, start_node_process
 
-pytestmark = pytest.mark.network
-
 
 @pytest.mark.parametrize("how", ["fork", "exec"])
 def test_a_node_command_keeps_its_stdout_stderr_and_exit_code(tmp_path: Path, how: Launch) -> None:
