@@ -9,7 +9,7 @@
     STATE/logs/NAME.log            each process's stderr
 
 Nodes start top-down (the root, then federations, then sites), each after its parent wrote the address it
-listens on. Progress is read from every process's JSON-lines stdout. At the end, the sites' results are
+listens on, each a fresh interpreter or forked from a warm one (`node.launcher`). Progress is read from every process's JSON-lines stdout. At the end, the sites' results are
 collected into the same results.json `simulate` writes (method "worldlm").
 """
 
@@ -284,6 +284,7 @@ def world_up(world_path: str | Path, state: str | Path, *, on_event: OnEvent | N
     failed = {n: c for n, c in codes.items() if c != 0}
     payload = collect_results(world, state, time.perf_counter() - start)
     payload["exit_codes"] = codes
+    payload["launch"] = launch
     if failed:
         payload["failed_nodes"] = failed
     return payload
