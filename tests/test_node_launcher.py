@@ -40,3 +40,13 @@ def test_a_forked_node_can_be_killed_and_reports_the_signal(tmp_path: Path) -> N
     proc.kill()
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert proc.poll() == proc.returncode == -signal.SIGKILL
+
+
+def test_nodes_forked_from_one_server_draw_different_secrets(tmp_path: Path) -> None:
+    """The fork server holds no key material and no random state a node's secrets come from: two forked
+    `keys init-ca` runs (Ed25519/X.509 from the OS CSPRNG through OpenSSL, after the fork) make different keys."""
+    runs = [start_node_process(["keys", "init-ca", "--name", f"fed-{i}", "--out", str(tmp_path / f"ca{i}")],
+                               tmp_path / "log", "fork") for i in range(2)]
+    assert [r.wait(timeout=120) for r in runs] == [0, 0], (tmp_path / "log").read_text()
+    keys = [(tmp_path / f"ca{i}" / "ca.key").read_bytes() for i in range(2)]
+    assert keys[0] != keys[1] and all(len(k) > 0 for k in keys)
