@@ -41,6 +41,7 @@ MATRIX = [
     (["simulate", "--backend", "spark"], 2, "--backend: 'spark' is not one of inprocess, ray"),
     (["compare", "x.yaml", "--backend", "spark"], 2, "--backend: 'spark' is not one of inprocess, ray"),
     (["simulate", "--resume", "--overwrite"], 2, "--resume and --overwrite"),
+    (["world", "up", "examples/local-world/world.yaml", "--launch", "spawn"], 2, "--launch: must be fork or exec"),
     (["policy", "check", "policies/eu.yaml"], 0, "ok: policies/eu.yaml"),
     (["--help"], 0, "Example:"),
     (["simulate", "--help"], 0, "cuda:N"),
