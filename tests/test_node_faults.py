@@ -1,5 +1,5 @@
 """Faults with real processes (issue 7): in one deployed world,
-  * a site killed with kill -9 after training round 1: its federation's round completes without it;
+  * a site killed with kill -9 while training round 1: its federation's round completes without it;
   * a slow site (SIGSTOP past the federation's dropout time, then SIGCONT): the round completes without it,
     its late messages are refused, and it rejoins the next round;
   * a federation killed with kill -9 mid-round 2 and restarted: it resumes from its checkpoint, the world
@@ -54,7 +54,10 @@ def test_site_killed_slow_site_and_federation_restarted(tmp_path: Path) -> None:
     world, procs = prepare(world_path, state)
     try:
         start_world(world, procs, state, events, how="fork")
-        events.wait(180, node="eu-e", event="trained", round=1)
+        # eu-e dies while it trains round 1, before it can advertise a SecAgg+ key. (Killed after training, it
+        # sometimes advertised first: with eu-e and eu-d both in the key graph of 5, t = 3 of degree 4 and the
+        # 3 survivors rightly refuse with 2 neighbours' shares each - a timing race, not a fault.)
+        events.wait(180, node="eu", event="announced", round=1, phase="key")
         os.kill(procs["eu-e"].process.pid, signal.SIGKILL)  # type: ignore[union-attr]
         events.wait(60, node="eu-d", event="trained", round=1)
         os.kill(procs["eu-d"].process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
