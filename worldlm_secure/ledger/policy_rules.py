@@ -12,9 +12,8 @@ import math
 from fnmatch import fnmatchcase
 from typing import Any
 
-from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, RECORD_SUFFIX, LedgerEntry
+from worldlm_secure.ledger.entry import DP_SGD, POST_PROCESSING, RECORD_SUFFIX, REFUSED, LedgerEntry
 
-REFUSED = "refused"  # ledger.entry.REFUSED (a release refused before anything left)
 _LEVEL_ORDER = {"none": 0, "record": 1, "user": 2}
 _SECTIONS = ("layers", "secure_aggregation", "differential_privacy", "egress")
 _TOL = 1e-9
