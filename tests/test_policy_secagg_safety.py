@@ -89,3 +89,38 @@ def test_policy_check_refuses_a_ckks_round_whose_named_holders_are_not_in_it(tmp
     )
     with pytest.raises(PolicyError, match="key_holders: none of fed, fed2 is a member of the CKKS round at 'fed'"):
         check_world(load_world(world, check_policies=False))
+
+
+def _ckks_world(tmp_path: Path, sites: int, ckks: str) -> Path:
+    tmp_path.mkdir()
+    (tmp_path / "research-open.yaml").write_text((POLICIES / "research-open.yaml").read_text())
+    pol = tmp_path / "ckks.yaml"
+    pol.write_text(
+        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: ckks-fed\njurisdiction: test\n"
+        f"extends: research-open.yaml\nsecure_aggregation: {{protocol: [ckks], min_cohort: 2, ckks: {ckks}}}\n"
+    )
+    world = tmp_path / "world.yaml"
+    world.write_text(
+        "name: w\nseed: 0\nmodel: {arch: llama, size: tiny}\ndata: {synthetic: {vocab_size: 64}}\nnodes:\n"
+        f"  - {{name: root, policy: {pol}}}\n  - {{name: fed, parent: root, policy: {pol}}}\n"
+        f"  - {{name: fed2, parent: root, policy: {pol}}}\n  - {{name: t0, parent: fed2, policy: {pol}}}\n"
+        f"  - {{name: t1, parent: fed2, policy: {pol}}}\n"
+        + "".join(f"  - {{name: s{i:03d}, parent: fed, policy: {pol}}}\n" for i in range(sites))
+    )
+    return world
+
+
+def test_default_ckks_ring_is_the_protocols_and_a_cohort_beyond_its_noise_budget_is_refused_at_load(tmp_path: Path) -> None:
+    """A policy that names no ring gets N=4096, [60, 49], 2^17 (protocols/ckks.md §2): up to 64 members per sum.
+    A 65-member federation is refused before any training, naming the field and the value that works; with
+    that value the same world composes."""
+    from worldlm_secure.federation.world import load_world
+    from worldlm_secure.policy.check import check_world
+
+    default = CkksParams()
+    assert (default.poly_modulus_degree, default.coeff_mod_bit_sizes, default.scale_bits) == (4096, (60, 49), 17)
+    assert ImplParams.from_policy(default).max_members() == 64
+    check_world(load_world(_ckks_world(tmp_path / "ok", 64, "{}"), check_policies=False))
+    with pytest.raises(PolicyError, match=r"ckks.scale_bits: 17 supports at most 64 members per sum \(got 65\); use scale_bits >= 18"):
+        check_world(load_world(_ckks_world(tmp_path / "big", 65, "{}"), check_policies=False))
+    check_world(load_world(_ckks_world(tmp_path / "fixed", 65, "{scale_bits: 18}"), check_policies=False))

@@ -135,8 +135,12 @@ def test_policy_section_from_schema_is_accepted():
                                 key_holders=("a",), rotate_every_rounds=3)
     ss = make_secure_sum("ckks", params=section, identities={"a": NodeIdentity.generate("a")}, clip_range=0.5)
     assert ss.params == CkksParams(4096, (60, 49), 20, ("a",), 3, 0.5, 20)
-    ss_default = make_secure_sum("ckks", params=schema.CkksParams())  # N=8192, [60,40,40,60], 2^40: works, less dense
-    assert ss_default.params.slot_bits == 43
+    # a policy that names no ring gets the protocol's own (one home: secagg/ckks_params.py), not a costlier one
+    ss_default = make_secure_sum("ckks", params=schema.CkksParams())
+    ring = CkksParams()
+    assert ss_default.params == CkksParams(ring.poly_modulus_degree, ring.coeff_mod_bit_sizes, ring.scale_bits, (),
+                                           schema.CkksParams().rotate_every_rounds, ring.clip_range, ring.value_bits)
+    assert (ss_default.params.poly_modulus_degree, ss_default.params.slot_bits, ss_default.params.max_members()) == (4096, 41, 64)
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from worldlm_secure.policy.patterns import FieldProblem, LayerPatterns
+from worldlm_secure.secagg.ckks_params import MAX_MODULUS_BITS_128
+from worldlm_secure.secagg.ckks_params import CkksParams as CkksRing
 
 API_VERSION = "worldlm-secure/v1"
 KIND = "JurisdictionPolicy"
@@ -25,9 +27,12 @@ Mechanism = Literal["central_gaussian", "distributed_discrete_gaussian", "distri
 Accountant = Literal["rdp", "prv"]
 Group = Literal["key", "shared", "residual"]
 Requirement = Literal["differential_privacy", "secure_aggregation"]
+RingDegree = Literal[4096, 8192, 16384, 32768]
 
-# poly_modulus_degree -> largest total coefficient-modulus bits at 128-bit security (SEAL's table).
-CKKS_MAX_MODULUS_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+# The CKKS ring a policy gets when it names none: the one secagg/ckks_params.py is designed around (N = 4096,
+# one 60-bit data prime, scale 2^17: 128-bit security, up to 64 members per sum; protocols/ckks.md §2). One
+# home, so what `policy check` accepts and what the protocol packs for cannot drift apart.
+_RING = CkksRing()
 # Special key-holder name: every contributing member holds the secret key, the aggregator does not. An
 # explicit opt-in only: then ANY one member colluding with the aggregator decrypts every contribution.
 MEMBERS = "members"
@@ -89,13 +94,17 @@ class MaskingParams(_Strict):
 class CkksParams(_Strict):
     """CKKS homomorphic encryption (TenSEAL) parameters."""
 
-    poly_modulus_degree: Literal[4096, 8192, 16384, 32768] = Field(
-        default=8192, description="Ring degree N; a ciphertext packs N/2 values."
+    poly_modulus_degree: RingDegree = Field(
+        default=cast(RingDegree, _RING.poly_modulus_degree), description="Ring degree N; a ciphertext packs N/2 values."
     )
     coeff_mod_bit_sizes: tuple[int, ...] = Field(
-        default=(60, 40, 40, 60), min_length=2, description="Bit sizes of the coefficient moduli chain."
+        default=_RING.coeff_mod_bit_sizes, min_length=2,
+        description="Bit sizes of the coefficient moduli chain (the last is the special prime).",
     )
-    scale_bits: int = Field(default=40, ge=10, le=60, description="log2 of the encoding scale.")
+    scale_bits: int = Field(
+        default=_RING.scale_bits, ge=10, le=60,
+        description="log2 of the encoding scale; bounds the members per sum (64 at the defaults, protocols/ckks.md §2).",
+    )
     key_holders: tuple[str, ...] = Field(
         default=(),
         description=(
@@ -107,11 +116,11 @@ class CkksParams(_Strict):
     )
     rotate_every_rounds: int = Field(default=10, ge=1, description="Generate a fresh key pair every this many rounds.")
     clip_range: float = Field(
-        default=1.0,
+        default=_RING.clip_range,
         gt=0.0,
         description="Values are quantized within [-clip_range, clip_range] before packing; the clipped fraction is reported.",
     )
-    value_bits: int = Field(default=20, ge=2, le=40, description="Quantization bits per value before packing.")
+    value_bits: int = Field(default=_RING.value_bits, ge=2, le=40, description="Quantization bits per value before packing.")
 
     @field_validator("coeff_mod_bit_sizes")
     @classmethod
@@ -130,7 +139,7 @@ class CkksParams(_Strict):
 
     @model_validator(mode="after")
     def _security(self) -> CkksParams:
-        cap = CKKS_MAX_MODULUS_BITS[self.poly_modulus_degree]
+        cap = MAX_MODULUS_BITS_128[self.poly_modulus_degree]
         total = sum(self.coeff_mod_bit_sizes)
         if total > cap:
             raise FieldProblem(
