@@ -154,7 +154,7 @@ def test_masking_an_honest_rerun_over_the_same_contributors_still_completes(memb
 def _ckks_round(members: dict[str, _Member], link_round: int, victim_discarded: bool) -> np.ndarray:
     """One CKKS link round of the release (the key epoch is the link round, as over links); the decrypted sum."""
     from worldlm_secure.node.rounds import ckks_round
-    from worldlm_secure.secagg.ckks import round_result
+    from worldlm_secure.secagg.ckks_round import round_result
     from worldlm_secure.secagg import ckks_round as ckks
     from worldlm_secure.secagg.ckks_round import CkksKeyring, CkksSession
 

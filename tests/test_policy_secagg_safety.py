@@ -13,7 +13,7 @@ from worldlm_secure.cli import main
 from worldlm_secure.errors import PolicyError
 from worldlm_secure.policy.loader import load_policy
 from worldlm_secure.policy.schema import MEMBERS, CkksParams, MaskingParams
-from worldlm_secure.secagg.ckks import CkksSecureSum
+from worldlm_secure.secagg.ckks_round import CkksSecureSum
 from worldlm_secure.secagg.ckks_params import CkksParams as ImplParams
 
 POLICIES = Path(__file__).resolve().parents[1] / "policies"

@@ -31,7 +31,8 @@ from worldlm_secure.node.ckks_link import CkksRound
 from worldlm_secure.secagg import MemberInput, make_secure_sum
 from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg import ckks_packing as packing
-from worldlm_secure.secagg.ckks import CkksSecureSum, RoundSpec, commitments_digest
+from worldlm_secure.secagg.ckks import RoundSpec, commitments_digest
+from worldlm_secure.secagg.ckks_round import CkksSecureSum
 from worldlm_secure.secagg.ckks_keys import TransportKey, generate_epoch_keys, unwrap_secret_context
 from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.transport import federation_pb2 as pb

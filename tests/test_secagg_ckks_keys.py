@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import MemberInput, make_secure_sum
-from worldlm_secure.secagg.ckks import CkksSecureSum
+from worldlm_secure.secagg.ckks_round import CkksSecureSum
 from worldlm_secure.secagg.ckks_keys import (
     TransportCert,
     TransportKey,

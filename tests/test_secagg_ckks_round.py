@@ -14,13 +14,13 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import DropoutPlan, MemberInput, make_secure_sum
 from worldlm_secure.secagg.ckks import (
     CkksMember,
-    CkksSecureSum,
     Contribution,
     DecryptedAggregate,
     SummedCiphertext,
     verify_aggregate,
 )
 from worldlm_secure.secagg.ckks_params import CkksParams
+from worldlm_secure.secagg.ckks_round import CkksSecureSum
 
 NAMES = ("m0", "m1", "m2", "m3", "m4")
 

@@ -18,8 +18,8 @@ from typing import Any
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.federation.ray_channel import RayChannel
 from worldlm_secure.federation.ray_steps import run_step
-from worldlm_secure.secagg.ckks import CkksSecureSum, CkksSumResult, EpochTrust, round_result
-from worldlm_secure.secagg.ckks_round import CkksEpoch, CkksRoundSetup, aggregate
+from worldlm_secure.secagg.ckks import CkksSumResult, EpochTrust
+from worldlm_secure.secagg.ckks_round import CkksEpoch, CkksRoundSetup, CkksSecureSum, aggregate, round_result
 
 
 class RayCkks:

@@ -37,7 +37,7 @@ from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.node.link import POLL_SECONDS, Alive, BoardChannel, BoardStep
 from worldlm_secure.secagg import ckks_messages as wire
-from worldlm_secure.secagg.ckks import EpochTrust, RoundSpec, key_holders, round_result
+from worldlm_secure.secagg.ckks import EpochTrust, RoundSpec, key_holders
 from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.secagg.ckks_round import (
     COMMIT,
@@ -50,6 +50,7 @@ from worldlm_secure.secagg.ckks_round import (
     CkksSession,
     Encrypt,
     aggregate,
+    round_result,
 )
 from worldlm_secure.secagg.protocol import BeforeReveal
 from worldlm_secure.transport import federation_pb2 as pb

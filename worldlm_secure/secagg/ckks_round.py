@@ -28,7 +28,7 @@ Steps (requests and answers are `ckks_messages` bytes; protocols/ckks.md §3, §
   ckks_decrypt        summed         -> the epoch's holders: each re-adds the signed contributions itself,
                                         decrypts once per round, answers sums + signed confirmation
 
-The same two run in process (`ckks.CkksSecureSum`, over an `InMemoryChannel`), on Ray site actors
+The same two run in process (`CkksSecureSum` below, over an `InMemoryChannel`), on Ray site actors
 (`federation.ray_ckks`, `RayChannel`) and between nodes over gRPC/mTLS (`node.ckks_link`, `BoardChannel`).
 """
 
@@ -37,21 +37,25 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol, TypeVar
 
 import numpy as np
+import tenseal as ts
 
 from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import ckks_messages as wire
-from worldlm_secure.secagg.channel import Channel
+from worldlm_secure.secagg import ckks_packing as packing
+from worldlm_secure.secagg.channel import Channel, InMemoryChannel
 from worldlm_secure.secagg.ckks import (
     CkksAggregator,
     CkksKeyHolder,
     CkksMember,
     CkksRoundTrace,
+    CkksSumResult,
     Commitment,
     Contribution,
     DecryptedAggregate,
@@ -60,11 +64,12 @@ from worldlm_secure.secagg.ckks import (
     SummedCiphertext,
     check_commitments,
     commitments_problem,
+    key_holders,
     verify_aggregate,
 )
 from worldlm_secure.secagg.ckks_keys import EpochKeys, TransportCert, generate_epoch_keys
 from worldlm_secure.secagg.ckks_params import CkksParams
-from worldlm_secure.secagg.protocol import BeforeReveal
+from worldlm_secure.secagg.protocol import BeforeReveal, DropoutPlan, MemberInput, ProtectionStats, SecureSum
 
 log = logging.getLogger(__name__)
 
@@ -537,3 +542,181 @@ def aggregate(
         ex.seconds.get(DECRYPT, 0.0), uploaded=ex.step_up.get(CONTRIBUTE, 0), bytes_up=dict(ex.up), bytes_down=dict(ex.down),
     )
     return trace, epoch
+
+
+# ---- in process ------------------------------------------------------------------------------------
+
+
+class CkksSecureSum(SecureSum):
+    """The `ckks` protocol behind the SecureSum interface, among in-process members (every run_round really
+    encrypts): each member is a `CkksSession` over its own `CkksKeyring`, the aggregator the one
+    driver `aggregate`, all messages through bytes over an `InMemoryChannel`."""
+
+    name = "ckks"
+
+    def __init__(self, params: CkksParams, identities: Mapping[str, NodeIdentity] | None = None) -> None:
+        self.params = params
+        self.identities: dict[str, NodeIdentity] = dict(identities or {})
+        # The in-process roster of identity keys. Every EpochTrust holds this one dict, so a member whose
+        # identity is generated after a key epoch started is known to the holders that check its signature.
+        self._peer_keys: dict[str, bytes] = {n: i.public_bytes for n, i in self.identities.items()}
+        self.intercept: Callable[[Contribution], Contribution] | None = None  # the "network": fault injection
+        self._keyrings: dict[str, CkksKeyring] = {}
+        self._epoch: CkksEpoch | None = None
+        self._holder_names: tuple[str, ...] | None = None
+        self.last_spec: RoundSpec | None = None
+
+    def _identity(self, name: str) -> NodeIdentity:
+        if name not in self.identities:  # simulation convenience: a member without a configured identity gets one
+            self.identities[name] = NodeIdentity.generate(name)
+            self._peer_keys[name] = self.identities[name].public_bytes
+        return self.identities[name]
+
+    def _keyring(self, name: str) -> CkksKeyring:
+        if name not in self._keyrings:
+            self._keyrings[name] = CkksKeyring(self._identity(name))
+        return self._keyrings[name]
+
+    @property
+    def _members(self) -> dict[str, CkksMember]:
+        """Each member's joined epoch (for inspection and tests)."""
+        return {n: k.member for n, k in self._keyrings.items() if k.member is not None}
+
+    @property
+    def _holders(self) -> dict[str, CkksKeyHolder]:
+        """The key holders of the current epoch (for inspection and tests)."""
+        return {n: k.holder for n, k in self._keyrings.items() if k.holder is not None}
+
+    @property
+    def _aggregator(self) -> CkksAggregator:
+        if self._epoch is None:
+            raise SecAggError("ckks: no key epoch started yet")
+        return self._epoch.aggregator
+
+    def holder_names(self, members: Sequence[str]) -> tuple[str, ...]:
+        """The key holders (`key_holders`), fixed at the first round."""
+        if self._holder_names is None:
+            self._holder_names = key_holders(self.params, members)
+        return self._holder_names
+
+    def epoch_of(self, round_id: int) -> int:
+        r = self.params.rotate_every_rounds
+        return round_id // r if r > 0 else 0
+
+    def _started(self, epoch: CkksEpoch) -> None:
+        self._epoch = epoch
+
+    @property
+    def key_id(self) -> str:
+        return self._epoch.keys.key_id if self._epoch else ""
+
+    @property
+    def public_context(self) -> ts.Context:
+        """The aggregator's context (public key only), for inspection and tests."""
+        return self._aggregator.context
+
+    def run_round(
+        self,
+        round_id: int,
+        inputs: Sequence[MemberInput],
+        *,
+        min_cohort: int,
+        dropouts: DropoutPlan = DropoutPlan(),
+    ) -> CkksSumResult:
+        """As `SecureSum.run_round`. Dropouts: ``before_keys`` and ``after_keys`` members never answer (a key
+        holder among them neither makes nor receives the epoch's key), ``after_input`` members contribute but
+        answer nothing after (a key holder among them does not decrypt)."""
+        names = [m.member for m in inputs]
+        if len(set(names)) != len(names):
+            raise SecAggError(f"round {round_id}: duplicate member names in the cohort")
+        self.params.check_cohort(len(inputs))
+        holders = self.holder_names(names)
+        keyrings = {n: self._keyring(n) for n in names}
+        setup = CkksRoundSetup(self.params, round_id, self.epoch_of(round_id), tuple(names),
+                                          max(min_cohort, 1), EpochTrust(holders, self._peer_keys))
+        vectors = {m.member: m.vector for m in inputs}
+        sessions = {n: CkksSession(keyrings[n], setup, partial(vectors.__getitem__, n)) for n in names}
+        gone = dropouts.before_keys | dropouts.after_keys
+        silent = {TRANSPORT_KEY: gone, COMMIT: gone, CONTRIBUTE: gone,
+                  DECRYPT: dropouts.after_input}
+        channel = _Intercepted(InMemoryChannel(sessions, silent, refusals="drop"), self.intercept)
+        trace, self._epoch = aggregate(setup, channel, self._epoch, on_epoch=self._started)
+        self.last_spec = trace.spec
+        return round_result(self.params, names, trace)
+
+
+class _Intercepted:
+    """An in-process `Channel` whose contributions pass through ``intercept`` (fault injection: a tampering
+    network); a contribution it makes unencodable arrives as bytes that do not decode."""
+
+    def __init__(self, inner: InMemoryChannel, intercept: Callable[[Contribution], Contribution] | None) -> None:
+        self.inner, self.intercept = inner, intercept
+
+    @property
+    def dropped(self) -> Mapping[str, str]:
+        return self.inner.dropped
+
+    def exchange(self, step: str, requests: Mapping[str, bytes], timeout: float | None) -> dict[str, bytes]:
+        answers = self.inner.exchange(step, requests, timeout)
+        if self.intercept is None or step != CONTRIBUTE:
+            return answers
+        out = {}
+        for m, data in answers.items():
+            msg = wire.decode(data)
+            if msg.tag != wire.CONTRIBUTION:
+                out[m] = data
+                continue
+            try:
+                out[m] = wire.contribution_bytes(self.intercept(wire.contribution_from(msg)))
+            except (TypeError, ValueError, AttributeError):  # fields no encoder takes
+                out[m] = b""
+        return out
+
+
+def round_result(params: CkksParams, names: Sequence[str], t: CkksRoundTrace) -> CkksSumResult:
+    """The `CkksSumResult` of a verified round: the dequantized sum and its costs (bytes: serialized sizes;
+    expansion: ciphertext bytes per float32 of the vector)."""
+    spec, layout, contributors = t.spec, t.spec.layout, t.aggregate.contributors
+    n_values = spec.n_values
+    total = packing.dequantize_sum(t.aggregate.integer_sums, len(contributors), params.clip_range, params.value_bits)
+    up = t.up_bytes
+    stats = ProtectionStats(
+        protocol=CkksSecureSum.name,
+        bytes_up_per_member=float(np.mean(up)) if up else 0.0,
+        bytes_down_per_member=float(len(t.public_context)) if t.new_epoch else 0.0,
+        expansion=(float(np.mean(up)) / (4.0 * n_values)) if up and n_values else 0.0,
+        clipped_fraction=t.clipped / max(n_values * len(contributors), 1),
+        member_seconds=t.member_seconds,
+        server_seconds=t.server_seconds,
+        extra={
+            "key_id": t.key_id,
+            "epoch": float(t.epoch),
+            "key_holders": ",".join(t.holders),
+            "releaser": t.online[0],
+            "confirmed_by": ",".join(t.online),
+            "values_per_slot": layout.values_per_slot,
+            "slot_bits": float(layout.slot_bits),
+            "headroom_bits": float(layout.headroom),
+            "clip_range": params.clip_range,
+            "precision_per_value": params.precision,
+            "quantization_error_bound": params.precision * len(contributors),
+            "holder_seconds": t.holder_seconds,
+            "rejected": " | ".join(t.rejected),
+            "members_sent": float(max(len(up), 1)),
+        },
+    )
+    dropped = tuple(n for n in names if n not in contributors)
+    return CkksSumResult(
+        total=total, contributors=contributors, dropped=dropped, stats=stats, key_id=t.key_id, rejected=t.rejected,
+        aggregate=t.aggregate,
+    )
+
+
+def make_ckks(
+    params: object | None = None,
+    identities: Mapping[str, NodeIdentity] | None = None,
+    clip_range: float | None = None,
+    **_: object,
+) -> CkksSecureSum:
+    """Registry factory: `params` is the policy's ckks section or a CkksParams; unknown kwargs are ignored."""
+    return CkksSecureSum(CkksParams.from_policy(params, clip_range), identities)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from worldlm_secure.errors import PolicyError
-from worldlm_secure.secagg.ckks import make_ckks
+from worldlm_secure.secagg.ckks_round import make_ckks
 from worldlm_secure.secagg.masking_round import MaskingSum
 from worldlm_secure.secagg.plain import PlainSum
 from worldlm_secure.secagg.protocol import SecureSum
