@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from worldlm_secure.errors import SecAggError
 from worldlm_secure.identity import NodeIdentity
@@ -26,10 +27,14 @@ from worldlm_secure.secagg.masking import (
     RoundConfig,
     mask_sign,
     pairwise_seed,
+    share_aad,
+    share_key,
     view_statement,
+    x25519_public_bytes,
 )
 from worldlm_secure.secagg.masking_messages import (
     AggregatorMessage,
+    EncryptedShare,
     KeyAdvert,
     MaskedInput,
     NeighbourKeys,
@@ -80,11 +85,34 @@ class Attack:
             round_id, self.names, {n: i.public_bytes for n, i in self.ids.items()}, min_cohort,
             aggregator_key=self.aggregator.public_bytes,
         )
-        self.members = {n: MaskingMember(self.ids[n], self.cfg) for n in self.names}
+        # Every random byte string each member draws: a corrupted member hands its secrets to the attacker.
+        self.drawn: dict[str, list[bytes]] = {n: [] for n in self.names}
+        self.members = {n: MaskingMember(self.ids[n], self.cfg, entropy=self._entropy(n)) for n in self.names}
         self.vectors = {n: np.linspace(-0.9, 0.9, 8) * (i + 1) / len(self.names) for i, n in enumerate(self.names)}
 
     def sign(self, msg: AggregatorMessage) -> AggregatorMessage:
         return dataclasses.replace(msg, signature=self.aggregator.sign(msg.signed_payload()))
+
+    def _entropy(self, member: str):  # os.urandom, recorded for ``member``
+        def draw(n: int) -> bytes:
+            out = os.urandom(n)
+            self.drawn[member].append(out)
+            return out
+
+        return draw
+
+    def _held(self, member: str, delivered: Sequence[EncryptedShare]) -> dict[str, tuple[shamir.Share, shamir.Share]]:
+        """The (self-mask seed, mask key) shares ``member`` holds: those delivered to it, opened with its own
+        transport key (the X25519 secret it drew whose public key it advertised)."""
+        enc_public = self.adverts[member].enc_public
+        enc = next(k for k in (X25519PrivateKey.from_private_bytes(d) for d in self.drawn[member] if len(d) == 32)
+                   if x25519_public_bytes(k) == enc_public)
+        rid, held = self.cfg.round_id, {}
+        for e in delivered:
+            key = share_key(enc, self.adverts[e.sender].enc_public, rid, e.sender, member, peer=e.sender)
+            plain = AESGCM(key).decrypt(e.nonce, e.ciphertext, share_aad(rid, e.sender, member))
+            held[e.sender] = (shamir.Share.from_bytes(plain[: shamir.SHARE_BYTES]), shamir.Share.from_bytes(plain[shamir.SHARE_BYTES :]))
+        return held
 
     def _try(self, loot: Loot, member: str, fn):  # a member that refuses is out of the round
         try:
@@ -102,6 +130,7 @@ class Attack:
         graph = neighbour_graph(advertised, cfg.neighbours, cfg.round_id)
         self.graph = graph
         shares: dict[str, list] = {n: [] for n in self.names}
+        delivered: dict[str, tuple[EncryptedShare, ...]] = {}
         for n, m in self.members.items():
             if n not in advertised:
                 continue
@@ -117,7 +146,8 @@ class Attack:
                 got = [e for e in got if e.sender in s.deliver_to_target]
             if n == s.target:
                 loot.target_partners = tuple(sorted(e.sender for e in got))
-            delivery = self.sign(ShareDelivery(cfg.round_id, n, tuple(got)))
+            delivered[n] = tuple(got)
+            delivery = self.sign(ShareDelivery(cfg.round_id, n, delivered[n]))
             masked = self._try(loot, n, lambda m=m, d=delivery: m.masked_input(d, self.vectors[n]))
             if masked is not None:
                 loot.masked[n] = masked
@@ -146,7 +176,7 @@ class Attack:
                 sh = shamir.Share.from_bytes(raw)
                 loot.key_shares.setdefault(owner, {})[sh.x] = sh
         for c in s.corrupted:  # a corrupted member hands over every share it holds, of both kinds
-            for owner, (seed, key) in getattr(self.members[c], "_held", {}).items():
+            for owner, (seed, key) in self._held(c, delivered.get(c, ())).items():
                 loot.seed_shares.setdefault(owner, {})[seed.x] = seed
                 loot.key_shares.setdefault(owner, {})[key.x] = key
         return loot

@@ -92,9 +92,9 @@ def test_a_site_refuses_to_re_release_its_update_into_a_round_without_the_victim
     monkeypatch.setattr(site_mod, "SiteClient", FakeClient)
     monkeypatch.setattr(site_mod.NodeCredentials, "load", staticmethod(lambda p: None))
     monkeypatch.setattr(release_mod, "member_round", member_round)  # NodeRelease.contribute sends through it
-    monkeypatch.setattr(node, "_load_broadcast", load_broadcast)
-    monkeypatch.setattr(node, "_train", train)
-    monkeypatch.setattr(node, "_evaluate", lambda r: 1.0)
+    monkeypatch.setattr(node, "load_broadcast", load_broadcast)
+    monkeypatch.setattr(node, "train", train)
+    monkeypatch.setattr(node, "evaluate", lambda r: 1.0)
     monkeypatch.setattr(node.receipts, "recover", lambda *a, **k: None)
     node.run()
     entries = [e.release_id for e in node.release.path.ledger_entries("eu-a")]

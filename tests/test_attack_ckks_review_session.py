@@ -26,7 +26,8 @@ from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.secagg import ckks_messages as wire
 from worldlm_secure.secagg import ckks_packing as packing
 from worldlm_secure.secagg.channel import InMemoryChannel
-from worldlm_secure.secagg.ckks import Contribution, EpochTrust, RoundSpec, SummedCiphertext, round_result
+from worldlm_secure.secagg.ckks import Contribution, EpochTrust, RoundSpec, SummedCiphertext
+from worldlm_secure.secagg.ckks_round import round_result
 from worldlm_secure.secagg.ckks_keys import TransportKey, generate_epoch_keys
 from worldlm_secure.secagg.ckks_params import CkksParams
 from worldlm_secure.secagg.ckks_round import (
@@ -229,31 +230,23 @@ def test_hole_a_curious_holder_alone_reads_every_individual_contribution():
 
 
 def test_a_ray_actor_opens_one_session_per_prepared_release():
-    from worldlm_secure.federation.site_actor import SiteActor
+    from worldlm_secure.federation.site_actor import SiteMember
 
     ids = _ids()
     setup = _setup(ids)
     vectors = _vectors()
 
-    class Actor:
-        ckks, _open = SiteActor.ckks, SiteActor._open
-
-        def __init__(self, name: str) -> None:
-            self.name, self.identity, self._ckks, self._ckks_session = name, ids[name], None, None
-            self._opened = False  # as after SiteActor.prepare
-
-        def _take(self) -> np.ndarray:
-            return vectors[self.name]
-
     class Opening:  # what RayChannel does: the first request of a member carries the setup
-        def __init__(self, actor: Actor) -> None:
+        def __init__(self, actor: SiteMember) -> None:
             self.actor, self.opened = actor, False
 
         def handle(self, data: bytes) -> bytes:
             first, self.opened = not self.opened, True
             return self.actor.ckks(data, setup) if first else self.actor.ckks(data)
 
-    actors = {n: Actor(n) for n in NAMES}
+    actors = {n: SiteMember(n, ids[n]) for n in NAMES}  # the site actor's member side, without a model
+    for n, a in actors.items():
+        a.prepare_vector(vectors[n])  # as after SiteActor.prepare
     channel = Attacker({n: Opening(a) for n, a in actors.items()})
     aggregate(setup, channel)
     summed, n = wire.summed_from(wire.decode(channel.requests[DECRYPT][HOLDER]))

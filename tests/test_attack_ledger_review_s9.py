@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import ledger_operator
 from test_ledger_audit import FED_POLICY, SITE_POLICY, SITES
 from test_ledger_chain import effective_policy
 
@@ -95,18 +96,17 @@ def _drop_unique_release_id(path: Path) -> None:
 def _forge_append(path: Path, identity: NodeIdentity, entry: LedgerEntry) -> None:
     """Seal, sign and insert ``entry`` exactly as `Ledger.append` does, but without its idempotency lookup
     (the operator holds the key), and re-sign the head."""
-    with Ledger(path, identity) as led:
-        with led._writing() as con:  # noqa: SLF001 - the operator's own tooling
-            last = con.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = int(last[0]) + 1, str(last[1])
-            sealed = dataclasses.replace(
-                entry, seq=seq, prev_hash=prev, public_key=led.public_key_hex, entry_hash="", signature="",
-                timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
-            )
-            h = sealed.compute_hash()
-            sig = identity.sign(sealed.signed_message()).hex()
-            con.execute("INSERT INTO entries (seq, release_id, body, entry_hash, signature) VALUES (?, ?, ?, ?, ?)",
-                        (seq, entry.release_id, sealed.body_bytes(), h, sig))
+    with ledger_operator.rewriting(path, identity) as con:  # the operator's own tooling
+        last = con.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = int(last[0]) + 1, str(last[1])
+        sealed = dataclasses.replace(
+            entry, seq=seq, prev_hash=prev, public_key=identity.public_bytes.hex(), entry_hash="", signature="",
+            timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+        )
+        h = sealed.compute_hash()
+        sig = identity.sign(sealed.signed_message()).hex()
+        con.execute("INSERT INTO entries (seq, release_id, body, entry_hash, signature) VALUES (?, ?, ?, ?, ?)",
+                    (seq, entry.release_id, sealed.body_bytes(), h, sig))
 
 
 def _one_ledger(path: Path, node: str, entries: list[LedgerEntry], policy=SITE_POLICY) -> NodeIdentity:
@@ -289,14 +289,13 @@ def _resign_last_body(path: Path, ident: NodeIdentity, rewrite: Callable[[bytes]
 
     from worldlm_secure.ledger.entry import SIGNATURE_CONTEXT
 
-    with Ledger(path, ident) as led:
-        with led._writing() as con:  # noqa: SLF001
-            seq, body = con.execute("SELECT seq, body FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
-            new = rewrite(bytes(body))
-            assert new != bytes(body)
-            sig = ident.sign(SIGNATURE_CONTEXT + new).hex()
-            con.execute("UPDATE entries SET body = ?, entry_hash = ?, signature = ? WHERE seq = ?",
-                        (new, hashlib.sha256(new).hexdigest(), sig, seq))
+    with ledger_operator.rewriting(path, ident) as con:
+        seq, body = con.execute("SELECT seq, body FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        new = rewrite(bytes(body))
+        assert new != bytes(body)
+        sig = ident.sign(SIGNATURE_CONTEXT + new).hex()
+        con.execute("UPDATE entries SET body = ?, entry_hash = ?, signature = ? WHERE seq = ?",
+                    (new, hashlib.sha256(new).hexdigest(), sig, seq))
 
 
 NON_CANONICAL = {

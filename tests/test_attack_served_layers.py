@@ -63,7 +63,7 @@ def test_a_site_does_not_load_a_local_layer_its_federation_served(ctx: WorldCont
     link = _ServingLink(model_payload(groups))
     site = _bare_site(ctx)
     with pytest.raises(SecAggError, match=local.replace(".", r"\.")):
-        site._load_broadcast(link, link.announcement())  # type: ignore[arg-type]
+        site.load_broadcast(link, link.announcement())  # type: ignore[arg-type]
     assert torch.equal(site.site.params[local], ctx.init[local])  # untouched
     assert all(torch.equal(site.site.params[n], ctx.init[n]) for n in ctx.init)  # nothing loaded at all
 
@@ -87,5 +87,5 @@ def test_a_served_model_must_hold_exactly_the_aggregated_groups(ctx: WorldContex
 def test_the_honest_model_loads(ctx: WorldContext) -> None:
     link = _ServingLink(model_payload(_groups(ctx)))
     site = _bare_site(ctx)
-    site._load_broadcast(link, link.announcement())  # type: ignore[arg-type]
+    site.load_broadcast(link, link.announcement())  # type: ignore[arg-type]
     assert all(torch.equal(site.site.params[n], ctx.init[n] + 1) for n in ctx.key_names + ctx.shared_names)

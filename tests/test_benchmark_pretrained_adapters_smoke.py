@@ -59,4 +59,12 @@ def test_pretrained_adapters_benchmark_runs_tiny_and_lora_sends_far_less(tmp_pat
         assert p["train_s_per_round"] > 0 and p["member_protect_s_per_round"] > 0
         assert p["member_protect_over_train"] == pytest.approx(p["member_protect_s_per_round"] / p["train_s_per_round"])
     assert {"max_member_protect_over_train", "max_engine_protect_share_over_train", "target"} <= set(ck["summary"])
+    # one CKKS run per --ckks-value-bits (default 20, then 32): the policy's value_bits reaches the protocol,
+    # and packs fewer values per CKKS slot (41-bit slots at the default ring: 20 bits -> 1.8, 32 bits -> 1.2)
+    ck32 = data["ckks"]["lora_value_bits_32"]
+    assert (ck["value_bits"], ck32["value_bits"]) == (20, 32)
+    assert ck32["released_values_per_site_per_round"] == ck["released_values_per_site_per_round"]
+    assert {r["values_per_slot"] > 1.7 for r in ck["release_log"]} == {True}
+    assert {r["values_per_slot"] < 1.3 for r in ck32["release_log"]} == {True}
+    assert ck32["bytes_up_per_site_per_round"] >= ck["bytes_up_per_site_per_round"]
     assert "skipped" in data["ckks"]["full"] and data["ckks"]["full"]["estimate"]["member_protect_s_per_site_per_round"] > 0

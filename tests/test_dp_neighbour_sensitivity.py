@@ -82,8 +82,8 @@ def _released(folder: Path, sites: dict[str, list[str]], examples: dict[str, int
 
     monkeypatch.setattr(release_mod.ReleasePath, "_release", capture)
     monkeypatch.setattr(CentralGaussian, "add_noise", lambda self, total, plan, rng=None: np.asarray(total, float))
-    engine._aggregate_key(1)
-    engine._aggregate_shared(1)
+    engine.aggregate_key(1)
+    engine.aggregate_shared(1)
     monkeypatch.undo()
     return {**captured, "n_shared": len(engine.shared_names)}
 

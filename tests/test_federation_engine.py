@@ -22,14 +22,12 @@ def _engine(world_path: Path, method: str = "worldlm") -> Engine:
 
 def test_local_parameters_are_bit_identical_across_aggregation(small_world: Path) -> None:
     engine = _engine(small_world)
-    engine._train_sites(1)
+    engine.train_sites(1)
     local = engine.groups[engine.sites[0].name].local
     assert local, "the example policy keeps the head local"
     before = {s.name: {n: s.params[n].clone() for n in local} for s in engine.sites}
-    engine._aggregate_key(1)
-    engine._aggregate_shared(1)
-    engine._exchange_residuals(1)
-    engine._broadcast()
+    engine.aggregate(1)
+    engine.broadcast()
     for s in engine.sites:
         for n in local:
             assert torch.equal(s.params[n], before[s.name][n]), f"{s.name}:{n} changed"
@@ -45,17 +43,17 @@ def test_local_parameters_are_bit_identical_across_aggregation(small_world: Path
 
 def test_local_heads_differ_between_sites_after_training(small_world: Path) -> None:
     engine = _engine(small_world)
-    engine._train_sites(1)
+    engine.train_sites(1)
     a, b = engine.sites[0].params["lm_head.weight"], engine.sites[1].params["lm_head.weight"]
     assert not torch.equal(a, b)
 
 
 def test_shared_average_is_the_example_weighted_mean(small_world: Path) -> None:
     engine = _engine(small_world, "fedavg")
-    engine._train_sites(1)
+    engine.train_sites(1)
     name = engine.shared_names[0]
     expected = sum(s.params[name].double() * s.examples for s in engine.sites) / sum(s.examples for s in engine.sites)
-    engine._aggregate_shared(1)
+    engine.aggregate_shared(1)
     assert torch.allclose(engine.root_shared[name].double(), expected, atol=1e-6)
 
 

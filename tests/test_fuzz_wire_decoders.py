@@ -521,7 +521,7 @@ def _server_receive(frames: list[bytes], limits: TransferLimits, check_kind: Cal
 
 def _client_receive(parts: list[pb.TransferPart], limits: TransferLimits) -> list[tuple[pb.TransferHeader, Payload]]:
     """A member's download loop (`SiteClient._receive`) on parts a federation sent."""
-    stub = types.SimpleNamespace(limits=limits, _check_server_envelope=lambda env, rid: None)
+    stub = types.SimpleNamespace(limits=limits, check_server_envelope=lambda env, rid: None)
     return list(SiteClient._receive(stub, iter(parts), 0, None))  # type: ignore[arg-type]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import ledger_operator
 from test_ledger_chain import effective_policy
 
 from worldlm_secure.cli import main
@@ -72,9 +73,7 @@ def build_world(
             if snapshot_after == r:  # a consistent copy of each file, as a backup tool would take
                 (d / f"snap-{r}").mkdir()
                 for n, x in led.items():
-                    dst = sqlite3.connect(d / f"snap-{r}" / f"{n}.sqlite")
-                    x._con.backup(dst)
-                    dst.close()
+                    ledger_operator.backup(x.path, d / f"snap-{r}" / f"{n}.sqlite")
     finally:
         for x in led.values():
             x.close()
@@ -133,13 +132,9 @@ def test_a_truncated_then_resigned_head_is_caught(world, tmp_path: Path) -> None
     """The operator of b deletes its last entry and re-signs the head with b's own key."""
     d = _copy(world, tmp_path)
     path = d / "ledgers" / "b.sqlite"
-    with Ledger(path, world[1]["b"]) as led:
-        con = led._con
-        con.execute("BEGIN IMMEDIATE")
+    with ledger_operator.rewriting(path, world[1]["b"]) as con:
         con.execute("DELETE FROM entries WHERE seq = (SELECT max(seq) FROM entries)")
         con.execute("DELETE FROM receipts WHERE seq = (SELECT max(seq) FROM receipts)")
-        led._write_head()
-        con.execute("COMMIT")
     assert verify(path, require_policies=True).ok  # consistent on its own
     rep = audit_ledgers([d / "ledgers"])
     assert "receipt.child_head" in _rules(rep) and any(f.node == "b" for f in rep.findings), rep.lines()
@@ -364,9 +359,8 @@ def test_simulate_writes_receipts_and_a_rolled_back_site_is_caught(
 
     def record_release(self, round_id, group, member, destination, names, *args):  # type: ignore[no-untyped-def]
         if self.ledger_dir is not None and member == "f0-s0" and round_id == 2 and not backup.exists():
-            dst = sqlite3.connect(backup)  # the site's ledger as it was after round 1 (receipts included)
-            self.ledger(member)._con.backup(dst)
-            dst.close()
+            # the site's ledger as it was after round 1 (receipts included)
+            ledger_operator.backup(self.ledger(member).path, backup)
         original(self, round_id, group, member, destination, names, *args)
 
     monkeypatch.setattr(ReleasePath, "record_release", record_release)

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ledger_operator
 from test_ledger_audit import build_world
 
 from worldlm_secure.identity import NodeIdentity
@@ -105,10 +106,8 @@ def test_any_tamper_of_any_ledger_in_the_bundle_is_caught_by_audit(data: st.Data
             keep_r = data.draw(st.integers(0, n_receipts), label="keep receipts")
             if (keep_e, keep_r) == (n_entries, n_receipts):
                 return
-            led._con.execute("BEGIN IMMEDIATE")
-            led._con.execute("DELETE FROM entries WHERE seq >= ?", (keep_e,))
-            led._con.execute("DELETE FROM receipts WHERE seq >= ?", (keep_r,))
-            led._write_head()
-            led._con.execute("COMMIT")
+        with ledger_operator.rewriting(path, ident) as con:
+            con.execute("DELETE FROM entries WHERE seq >= ?", (keep_e,))
+            con.execute("DELETE FROM receipts WHERE seq >= ?", (keep_r,))
     rep = audit_ledgers([d])
     assert not rep.ok, f"{kind} of {node} not detected"

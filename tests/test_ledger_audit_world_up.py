@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import ledger_operator
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.ledger import Ledger, verify
 from worldlm_secure.ledger.audit import audit_ledgers, load_keys
@@ -96,13 +97,10 @@ def _truncate(state: Path, node: str, *, entries: int = 1, receipts: int = 0) ->
     """``node``'s operator drops its last entries (and receipts rows) and re-signs the head with the node's
     own key: the ledger verifies alone, as a genuine older copy restored over it would."""
     path = _ledger(state, node)
-    with Ledger(path, _identity(state, node)) as led:
-        led._con.execute("BEGIN IMMEDIATE")
+    with ledger_operator.rewriting(path, _identity(state, node)) as con:
         for table, n in (("entries", entries), ("receipts", receipts)):
             if n:
-                led._con.execute(f"DELETE FROM {table} WHERE seq > (SELECT max(seq) FROM {table}) - ?", (n,))
-        led._write_head()
-        led._con.execute("COMMIT")
+                con.execute(f"DELETE FROM {table} WHERE seq > (SELECT max(seq) FROM {table}) - ?", (n,))
     assert verify(path, require_policies=True).ok
 
 

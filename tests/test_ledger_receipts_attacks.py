@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ledger_operator
 from test_ledger_chain import effective_policy
 
 from worldlm_secure.errors import LedgerError
@@ -93,14 +94,10 @@ def _world(d: Path, *, stale_in_round: int | None, via: str = "aggregator",
 def _truncate_last_entry(path: Path, identity: NodeIdentity, *, drop_receipt: bool = False) -> None:
     """The node's operator deletes its last entry (and, with ``drop_receipt``, its last receipt row) and
     re-signs the head with its own key: the file verifies alone."""
-    with Ledger(path, identity) as led:
-        con = led._con
-        con.execute("BEGIN IMMEDIATE")
+    with ledger_operator.rewriting(path, identity) as con:
         con.execute("DELETE FROM entries WHERE seq = (SELECT max(seq) FROM entries)")
         if drop_receipt:
             con.execute("DELETE FROM receipts WHERE seq = (SELECT max(seq) FROM receipts)")
-        led._write_head()
-        con.execute("COMMIT")
     rep = verify(path, require_policies=True)
     assert rep.ok, rep
 

@@ -49,13 +49,13 @@ def test_federation_server_step_is_the_engines_and_survives_a_restart(tmp_path: 
             state.close()
             state = NodeState(tmp_path / "state")
             node = _bare_federation(state, beta)
-            node._restore()
+            node.restore()
             server_n = node.key
         new_e = {n: server_e[n] + 0.1 * r * t for n, t in _tensors(r).items()}
         new_n = {n: server_n[n] + 0.1 * r * t for n, t in _tensors(r).items()}
-        server_e = Engine._server_step(engine, "key", "eu", server_e, new_e, NAMES, lr)  # type: ignore[arg-type]
-        node.key = server_n = node._server_step("key", server_n, new_n, NAMES, lr)
-        node._save(r, "aggregated")
+        server_e = Engine.server_step(engine, "key", "eu", server_e, new_e, NAMES, lr)  # type: ignore[arg-type]
+        node.key = server_n = node.server_step("key", server_n, new_n, NAMES, lr)
+        node.save(r, "aggregated")
         for n in NAMES:
             assert torch.equal(server_n[n], server_e[n]), (r, n)
     if beta > 0:

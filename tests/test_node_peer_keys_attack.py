@@ -36,8 +36,8 @@ class TamperingServer(FederationServer):
 
     tamper = staticmethod(lambda msg: None)
 
-    def _announcement(self, ann):  # the hook the real server builds announcements in
-        msg = super()._announcement(ann)
+    def announcement(self, ann):  # the hook the real server builds announcements in
+        msg = super().announcement(ann)
         type(self).tamper(msg)
         return msg
 
@@ -215,7 +215,7 @@ def test_verify_announcement_raises_a_clear_error(world):
     pki, _evil, server, board, clients = world
     rid = _next_round(board)
     board.announce(Announcement(rid, SITES, "masking"))
-    msg = server._announcement(board.announcement(rid))
+    msg = server.announcement(board.announcement(rid))
     site_a = clients["site-a"]
     ok = site_a.verify_announcement(msg)
     assert dict(ok.peer_keys) == {m: pki.identity(m).public_bytes for m in SITES}

@@ -23,7 +23,7 @@ def test_restarted_dp_sgd_site_charges_its_checkpointed_steps_once(tmp_path: Pat
     ident = NodeIdentity.generate("f0-s0")
     site = SiteNode(cfg, ctx, ident, lambda *a, **k: None)
     assert site.record is not None and site.record.uncharged_steps == 0
-    site._train(1)
+    site.train(1)
     steps = ctx.settings.train.local_steps
     assert site.record.uncharged_steps == steps
     site.state.close()

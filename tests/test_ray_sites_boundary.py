@@ -334,7 +334,7 @@ def _forge(mp: pytest.MonkeyPatch, module: Any, step: str, victim: str, answers:
             from worldlm_secure.secagg.masking_messages import ShareDelivery
 
             fired.append(round_id)
-            (identity,) = engine["engine"]._aggregators.values()
+            identity = engine["engine"].aggregator_identity(engine["engine"].root)  # FedAvg: the root aggregates all
             empty = dataclasses.replace(ShareDelivery.from_bytes(args[victim][0]), shares=(), signature=b"")
             empty = dataclasses.replace(empty, signature=identity.sign(empty.signed_payload()))
             args = {**args, victim: (empty.to_bytes(),)}
@@ -392,7 +392,7 @@ def _dropout_run(folder: Path, protocol: str) -> DropoutRun:
     holder: dict[str, Any] = {}
     current = [0]
     handler = _RoundLog(current)
-    real_train = RayEngine._train_sites
+    real_train = RayEngine.train_sites
 
     def train(self: Any, round_id: int) -> float:  # marks which round the warnings that follow belong to
         current[0] = round_id
@@ -401,7 +401,7 @@ def _dropout_run(folder: Path, protocol: str) -> DropoutRun:
     with pytest.MonkeyPatch.context() as mp:
         _forge(mp, ray_channel if protocol == "masking" else ray_ckks, step, "f0-s1",
                dict(enumerate(answers, start=1)), fired, holder)
-        mp.setattr(RayEngine, "_train_sites", train)
+        mp.setattr(RayEngine, "train_sites", train)
         engine = RayEngine(world, METHODS["fedavg"], data, settings, vocab_size=vocab, ledger_dir=folder / "led")
         holder["engine"] = engine
         logging.getLogger().addHandler(handler)

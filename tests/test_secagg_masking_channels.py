@@ -119,26 +119,20 @@ def test_in_memory_channel(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_ray_channel(local_ray: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ray = local_ray
     from worldlm_secure.federation.ray_channel import RayChannel
-    from worldlm_secure.federation.site_actor import SiteActor
+    from worldlm_secure.federation.site_actor import SiteMember
 
     @ray.remote
-    class Member:
-        """The site actor's own `masking` method (the one member session) on an actor without a model."""
-
-        masking, _open = SiteActor.masking, SiteActor._open
+    class Member(SiteMember):
+        """The site actor's own member side (`SiteMember.masking`, the one member session), without a model."""
 
         def __init__(self, name: str) -> None:
-            self.name = name
+            SiteMember.__init__(self, name, NodeIdentity.generate(name))  # keys of its own until the first case
 
         def reset(self, key_file: Path, vector: np.ndarray) -> None:
             """A new member for the next case (new keys, no session), as a fresh actor would be; one actor per
             member for every case, because each new actor process imports torch (~5 CPU-s)."""
-            self._session, self._vector = None, vector
-            self._opened = False  # as after SiteActor.prepare: one session over this vector
-            self.identity = NodeIdentity.load(self.name, key_file)
-
-        def _take(self) -> np.ndarray:
-            return self._vector
+            SiteMember.__init__(self, self.name, NodeIdentity.load(self.name, key_file))
+            self.prepare_vector(vector)  # as after SiteActor.prepare: one session over this vector
 
     actors = {n: Member.remote(n) for n in NAMES}
     for case in sorted(CASES):

@@ -96,10 +96,10 @@ def test_enroll_needs_the_signing_key(pki):
 def test_client_checks_server_envelopes(pki):
     client = SiteClient("127.0.0.1:1", pki.credentials("site-a"), "fed")
     env = make_envelope("fed", 3)
-    client._check_server_envelope(env, 3)
+    client.check_server_envelope(env, 3)
     for bad, reason in [(env, "REPLAY"), (make_envelope("site-b", 3), "SENDER_MISMATCH"), (make_envelope("fed", 4), "WRONG_ROUND")]:
         with pytest.raises(Refused) as info:
-            client._check_server_envelope(bad, 3)
+            client.check_server_envelope(bad, 3)
         assert info.value.reason_name == reason
     client.close()
 

@@ -298,7 +298,9 @@ class Engine:
         return key or [], shared or []
 
     # --- one round -------------------------------------------------------------------------------
-    def _train_sites(self, round_id: int) -> float:
+    def train_sites(self, round_id: int) -> float:
+        """Round ``round_id``'s local training at every site (nothing is released); returns the sites' mean
+        training loss (NaN when none has one). Record-level DP refuses the whole round first (BudgetExceeded)."""
         losses = []
         steps = self.settings.train.local_steps
         start_step = (round_id - 1) * steps
@@ -355,11 +357,12 @@ class Engine:
             return float(self.settings.dp_weight_cap or 1)
         return float(max(s.examples for s in sites))
 
-    def _server_step(self, group: str, aggregator: str, server: Tensors, new: Tensors, names: list[str],
-                     lr: float) -> Tensors:
+    def server_step(self, group: str, aggregator: str, server: Tensors, new: Tensors, names: list[str],
+                    lr: float) -> Tensors:
         """DP-FedAvgM on the released mean ``new - server``: m <- beta*m + mean; server + lr * m
-        (`aggregation.server.server_step`, the one definition deployed federations use too).
-        lr = 1 and beta = 0 (the defaults) is plain FedAvg: exactly ``new``."""
+        (`aggregation.server.server_step`, the one definition deployed federations use too), with the momentum
+        buffer of (``group``, ``aggregator``) kept in `momentum`. lr = 1 and beta = 0 (the defaults) is plain
+        FedAvg: exactly ``new``."""
         from worldlm_secure.aggregation.server import server_step
 
         out, buf = server_step(server, new, names, lr=lr, momentum=self.settings.server_momentum,
@@ -368,7 +371,9 @@ class Engine:
             self.momentum[(group, aggregator)] = buf
         return out
 
-    def _aggregate_key(self, round_id: int) -> None:
+    def aggregate_key(self, round_id: int) -> None:
+        """Round ``round_id``'s key-layer release of each federation's sites (attentive or example-weighted, as
+        the method says), through the release path, then the server step; no-op without key layers."""
         if not self.key_names:
             return
         cfg = self.settings.attention
@@ -377,16 +382,18 @@ class Engine:
             server = self.fed_key[fed]
             new = self._sites_round(round_id, "key", fed, server, sites, self.key_names, fed, weighting)
             step = cfg.step if self.method.attentive_key else 1.0
-            self.fed_key[fed] = self._server_step("key", fed, server, new, self.key_names, step * self.settings.server_lr)
+            self.fed_key[fed] = self.server_step("key", fed, server, new, self.key_names, step * self.settings.server_lr)
 
-    def _aggregate_shared(self, round_id: int) -> None:
+    def aggregate_shared(self, round_id: int) -> None:
+        """Round ``round_id``'s shared-layer releases: each federation's sites (example-weighted), then the root
+        over the federations when it is the root's round; no-op without shared layers."""
         if not self.shared_names:
             return
         examples: dict[str, int] = {}
         for fed, sites in self.members.items():
             server = self.fed_shared[fed]
             new = self._sites_round(round_id, "shared", fed, server, sites, self.shared_names, self.root, "examples")
-            self.fed_shared[fed] = self._server_step("shared", fed, server, new, self.shared_names, self.settings.server_lr)
+            self.fed_shared[fed] = self.server_step("shared", fed, server, new, self.shared_names, self.settings.server_lr)
             examples[fed] = sum(s.examples for s in sites)
         root_every = self.settings.hierfavg_root_every if self.method.root_every_from_world else 1
         if self.flat or round_id % root_every:
@@ -429,7 +436,14 @@ class Engine:
             self.fed_key[f] = unflatten(mix_in(flatten(self.fed_key[f], names), ref, blend), self.reference, names)
         self.reference = unflatten(ref + total / len(feds), self.reference, names)
 
-    def _broadcast(self) -> None:
+    def aggregate(self, round_id: int) -> None:
+        """Every release of round ``round_id`` after training: key layers, shared layers, residual embeddings."""
+        self.aggregate_key(round_id)
+        self.aggregate_shared(round_id)
+        self._exchange_residuals(round_id)
+
+    def broadcast(self) -> None:
+        """Every site takes its federation's aggregated key and shared layers (its local layers stay its own)."""
         for s in self.sites:
             s.params.update({n: t.clone() for n, t in self.fed_key[s.aggregator].items()})
             s.params.update({n: t.clone() for n, t in self.fed_shared[s.aggregator].items()})
@@ -463,12 +477,10 @@ class Engine:
             loss = float("nan")
             try:
                 try:
-                    loss = self._train_sites(r)  # record-level DP refuses a round its budget cannot afford
+                    loss = self.train_sites(r)  # record-level DP refuses a round its budget cannot afford
                 finally:
                     train_s += time.perf_counter() - t0
-                self._aggregate_key(r)
-                self._aggregate_shared(r)
-                self._exchange_residuals(r)
+                self.aggregate(r)
             except BudgetExceeded as exc:
                 # Nothing of this round was released (a refused training round did not train either);
                 # the sites keep what they had and training stops.
@@ -476,7 +488,7 @@ class Engine:
                 site_ppl = self.evaluate()
                 rounds.append(RoundRecord(r, float(np.mean(list(site_ppl.values()))), site_ppl, loss))
                 break
-            self._broadcast()
+            self.broadcast()
             if r % self.settings.eval_every == 0 or r == self.settings.rounds:
                 site_ppl = self.evaluate()
                 rec = RoundRecord(r, float(np.mean(list(site_ppl.values()))), site_ppl, loss)

@@ -83,7 +83,7 @@ class RayEngine(Engine):
         """Every result the driver takes from a site actor comes through here (tests instrument it)."""
         return self._ray.get(refs)
 
-    def _train_sites(self, round_id: int) -> float:
+    def train_sites(self, round_id: int) -> float:
         steps = self.settings.train.local_steps
         start_step = (round_id - 1) * steps
         for held in self.record.values():  # refuse the whole round before any site trains (BudgetExceeded)
@@ -131,7 +131,7 @@ class RayEngine(Engine):
         avg = self.release.average_remote(round_id, group, fed, list(actors), names, shapes, remote, final_destination=final)
         return {n: server[n] + avg[n] for n in names}
 
-    def _broadcast(self) -> None:
+    def broadcast(self) -> None:
         refs = []
         for s in self.sites:
             down: dict[str, torch.Tensor] = {**self.fed_key[s.aggregator], **self.fed_shared[s.aggregator]}

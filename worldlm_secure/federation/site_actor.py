@@ -69,31 +69,14 @@ def member_vector(params: Mapping[str, torch.Tensor], server: Mapping[str, torch
     return encode_update(DeltaCodec.for_tensors(server, names), deltas, weights, spec.clip)
 
 
-class SiteActor:
-    """A site's state and member side (the body of its Ray actor); see the module docstring."""
+class SiteMember:
+    """A site's member side of its releases, without a model: one prepared vector at a time and at most one
+    protocol session over it (`masking`, `ckks`), under the site's own `NodeIdentity`. `SiteActor` is this
+    plus the model, data and training that compute the vector."""
 
-    def __init__(self, name: str, config: tuple, init: Tensors, train: torch.Tensor, val: torch.Tensor,
-                 generator_state: torch.Tensor) -> None:
-        """``config`` = (model spec, train config, total steps, device, threads, seed), as `RayEngine` builds it.
-
-        The site's Ed25519 identity for secure aggregation is generated here and never leaves the actor
-        (`NodeIdentity` does not serialize its key); the driver learns its public key (`public_key`).
-        """
-        from worldlm_secure.model import build_model
-        from worldlm_secure.train import LocalTrainer, pick_device, set_threads
-
-        spec, cfg, total_steps, device, threads, seed = config
-        set_threads(threads)
+    def __init__(self, name: str, identity: NodeIdentity) -> None:
         self.name = name
-        model = build_model(spec, seed=seed)  # weights are replaced by `init` and the broadcasts
-        self.trainer = LocalTrainer(model, cfg, pick_device(device), total_steps)
-        generator = torch.Generator()
-        generator.set_state(generator_state)
-        # Weights, data, generator and optimizer state: the one site runner's (`train.site`) state.
-        self.site = SiteState(name, {n: t.clone() for n, t in init.items()}, train, val, generator)
-        self.server = {n: t.clone() for n, t in init.items()}  # the last broadcast: what deltas are taken from
-        self._private: PrivateTrainer | None = None  # made on the first record-level DP round
-        self.identity = NodeIdentity.generate(name)
+        self.identity = identity
         self._vector: np.ndarray | None = None
         self._session: Any = None  # secagg.masking_round.MaskingSession of the round in progress
         self._ckks: Any = None  # secagg.ckks_round.CkksKeyring: this site's CKKS keys across a key epoch
@@ -104,38 +87,13 @@ class SiteActor:
         """The raw Ed25519 public key that signs this site's key adverts."""
         return self.identity.public_bytes
 
-    # ---- training and evaluation ----
-    def train(self, start_step: int, record: RecordDPParams | None = None) -> tuple[float, float, int]:
-        """One local round from ``start_step``; returns (mean loss, seconds spent in this actor, DP-SGD steps).
-
-        ``record``: the site's `RecordDPParams` when its policy asks for record-level DP (Opacus DP-SGD,
-        Poisson sampling and noise from the CSPRNG, in this actor); None: plain training (0 DP-SGD steps).
-        """
-        t0 = time.perf_counter()
-        if record is not None and self._private is None:
-            from worldlm_secure.train.private import PrivateTrainer
-
-            self._private = PrivateTrainer(self.trainer)  # wraps the module once for per-sample gradients
-        loss, taken = self.site.train_round(self.trainer, start_step, private=self._private, record=record)
-        return loss, time.perf_counter() - t0, taken
-
-    def receive(self, tensors: Tensors) -> None:
-        """The federation's broadcast (aggregated key and shared layers): becomes the site's and the new base."""
-        for n, t in tensors.items():
-            self.site.params[n] = t.clone()
-            self.server[n] = t.clone()
-
-    def evaluate(self) -> float:
-        """Validation perplexity of the site's current model (only this number leaves)."""
-        return self.site.evaluate(self.trainer)
-
-    # ---- one release ----
-    def prepare(self, spec: ReleaseSpec) -> int:
-        """Compute and keep this release's encoded vector; returns its length (public: the codec's)."""
-        self._vector = member_vector(self.site.params, self.server, self.site.examples, spec)
+    def prepare_vector(self, vector: np.ndarray) -> int:
+        """Keep ``vector`` (float64, encoded) as this release's update, taken once by `plain` or the next protocol
+        session; returns its length (public: the codec's). Any session of the previous release is dropped."""
+        self._vector = vector
         self._session = self._ckks_session = None
         self._opened = False  # one protocol session per prepared release (see `_open`)
-        return int(self._vector.size)
+        return int(vector.size)
 
     def _open(self) -> None:
         """A protocol session may open once per prepared release: a second opening would start a fresh session
@@ -186,3 +144,59 @@ class SiteActor:
         if self._ckks_session is None:
             raise SecAggError(f"{self.name}: a CKKS request outside a round; refused")
         return self._ckks_session.handle(data)
+
+
+class SiteActor(SiteMember):
+    """A site's state and member side (the body of its Ray actor); see the module docstring."""
+
+    def __init__(self, name: str, config: tuple, init: Tensors, train: torch.Tensor, val: torch.Tensor,
+                 generator_state: torch.Tensor) -> None:
+        """``config`` = (model spec, train config, total steps, device, threads, seed), as `RayEngine` builds it.
+
+        The site's Ed25519 identity for secure aggregation is generated here and never leaves the actor
+        (`NodeIdentity` does not serialize its key); the driver learns its public key (`public_key`).
+        """
+        from worldlm_secure.model import build_model
+        from worldlm_secure.train import LocalTrainer, pick_device, set_threads
+
+        spec, cfg, total_steps, device, threads, seed = config
+        set_threads(threads)
+        super().__init__(name, NodeIdentity.generate(name))
+        model = build_model(spec, seed=seed)  # weights are replaced by `init` and the broadcasts
+        self.trainer = LocalTrainer(model, cfg, pick_device(device), total_steps)
+        generator = torch.Generator()
+        generator.set_state(generator_state)
+        # Weights, data, generator and optimizer state: the one site runner's (`train.site`) state.
+        self.site = SiteState(name, {n: t.clone() for n, t in init.items()}, train, val, generator)
+        self.server = {n: t.clone() for n, t in init.items()}  # the last broadcast: what deltas are taken from
+        self._private: PrivateTrainer | None = None  # made on the first record-level DP round
+
+    # ---- training and evaluation ----
+    def train(self, start_step: int, record: RecordDPParams | None = None) -> tuple[float, float, int]:
+        """One local round from ``start_step``; returns (mean loss, seconds spent in this actor, DP-SGD steps).
+
+        ``record``: the site's `RecordDPParams` when its policy asks for record-level DP (Opacus DP-SGD,
+        Poisson sampling and noise from the CSPRNG, in this actor); None: plain training (0 DP-SGD steps).
+        """
+        t0 = time.perf_counter()
+        if record is not None and self._private is None:
+            from worldlm_secure.train.private import PrivateTrainer
+
+            self._private = PrivateTrainer(self.trainer)  # wraps the module once for per-sample gradients
+        loss, taken = self.site.train_round(self.trainer, start_step, private=self._private, record=record)
+        return loss, time.perf_counter() - t0, taken
+
+    def receive(self, tensors: Tensors) -> None:
+        """The federation's broadcast (aggregated key and shared layers): becomes the site's and the new base."""
+        for n, t in tensors.items():
+            self.site.params[n] = t.clone()
+            self.server[n] = t.clone()
+
+    def evaluate(self) -> float:
+        """Validation perplexity of the site's current model (only this number leaves)."""
+        return self.site.evaluate(self.trainer)
+
+    # ---- one release ----
+    def prepare(self, spec: ReleaseSpec) -> int:
+        """Compute and keep this release's encoded vector (`prepare_vector`); returns its length."""
+        return self.prepare_vector(member_vector(self.site.params, self.server, self.site.examples, spec))

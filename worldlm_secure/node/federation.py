@@ -1,6 +1,6 @@
 """A federation: serves its sites, aggregates them, and is itself a member of the root's rounds.
 
-Per world round r (the engine's `_aggregate_key`, `_aggregate_shared`, `_exchange_residuals`, `_broadcast`):
+Per world round r (the engine's `aggregate_key`, `aggregate_shared`, `_exchange_residuals`, `broadcast`):
 
     root shared(r) announced -> download root_shared (+ the residual sum of r-1): fed_shared = root_shared,
                                 mix the residual blend of r-1 into the key layers
@@ -66,10 +66,12 @@ class FederationNode:
         self.released: Tensors = {}  # this round's aggregated shared layers, kept to re-release if the root restarts
         self.momentum: dict[str, Tensors] = {}  # DP-FedAvgM buffer per group (key, shared), checkpointed with them
         self.stage: list[Any] = self.state.get("stage", [0, "done"])
-        self._restore()
+        self.restore()
 
     # ---- durability ----
-    def _save(self, r: int, stage: str) -> None:
+    def save(self, r: int, stage: str) -> None:
+        """Checkpoint this federation's layers, momentum buffers and pending residual atomically, then record
+        that world round ``r`` reached ``stage`` (a restarted process resumes there, `restore`)."""
         arrays = {f"key/{n}": t.numpy() for n, t in self.key.items()}
         arrays.update({f"shared/{n}": t.numpy() for n, t in self.shared.items()})
         arrays.update({f"released/{n}": t.numpy() for n, t in self.released.items()})
@@ -80,7 +82,8 @@ class FederationNode:
         self.stage = [r, stage]
         self.state.put(stage=self.stage)
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Load the last checkpoint (`save`) as a restarted process does; without one, start at round 0."""
         arrays = self.state.load_tensors("federation")
         if arrays is None:
             self.stage = [0, "done"]
@@ -130,18 +133,18 @@ class FederationNode:
         if ctx.key_names:
             new = self.agg.weighted(Phase(r, "key"), model, self.name, self.key, ctx.key_names, derived=False)
             if new is not None:
-                self.key = self._server_step("key", self.key, new, ctx.key_names, ctx.settings.attention.step * ctx.settings.server_lr)
+                self.key = self.server_step("key", self.key, new, ctx.key_names, ctx.settings.attention.step * ctx.settings.server_lr)
         if ctx.shared_names:
             n_max = self.release.example_scale([self.agg.board.examples.get(m, 0) for m in self.agg.members])
             new = self.agg.weighted(Phase(r, "shared", float(n_max)), None, ctx.root, self.shared, ctx.shared_names, derived=False)
             if new is not None:
-                self.shared = self._server_step("shared", self.shared, new, ctx.shared_names, ctx.settings.server_lr)
+                self.shared = self.server_step("shared", self.shared, new, ctx.shared_names, ctx.settings.server_lr)
         self.released = {n: t.clone() for n, t in self.shared.items()}
-        self._save(r, "aggregated")
+        self.save(r, "aggregated")
 
-    def _server_step(self, group: str, server: Tensors, new: Tensors, names: list[str], lr: float) -> Tensors:
+    def server_step(self, group: str, server: Tensors, new: Tensors, names: list[str], lr: float) -> Tensors:
         """DP-FedAvgM on the released mean, as the engine (`aggregation.server.server_step`); the momentum buffer
-        is checkpointed with the layers by the `_save` that follows, so a restart continues it exactly."""
+        is checkpointed with the layers by the `save` that follows, so a restart continues it exactly."""
         out, buf = server_step(server, new, names, lr=lr, momentum=self.ctx.settings.server_momentum,
                                buffer=self.momentum.get(group))
         if buf is not None:
@@ -174,7 +177,7 @@ class FederationNode:
                     if phase.phase == "final":
                         self._sync_from_root(ann, parent)
                         self.agg.finish(Phase(r, "final"), model_payload({"key": self.key, "shared": self.shared}))
-                        self._save(r, "final")
+                        self.save(r, "final")
                         status["text"] += f" {DONE_STATUS}"
                         parent.heartbeat(status["text"])
                         return {"federation": self.name, "rounds": r}
@@ -195,7 +198,7 @@ class FederationNode:
                         # Under DP the root weighs federations uniformly: the example count is not used.
                         w = np.full(len(names), 1.0 if self.release.public_weights else total_examples / phase.n_max)
                         self._up(parent, ann, phase, names, deltas=deltas, weights=w, shapes={n: root_shared[n].shape for n in names})
-                        self._save(r, "released")
+                        self.save(r, "released")
                     elif phase.phase == "residual":
                         done_r, stage = self.stage
                         if r != done_r or stage not in ("released", "residual", "done"):
@@ -215,9 +218,9 @@ class FederationNode:
                         rule = ctx.world.effective_policy(self.name).residuals
                         own = flatten(embed({n: self.key[n] - ref[n] for n in names}, rule.rank), names)
                         self.pending = {"own": own, "ref": flatten(ref, names)}
-                        self._save(r, "residual")
+                        self.save(r, "residual")
                         self._up(parent, ann, phase, names, raw=own)
-                        self._save(r, "done")
+                        self.save(r, "done")
                 except (Refused, SecAggError, TransportError) as exc:
                     self.emit("round_failed", round=r, group=phase.phase, error=str(exc))
         finally:

@@ -1,6 +1,6 @@
 """The root: aggregates the federations' shared layers and exchanges their residual embeddings.
 
-Per world round r (the engine's root half of `_aggregate_shared` and `_exchange_residuals`):
+Per world round r (the engine's root half of `aggregate_shared` and `_exchange_residuals`):
     shared(r):   model = root_shared (+ the residual sum of r-1); root_shared += avg_examples(delta)
     residual(r): model = root_shared + reference; total = secure sum of the federations' embeddings;
                  reference += total / n_federations (each federation mixes its own blend in)

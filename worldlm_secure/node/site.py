@@ -136,7 +136,9 @@ class SiteNode:
         self.emit("restored", round=self.trained)
 
     # ---- the round steps ----
-    def _train(self, r: int) -> None:
+    def train(self, r: int) -> None:
+        """Train world round ``r`` locally (from its step, with DP-SGD when the policy is record-level), then
+        checkpoint: a site restarted after this releases round ``r`` without training it again."""
         t0 = time.perf_counter()
         steps = self.ctx.settings.train.local_steps
         if self.record is not None:
@@ -151,14 +153,17 @@ class SiteNode:
         self._checkpoint()
         self.emit("trained", round=r, loss=loss, seconds=time.perf_counter() - t0)
 
-    def _evaluate(self, r: int) -> float:
+    def evaluate(self, r: int) -> float:
+        """The site's validation perplexity after world round ``r``, kept in its history (results.json)."""
         ppl = self.site.evaluate(self.trainer)
         self.history["evals"][str(r)] = ppl
         self.state.put(history=self.history)
         self.emit("evaluated", round=r, val_ppl=ppl)
         return ppl
 
-    def _load_broadcast(self, client: SiteClient, ann: Announcement) -> None:
+    def load_broadcast(self, client: SiteClient, ann: Announcement) -> None:
+        """Download the announced model and take exactly the key and shared layers (names, shapes) this site
+        aggregates (`download_groups`); they become its parameters and the base its next deltas are taken from."""
         expected = {"key": self.ctx.key_names, "shared": self.ctx.shared_names}
         groups, _ = download_groups(client, ann, expected, self.ctx.init)
         self.server = {**groups.get("key", {}), **groups.get("shared", {})}
@@ -218,8 +223,8 @@ class SiteNode:
                 try:
                     self.receipts.recover(client, ann.aggregator_key)  # receipts a crash left unheld
                     if phase.phase == "final":
-                        self._load_broadcast(client, ann)
-                        self._evaluate(rounds)
+                        self.load_broadcast(client, ann)
+                        self.evaluate(rounds)
                         status["text"] = f"{EXAMPLES_STATUS}{self.examples} {DONE_STATUS}"
                         client.heartbeat(status["text"])
                         return self._results()
@@ -228,10 +233,10 @@ class SiteNode:
                         continue
                     if phase.phase == "key":
                         if r > self.trained:
-                            self._load_broadcast(client, ann)
+                            self.load_broadcast(client, ann)
                             if r - 1 >= 1 and (r - 1) % eval_every == 0 and str(r - 1) not in self.history["evals"]:
-                                self._evaluate(r - 1)
-                            self._train(r)
+                                self.evaluate(r - 1)
+                            self.train(r)
                         elif r < self.trained:
                             continue
                     elif r != self.trained:

@@ -177,7 +177,7 @@ class SiteClient:
             return self._stub.Enroll(req, timeout=self.timeout)
 
         reply = self._retrying("Enroll", call)
-        self._check_server_envelope(reply.envelope, None)
+        self.check_server_envelope(reply.envelope, None)
         self._advance(reply.current_round)
         return Enrollment(reply.federation, reply.current_round, reply.heartbeat_seconds)
 
@@ -189,7 +189,7 @@ class SiteClient:
                 pb.Heartbeat(envelope=make_envelope(self.name, self.round_id), status=status), timeout=self.timeout
             ),
         )
-        self._check_server_envelope(reply.envelope, None)
+        self.check_server_envelope(reply.envelope, None)
         self._advance(reply.current_round)
         return reply.current_round
 
@@ -211,7 +211,7 @@ class SiteClient:
             try:
                 for ann in self._stub.WatchRounds(req):
                     failures = 0
-                    self._check_server_envelope(ann.envelope, None)
+                    self.check_server_envelope(ann.envelope, None)
                     if ann.envelope.round_id <= after:
                         raise Refused(R.REFUSAL_WRONG_ROUND, f"announcement of round {ann.envelope.round_id} after round {after}")
                     after = ann.envelope.round_id
@@ -325,7 +325,7 @@ class SiteClient:
                 pb.LedgerReceiptRequest(envelope=make_envelope(self.name, self.round_id), head=head.to_pb()), timeout=self.timeout
             ),
         )
-        self._check_server_envelope(reply.envelope, None)
+        self.check_server_envelope(reply.envelope, None)
         if len(reply.ledger_receipt) > MAX_LEDGER_RECEIPT:
             raise Refused(R.REFUSAL_OVERSIZED, f"ledger receipt of {len(reply.ledger_receipt)} bytes; at most {MAX_LEDGER_RECEIPT}")
         return bytes(reply.ledger_receipt)
@@ -353,6 +353,21 @@ class SiteClient:
 
         return self._retrying("FetchSecAgg", call)
 
+    def check_server_envelope(self, env: pb.Envelope, round_id: int | None) -> None:
+        """Refuse (`Refused`) a message the federation did not send: another sender (SENDER_MISMATCH), another
+        round than ``round_id`` when given (WRONG_ROUND), or a nonce among the last 10,000 this client saw (REPLAY)."""
+        if env.sender != self.federation:
+            raise Refused(R.REFUSAL_SENDER_MISMATCH, f"reply from {env.sender!r}, expected federation {self.federation!r}")
+        if round_id is not None and env.round_id != round_id:
+            raise Refused(R.REFUSAL_WRONG_ROUND, f"reply for round {env.round_id}, expected round {round_id}")
+        nonce = bytes(env.nonce)
+        with self._lock:
+            if nonce in self._seen:
+                raise Refused(R.REFUSAL_REPLAY, "the federation repeated a nonce")
+            self._seen[nonce] = None
+            while len(self._seen) > 10_000:
+                self._seen.popitem(last=False)
+
     # ---- internals ----
 
     def _upload(
@@ -377,7 +392,7 @@ class SiteClient:
             return rpc(iter_parts(header, payload, self.chunk_bytes, sha256=sha))
 
         reply = self._retrying(method, call)
-        self._check_server_envelope(reply.envelope, rid)
+        self.check_server_envelope(reply.envelope, rid)
         if reply.sha256 != sha or reply.total_bytes != payload.nbytes:
             raise Refused(R.REFUSAL_INTEGRITY, f"{method}: the federation acknowledged different bytes than we sent")
         if len(reply.ledger_receipt) > MAX_LEDGER_RECEIPT:
@@ -394,7 +409,7 @@ class SiteClient:
                     raise Refused(R.REFUSAL_TRUNCATED, "a transfer header arrived before the previous transfer completed")
                 env = part.header.envelope
                 if expect_sender is not None:
-                    self._check_server_envelope(env, round_id)
+                    self.check_server_envelope(env, round_id)
                 elif env.round_id != round_id:
                     raise Refused(R.REFUSAL_WRONG_ROUND, f"transfer for round {env.round_id}, asked for {round_id}")
                 assembler = Assembler(part.header, self.limits)
@@ -407,19 +422,6 @@ class SiteClient:
                 assembler = None
         if assembler is not None:
             assembler.finish()  # raises TRUNCATED
-
-    def _check_server_envelope(self, env: pb.Envelope, round_id: int | None) -> None:
-        if env.sender != self.federation:
-            raise Refused(R.REFUSAL_SENDER_MISMATCH, f"reply from {env.sender!r}, expected federation {self.federation!r}")
-        if round_id is not None and env.round_id != round_id:
-            raise Refused(R.REFUSAL_WRONG_ROUND, f"reply for round {env.round_id}, expected round {round_id}")
-        nonce = bytes(env.nonce)
-        with self._lock:
-            if nonce in self._seen:
-                raise Refused(R.REFUSAL_REPLAY, "the federation repeated a nonce")
-            self._seen[nonce] = None
-            while len(self._seen) > 10_000:
-                self._seen.popitem(last=False)
 
     def _advance(self, round_id: int) -> None:
         with self._lock:

@@ -363,9 +363,9 @@ class FederationServer:
             if ann is None:
                 continue
             after = ann.round_id
-            yield self._announcement(ann)
+            yield self.announcement(ann)
 
-    def _announcement(self, ann: Announcement) -> pb.RoundAnnouncement:
+    def announcement(self, ann: Announcement) -> pb.RoundAnnouncement:
         """The wire form of ``ann``: each peer key with the certificate its member enrolled with, and our
         own certificate, so that every member can check them against its CA and roster itself."""
         with self._lock:
