@@ -124,3 +124,62 @@ def test_default_ckks_ring_is_the_protocols_and_a_cohort_beyond_its_noise_budget
     with pytest.raises(PolicyError, match=r"ckks.scale_bits: 17 supports at most 64 members per sum \(got 65\); use scale_bits >= 18"):
         check_world(load_world(_ckks_world(tmp_path / "big", 65, "{}"), check_policies=False))
     check_world(load_world(_ckks_world(tmp_path / "fixed", 65, "{scale_bits: 18}"), check_policies=False))
+
+
+def test_a_flat_methods_one_round_of_every_site_is_held_to_the_same_ckks_limit_before_training(tmp_path: Path) -> None:
+    """FedAvg sums every site at the root in one CKKS round; the world check sees only the tree's rounds (33
+    per federation here, within the default ring's 64). The engine refuses the 66-member flat round when it is
+    built, before any training, naming scale_bits and the root; WorldLM's tree rounds are unaffected."""
+    from worldlm_secure.federation.methods import METHODS
+    from worldlm_secure.federation.simulate import simulate
+    from worldlm_secure.federation.world import load_world
+    from worldlm_secure.policy.check import check_world
+
+    (tmp_path / "research-open.yaml").write_text((POLICIES / "research-open.yaml").read_text())
+    pol = tmp_path / "ckks.yaml"
+    pol.write_text(
+        "apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: ckks-fed\njurisdiction: test\n"
+        "extends: research-open.yaml\nsecure_aggregation: {protocol: [ckks], min_cohort: 2}\n"
+    )
+    nodes = [("root", None), ("fa", "root"), ("fb", "root")]
+    nodes += [(f"{f}{i:02d}", f) for f in ("fa", "fb") for i in range(33)]
+    world = tmp_path / "world.yaml"
+    world.write_text(
+        "name: w\nseed: 0\nmodel: {arch: llama, size: tiny}\n"
+        "data: {synthetic: {vocab_size: 512, own_tokens: 8, train_tokens: 256, val_tokens: 64}}\n"
+        "schedule: {rounds: 1, local_steps: 1, batch_size: 2, seq_len: 8}\nnodes:\n"
+        + "".join(f"  - {{name: {n}, policy: {pol}}}\n" if p is None else f"  - {{name: {n}, parent: {p}, policy: {pol}}}\n"
+                  for n, p in nodes)
+    )
+    check_world(load_world(world, check_policies=False))  # every tree round fits
+    trained: list[str] = []
+    with pytest.raises(PolicyError, match=r"scale_bits: 17 supports at most 64 members per sum \(got 66\).*'root' with 66 members"):
+        simulate(world, methods=[METHODS["fedavg"]], device="cpu", on_site=lambda site, r: trained.append(site))
+    assert trained == []  # refused before any site trained
+
+
+def test_policy_check_refuses_a_ring_the_protocol_cannot_pack_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`policy check FILE` runs the protocol's own ring rules (slot width, noise budget), not only the schema's:
+    scale_bits 55 on the default [60, 49] leaves 3 integer bits per slot."""
+    bad = tmp_path / "p55.yaml"
+    bad.write_text("apiVersion: worldlm-secure/v1\nkind: JurisdictionPolicy\nname: p55\njurisdiction: t\n"
+                   "secure_aggregation: {protocol: [ckks], ckks: {scale_bits: 55}}\n")
+    rc, _, err = _run(capsys, "policy", "check", str(bad))
+    assert rc == 2 and "p55.yaml:5 secure_aggregation.ckks.scale_bits: 55 leaves only 3 integer bits per slot" in err
+    ok = tmp_path / "p18.yaml"
+    ok.write_text(bad.read_text().replace("55", "18").replace("p55", "p18"))
+    assert _run(capsys, "policy", "check", str(ok))[0] == 0
+
+
+def test_the_round_ring_is_chosen_by_size_then_scale_whatever_the_member_order() -> None:
+    """Members whose rings share N but differ in scale get the larger scale (more members per sum) in any order."""
+    from worldlm_secure.policy.compose import compose
+    from worldlm_secure.policy.round import plan_round
+
+    def eff(scale: int) -> object:
+        pol = load_policy(POLICIES / "research-open.yaml").model_copy(deep=True)
+        sa = pol.secure_aggregation.model_copy(update={"protocol": ("ckks",), "ckks": CkksParams(scale_bits=scale)})
+        return compose([pol.model_copy(update={"secure_aggregation": sa})])
+
+    a, b = eff(17), eff(20)
+    assert plan_round({"a": a, "b": b}).ckks.scale_bits == plan_round({"b": b, "a": a}).ckks.scale_bits == 20

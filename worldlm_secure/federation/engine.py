@@ -31,6 +31,7 @@ from worldlm_secure.federation.world import World
 from worldlm_secure.identity import NodeIdentity
 from worldlm_secure.model import ParameterGroups, assign_groups, build_model
 from worldlm_secure.policy import LayerPatterns
+from worldlm_secure.policy.check import check_ckks_usable
 from worldlm_secure.privacy.record_stream import RecordDPParams, RecordStream
 from worldlm_secure.release import ReleaseStats, round_user_dp
 from worldlm_secure.train import LocalTrainer, as_sequences, pick_device
@@ -211,6 +212,8 @@ class Engine:
             planned_releases=planned_site_releases(settings.rounds, key_released, shared_released),
         )
         self.release.base_hash = self.base_hash  # every ledger entry records the base it updates
+        if self.flat:  # the world check sees only tree rounds; a flat method sums every site at the root
+            self._check_flat_round(sorted(n.name for n in world.sites))
         self.sites: list[_Site] = []
         for i, node in enumerate(sorted(world.sites, key=lambda n: n.name)):
             self.sites.append(
@@ -240,6 +243,14 @@ class Engine:
         )
         self.momentum: dict[tuple[str, str], Tensors] = {}  # DP-FedAvgM server momentum per (group, aggregator)
         self.feasibility = self._feasibility()
+
+    def _check_flat_round(self, sites: list[str]) -> None:
+        """Before training: the one round of every site at the root passes the protocol's own checks (a CKKS
+        ring's noise budget bounds the members per sum), as `check_world` does for the tree's rounds."""
+        plan = self.release.plan(sites, self.root)
+        if plan.protocol == "ckks":
+            effective = {(s, self.root): self.release.effective(s, self.root) for s in sites}
+            check_ckks_usable(plan, self.root, sites, self.root, effective)
 
     def _plan_record_dp(self) -> tuple[PrivateTrainer | None, dict[str, RecordStream]]:
         """DP-SGD for every site whose effective policy (site -> root) is record-level, fixed before training.

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from worldlm_secure.errors import PolicyError
+from worldlm_secure.errors import ConfigError, PolicyError
 from worldlm_secure.policy.compose import EffectivePolicy, bind_chain, compose
+from worldlm_secure.policy.round import RoundPlan, plan_round
 from worldlm_secure.policy.schema import MEMBERS, Policy
+from worldlm_secure.secagg.ckks_params import CkksParams as ImplParams
 
 
 class _World(Protocol):
@@ -102,13 +104,11 @@ def _check_round(
     final: str,
     effective: dict[tuple[str, str], EffectivePolicy],
 ) -> None:
-    from worldlm_secure.policy.round import plan_round
-
     if not members:
         return
     plan = plan_round({m: effective[(m, final)] for m in members})
     if plan.protocol == "ckks":
-        _check_ckks_usable(plan, parent, members, final, effective)
+        check_ckks_usable(plan, parent, members, final, effective)
         named = set(plan.ckks.key_holders) - {MEMBERS}
         if named and MEMBERS not in plan.ckks.key_holders and not named & set(members):
             where = effective[(members[0], final)].sources.get("secure_aggregation.ckks.key_holders", "")
@@ -129,16 +129,12 @@ def _check_round(
         )
 
 
-def _check_ckks_usable(
-    plan: Any, parent: str, members: Sequence[str], final: str, effective: dict[tuple[str, str], EffectivePolicy]
+def check_ckks_usable(
+    plan: RoundPlan, parent: str, members: Sequence[str], final: str, effective: Mapping[tuple[str, str], EffectivePolicy]
 ) -> None:
-    """Run the CKKS implementation's own parameter checks now (noise budget, slot width) for this round."""
-    try:
-        from worldlm_secure.secagg.ckks_params import CkksParams as ImplParams
-    except ImportError:  # pragma: no cover - the CKKS module is part of the package
-        return
-    from worldlm_secure.errors import ConfigError
-
+    """Run the CKKS implementation's own parameter checks now (noise budget, slot width) for the CKKS round of
+    ``members`` at ``parent`` (a tree round here; the engine calls it for a flat method's one round of every
+    site at the root). Raises PolicyError naming the file that set scale_bits, the limit and the fix."""
     try:
         impl = ImplParams.from_policy(plan.ckks)
         impl.check_cohort(len(members))

@@ -100,7 +100,9 @@ def plan_round(members: Mapping[str, EffectivePolicy]) -> RoundPlan:
         holders = {s.ckks.key_holders for s in sas}
         if len(holders) > 1:
             raise _conflict(members, "secure_aggregation.ckks.key_holders", lambda e: e.secure_aggregation.ckks.key_holders)
-    widest = max(sas, key=lambda s: s.ckks.poly_modulus_degree)
+    # the largest ring, then the largest scale (more members per sum), then the widest data primes: the same
+    # choice whatever order the members come in
+    widest = max(sas, key=lambda s: (s.ckks.poly_modulus_degree, s.ckks.scale_bits, sum(s.ckks.coeff_mod_bit_sizes)))
     ckks = CkksParams.model_construct(
         poly_modulus_degree=widest.ckks.poly_modulus_degree,
         coeff_mod_bit_sizes=widest.ckks.coeff_mod_bit_sizes,

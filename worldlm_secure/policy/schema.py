@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from worldlm_secure.errors import ConfigError
 from worldlm_secure.policy.patterns import FieldProblem, LayerPatterns
 from worldlm_secure.secagg.ckks_params import MAX_MODULUS_BITS_128
 from worldlm_secure.secagg.ckks_params import CkksParams as CkksRing
@@ -153,6 +154,15 @@ class CkksParams(_Strict):
                 "scale_bits",
                 f"must be <= the smallest inner modulus ({min(inner)} bits) (got {self.scale_bits})",
             )
+        # The protocol's own rules (noise budget, usable slot width), so `policy check FILE` refuses a ring the
+        # protocol would refuse at world load; the cohort-size limit needs the world and is checked there.
+        ring = CkksRing(self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.scale_bits, (), 0,
+                        self.clip_range, self.value_bits)
+        try:
+            ring.validate()
+        except ConfigError as exc:
+            prefix, _, why = str(exc).partition(": ")
+            raise FieldProblem(prefix.rsplit(".", 1)[-1], why) from None
         return self
 
 

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import numpy as np
 import tenseal as ts
@@ -37,7 +36,6 @@ import tenseal as ts
 from worldlm_secure.errors import ConfigError, SecAggError
 from worldlm_secure.identity import NodeIdentity, verify_signature
 from worldlm_secure.secagg import ckks_packing as packing
-from worldlm_secure.secagg.channel import InMemoryChannel
 from worldlm_secure.secagg.ckks_keys import (
     EpochKeys,
     TransportKey,
@@ -45,7 +43,7 @@ from worldlm_secure.secagg.ckks_keys import (
     unwrap_secret_context,
 )
 from worldlm_secure.secagg.ckks_params import CkksParams
-from worldlm_secure.secagg.protocol import DropoutPlan, MemberInput, ProtectionStats, SecureSum, SumResult
+from worldlm_secure.secagg.protocol import SumResult
 
 CONTRIBUTION_LABEL = b"worldlm-secure/ckks/contribution/v1"
 CONFIRM_LABEL = b"worldlm-secure/ckks/confirm/v1"
