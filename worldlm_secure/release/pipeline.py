@@ -442,13 +442,16 @@ def round_user_dp(path: Pipeline, members: Sequence[str], final: str, plan: Roun
     if not users:
         return None
     strict = min((_user_dp(path, m) for m in users), key=_strictness)
-    # Distributed noise is charged at the z of the fewest contributors the round can release with
-    # (min_cohort), so plan for that worst case too, not only for the policy's max_dropout_fraction.
+    # Distributed shares are sized for the fewest contributors a round can release with: min_cohort, which
+    # every backend enforces. Then z_eff >= z in every released round, and a full cohort adds only
+    # sqrt(n / min_cohort) of noise. The masking policy's max_dropout_fraction is how many may drop before
+    # unmasking fails, not a floor on contributors: sizing for it as well (as before 2026-12-03) added
+    # noise no released round needs (tests/test_dp_distributed_shares.py).
     worst_dropout = 1.0 - min(1.0, max(1, int(plan.min_cohort)) / max(1, len(members)))
     dp = UserLevelDP.from_policy(
         strict,
         planned_releases=path.planned_releases,
-        max_dropout_fraction=min(0.99, max(worst_dropout, *(effs[m].secure_aggregation.max_dropout_fraction for m in users))),
+        max_dropout_fraction=min(0.99, worst_dropout),
         mechanism=plan.dp_mechanism,
     )
     if dp.mechanism.distributed:  # rounding is in the integer sensitivity Δ₂ already (protocols/dp.md §3.2)
