@@ -432,13 +432,10 @@ def _member_spend(entries: Mapping[str, list[LedgerEntry]], by_node: Mapping[str
 def _release_of(entry_release_id: str, rid: str) -> bool:
     """True when a ledger entry's release id is release ``rid``'s: ``rid`` itself, a re-release with fresh noise
     (``rid:retryLINK``) or a DP-SGD companion entry (``rid:record``, ``rid:retryLINK:record``)."""
-    if entry_release_id == rid:
+    if entry_release_id in (rid, rid + RECORD_SUFFIX):
         return True
-    if not entry_release_id.startswith(rid + ":"):
-        return False
-    suffix = entry_release_id[len(rid) + 1:]
-    retry = suffix.removesuffix(RECORD_SUFFIX)
-    return suffix == "record" or (retry.startswith("retry") and retry[5:].isdigit())
+    retry = entry_release_id.removesuffix(RECORD_SUFFIX)
+    return retry.startswith(rid + ":retry") and retry[len(rid) + 6:].isdigit()
 
 
 def _check_receipts(
