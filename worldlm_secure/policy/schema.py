@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from worldlm_secure.errors import ConfigError
 from worldlm_secure.policy.patterns import FieldProblem, LayerPatterns
-from worldlm_secure.secagg.ckks_params import MAX_MODULUS_BITS_128
 from worldlm_secure.secagg.ckks_params import CkksParams as CkksRing
 
 API_VERSION = "worldlm-secure/v1"
@@ -140,22 +139,14 @@ class CkksParams(_Strict):
 
     @model_validator(mode="after")
     def _security(self) -> CkksParams:
-        cap = MAX_MODULUS_BITS_128[self.poly_modulus_degree]
-        total = sum(self.coeff_mod_bit_sizes)
-        if total > cap:
-            raise FieldProblem(
-                "coeff_mod_bit_sizes",
-                f"total {total} bits exceeds {cap} for poly_modulus_degree {self.poly_modulus_degree} "
-                "(128-bit security); use fewer or smaller moduli or a larger degree",
-            )
         inner = self.coeff_mod_bit_sizes[1:-1]
         if inner and self.scale_bits > min(inner):
             raise FieldProblem(
                 "scale_bits",
                 f"must be <= the smallest inner modulus ({min(inner)} bits) (got {self.scale_bits})",
             )
-        # The protocol's own rules (noise budget, usable slot width), so `policy check FILE` refuses a ring the
-        # protocol would refuse at world load; the cohort-size limit needs the world and is checked there.
+        # The protocol's own rules (128-bit modulus budget, noise budget, usable slot width), so `policy check FILE`
+        # refuses a ring the protocol would refuse at world load; the cohort-size limit needs the world.
         ring = CkksRing(self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.scale_bits, (), 0,
                         self.clip_range, self.value_bits)
         try:
